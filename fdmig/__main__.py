@@ -1,0 +1,3 @@
+from fdmig.cli import main
+
+main()

@@ -1,0 +1,458 @@
+"""One chardev: a labelled socket endpoint, its state and its counters.
+
+I/O is driven with loop.add_reader/add_writer on non-blocking sockets rather than
+asyncio streams, so that the instance knows every byte it holds: a stream keeps a
+buffer of its own, and a migration must carry exactly what was read and not yet
+delivered.
+"""
+
+import asyncio
+import enum
+import errno
+import logging
+import os
+import select
+import socket
+import stat
+import time
+
+from fdmig import frontends
+from fdmig.errors import FdmigError
+
+log = logging.getLogger("fdmig")
+
+
+class State(enum.Enum):
+    LISTENING = "listening"
+    CONNECTING = "connecting"
+    CONNECTED = "connected"
+    DISCONNECTED = "disconnected"
+    AWAITING_INCOMING = "awaiting-incoming"
+    MIGRATING = "migrating"
+    MIGRATED = "migrated"
+    CLOSED = "closed"
+
+
+STATES = tuple(s.value for s in State)
+
+
+def utc_iso(timestamp: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
+
+
+def socket_family(spec) -> int:
+    if spec.kind == "unix":
+        return socket.AF_UNIX
+    return socket.AF_INET6 if ":" in (spec.host or "") else socket.AF_INET
+
+
+def peer_identity(conn: socket.socket) -> tuple[str, int | None, str | None]:
+    """(peer address, pid, process name) of a connected socket."""
+    if conn.family == socket.AF_UNIX:
+        try:
+            name = conn.getpeername()
+        except OSError:
+            name = ""
+        try:
+            pid = int.from_bytes(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)[:4], "little")
+        except OSError:
+            return f"unix:{name}", None, None
+        try:
+            import psutil
+            process = psutil.Process(pid).name()
+        except Exception:  # the peer may have exited already; its name is then unknown
+            process = None
+        return f"unix:{name}", pid or None, process
+    try:
+        host, port = conn.getpeername()[:2]
+    except OSError:
+        return "tcp:", None, None
+    return (f"tcp:[{host}]:{port}" if ":" in host else f"tcp:{host}:{port}"), None, None
+
+
+class Chardev:
+    def __init__(self, spec, on_change):
+        self.spec = spec
+        self.label = spec.id
+        self._on_change = on_change
+        self._loop = asyncio.get_running_loop()
+        self.state = State.CLOSED
+        self.listener: socket.socket | None = None
+        self.conn: socket.socket | None = None
+        self.outbuf = bytearray()
+        self.rx_bytes = 0
+        self.tx_bytes = 0
+        self.connected_since: float | None = None
+        self.peer: tuple[str, int | None, str | None] | None = None
+        self.migrations = 0
+        self.frontend: frontends.Frontend = frontends.Hold(self)
+        self.feeders: list[Chardev] = [self]  # chardevs whose frontend fills our outbuf
+        self.quiesced = False
+        self._reading = self._writing = self._accepting = False
+        self._hold_unread = False
+        self._bound_inode: int | None = None
+        self._logfile = None
+        self._reconnect_task: asyncio.Task | None = None
+        self.first_peer = asyncio.Event()
+
+    # ----- opening -----------------------------------------------------------
+
+    async def open(self, adopted_fd: int | None = None) -> None:
+        """Open the endpoint. Raises FdmigError if it cannot be opened at all."""
+        if self.spec.logfile:
+            mode = "ab" if self.spec.logappend else "wb"
+            try:
+                self._logfile = open(self.spec.logfile, mode, buffering=0)
+            except OSError as exc:
+                raise FdmigError(f"chardev {self.label}: cannot open logfile {self.spec.logfile}: "
+                                 f"{exc.strerror}") from None
+        try:
+            if adopted_fd is not None:
+                self._adopt(adopted_fd)
+            elif self.spec.server:
+                self._listen()
+            else:
+                await self._first_connect()
+        except BaseException:
+            self._close_logfile()
+            raise
+
+    def _adopt(self, fd: int) -> None:
+        sock = adopt_socket(fd, self.spec, self.label)
+        if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            self.listener = sock
+            self._set_state(State.LISTENING)
+        else:
+            self._attach(sock)
+
+    def _listen(self) -> None:
+        spec = self.spec
+        sock = socket.socket(socket_family(spec), socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+        try:
+            if spec.kind == "unix":
+                remove_stale_socket(spec.path, self.label)
+                sock.bind(spec.path)
+                self._bound_inode = os.stat(spec.path).st_ino
+            else:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind((spec.host, spec.port))
+            sock.listen(16)
+        except OSError as exc:
+            sock.close()
+            raise FdmigError(f"chardev {self.label}: cannot listen on {spec.address}: {exc.strerror}") from None
+        self.listener = sock
+        self._set_state(State.LISTENING)
+
+    async def _first_connect(self) -> None:
+        try:
+            self._attach(await self._connect())
+        except OSError as exc:
+            if not self.spec.reconnect_ms:
+                raise FdmigError(f"chardev {self.label}: cannot connect to {self.spec.address}: "
+                                 f"{exc.strerror or exc}") from None
+            self._set_state(State.CONNECTING)
+            self._schedule_reconnect()
+
+    async def _connect(self) -> socket.socket:
+        spec = self.spec
+        if spec.kind == "unix":
+            targets = [(socket.AF_UNIX, spec.path)]
+        else:
+            infos = await self._loop.getaddrinfo(spec.host, spec.port, type=socket.SOCK_STREAM)
+            targets = [(family, addr) for family, _, _, _, addr in infos]
+        error: OSError = OSError(errno.EADDRNOTAVAIL, "no address")
+        for family, addr in targets:
+            sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+            try:
+                await self._loop.sock_connect(sock, addr)
+                return sock
+            except OSError as exc:
+                sock.close()
+                error = exc
+        raise error
+
+    def _schedule_reconnect(self) -> None:
+        async def retry():
+            while True:
+                await asyncio.sleep(self.spec.reconnect_ms / 1000)
+                try:
+                    sock = await self._connect()
+                except OSError:
+                    continue
+                self._reconnect_task = None
+                self._attach(sock)
+                return
+        self._reconnect_task = asyncio.ensure_future(retry())
+
+    def _attach(self, conn: socket.socket) -> None:
+        conn.setblocking(False)
+        if conn.family in (socket.AF_INET, socket.AF_INET6) and self.spec.nodelay:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.conn = conn
+        self.peer = peer_identity(conn)
+        self.connected_since = time.time()
+        self._hold_unread = False
+        self._set_state(State.CONNECTED)
+        self.first_peer.set()
+
+    # ----- I/O ---------------------------------------------------------------
+
+    def update_io(self) -> None:
+        """Register exactly the readiness callbacks the current state calls for."""
+        live = self.conn is not None and not self.quiesced
+        if self.frontend.reads:
+            want_read = live and self.frontend.can_receive()
+        else:
+            want_read = live and not self._hold_unread
+        if want_read != self._reading:
+            if want_read:
+                self._loop.add_reader(self.conn.fileno(), self._on_readable)
+            else:
+                self._loop.remove_reader(self.conn.fileno())
+            self._reading = want_read
+        want_write = live and bool(self.outbuf)
+        if want_write != self._writing:
+            if want_write:
+                self._loop.add_writer(self.conn.fileno(), self._on_writable)
+            else:
+                self._loop.remove_writer(self.conn.fileno())
+            self._writing = want_write
+        want_accept = self.listener is not None and self.conn is None and not self.quiesced
+        if want_accept != self._accepting:
+            if want_accept:
+                self._loop.add_reader(self.listener.fileno(), self._on_acceptable)
+            else:
+                self._loop.remove_reader(self.listener.fileno())
+            self._accepting = want_accept
+
+    def _on_acceptable(self) -> None:
+        try:
+            conn, _ = self.listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            log.warning("chardev %s: accept failed: %s", self.label, exc)
+            return
+        self._attach(conn)
+        log.info("chardev %s: peer %s connected", self.label, self.peer[0])
+
+    def _on_readable(self) -> None:
+        if not self.frontend.reads:
+            self._peek_hold()
+            return
+        try:
+            data = self.conn.recv(frontends.READ_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._lost(exc.strerror)
+            return
+        if not data:
+            self._lost("peer closed the connection")
+            return
+        self.rx_bytes += len(data)
+        if self._logfile is not None:
+            self._write_log(data)
+        self.frontend.received(data)
+        self.update_io()
+
+    def _peek_hold(self) -> None:
+        # A held fd is never read; peeking only tells EOF from data waiting, and
+        # once data waits we stop watching (check_hangup looks again on demand).
+        try:
+            data = self.conn.recv(1, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._lost(exc.strerror)
+            return
+        if not data:
+            self._lost("peer closed the connection")
+            return
+        self._hold_unread = True
+        self.update_io()
+
+    def check_hangup(self) -> None:
+        if self.conn is None or not self._hold_unread or self.quiesced:
+            return
+        poller = select.poll()
+        poller.register(self.conn.fileno(), select.POLLRDHUP)
+        for _, events in poller.poll(0):
+            if events & (select.POLLRDHUP | select.POLLHUP | select.POLLERR):
+                self._lost("peer closed the connection")
+
+    def write(self, data: bytes) -> None:
+        self.outbuf += data
+        if self.conn is not None and not self.quiesced and not self._writing:
+            self._flush()
+
+    def _on_writable(self) -> None:
+        self._flush()
+
+    def _flush(self) -> None:
+        try:
+            sent = self.conn.send(self.outbuf)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as exc:
+            self._lost(exc.strerror)
+            return
+        self.tx_bytes += sent
+        del self.outbuf[:sent]
+        self.update_io()
+        if sent and len(self.outbuf) < frontends.LOW_WATER:
+            for feeder in self.feeders:
+                if feeder is not self:
+                    feeder.update_io()
+
+    def _write_log(self, data: bytes) -> None:
+        try:
+            self._logfile.write(data)
+        except OSError as exc:
+            log.warning("chardev %s: logfile %s: %s; logging stopped", self.label, self.spec.logfile, exc.strerror)
+            self._close_logfile()
+
+    def _lost(self, reason: str) -> None:
+        log.info("chardev %s: connection lost: %s", self.label, reason)
+        self._drop_conn()
+        # Bytes for a peer that has gone cannot be delivered to anyone.
+        self.outbuf.clear()
+        for feeder in self.feeders:
+            if feeder is not self:
+                feeder.update_io()
+        if self.listener is not None:
+            self._set_state(State.LISTENING)
+        elif self.spec.reconnect_ms and self.spec.kind in ("unix", "inet"):
+            self._set_state(State.CONNECTING)
+            self._schedule_reconnect()
+        else:
+            self._set_state(State.DISCONNECTED)
+
+    def _drop_conn(self) -> None:
+        if self.conn is None:
+            return
+        self._stop_conn_io()
+        self.conn.close()
+        self.conn = None
+        self.peer = None
+        self.connected_since = None
+
+    def _stop_conn_io(self) -> None:
+        if self._reading:
+            self._loop.remove_reader(self.conn.fileno())
+            self._reading = False
+        if self._writing:
+            self._loop.remove_writer(self.conn.fileno())
+            self._writing = False
+
+    def _set_state(self, state: State) -> None:
+        self.state = state
+        self.update_io()
+        self._on_change(self)
+
+    # ----- closing -----------------------------------------------------------
+
+    def close(self, unlink: bool = True) -> None:
+        """Close everything; the peer sees EOF if nobody else holds the fd.
+        `unlink=False` after a migration: the path then belongs to the target."""
+        if self._reconnect_task is not None:
+            self._reconnect_task.cancel()
+            self._reconnect_task = None
+        self._drop_conn()
+        if self.listener is not None:
+            if self._accepting:
+                self._loop.remove_reader(self.listener.fileno())
+                self._accepting = False
+            self.listener.close()
+            self.listener = None
+            if unlink and self._bound_inode is not None:
+                remove_own_socket(self.spec.path, self._bound_inode)
+        self._close_logfile()
+        self.outbuf.clear()
+        self._set_state(State.CLOSED)
+
+    def _close_logfile(self) -> None:
+        if self._logfile is not None:
+            self._logfile.close()
+            self._logfile = None
+
+    # ----- reporting ---------------------------------------------------------
+
+    @property
+    def fd(self) -> int | None:
+        sock = self.conn or self.listener
+        return sock.fileno() if sock is not None else None
+
+    def status(self) -> dict:
+        self.check_hangup()
+        peer, pid, process = self.peer or (None, None, None)
+        return {
+            "label": self.label,
+            "address": self.spec.address,
+            "role": self.spec.role,
+            "state": self.state.value,
+            "support-local-migration": self.spec.support_local_migration,
+            "local-incoming": self.spec.local_incoming,
+            "frontend": self.frontend.name if self.frontend.name != "bridge" else f"bridge={self.frontend.partner.label}",
+            "fd": self.fd,
+            "peer": peer,
+            "peer-pid": pid,
+            "peer-process": process,
+            "rx-bytes": self.rx_bytes,
+            "tx-bytes": self.tx_bytes,
+            "connected-since": utc_iso(self.connected_since) if self.connected_since else None,
+            "migrations": self.migrations,
+            "spec": self.spec.to_spec_string(),
+        }
+
+    def qmp_filename(self) -> str:
+        """QEMU's query-chardev filename: `unix:P,server=on`, `disconnected:...` when no peer."""
+        name = self.spec.address
+        if self.spec.server:
+            name += ",server=on"
+        if self.conn is None:
+            name = "disconnected:" + name
+        return name
+
+
+def adopt_socket(fd: int, spec, label: str) -> socket.socket:
+    """Wrap an inherited or passed fd, checking it is what the SPEC says."""
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError:
+        raise FdmigError(f"chardev {label}: fd {fd} is not open") from None
+    if not stat.S_ISSOCK(mode):
+        raise FdmigError(f"chardev {label}: fd {fd} is not a socket; accepted: a stream socket")
+    sock = socket.socket(fileno=fd)
+    if sock.type != socket.SOCK_STREAM:
+        sock.detach()
+        raise FdmigError(f"chardev {label}: fd {fd} is not a stream socket; accepted: SOCK_STREAM")
+    listening = bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
+    if listening != spec.server:
+        sock.detach()
+        have = "a listening" if listening else "a connected"
+        want = "server=on" if listening else "server=off"
+        raise FdmigError(f"chardev {label}: fd {fd} is {have} socket; accepted with {want}")
+    os.set_inheritable(fd, False)
+    sock.setblocking(False)
+    return sock
+
+
+def remove_stale_socket(path: str, label: str) -> None:
+    """QEMU unlinks whatever socket is at the path before binding; refuse anything else."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise FdmigError(f"chardev {label}: {path} exists and is not a socket")
+    os.unlink(path)
+
+
+def remove_own_socket(path: str, inode: int) -> None:
+    """Unlink `path` only if it is still the socket we bound (not a successor's)."""
+    try:
+        if os.lstat(path).st_ino == inode:
+            os.unlink(path)
+    except OSError:
+        pass

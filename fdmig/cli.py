@@ -1,0 +1,263 @@
+"""The command line: parse, call the control client, render. Nothing else.
+
+Heavy modules (asyncio, rich, psutil) are imported inside the commands that use
+them, so `fdmig --version` and `fdmig status` start fast.
+"""
+
+import os
+import sys
+import time
+
+import click
+
+from fdmig import __version__, paths, qmp
+from fdmig.errors import FdmigError, NoInstanceError, SpecError, TimeoutExpired
+from fdmig.spec import ChardevSpec, check_label, check_set, parse_spec
+
+
+class CliError(click.ClickException):
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+    def show(self, file=None) -> None:
+        click.echo(f"fdmig: {self.format_message()}", err=True)
+
+
+class Group(click.Group):
+    """Turns fdmig's exceptions into one line on stderr and their exit code."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except FdmigError as exc:
+            raise CliError(str(exc), exc.exit_code) from None
+
+
+def _complete_names(ctx, param, incomplete):
+    return [n for n in paths.instance_names() if n.startswith(incomplete)]
+
+
+def _complete_labels(ctx, param, incomplete):
+    try:
+        with qmp.connect(_control_path(ctx.params.get("name"), ctx.params.get("control")), timeout=1) as client:
+            labels = [c["label"] for c in client.execute("query-chardev")]
+    except Exception:
+        return []
+    if param.name == "wait":
+        from fdmig.chardev import STATES
+        if "=" in incomplete:
+            label, _, part = incomplete.partition("=")
+            return [f"{label}={s}" for s in STATES if s.startswith(part)]
+        return [f"{label}=" for label in labels if label.startswith(incomplete)]
+    return [label for label in labels if label.startswith(incomplete)]
+
+
+def instance_options(func):
+    func = click.option("--control", metavar="PATH",
+                        help="Control socket path (default: <runtime-dir>/<name>.sock).")(func)
+    func = click.option("--name", "-n", metavar="NAME", shell_complete=_complete_names,
+                        help="Instance name (default: 'default').")(func)
+    return func
+
+
+def _control_path(name: str | None, control: str | None) -> str:
+    if name is not None and control is not None:
+        raise SpecError("--name and --control both given; accepted: one of them")
+    if control is not None:
+        return control
+    name = name or "default"
+    try:
+        check_label(name, field="--name")
+    except SpecError:
+        raise SpecError(f"--name '{name}' is not valid; accepted: a letter, then letters, digits, "
+                        "'-', '.', '_'") from None
+    return paths.control_path(name)
+
+
+def _instance_name(name: str | None, control: str | None) -> str:
+    if name:
+        return name
+    if control:
+        base = os.path.basename(control)
+        return base[:-5] if base.endswith(".sock") else base
+    return "default"
+
+
+def _prepare_control(control_path: str) -> None:
+    """The runtime dir is created 0700 (and checked) when the control path is in it."""
+    runtime = paths.runtime_dir()
+    if os.path.dirname(os.path.abspath(control_path)) == os.path.abspath(runtime):
+        paths.ensure_private_dir(runtime)
+
+
+def _parse_specs(texts) -> list[ChardevSpec]:
+    chardevs = [parse_spec(text) for text in texts]
+    check_set(chardevs)
+    return chardevs
+
+
+def _setup_logging(name: str) -> None:
+    import logging
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format=f"fdmig[{name}]: %(message)s")
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", "-V", prog_name="fdmig")
+def main():
+    """Hand live socket connections from one process to another.
+
+    An instance holds labelled socket chardevs (QEMU's -chardev socket syntax) and
+    answers QMP on a control socket; migrate-out/migrate-in move its connections
+    live to a new process: the peers see a pause, never a reconnect.
+    """
+
+
+@main.command()
+@instance_options
+@click.option("--chardev", "chardev_specs", multiple=True, metavar="SPEC",
+              help="A chardev: socket,id=LABEL,path=P|host=H,port=N|fd=N|fdname=NAME[,server=on]...")
+@click.option("--capability", "capabilities", multiple=True, type=click.Choice(["local-char-socket"]),
+              help="Enable a migration capability.")
+def serve(name, control, chardev_specs, capabilities):
+    """Run an instance holding the given chardevs until SIGTERM or QMP quit."""
+    control_path = _control_path(name, control)
+    chardevs = _parse_specs(chardev_specs)
+    for spec in chardevs:
+        if spec.local_incoming:
+            raise SpecError(f"chardev local-incoming: only migrate-in waits for a migrated fd; "
+                            f"'{spec.id}' is given to serve")
+    _prepare_control(control_path)
+    _setup_logging(_instance_name(name, control))
+    from fdmig.daemon import Instance, run
+    instance = Instance(_instance_name(name, control), control_path, capabilities)
+    sys.exit(run(instance, chardevs))
+
+
+@main.command()
+@instance_options
+@click.argument("spec", metavar="SPEC")
+def attach(name, control, spec):
+    """Add a chardev to a running instance (QMP chardev-add).
+
+    With fd=N, this command's own descriptor N is passed to the instance."""
+    chardev = parse_spec(spec)
+    fds = ()
+    with qmp.connect(_control_path(name, control)) as client:
+        if chardev.kind == "fd" and chardev.fd.isdigit():
+            fd = int(chardev.fd)
+            try:
+                os.fstat(fd)
+            except OSError:
+                raise SpecError(f"chardev fd: {fd} is not an open descriptor of this command") from None
+            passed_name = f"attach-{chardev.id}"
+            client.execute("getfd", {"fdname": passed_name}, fds=(fd,))
+            chardev = ChardevSpec(**{**chardev.__dict__, "fd": passed_name})
+        client.execute("chardev-add", chardev.to_qmp())
+        state = next((c["state"] for c in client.execute("x-fdmig-status")["chardevs"]
+                      if c["label"] == chardev.id), "?")
+    click.echo(f"attached {chardev.id}: {chardev.role} {chardev.address} ({state})")
+
+
+@main.command()
+@instance_options
+@click.argument("label", shell_complete=_complete_labels)
+def detach(name, control, label):
+    """Remove a chardev from a running instance (QMP chardev-remove); its peer sees EOF."""
+    with qmp.connect(_control_path(name, control)) as client:
+        client.execute("chardev-remove", {"id": label})
+    click.echo(f"detached {label}")
+
+
+def _parse_wait(value: str) -> tuple[str, str]:
+    from fdmig.chardev import STATES
+    label, eq, state = value.partition("=")
+    if not eq or not label:
+        raise SpecError(f"--wait '{value}': expected LABEL=STATE")
+    if state not in STATES:
+        raise SpecError(f"--wait: state '{state}' is not known; accepted: {', '.join(STATES)}")
+    return label, state
+
+
+@main.command()
+@instance_options
+@click.option("--json", "as_json", is_flag=True, help="Print the status as one JSON object.")
+@click.option("--watch", is_flag=True, help="Refresh the table until interrupted.")
+@click.option("--wait", metavar="LABEL=STATE", shell_complete=_complete_labels,
+              help="Exit 0 once chardev LABEL is in STATE; 4 on timeout.")
+@click.option("--timeout", type=click.FloatRange(min=0), default=None, metavar="S",
+              help="With --wait: give up after S seconds (default 30).")
+def status(name, control, as_json, watch, wait, timeout):
+    """Show an instance: its chardevs, peers, counters and last migration."""
+    control_path = _control_path(name, control)
+    if timeout is not None and not wait:
+        raise SpecError("--timeout goes with --wait LABEL=STATE")
+    if wait:
+        label, state = _parse_wait(wait)
+        _wait_for_state(control_path, label, state, 30.0 if timeout is None else timeout)
+        return
+    if watch:
+        _watch(control_path, as_json)
+        return
+    with qmp.connect(control_path) as client:
+        data = client.execute("x-fdmig-status")
+    _print_status(data, as_json)
+
+
+def _print_status(data: dict, as_json: bool) -> None:
+    from fdmig import render
+    if as_json:
+        click.echo(render.as_json(data))
+    elif sys.stdout.isatty():
+        from rich.console import Console
+        Console().print(render.rich_table(data))
+    else:
+        click.echo(render.plain(data))
+
+
+def _watch(control_path: str, as_json: bool) -> None:
+    from fdmig import render
+    if as_json or not sys.stdout.isatty():
+        while True:
+            with qmp.connect(control_path) as client:
+                _print_status(client.execute("x-fdmig-status"), as_json)
+            time.sleep(1)
+    from rich.live import Live
+    with Live(auto_refresh=False) as live:
+        while True:
+            try:
+                with qmp.connect(control_path) as client:
+                    live.update(render.rich_table(client.execute("x-fdmig-status")), refresh=True)
+            except NoInstanceError as exc:
+                from rich.text import Text
+                live.update(Text(f"{render.timestamp()} {exc}"), refresh=True)
+            time.sleep(1)
+
+
+def _wait_for_state(control_path: str, label: str, state: str, timeout: float) -> None:
+    """Wait on the instance's chardev events, reconnecting across a control handover
+    (a migration) and until the instance first appears."""
+    deadline = time.monotonic() + timeout
+    seen = f"no instance answers at {control_path}"
+    while True:
+        try:
+            with qmp.connect(control_path, timeout=max(0.1, min(5.0, deadline - time.monotonic()))) as client:
+                while True:
+                    chardevs = {c["label"]: c["state"]
+                                for c in client.execute("x-fdmig-status")["chardevs"]}
+                    current = chardevs.get(label)
+                    if current == state:
+                        return
+                    seen = f"chardev {label} is {current}" if current else f"no chardev {label}"
+                    client.wait_event({"X_FDMIG_CHARDEV_STATE", "MIGRATION"}, deadline)
+        except TimeoutExpired:
+            break
+        except (NoInstanceError, FdmigError, EOFError, OSError):
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(0.05)  # the instance is not up yet, or hands over its control path
+    raise TimeoutExpired(f"timed out after {timeout:g} s waiting for {label}={state}: {seen}")
+
+
+if __name__ == "__main__":
+    main()

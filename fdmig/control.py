@@ -1,0 +1,394 @@
+"""The control socket: QMP connections driven on the instance's loop, and the
+command table. The protocol rules live in qmp.py; this is plumbing and dispatch."""
+
+import asyncio
+import logging
+import os
+import socket
+
+from fdmig import __version__, fdpass, qmp, spec as specs
+from fdmig.errors import FdmigError, QMPError, SpecError
+
+log = logging.getLogger("fdmig")
+MAX_QUEUED_REQUESTS = 32
+MAX_OUTBUF = 16 << 20  # a client that stops reading its events is dropped past this
+MAX_PENDING_FDS = 16
+
+
+def peer_uid(sock: socket.socket) -> int:
+    cred = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+    return int.from_bytes(cred[4:8], "little")
+
+
+def peer_allowed(sock: socket.socket) -> tuple[bool, int]:
+    """Same uid as ours, or root: whatever the file modes say (SO_PEERCRED)."""
+    uid = peer_uid(sock)
+    return uid in (os.geteuid(), 0), uid
+
+
+def bind_private(path: str) -> socket.socket:
+    """A listening unix socket at `path`, mode 0600 from the moment it exists. It is
+    bound under a temporary name and renamed into place, so a client never finds
+    the path missing while a predecessor's socket is replaced."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    old_umask = os.umask(0o177)
+    try:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        sock.bind(tmp)
+    except OSError as exc:
+        sock.close()
+        raise FdmigError(f"cannot bind {path}: {exc.strerror}") from None
+    finally:
+        os.umask(old_umask)
+    sock.listen(64)
+    os.rename(tmp, path)
+    return sock
+
+
+class ControlServer:
+    def __init__(self, instance):
+        self.instance = instance
+        self.sock: socket.socket | None = None
+        self.inode: int | None = None
+        self.path: str | None = None
+        self.connections: set[ControlConnection] = set()
+        self._loop = asyncio.get_running_loop()
+
+    def bind(self, path: str) -> None:
+        claim_path(path)
+        self.sock = bind_private(path)
+        self.path = path
+        self.inode = os.stat(path).st_ino
+
+    def start(self) -> None:
+        self._loop.add_reader(self.sock.fileno(), self._on_acceptable)
+
+    def _on_acceptable(self) -> None:
+        try:
+            conn, _ = self.sock.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            log.warning("control: accept failed: %s", exc)
+            return
+        allowed, uid = peer_allowed(conn)
+        if not allowed:
+            log.warning("control: refused a client of uid %d (only uid %d or root are served)", uid, os.geteuid())
+            try:
+                conn.send(qmp.ServerCodec.error(None, "GenericError",
+                                                f"permission denied: uid {uid} is not the instance's uid {os.geteuid()}"))
+            except OSError:
+                pass
+            conn.close()
+            return
+        connection = ControlConnection(self, conn)
+        self.connections.add(connection)
+        connection.start()
+
+    def broadcast(self, name: str, data: dict | None = None) -> None:
+        message = qmp.ServerCodec.event(name, data)
+        for connection in list(self.connections):
+            if connection.codec.negotiated:
+                connection.send(message)
+
+    def close(self, unlink: bool = True) -> None:
+        from fdmig.chardev import remove_own_socket
+        if self.sock is not None:
+            self._loop.remove_reader(self.sock.fileno())
+            self.sock.close()
+            self.sock = None
+            if unlink:
+                remove_own_socket(self.path, self.inode)
+        for connection in list(self.connections):
+            connection.close()
+
+
+def claim_path(path: str) -> None:
+    """Refuse a path another live instance answers at; replace a stale socket."""
+    if not os.path.lexists(path):
+        return
+    pid = qmp.socket_owner_pid(path)
+    if pid is not None:
+        raise FdmigError(f"an instance already answers at {path} (pid {pid}); "
+                         "stop it, or choose another --name or --control")
+    from fdmig.chardev import remove_stale_socket
+    remove_stale_socket(path, "control")
+
+
+class ControlConnection:
+    def __init__(self, server: ControlServer, sock: socket.socket):
+        self.server = server
+        self.instance = server.instance
+        self.sock = sock
+        self.codec = qmp.ServerCodec()
+        self.outbuf = bytearray()
+        self.fds: list[int] = []
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.closed = False
+        self._reading = False
+        self._writing = False
+        self._closing_after_flush = False
+        self._loop = server._loop
+        self._worker: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self.send(qmp.ServerCodec.greeting(__version__))
+        self._set_reading(True)
+        self._worker = asyncio.ensure_future(self._work())
+
+    def _set_reading(self, on: bool) -> None:
+        if on != self._reading and not self.closed:
+            if on:
+                self._loop.add_reader(self.sock.fileno(), self._on_readable)
+            else:
+                self._loop.remove_reader(self.sock.fileno())
+            self._reading = on
+
+    def _on_readable(self) -> None:
+        try:
+            data, fds = fdpass.recv_with_fds(self.sock, 65536, MAX_PENDING_FDS)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            log.warning("control: dropped a client: %s", exc)
+            self.close()
+            return
+        self._keep_fds(fds)
+        if not data:
+            self.close()
+            return
+        for item in self.codec.receive_data(data):
+            if isinstance(item, qmp.Overflow):
+                self.send(qmp.ServerCodec.error(None, "GenericError", item.desc))
+                log.warning("control: dropped a client: %s", item.desc)
+                self._close_after_flush()
+                return
+            self.queue.put_nowait(item)
+        if self.queue.qsize() >= MAX_QUEUED_REQUESTS:
+            self._set_reading(False)  # backpressure: read more once the worker catches up
+
+    def _keep_fds(self, fds: list[int]) -> None:
+        self.fds.extend(fds)
+        while len(self.fds) > MAX_PENDING_FDS:
+            os.close(self.fds.pop(0))
+
+    async def _work(self) -> None:
+        while not self.closed:
+            item = await self.queue.get()
+            if self.queue.qsize() < MAX_QUEUED_REQUESTS // 2:
+                self._set_reading(True)
+            if isinstance(item, qmp.BadRequest):
+                self.send(qmp.ServerCodec.error(item, "GenericError", item.desc))
+                continue
+            gate = self.codec.gate(item)
+            if gate is not None:
+                self.send(qmp.ServerCodec.error(item, *gate))
+                continue
+            if item.execute == "qmp_capabilities":
+                self.send(qmp.ServerCodec.reply(item, {}))
+                continue
+            handler = COMMANDS.get(item.execute)
+            if handler is None:
+                self.send(qmp.ServerCodec.error(item, "CommandNotFound", f"The command {item.execute} has not been found"))
+                continue
+            try:
+                result = await handler(self, item.arguments)
+            except QMPError as exc:
+                self.send(qmp.ServerCodec.error(item, exc.error_class, exc.desc))
+            except FdmigError as exc:
+                self.send(qmp.ServerCodec.error(item, "GenericError", str(exc)))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a bug: answer and log, never take the instance down
+                log.exception("control: %s failed", item.execute)
+                self.send(qmp.ServerCodec.error(item, "GenericError", f"internal error: {exc!r}"))
+            else:
+                self.send(qmp.ServerCodec.reply(item, result))
+            finally:
+                if item.execute != "getfd":
+                    self._drop_fds()
+
+    def _drop_fds(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        self.fds.clear()
+
+    def send(self, data: bytes) -> None:
+        if self.closed:
+            return
+        self.outbuf += data
+        if len(self.outbuf) > MAX_OUTBUF:
+            log.warning("control: dropped a client that does not read its replies")
+            self.close()
+            return
+        if not self._writing:
+            self._flush()
+
+    def _flush(self) -> None:
+        try:
+            sent = self.sock.send(self.outbuf)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            self.close()
+            return
+        del self.outbuf[:sent]
+        want = bool(self.outbuf)
+        if want != self._writing:
+            if want:
+                self._loop.add_writer(self.sock.fileno(), self._flush)
+            else:
+                self._loop.remove_writer(self.sock.fileno())
+            self._writing = want
+        if not want and self._closing_after_flush:
+            self.close()
+
+    def _close_after_flush(self) -> None:
+        self._set_reading(False)
+        self._closing_after_flush = True
+        if not self.outbuf:
+            self.close()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self._set_reading(False)
+        if self._writing:
+            self._loop.remove_writer(self.sock.fileno())
+            self._writing = False
+        self.closed = True
+        self.sock.close()
+        self._drop_fds()
+        self.server.connections.discard(self)
+        if self._worker is not None and self._worker is not asyncio.current_task():
+            self._worker.cancel()
+
+
+# ----- commands --------------------------------------------------------------
+
+def _arg(arguments: dict, key: str, kind: type, required: bool = True, default=None):
+    if key not in arguments:
+        if required:
+            raise QMPError("GenericError", f"Parameter '{key}' is missing")
+        return default
+    value = arguments[key]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        expected = {str: "string", bool: "boolean", int: "integer", list: "array", dict: "object"}[kind]
+        raise QMPError("GenericError", f"Invalid parameter type for '{key}', expected: {expected}")
+    return value
+
+
+def _no_extra(arguments: dict, *allowed: str) -> None:
+    for key in arguments:
+        if key not in allowed:
+            raise QMPError("GenericError", f"Parameter '{key}' is unexpected")
+
+
+async def cmd_chardev_add(conn: ControlConnection, arguments: dict):
+    _arg(arguments, "id", str)
+    _arg(arguments, "backend", dict)
+    _no_extra(arguments, "id", "backend")
+    spec = specs.from_qmp(arguments)
+    await conn.instance.add_chardev(spec)
+    return {}
+
+
+async def cmd_chardev_remove(conn, arguments):
+    label = _arg(arguments, "id", str)
+    _no_extra(arguments, "id")
+    conn.instance.remove_chardev(label)
+    return {}
+
+
+async def cmd_query_chardev(conn, arguments):
+    _no_extra(arguments)
+    return [{"label": c.label, "filename": c.qmp_filename(), "frontend-open": c.conn is not None}
+            for c in conn.instance.chardevs.values()]
+
+
+async def cmd_query_status(conn, arguments):
+    _no_extra(arguments)
+    state = conn.instance.run_state
+    return {"status": state, "running": state == "running", "singlestep": False}
+
+
+async def cmd_getfd(conn, arguments):
+    name = _arg(arguments, "fdname", str)
+    _no_extra(arguments, "fdname")
+    if not conn.fds:
+        raise QMPError("GenericError", "No file descriptor supplied via SCM_RIGHTS")
+    try:
+        specs.check_label(name, field="fdname")
+    except SpecError as exc:
+        raise QMPError("GenericError", str(exc)) from None
+    fd = conn.fds.pop()
+    conn._drop_fds()
+    named = conn.instance.named_fds
+    if name in named:
+        os.close(named[name])
+    named[name] = fd
+    return {}
+
+
+async def cmd_closefd(conn, arguments):
+    name = _arg(arguments, "fdname", str)
+    _no_extra(arguments, "fdname")
+    fd = conn.instance.named_fds.pop(name, None)
+    if fd is None:
+        raise QMPError("GenericError", f"File descriptor named '{name}' not found")
+    os.close(fd)
+    return {}
+
+
+async def cmd_quit(conn, arguments):
+    _no_extra(arguments)
+    conn.instance.stopping.set()
+    return {}
+
+
+async def cmd_status(conn, arguments):
+    _no_extra(arguments)
+    return conn.instance.status()
+
+
+async def cmd_migrate_set_capabilities(conn, arguments):
+    caps = _arg(arguments, "capabilities", list)
+    _no_extra(arguments, "capabilities")
+    instance = conn.instance
+    if instance.migration["status"] in ("setup", "active"):
+        raise QMPError("GenericError", "There's a migration process in progress")
+    updates = {}
+    for cap in caps:
+        if not isinstance(cap, dict):
+            raise QMPError("GenericError", "Invalid parameter type for 'capabilities[]', expected: object")
+        name = _arg(cap, "capability", str)
+        state = _arg(cap, "state", bool)
+        if name not in instance.capabilities:
+            raise QMPError("GenericError", f"Parameter 'capability' does not accept value '{name}'; "
+                                           f"accepted: {', '.join(instance.capabilities)}")
+        updates[name] = state
+    instance.capabilities.update(updates)
+    return {}
+
+
+async def cmd_query_migrate_capabilities(conn, arguments):
+    _no_extra(arguments)
+    return [{"capability": k, "state": v} for k, v in conn.instance.capabilities.items()]
+
+
+COMMANDS = {
+    "chardev-add": cmd_chardev_add,
+    "chardev-remove": cmd_chardev_remove,
+    "query-chardev": cmd_query_chardev,
+    "query-status": cmd_query_status,
+    "getfd": cmd_getfd,
+    "closefd": cmd_closefd,
+    "quit": cmd_quit,
+    "x-fdmig-status": cmd_status,
+    "migrate-set-capabilities": cmd_migrate_set_capabilities,
+    "query-migrate-capabilities": cmd_query_migrate_capabilities,
+}

@@ -1,0 +1,730 @@
+"""The migration channel's wire format, as a sans-IO codec (in the style of h11).
+
+The codec turns events into bytes to send and received bytes into events. It does
+no I/O: the caller moves the bytes, and the fds with them. To the codec an fd is
+an opaque int on the way out, and on the way in just a count of how many arrived
+with each read (fdmig.fdpass does the SCM_RIGHTS part).
+
+A frame is a 16-byte header, then the payload:
+
+    magic b"FDMG" | wire version (u16) | frame type (u16) | payload length (u32)
+    | fd count (u32): how many fds travel with this frame
+
+all big-endian. Payloads are UTF-8 JSON objects, except SECTIONS:
+
+    manifest length (u32) | JSON manifest | the sections' outbuf bytes, in order
+
+The conversation, source on the left:
+
+    HELLO, TABLE..., TABLE_END  ->
+                                <-  ACCEPT
+    SECTIONS..., END            ->
+                                <-  ACK       (the commit point)
+    RELEASED                    ->
+
+and ABORT from either side at any point before the commit. Both codecs (the
+source's and the target's) track this same conversation state, applying our own
+sends and the peer's frames; every allowed step is in TRANSITIONS.
+
+Fds travel with SECTIONS frames only: the frame's first byte carries them (one
+sendmsg per Chunk), so on the receiving side they show up in the read that
+delivers that byte. The decoder counts them into a pool and each SECTIONS frame,
+once complete, claims its share in order of arrival.
+"""
+
+import enum
+import json
+import struct
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+MAGIC = b"FDMG"
+VERSION = 1
+HEADER = struct.Struct("!4sHHII")
+MAX_FRAME = 1 << 20
+# fdmig.fdpass.MAX_FDS_PER_MSG (the kernel's SCM_MAX_FD), repeated here so that the
+# codec does not import socket code: one frame's fds go out in one sendmsg.
+MAX_FDS_PER_FRAME = 253
+
+_MANIFEST_LEN = struct.Struct("!I")
+
+
+class ProtocolError(Exception):
+    pass
+
+
+class LocalProtocolError(ProtocolError):
+    """We (the caller) tried to do something the protocol does not allow: a bug here."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer broke the protocol. The message is meant for a log line."""
+
+
+class FrameType(enum.IntEnum):
+    HELLO = 1
+    TABLE = 2
+    TABLE_END = 3
+    ACCEPT = 4
+    SECTIONS = 5
+    END = 6
+    ACK = 7
+    RELEASED = 8
+    ABORT = 9
+
+
+class Role(enum.Enum):
+    SOURCE = "source"
+    TARGET = "target"
+
+
+class State(enum.Enum):
+    START = "START"
+    HELLO = "HELLO"
+    TABLE = "TABLE"  # at least one TABLE frame, more may follow
+    TABLE_DONE = "TABLE_DONE"  # TABLE_END seen: the target must now accept or abort
+    ACCEPTED = "ACCEPTED"
+    TRANSFER = "TRANSFER"  # at least one SECTIONS frame, more may follow
+    TRANSFER_DONE = "TRANSFER_DONE"  # END seen: the target must now ack or abort
+    COMMITTED = "COMMITTED"
+    RELEASED = "RELEASED"
+    FAILED = "FAILED"
+
+
+class Sentinel(enum.Enum):
+    NEED_DATA = "NEED_DATA"
+
+
+NEED_DATA = Sentinel.NEED_DATA
+
+_S, _T = Role.SOURCE, Role.TARGET
+
+# (state, who sends, frame type) -> the state after that frame. Anything missing
+# is a protocol error.
+TRANSITIONS: dict[tuple[State, Role, FrameType], State] = {
+    (State.START, _S, FrameType.HELLO): State.HELLO,
+    (State.HELLO, _S, FrameType.TABLE): State.TABLE,
+    (State.TABLE, _S, FrameType.TABLE): State.TABLE,
+    (State.TABLE, _S, FrameType.TABLE_END): State.TABLE_DONE,
+    (State.TABLE_DONE, _T, FrameType.ACCEPT): State.ACCEPTED,
+    (State.ACCEPTED, _S, FrameType.SECTIONS): State.TRANSFER,
+    (State.TRANSFER, _S, FrameType.SECTIONS): State.TRANSFER,
+    (State.ACCEPTED, _S, FrameType.END): State.TRANSFER_DONE,
+    (State.TRANSFER, _S, FrameType.END): State.TRANSFER_DONE,
+    (State.TRANSFER_DONE, _T, FrameType.ACK): State.COMMITTED,
+    (State.COMMITTED, _S, FrameType.RELEASED): State.RELEASED,
+}
+# Either side may give up until the target has acked; after that the handoff has
+# happened and there is nothing left to abort.
+TRANSITIONS.update(
+    {
+        (state, role, FrameType.ABORT): State.FAILED
+        for state in State
+        if state not in (State.COMMITTED, State.RELEASED, State.FAILED)
+        for role in Role
+    }
+)
+
+
+# ---------------------------------------------------------------------------
+# Events
+
+
+@dataclass(frozen=True)
+class Hello:
+    """SOURCE: who is handing over. `version` is fdmig's package version, for the
+    log only; the wire version is in every frame header."""
+
+    name: str
+    pid: int
+    version: str
+
+
+@dataclass(frozen=True)
+class Table:
+    """SOURCE: what the target must set up before taking the state over. Each
+    chardev is a JSON-able mapping with a str "id"."""
+
+    capabilities: Mapping[str, bool]
+    chardevs: tuple[Mapping[str, Any], ...]
+
+    def __post_init__(self):
+        object.__setattr__(self, "chardevs", tuple(self.chardevs))
+
+
+@dataclass(frozen=True)
+class Accept:
+    """TARGET: the table is acceptable; send the state."""
+
+
+@dataclass(frozen=True)
+class Section:
+    """One chardev's state. Sent, `fds` maps a role ("conn", "listener", ...) to a
+    real fd to attach; received, to an index into the list of fds received on this
+    channel (0-based, in order of arrival)."""
+
+    label: str
+    meta: Mapping[str, Any]
+    outbuf: bytes = b""
+    fds: Mapping[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """SOURCE: the state of every chardev, with its fds."""
+
+    sections: tuple[Section, ...]
+
+    def __post_init__(self):
+        object.__setattr__(self, "sections", tuple(self.sections))
+
+
+@dataclass(frozen=True)
+class Ack:
+    """TARGET: it has taken everything over. The commit point."""
+
+
+@dataclass(frozen=True)
+class Released:
+    """SOURCE, after the commit: it has let go of the instance's control path."""
+
+
+@dataclass(frozen=True)
+class Abort:
+    """Either side, before the commit: the migration is off."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class ConnectionClosed:
+    """The peer closed the channel (receive_data(b"")) between frames."""
+
+
+Event = Union[Hello, Table, Accept, Transfer, Ack, Released, Abort, ConnectionClosed]
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Bytes for one sendmsg(), with the fds that must ride on its first byte."""
+
+    data: bytes
+    fds: tuple[int, ...] = ()
+
+
+# ---------------------------------------------------------------------------
+# Payload helpers. `error` is the exception class to raise: LocalProtocolError when
+# checking what we send, RemoteProtocolError when checking what we received.
+
+
+def _dumps(obj: Any) -> bytes:
+    # Compact, strict JSON (no NaN), as UTF-8.
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+def _loads(ftype: FrameType, payload: bytes) -> Any:
+    # json.loads(bytes) would guess UTF-16/32 too; the wire says UTF-8.
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError:
+        raise RemoteProtocolError(f"bad JSON in {ftype.name} frame: not UTF-8") from None
+    try:
+        return json.loads(text, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:
+        # RecursionError: a peer can nest arrays deeper than the parser's stack.
+        raise RemoteProtocolError(f"bad JSON in {ftype.name} frame: {exc}") from None
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _show(value: Any) -> str:
+    # Peer data in an error message: short, and never a repr() of a structure a
+    # peer may have nested deep enough to blow the stack.
+    if isinstance(value, str):
+        return repr(value) if len(value) <= 60 else repr(value[:57]) + "..."
+    return type(value).__name__
+
+
+_KIND_NAMES = {str: "a string", int: "an integer", dict: "an object", list: "a list"}
+
+
+def _field(obj: dict, key: str, kind: type, where: str, error: type[ProtocolError]) -> Any:
+    if key not in obj:
+        raise error(f"{where}: missing {key!r}")
+    value = obj[key]
+    ok = _is_int(value) if kind is int else isinstance(value, kind)
+    if not ok:
+        raise error(f"{where}: {key!r} must be {_KIND_NAMES[kind]}, not {type(value).__name__}")
+    return value
+
+
+def _object(ftype: FrameType, payload: bytes) -> dict:
+    obj = _loads(ftype, payload)
+    if not isinstance(obj, dict):
+        raise RemoteProtocolError(f"{ftype.name} frame: payload must be a JSON object")
+    return obj
+
+
+def _check_capabilities(caps: Any, error: type[ProtocolError]) -> dict:
+    if not isinstance(caps, Mapping):
+        raise error("capabilities must be a mapping of str to bool")
+    for key, value in caps.items():
+        if not isinstance(key, str) or not isinstance(value, bool):
+            raise error(f"capability {_show(key)}: must map a str to a bool, not to {_show(value)}")
+    return dict(caps)
+
+
+def _check_chardev(index: int, chardev: Any, error: type[ProtocolError]) -> None:
+    if not isinstance(chardev, Mapping):
+        raise error(f"chardev #{index} must be a mapping, not {type(chardev).__name__}")
+    if not isinstance(chardev.get("id"), str):
+        raise error(f"chardev #{index}: 'id' must be a string")
+
+
+def _header(ftype: FrameType, payload: bytes, nfds: int) -> bytes:
+    return HEADER.pack(MAGIC, VERSION, ftype, len(payload), nfds)
+
+
+# ---------------------------------------------------------------------------
+# The codec
+
+
+class MigrationCodec:
+    """One end of the migration channel. `role` is which end we are."""
+
+    def __init__(self, role: Role, max_frame: int = MAX_FRAME):
+        if not 0 < max_frame <= 0xFFFFFFFF:
+            raise ValueError(f"max_frame must be in 1..{0xFFFFFFFF}, not {max_frame}")
+        self.role = role
+        self.peer_role = Role.TARGET if role is Role.SOURCE else Role.SOURCE
+        self.max_frame = max_frame
+        self._state = State.START
+        # How many fds the I/O layer reported, and how many complete frames took.
+        # The I/O layer holds the fds themselves; on any error it closes them all.
+        self.fds_received = 0
+        self.fds_claimed = 0
+        self._buf = bytearray()
+        self._eof = False
+        # A RemoteProtocolError's message, re-raised by every later next_event().
+        self._error: str | None = None
+        self._state_at_error = State.START
+        self._abort_sent = False
+        self._abort_received = False
+        # Table and Transfer arrive over several frames, and surface as one event.
+        self._capabilities: dict | None = None
+        self._chardevs: list = []
+        self._sections: list = []
+        self._transfer_fds = 0
+
+    @property
+    def state(self) -> State:
+        return self._state
+
+    # -- sending ----------------------------------------------------------
+
+    def send(self, event: Event) -> list[Chunk]:
+        """The chunks that carry `event`, each meant for one sendmsg() with its fds.
+
+        Raises LocalProtocolError, and changes nothing, if the event is malformed or
+        not ours to send now.
+        """
+        frames = self._encode(event)
+        state = self._state
+        if isinstance(event, Abort) and self._error is not None and not self._abort_sent:
+            # The peer broke the protocol; we may still tell it why we give up, if
+            # an abort was allowed where things went wrong.
+            state = self._state_at_error
+        for ftype, _payload, _fds in frames:
+            new_state = TRANSITIONS.get((state, self.role, ftype))
+            if new_state is None:
+                raise LocalProtocolError(
+                    f"the {self.role.value} cannot send {ftype.name} in state {state.name}"
+                )
+            state = new_state
+        self._state = state
+        if isinstance(event, Abort):
+            self._abort_sent = True
+        return [Chunk(_header(ftype, payload, len(fds)) + payload, fds) for ftype, payload, fds in frames]
+
+    def _encode(self, event: Event) -> list[tuple[FrameType, bytes, tuple[int, ...]]]:
+        try:
+            if isinstance(event, Hello):
+                frames = [(FrameType.HELLO, self._encode_hello(event), ())]
+            elif isinstance(event, Table):
+                frames = self._encode_table(event)
+            elif isinstance(event, Transfer):
+                frames = self._encode_transfer(event)
+            elif isinstance(event, Abort):
+                if not isinstance(event.reason, str):
+                    raise LocalProtocolError("Abort.reason must be a string")
+                frames = [(FrameType.ABORT, _dumps({"reason": event.reason}), ())]
+            elif isinstance(event, (Accept, Ack, Released)):
+                ftype = {Accept: FrameType.ACCEPT, Ack: FrameType.ACK, Released: FrameType.RELEASED}
+                frames = [(ftype[type(event)], b"{}", ())]
+            else:
+                raise LocalProtocolError(f"cannot send {event!r}")
+        except (TypeError, ValueError) as exc:
+            # Not JSON-able: a set, bytes, NaN, a lone surrogate...
+            raise LocalProtocolError(f"cannot encode {type(event).__name__}: {exc}") from None
+        for ftype, payload, _fds in frames:
+            if len(payload) > self.max_frame:
+                raise LocalProtocolError(
+                    f"{ftype.name} frame of {len(payload)} bytes exceeds the {self.max_frame}-byte bound"
+                )
+        return frames
+
+    @staticmethod
+    def _encode_hello(hello: Hello) -> bytes:
+        if not isinstance(hello.name, str) or not isinstance(hello.version, str):
+            raise LocalProtocolError("Hello.name and Hello.version must be strings")
+        if not _is_int(hello.pid) or hello.pid <= 0:
+            raise LocalProtocolError(f"Hello.pid must be a positive integer, not {hello.pid!r}")
+        return _dumps({"name": hello.name, "pid": hello.pid, "version": hello.version})
+
+    def _encode_table(self, table: Table) -> list:
+        capabilities = _check_capabilities(table.capabilities, LocalProtocolError)
+        # The first frame carries the capabilities; then as many chardevs per frame
+        # as fit. The JSON is assembled from separately encoded chardevs so each
+        # frame's size is known before it is built.
+        first = b'{"capabilities":' + _dumps(capabilities) + b',"chardevs":['
+        rest = b'{"chardevs":['
+        tail = b"]}"
+        frames = []
+        prefix, batch, size = first, [], len(first) + len(tail)
+        for index, chardev in enumerate(table.chardevs):
+            _check_chardev(index, chardev, LocalProtocolError)
+            item = _dumps(dict(chardev))
+            if size + len(item) + bool(batch) > self.max_frame and (batch or prefix is first):
+                frames.append((FrameType.TABLE, prefix + b",".join(batch) + tail, ()))
+                prefix, batch, size = rest, [], len(rest) + len(tail)
+            if size + len(item) > self.max_frame:
+                raise LocalProtocolError(
+                    f"chardev {chardev['id']!r} needs a TABLE frame of {size + len(item)} bytes; "
+                    f"the bound is {self.max_frame}"
+                )
+            size += len(item) + bool(batch)
+            batch.append(item)
+        frames.append((FrameType.TABLE, prefix + b",".join(batch) + tail, ()))
+        frames.append((FrameType.TABLE_END, _dumps({"chardevs": len(table.chardevs)}), ()))
+        return frames
+
+    def _encode_transfer(self, transfer: Transfer) -> list:
+        frames = []
+        entries: list[bytes] = []
+        outbufs: list[bytes] = []
+        fds: list[int] = []
+        # payload = manifest length + "[" + entries joined by "," + "]" + outbufs
+        empty = _MANIFEST_LEN.size + 2
+        size = empty
+
+        def flush():
+            manifest = b"[" + b",".join(entries) + b"]"
+            payload = _MANIFEST_LEN.pack(len(manifest)) + manifest + b"".join(outbufs)
+            frames.append((FrameType.SECTIONS, payload, tuple(fds)))
+
+        total_fds = 0
+        for section in transfer.sections:
+            roles, section_fds = self._check_section(section)
+            entry = _dumps(
+                {"label": section.label, "meta": dict(section.meta), "outbuf": len(section.outbuf), "fds": roles}
+            )
+            alone = empty + len(entry) + len(section.outbuf)
+            if alone > self.max_frame or len(section_fds) > MAX_FDS_PER_FRAME:
+                raise LocalProtocolError(
+                    f"section {section.label!r} needs a SECTIONS frame of {alone} bytes and "
+                    f"{len(section_fds)} fds; the bounds are {self.max_frame} bytes and {MAX_FDS_PER_FRAME} fds"
+                )
+            grown = size + len(entry) + len(section.outbuf) + bool(entries)
+            if entries and (grown > self.max_frame or len(fds) + len(section_fds) > MAX_FDS_PER_FRAME):
+                flush()
+                entries, outbufs, fds, size = [], [], [], empty
+            size += len(entry) + len(section.outbuf) + bool(entries)
+            entries.append(entry)
+            outbufs.append(section.outbuf)
+            fds.extend(section_fds)
+            total_fds += len(section_fds)
+        if entries:
+            flush()
+        frames.append((FrameType.END, _dumps({"sections": len(transfer.sections), "fds": total_fds}), ()))
+        return frames
+
+    @staticmethod
+    def _check_section(section: Any) -> tuple[list[str], list[int]]:
+        if not isinstance(section, Section):
+            raise LocalProtocolError(f"Transfer.sections holds {type(section).__name__}, not Section")
+        if not isinstance(section.label, str):
+            raise LocalProtocolError(f"section label {section.label!r} must be a string")
+        if not isinstance(section.meta, Mapping):
+            raise LocalProtocolError(f"section {section.label!r}: meta must be a mapping")
+        if not isinstance(section.outbuf, (bytes, bytearray)):
+            raise LocalProtocolError(f"section {section.label!r}: outbuf must be bytes")
+        roles, fds = [], []
+        for role, fd in section.fds.items():
+            if not isinstance(role, str) or not role:
+                raise LocalProtocolError(f"section {section.label!r}: fd role {role!r} must be a non-empty string")
+            if not _is_int(fd) or fd < 0:
+                raise LocalProtocolError(f"section {section.label!r}: fd {role!r} is {fd!r}, not an fd")
+            roles.append(role)
+            fds.append(fd)
+        return roles, fds
+
+    # -- receiving --------------------------------------------------------
+
+    def receive_data(self, data: bytes, nfds: int = 0) -> None:
+        """Feed bytes read from the channel, and how many fds came with them.
+
+        b"" means EOF. Fds ride on the first byte of their frame, so report them
+        with the read that returned them; the decoder takes them as the frames they
+        belong to complete.
+        """
+        if nfds < 0:
+            raise LocalProtocolError(f"nfds must be >= 0, not {nfds}")
+        self.fds_received += nfds
+        if self._eof and (data or nfds):
+            raise LocalProtocolError("received data after EOF")
+        if self._error is not None:
+            return
+        if data:
+            self._buf += data
+        else:
+            self._eof = True
+
+    def next_event(self) -> Union[Event, Sentinel]:
+        """The next event from the peer, or NEED_DATA.
+
+        Raises RemoteProtocolError if the peer broke the protocol; the codec is
+        then FAILED and raises the same error from every later call.
+        """
+        if self._error is not None:
+            raise RemoteProtocolError(self._error)
+        try:
+            while True:
+                frame = self._next_frame()
+                if frame is None:
+                    break
+                event = self._handle_frame(*frame)
+                if event is not None:
+                    return event
+        except RemoteProtocolError as exc:
+            self._error = str(exc)
+            self._state_at_error = self._state
+            self._state = State.FAILED
+            raise
+        if self._buf:
+            return NEED_DATA
+        # Every complete frame has taken its fds, and no byte of another frame is
+        # here for the rest to ride with.
+        stray = self.fds_received - self.fds_claimed
+        if stray:
+            self._error = f"{stray} fds arrived with no manifest entry"
+            self._state_at_error = self._state
+            self._state = State.FAILED
+            raise RemoteProtocolError(self._error)
+        return ConnectionClosed() if self._eof else NEED_DATA
+
+    def _next_frame(self) -> tuple[FrameType, int, bytes] | None:
+        buf = self._buf
+        if len(buf) < HEADER.size:
+            # Reject a stranger (an HTTP client, say) as soon as its first bytes
+            # differ, without waiting for a header it may never send.
+            head = bytes(buf[: len(MAGIC)])
+            if head != MAGIC[: len(head)]:
+                raise RemoteProtocolError(f"not an fdmig migration stream (bad magic {head!r})")
+            if buf and self._eof:
+                raise RemoteProtocolError(f"connection closed mid-frame ({len(buf)} bytes of a header)")
+            return None
+        magic, version, raw_type, length, nfds = HEADER.unpack_from(buf)
+        if magic != MAGIC:
+            raise RemoteProtocolError(f"not an fdmig migration stream (bad magic {magic!r})")
+        if version != VERSION:
+            raise RemoteProtocolError(f"wire version {version} not supported (this fdmig speaks {VERSION})")
+        try:
+            ftype = FrameType(raw_type)
+        except ValueError:
+            raise RemoteProtocolError(f"unknown frame type {raw_type}") from None
+        # Checked before waiting for the payload: an oversized frame is refused
+        # before we buffer it.
+        if length > self.max_frame:
+            raise RemoteProtocolError(f"frame of {length} bytes exceeds the {self.max_frame}-byte bound")
+        if nfds and ftype is not FrameType.SECTIONS:
+            raise RemoteProtocolError(f"{ftype.name} frame claims {nfds} fds; only SECTIONS frames carry fds")
+        if nfds > MAX_FDS_PER_FRAME:
+            raise RemoteProtocolError(f"SECTIONS frame claims {nfds} fds; the bound is {MAX_FDS_PER_FRAME}")
+        if not self._late_frames_expected():
+            self._peer_transition(ftype)
+        end = HEADER.size + length
+        if len(buf) < end:
+            if self._eof:
+                raise RemoteProtocolError(
+                    f"connection closed mid-frame ({len(buf)} of {end} bytes of a {ftype.name} frame)"
+                )
+            return None
+        payload = bytes(buf[HEADER.size : end])
+        del buf[:end]
+        return ftype, nfds, payload
+
+    def _late_frames_expected(self) -> bool:
+        # We aborted; until the peer's own ABORT arrives, it may still have frames in
+        # flight that it sent before seeing ours.
+        return self._state is State.FAILED and self._abort_sent and not self._abort_received
+
+    def _peer_transition(self, ftype: FrameType) -> State:
+        new_state = TRANSITIONS.get((self._state, self.peer_role, ftype))
+        if new_state is None:
+            message = f"{ftype.name} not allowed in state {self._state.name}"
+            if not any(key[1:] == (self.peer_role, ftype) for key in TRANSITIONS):
+                message += f" (a {self.peer_role.value} never sends {ftype.name})"
+            raise RemoteProtocolError(message)
+        return new_state
+
+    def _check_fds_arrived(self, ftype: FrameType, nfds: int) -> None:
+        # The frame is complete, so the read that brought its first byte, and its
+        # fds with it, has been fed in.
+        available = self.fds_received - self.fds_claimed
+        if nfds > available:
+            raise RemoteProtocolError(f"{ftype.name} frame claims {nfds} fds but {available} arrived")
+
+    def _handle_frame(self, ftype: FrameType, nfds: int, payload: bytes) -> Event | None:
+        if self._late_frames_expected():
+            return self._handle_late_frame(ftype, nfds, payload)
+        new_state = self._peer_transition(ftype)
+        self._check_fds_arrived(ftype, nfds)
+        first_fd = self.fds_claimed
+        if ftype is FrameType.HELLO:
+            event = self._decode_hello(payload)
+        elif ftype is FrameType.TABLE:
+            event = self._decode_table(payload)
+        elif ftype is FrameType.TABLE_END:
+            event = self._decode_table_end(payload)
+        elif ftype is FrameType.SECTIONS:
+            event = self._decode_sections(payload, nfds, first_fd)
+        elif ftype is FrameType.END:
+            event = self._decode_end(payload)
+        elif ftype is FrameType.ABORT:
+            event = self._decode_abort(payload)
+        else:
+            _object(ftype, payload)  # nothing in it yet, but it must be well-formed
+            event = {FrameType.ACCEPT: Accept, FrameType.ACK: Ack, FrameType.RELEASED: Released}[ftype]()
+        # Only a frame that decoded cleanly takes its fds and moves the state.
+        self.fds_claimed += nfds
+        self._state = new_state
+        return event
+
+    def _handle_late_frame(self, ftype: FrameType, nfds: int, payload: bytes) -> Event | None:
+        # Frames the peer sent before it saw our ABORT. Its ABORT (it gave up too)
+        # and its ACK (the target committed before seeing our ABORT: the caller must
+        # know) are passed on; the state stays FAILED. The rest is dropped, its fds
+        # counted as claimed: the caller closes every fd it holds on failure anyway.
+        self._check_fds_arrived(ftype, nfds)
+        self.fds_claimed += nfds
+        if ftype is FrameType.ABORT:
+            self._abort_received = True
+            return self._decode_abort(payload)
+        if ftype is FrameType.ACK:
+            _object(ftype, payload)
+            return Ack()
+        return None
+
+    def _decode_hello(self, payload: bytes) -> Hello:
+        obj = _object(FrameType.HELLO, payload)
+        where = "HELLO frame"
+        pid = _field(obj, "pid", int, where, RemoteProtocolError)
+        if pid <= 0:
+            raise RemoteProtocolError(f"HELLO frame: pid {pid} is not a process id")
+        return Hello(
+            name=_field(obj, "name", str, where, RemoteProtocolError),
+            pid=pid,
+            version=_field(obj, "version", str, where, RemoteProtocolError),
+        )
+
+    def _decode_table(self, payload: bytes) -> None:
+        obj = _object(FrameType.TABLE, payload)
+        if self._state is State.HELLO:
+            caps = _field(obj, "capabilities", dict, "first TABLE frame", RemoteProtocolError)
+            self._capabilities = _check_capabilities(caps, RemoteProtocolError)
+        elif "capabilities" in obj:
+            raise RemoteProtocolError("TABLE frame: capabilities belong in the first TABLE frame only")
+        chardevs = _field(obj, "chardevs", list, "TABLE frame", RemoteProtocolError)
+        for index, chardev in enumerate(chardevs, start=len(self._chardevs)):
+            _check_chardev(index, chardev, RemoteProtocolError)
+        self._chardevs.extend(chardevs)
+        return None
+
+    def _decode_table_end(self, payload: bytes) -> Table:
+        obj = _object(FrameType.TABLE_END, payload)
+        count = _field(obj, "chardevs", int, "TABLE_END frame", RemoteProtocolError)
+        if count != len(self._chardevs):
+            raise RemoteProtocolError(f"TABLE_END counts {count} chardevs but {len(self._chardevs)} arrived")
+        table = Table(capabilities=self._capabilities, chardevs=tuple(self._chardevs))
+        self._capabilities, self._chardevs = None, []
+        return table
+
+    def _decode_sections(self, payload: bytes, nfds: int, first_fd: int) -> None:
+        if len(payload) < _MANIFEST_LEN.size:
+            raise RemoteProtocolError(f"SECTIONS frame of {len(payload)} bytes has no manifest length")
+        (manifest_len,) = _MANIFEST_LEN.unpack_from(payload)
+        start = _MANIFEST_LEN.size + manifest_len
+        if start > len(payload):
+            raise RemoteProtocolError(
+                f"SECTIONS manifest of {manifest_len} bytes overruns its {len(payload)}-byte frame"
+            )
+        manifest = _loads(FrameType.SECTIONS, payload[_MANIFEST_LEN.size : start])
+        if not isinstance(manifest, list):
+            raise RemoteProtocolError("SECTIONS frame: the manifest must be a list")
+        offset, fd_index = start, first_fd
+        sections = []
+        for entry in manifest:
+            if not isinstance(entry, dict):
+                raise RemoteProtocolError("SECTIONS frame: a manifest entry must be an object")
+            where = "SECTIONS manifest entry"
+            label = _field(entry, "label", str, where, RemoteProtocolError)
+            where = f"SECTIONS manifest entry {_show(label)}"
+            meta = _field(entry, "meta", dict, where, RemoteProtocolError)
+            size = _field(entry, "outbuf", int, where, RemoteProtocolError)
+            roles = _field(entry, "fds", list, where, RemoteProtocolError)
+            if size < 0 or offset + size > len(payload):
+                raise RemoteProtocolError(f"{where}: outbuf of {size} bytes overruns the frame")
+            fds = {}
+            for role in roles:
+                if not isinstance(role, str) or not role:
+                    raise RemoteProtocolError(f"{where}: fd role {_show(role)} must be a non-empty string")
+                if role in fds:
+                    raise RemoteProtocolError(f"{where}: fd role {_show(role)} listed twice")
+                fds[role] = fd_index
+                fd_index += 1
+            sections.append(Section(label=label, meta=meta, outbuf=payload[offset : offset + size], fds=fds))
+            offset += size
+        if offset != len(payload):
+            raise RemoteProtocolError(f"SECTIONS frame: {len(payload) - offset} bytes after the last outbuf")
+        if fd_index - first_fd != nfds:
+            raise RemoteProtocolError(
+                f"SECTIONS frame header claims {nfds} fds but its manifest lists {fd_index - first_fd}"
+            )
+        self._sections.extend(sections)
+        self._transfer_fds += nfds
+        return None
+
+    def _decode_end(self, payload: bytes) -> Transfer:
+        obj = _object(FrameType.END, payload)
+        count = _field(obj, "sections", int, "END frame", RemoteProtocolError)
+        nfds = _field(obj, "fds", int, "END frame", RemoteProtocolError)
+        if count != len(self._sections) or nfds != self._transfer_fds:
+            raise RemoteProtocolError(
+                f"END counts {count} sections and {nfds} fds but "
+                f"{len(self._sections)} and {self._transfer_fds} arrived"
+            )
+        transfer = Transfer(sections=tuple(self._sections))
+        self._sections, self._transfer_fds = [], 0
+        return transfer
+
+    @staticmethod
+    def _decode_abort(payload: bytes) -> Abort:
+        obj = _object(FrameType.ABORT, payload)
+        return Abort(reason=_field(obj, "reason", str, "ABORT frame", RemoteProtocolError))

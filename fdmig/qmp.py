@@ -1,0 +1,337 @@
+"""QMP, the control protocol: a sans-IO codec for both ends, and the blocking client
+the CLI uses (no asyncio, so `fdmig status` starts fast).
+
+Server input is a stream of JSON values, not lines: qemu.qmp sends commands with no
+trailing newline, as QEMU's own JSON lexer allows. Output is one object per line.
+"""
+
+import dataclasses
+import enum
+import json
+import os
+import socket
+import time
+
+from fdmig.errors import NoInstanceError, QMPError, TimeoutExpired, FdmigError
+
+MAX_REQUEST = 1 << 20  # bytes in one client message
+MAX_NESTING = 64
+MAX_REPLY_LINE = 64 << 20  # a status of 20,000 chardevs fits with room to spare
+
+
+class Need(enum.Enum):
+    DATA = "need-data"
+
+
+NEED_DATA = Need.DATA
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    execute: str
+    arguments: dict
+    id: object = None
+    has_id: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class BadRequest:
+    """A message that gets an error reply; the connection stays usable."""
+    desc: str
+    id: object = None
+    has_id: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Overflow:
+    """Input past the bounds: the server answers and closes the connection."""
+    desc: str
+
+
+class JSONSplitter:
+    """Cuts a byte stream into complete top-level JSON values by bracket depth,
+    as QEMU's json-streamer does. Scalars at top level are cut at whitespace."""
+
+    def __init__(self, max_size: int = MAX_REQUEST, max_depth: int = MAX_NESTING):
+        self._buf = bytearray()
+        self._pos = 0  # scan position in _buf
+        self._depth = 0
+        self._in_string = False
+        self._escape = False
+        self._max_size = max_size
+        self._max_depth = max_depth
+        self._failed = False
+
+    def feed(self, data: bytes) -> list:
+        """Returns complete values (bytes), BadRequest for stray tokens, or Overflow."""
+        if self._failed:
+            return []
+        self._buf += data
+        out = []
+        buf = self._buf
+        i = self._pos
+        start = 0
+        while i < len(buf):
+            c = buf[i]
+            if self._in_string:
+                if self._escape:
+                    self._escape = False
+                elif c == 0x5C:  # backslash
+                    self._escape = True
+                elif c == 0x22:
+                    self._in_string = False
+            elif c == 0x22:
+                self._in_string = True
+            elif c in (0x7B, 0x5B):  # { [
+                self._depth += 1
+                if self._depth > self._max_depth:
+                    return self._overflow(out, f"JSON nesting deeper than {self._max_depth} levels")
+            elif c in (0x7D, 0x5D):  # } ]
+                self._depth -= 1
+                if self._depth <= 0:
+                    self._depth = 0
+                    out.append(bytes(buf[start:i + 1]))
+                    start = i + 1
+            elif self._depth == 0 and c in b" \t\r\n":
+                if i > start and buf[start:i].strip():
+                    out.append(BadRequest("JSON parse error, stray token "
+                                          f"'{bytes(buf[start:i].strip()[:40]).decode(errors='replace')}'"))
+                start = i + 1
+            i += 1
+        del buf[:start]
+        self._pos = len(buf)
+        if len(buf) > self._max_size:
+            return self._overflow(out, f"message longer than {self._max_size} bytes")
+        return out
+
+    def _overflow(self, out, desc):
+        self._failed = True
+        self._buf.clear()
+        out.append(Overflow(desc))
+        return out
+
+
+def _decode_request(raw: bytes):
+    try:
+        msg = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        return BadRequest(f"JSON parse error, {exc}")
+    if not isinstance(msg, dict):
+        return BadRequest("QMP input must be a JSON object")
+    has_id = "id" in msg
+    ident = msg.get("id")
+    for key in msg:
+        if key not in ("execute", "arguments", "id", "exec-oob", "control"):
+            return BadRequest(f"QMP input member '{key}' is unexpected", ident, has_id)
+    if "exec-oob" in msg:
+        return BadRequest("QMP input member 'exec-oob' is not supported: out-of-band was not enabled",
+                          ident, has_id)
+    execute = msg.get("execute")
+    if execute is None:
+        return BadRequest("QMP input lacks member 'execute'", ident, has_id)
+    if not isinstance(execute, str):
+        return BadRequest("QMP input member 'execute' must be a string", ident, has_id)
+    arguments = msg.get("arguments", {})
+    if not isinstance(arguments, dict):
+        return BadRequest("QMP input member 'arguments' must be an object", ident, has_id)
+    return Request(execute, arguments, ident, has_id)
+
+
+def encode(obj) -> bytes:
+    return json.dumps(obj, separators=(", ", ": ")).encode() + b"\n"
+
+
+class ServerCodec:
+    """The server's side of one QMP connection."""
+
+    def __init__(self):
+        self._splitter = JSONSplitter()
+        self.negotiated = False
+
+    @staticmethod
+    def greeting(version: str) -> bytes:
+        major, minor, micro = (list(map(int, version.split(".")[:3])) + [0, 0, 0])[:3]
+        return encode({"QMP": {"version": {"qemu": {"major": major, "minor": minor, "micro": micro},
+                                           "package": f"fdmig {version}"},
+                               "capabilities": []}})
+
+    def receive_data(self, data: bytes) -> list:
+        """Requests, BadRequests and Overflows in the order they came."""
+        return [item if not isinstance(item, bytes) else _decode_request(item)
+                for item in self._splitter.feed(data)]
+
+    def gate(self, request: Request) -> tuple[str, str] | None:
+        """The capabilities-negotiation rule: an error (class, desc) or None."""
+        if not self.negotiated:
+            if request.execute != "qmp_capabilities":
+                return ("CommandNotFound", "Expecting capabilities negotiation with 'qmp_capabilities'")
+            self.negotiated = True
+            return None
+        if request.execute == "qmp_capabilities":
+            return ("CommandNotFound", "Capabilities negotiation is already complete, command ignored")
+        return None
+
+    @staticmethod
+    def reply(request, value) -> bytes:
+        msg = {"return": value}
+        if request.has_id:
+            msg["id"] = request.id
+        return encode(msg)
+
+    @staticmethod
+    def error(request, error_class: str, desc: str) -> bytes:
+        msg = {"error": {"class": error_class, "desc": desc}}
+        if request is not None and request.has_id:
+            msg["id"] = request.id
+        return encode(msg)
+
+    @staticmethod
+    def event(name: str, data: dict | None = None) -> bytes:
+        now = time.time()
+        msg = {"event": name, "timestamp": {"seconds": int(now), "microseconds": int(now % 1 * 1e6)}}
+        if data is not None:
+            msg["data"] = data
+        return encode(msg)
+
+
+class ClientCodec:
+    """The client's side: lines in, one object each."""
+
+    def __init__(self, max_line: int = MAX_REPLY_LINE):
+        self._buf = bytearray()
+        self._max_line = max_line
+        self._next_id = 0
+
+    def request(self, execute: str, arguments: dict | None = None) -> tuple[int, bytes]:
+        self._next_id += 1
+        msg = {"execute": execute, "id": self._next_id}
+        if arguments:
+            msg["arguments"] = arguments
+        return self._next_id, encode(msg)
+
+    def receive_data(self, data: bytes) -> list[dict]:
+        self._buf += data
+        out = []
+        while True:
+            end = self._buf.find(b"\n")
+            if end < 0:
+                if len(self._buf) > self._max_line:
+                    raise FdmigError(f"control reply longer than {self._max_line} bytes")
+                return out
+            line = bytes(self._buf[:end])
+            del self._buf[:end + 1]
+            if line.strip():
+                try:
+                    out.append(json.loads(line))
+                except ValueError:
+                    raise FdmigError("the instance sent a reply that is not JSON") from None
+
+
+class Client:
+    """A blocking QMP client: connect, negotiate, execute, wait for events."""
+
+    def __init__(self, path: str, timeout: float = 10.0):
+        self.path = path
+        self.timeout = timeout
+        self.codec = ClientCodec()
+        self.events: list[dict] = []
+        self._pending: list[dict] = []
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        self.sock.settimeout(timeout)
+        try:
+            self.sock.connect(path)
+        except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError):
+            self.sock.close()
+            raise NoInstanceError(f"no instance answers at {path}") from None
+        except PermissionError:
+            self.sock.close()
+            raise NoInstanceError(f"no instance answers at {path}: permission denied") from None
+        try:
+            greeting = self._read_message()
+        except EOFError:
+            self.sock.close()
+            raise NoInstanceError(f"no instance answers at {path}: it closed the connection") from None
+        if "QMP" not in greeting:
+            self.sock.close()
+            error = greeting.get("error", {}).get("desc", "no QMP greeting")
+            raise NoInstanceError(f"no instance answers at {path}: {error}")
+        self.greeting = greeting["QMP"]
+        self.execute("qmp_capabilities")
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _read_message(self, deadline: float | None = None) -> dict:
+        while not self._pending:
+            if deadline is not None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutExpired("timed out waiting for the instance")
+                self.sock.settimeout(min(remaining, self.timeout))
+            try:
+                data = self.sock.recv(1 << 20)
+            except socket.timeout:
+                if deadline is not None:
+                    continue
+                raise TimeoutExpired(f"the instance at {self.path} did not answer within {self.timeout:g} s") from None
+            if not data:
+                raise EOFError("the instance closed the control connection")
+            self._pending.extend(self.codec.receive_data(data))
+        return self._pending.pop(0)
+
+    def execute(self, command: str, arguments: dict | None = None, fds: tuple[int, ...] = ()):
+        ident, data = self.codec.request(command, arguments)
+        try:
+            if fds:
+                from fdmig.fdpass import send_with_fds
+                sent = send_with_fds(self.sock, data, fds)
+                self.sock.sendall(data[sent:])
+            else:
+                self.sock.sendall(data)
+            while True:
+                msg = self._read_message()
+                if "event" in msg:
+                    self.events.append(msg)
+                    continue
+                if msg.get("id") != ident:
+                    continue
+                if "error" in msg:
+                    raise QMPError(msg["error"].get("class", "GenericError"), msg["error"].get("desc", ""))
+                return msg.get("return")
+        except (EOFError, ConnectionResetError, BrokenPipeError) as exc:
+            raise FdmigError(f"{command}: the instance closed the control connection ({exc})") from None
+
+    def wait_event(self, names: set[str], deadline: float | None) -> dict:
+        """The next event named in `names` (earlier ones first); TimeoutExpired at deadline."""
+        while True:
+            for i, event in enumerate(self.events):
+                if event["event"] in names:
+                    return self.events.pop(i)
+            self.events.clear()
+            msg = self._read_message(deadline)
+            if "event" in msg:
+                self.events.append(msg)
+
+
+def connect(path: str, timeout: float = 10.0) -> Client:
+    return Client(path, timeout)
+
+
+def socket_owner_pid(path: str) -> int | None:
+    """Pid of the process answering at a unix socket path, if any (SO_PEERCRED)."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    probe.settimeout(2)
+    try:
+        probe.connect(path)
+        cred = probe.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+        return int.from_bytes(cred[:4], "little") or None
+    except OSError:
+        return None
+    finally:
+        probe.close()

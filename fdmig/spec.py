@@ -1,0 +1,293 @@
+"""Chardev SPECs: QEMU's `-chardev socket,...` syntax and QEMU's chardev-add shape.
+
+One ChardevSpec is the single description of a chardev; the command line, QMP's
+chardev-add, `status` and the migration table all convert to and from it here, so
+every validation rule lives in one place.
+"""
+
+import dataclasses
+import re
+
+from fdmig.errors import SpecError
+
+# sun_path is 108 bytes including the terminating NUL.
+UNIX_PATH_MAX = 107
+MAX_LABEL = 128
+FRONTENDS = ("hold", "echo", "sink", "bridge")
+_ID_RE = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*\Z")
+_BOOLS = {"on": True, "true": True, "yes": True, "off": False, "false": False, "no": False}
+_BOOL_KEYS = ("server", "wait", "nodelay", "support-local-migration", "local-incoming", "logappend")
+_KEYS = ("id", "path", "host", "port", "fd", "fdname", "server", "wait", "reconnect-ms",
+         "nodelay", "support-local-migration", "local-incoming", "frontend", "bridge",
+         "logfile", "logappend")
+ADDRESS_KEYS = ("path", "host+port", "fd", "fdname")
+
+
+@dataclasses.dataclass(frozen=True)
+class ChardevSpec:
+    id: str
+    kind: str  # "unix", "inet", "fd" or "fdname"
+    path: str | None = None
+    host: str | None = None
+    port: int | None = None
+    fd: str | None = None  # an inherited fd number, or a name given with getfd
+    fdname: str | None = None  # a LISTEN_FDNAMES name (systemd socket activation)
+    server: bool = False
+    wait: bool = False
+    reconnect_ms: int = 0
+    nodelay: bool = False
+    support_local_migration: bool = False
+    local_incoming: bool = False
+    frontend: str = "hold"
+    bridge: str | None = None
+    logfile: str | None = None
+    logappend: bool = False
+
+    @property
+    def address(self) -> str:
+        if self.kind == "unix":
+            return f"unix:{self.path}"
+        if self.kind == "inet":
+            host = f"[{self.host}]" if ":" in self.host else self.host
+            return f"tcp:{host}:{self.port}"
+        if self.kind == "fd":
+            return f"fd:{self.fd}"
+        return f"fdname:{self.fdname}"
+
+    @property
+    def role(self) -> str:
+        return "server" if self.server else "client"
+
+    def to_dict(self) -> dict:
+        """The SPEC as kebab-case keys with only what differs from the defaults."""
+        out = {}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.name == "kind" or value == field.default:
+                continue
+            out[field.name.replace("_", "-")] = value
+        out["id"] = self.id
+        return out
+
+    def to_spec_string(self) -> str:
+        parts = ["socket"]
+        for key, value in self.to_dict().items():
+            if isinstance(value, bool):
+                value = "on" if value else "off"
+            parts.append(f"{key}={value}")
+        return ",".join(parts)
+
+    def to_qmp(self) -> dict:
+        """chardev-add arguments in QEMU's shape (fdmig's own members added to `data`)."""
+        if self.kind == "unix":
+            addr = {"type": "unix", "data": {"path": self.path}}
+        elif self.kind == "inet":
+            addr = {"type": "inet", "data": {"host": self.host, "port": str(self.port)}}
+        elif self.kind == "fd":
+            addr = {"type": "fd", "data": {"str": self.fd}}
+        else:
+            addr = {"type": "fdname", "data": {"name": self.fdname}}
+        data = {"addr": addr}
+        for key, value in self.to_dict().items():
+            if key not in ("id", "path", "host", "port", "fd", "fdname"):
+                data[key] = value
+        return {"id": self.id, "backend": {"type": "socket", "data": data}}
+
+
+def _fail(field: str, problem: str) -> SpecError:
+    return SpecError(f"chardev {field}: {problem}")
+
+
+def parse_bool(key: str, value: str) -> bool:
+    try:
+        return _BOOLS[value.lower()]
+    except KeyError:
+        raise _fail(key, f"'{value}' is not a boolean; accepted: on/off, true/false, yes/no") from None
+
+
+def _parse_int(key: str, value, low: int, high: int) -> int:
+    if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, str) and value.isdigit())):
+        raise _fail(key, f"'{value}' is not a number; accepted: {low} to {high}")
+    number = int(value)
+    if not low <= number <= high:
+        raise _fail(key, f"{number} is out of range; accepted: {low} to {high}")
+    return number
+
+
+def parse_spec(text: str) -> ChardevSpec:
+    """Parse QEMU's `-chardev` syntax. `socket` in front may be left out."""
+    items = text.split(",")
+    if items and items[0] and "=" not in items[0]:
+        backend = items.pop(0)
+        if backend != "socket":
+            raise _fail("backend", f"'{backend}' is not supported; accepted: socket")
+    fields: dict[str, str] = {}
+    for item in items:
+        if not item:
+            raise _fail("SPEC", f"empty item in '{text}'; expected key=value pairs separated by ','")
+        key, eq, value = item.partition("=")
+        if not eq:
+            if key not in _BOOL_KEYS:
+                raise _fail(key, "needs a value (key=value)" if key in _KEYS else _unknown_key(key))
+            value = "on"  # QEMU's old bare-flag form: `server` means server=on
+        if key not in _KEYS:
+            raise _fail(key, _unknown_key(key))
+        if key in fields:
+            raise _fail(key, "given twice")
+        fields[key] = value
+    return build_spec(fields)
+
+
+def _unknown_key(key: str) -> str:
+    return f"unknown key '{key}'; accepted: {', '.join(_KEYS)}"
+
+
+def build_spec(fields: dict) -> ChardevSpec:
+    """Validate kebab-case fields (strings from a SPEC, or JSON values) into a spec."""
+    for key in fields:
+        if key not in _KEYS:
+            raise _fail(key, _unknown_key(key))
+    label = fields.get("id")
+    if label is None or label == "":
+        raise _fail("id", "missing; every chardev needs id=LABEL")
+    label = str(label)
+    check_label(label)
+
+    def flag(key):
+        value = fields.get(key, False)
+        if isinstance(value, bool):
+            return value
+        if not isinstance(value, str):
+            raise _fail(key, f"'{value}' is not a boolean; accepted: on/off, true/false, yes/no")
+        return parse_bool(key, value)
+
+    given = [k for k in ("path", "host", "fd", "fdname") if fields.get(k) not in (None, "")]
+    if "port" in fields and "host" not in given:
+        raise _fail("port", "given without host=; TCP needs host= and port=")
+    if len(given) != 1:
+        what = "none given" if not given else f"{' and '.join(given)} given"
+        raise _fail("address", f"exactly one of path=, host=+port=, fd=, fdname= is needed; {what}")
+    kind = {"path": "unix", "host": "inet", "fd": "fd", "fdname": "fdname"}[given[0]]
+    spec = dict(id=label, kind=kind, server=flag("server"), wait=flag("wait"),
+                nodelay=flag("nodelay"), support_local_migration=flag("support-local-migration"),
+                local_incoming=flag("local-incoming"), logappend=flag("logappend"))
+    if kind == "unix":
+        path = str(fields["path"])
+        if len(path.encode()) > UNIX_PATH_MAX:
+            raise _fail("path", f"{len(path.encode())} bytes is too long for a unix socket; "
+                                f"accepted: at most {UNIX_PATH_MAX} bytes")
+        if "\0" in path:
+            raise _fail("path", "contains a NUL byte")
+        spec["path"] = path
+    elif kind == "inet":
+        host = str(fields["host"])
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        if "port" not in fields:
+            raise _fail("port", "missing; TCP needs host= and port=")
+        spec["host"] = host
+        spec["port"] = _parse_int("port", fields["port"], 0 if spec["server"] else 1, 65535)
+    elif kind == "fd":
+        fd = str(fields["fd"])
+        if not (fd.isdigit() or _ID_RE.match(fd)):
+            raise _fail("fd", f"'{fd}' is neither a descriptor number nor a getfd name")
+        spec["fd"] = fd
+    else:
+        spec["fdname"] = str(fields["fdname"])
+    if "reconnect-ms" in fields:
+        spec["reconnect_ms"] = _parse_int("reconnect-ms", fields["reconnect-ms"], 0, 86_400_000)
+        if spec["server"] and spec["reconnect_ms"]:
+            raise _fail("reconnect-ms", "only a client reconnects; not accepted with server=on")
+    if spec["wait"] and not spec["server"]:
+        raise _fail("wait", "only a server waits for its first peer; accepted with server=on")
+    frontend = fields.get("frontend", "hold")
+    bridge = fields.get("bridge")
+    if frontend not in FRONTENDS:
+        raise _fail("frontend", f"'{frontend}' is not known; accepted: {', '.join(FRONTENDS)}")
+    if bridge not in (None, ""):
+        bridge = str(bridge)
+        check_label(bridge, field="bridge")
+        if frontend not in ("hold", "bridge") or "frontend" in fields and frontend != "bridge":
+            raise _fail("bridge", f"bridge= relays to another chardev; not accepted with frontend={frontend}")
+        if bridge == label:
+            raise _fail("bridge", "a chardev cannot bridge to itself; accepted: another chardev's id")
+        spec["bridge"], frontend = bridge, "bridge"
+    elif frontend == "bridge":
+        raise _fail("frontend", "frontend=bridge needs bridge=LABEL")
+    spec["frontend"] = frontend
+    if fields.get("logfile") not in (None, ""):
+        spec["logfile"] = str(fields["logfile"])
+    elif spec["logappend"]:
+        raise _fail("logappend", "needs logfile=PATH")
+    return ChardevSpec(**spec)
+
+
+def check_label(label: str, field: str = "id") -> None:
+    if not _ID_RE.match(label) or len(label) > MAX_LABEL:
+        raise _fail(field, f"'{label}' is not a valid id; accepted: a letter, then letters, "
+                           f"digits, '-', '.', '_' (at most {MAX_LABEL} characters)")
+
+
+def from_dict(data: dict) -> ChardevSpec:
+    return build_spec(dict(data))
+
+
+def from_qmp(arguments: dict) -> ChardevSpec:
+    """chardev-add's QEMU shape back to a spec. Raises SpecError with QMP-ish wording."""
+    if not isinstance(arguments, dict):
+        raise SpecError("chardev-add: arguments must be an object")
+    backend = arguments.get("backend")
+    if not isinstance(backend, dict):
+        raise SpecError("chardev-add: Parameter 'backend' is missing")
+    if backend.get("type") != "socket":
+        raise SpecError(f"chardev-add: backend type '{backend.get('type')}' is not supported; accepted: socket")
+    data = backend.get("data")
+    if not isinstance(data, dict) or not isinstance(data.get("addr"), dict):
+        raise SpecError("chardev-add: Parameter 'backend.data.addr' is missing")
+    addr = data["addr"]
+    addr_data = addr.get("data")
+    if not isinstance(addr_data, dict):
+        raise SpecError("chardev-add: Parameter 'backend.data.addr.data' is missing")
+    fields = {k: v for k, v in data.items() if k != "addr"}
+    kind = addr.get("type")
+    if kind == "unix":
+        fields["path"] = addr_data.get("path")
+    elif kind == "inet":
+        fields["host"] = addr_data.get("host")
+        fields["port"] = addr_data.get("port")
+    elif kind == "fd":
+        fields["fd"] = addr_data.get("str")
+    elif kind == "fdname":
+        fields["fdname"] = addr_data.get("name")
+    else:
+        raise SpecError(f"chardev-add: address type '{kind}' is not supported; accepted: unix, inet, fd, fdname")
+    for key, value in fields.items():
+        if value is not None and not isinstance(value, (str, int, bool)):
+            raise SpecError(f"chardev-add: Invalid parameter type for '{key}'")
+    fields["id"] = arguments.get("id")
+    if not isinstance(fields["id"], str):
+        raise SpecError("chardev-add: Parameter 'id' is missing or not a string")
+    return build_spec({k: v for k, v in fields.items() if v is not None})
+
+
+def check_set(specs) -> None:
+    """Rules across chardevs: unique labels, bridge targets present and free."""
+    seen: dict[str, ChardevSpec] = {}
+    for spec in specs:
+        if spec.id in seen:
+            raise _fail("id", f"duplicate label '{spec.id}'; each chardev needs its own id")
+        seen[spec.id] = spec
+    for spec in specs:
+        if spec.bridge is None:
+            continue
+        other = seen.get(spec.bridge)
+        if other is None:
+            raise _fail("bridge", f"'{spec.bridge}' names no chardev; accepted: one of "
+                                  f"{', '.join(sorted(seen)) or '(none)'}")
+        if other.frontend not in ("hold", "bridge") or other.bridge not in (None, spec.id):
+            raise _fail("bridge", f"'{spec.bridge}' already has frontend {other.frontend}; "
+                                  "a bridge needs a chardev with frontend=hold")
+    partners = [s.bridge for s in specs if s.bridge]
+    for label in set(partners):
+        if partners.count(label) > 1:
+            raise _fail("bridge", f"'{label}' is bridged by more than one chardev")

@@ -1,0 +1,41 @@
+"""Fixtures: a private runtime dir per test and a factory of fdmig daemons."""
+
+import os
+import shutil
+import tempfile
+
+import pytest
+
+from tests.helpers import Daemon
+
+
+@pytest.fixture
+def short_dir():
+    """A short directory: unix socket paths must stay under 108 bytes."""
+    path = tempfile.mkdtemp(prefix="fdm-", dir="/tmp")
+    os.chmod(path, 0o700)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def runtime_dir(short_dir, monkeypatch):
+    path = os.path.join(short_dir, "rt")
+    monkeypatch.setenv("FDMIG_RUNTIME_DIR", path)
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    return path
+
+
+@pytest.fixture
+def daemons(short_dir, runtime_dir):
+    """Factory: daemons("serve", "--chardev", ...) starts one and waits for READY=1."""
+    started = []
+
+    def start(*args, **kwargs):
+        daemon = Daemon(args, short_dir, **kwargs)
+        started.append(daemon)
+        return daemon
+
+    yield start
+    for daemon in started:
+        daemon.close()

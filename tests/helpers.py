@@ -1,0 +1,132 @@
+"""Helpers for tests: real fdmig processes, readiness through a real NOTIFY_SOCKET
+(never a sleep), and small socket utilities."""
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+FDMIG = [sys.executable, "-m", "fdmig"]
+
+
+def run(*args, timeout=30, **kwargs) -> subprocess.CompletedProcess:
+    """Run an fdmig command to completion and capture its output."""
+    return subprocess.run(FDMIG + list(args), capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
+class Notify:
+    """A NOTIFY_SOCKET that a test owns, to await READY=1 and the like."""
+
+    def __init__(self, directory: str):
+        self.path = os.path.join(directory, "notify")
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(self.path)
+        self.messages: list[dict] = []
+
+    def wait_for(self, key: str, value: str | None = None, timeout: float = 20.0) -> dict:
+        """The first message (old or new) that sets `key` (to `value`)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for message in self.messages:
+                if key in message and (value is None or message[key] == value):
+                    return message
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"no {key}={value} on NOTIFY_SOCKET; got {self.messages}")
+            self.sock.settimeout(remaining)
+            try:
+                data = self.sock.recv(4096)
+            except socket.timeout:
+                continue
+            self.messages.append(dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line))
+
+    def close(self):
+        self.sock.close()
+
+
+class Daemon:
+    """An fdmig process (serve or migrate-in) started by a test."""
+
+    def __init__(self, args, directory, env=None, ready=True, **popen):
+        self.notify = Notify(tempfile.mkdtemp(prefix="n", dir=directory))
+        self.env = dict(os.environ if env is None else env, NOTIFY_SOCKET=self.notify.path)
+        self.proc = subprocess.Popen(FDMIG + list(args), env=self.env, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True, **popen)
+        if ready:
+            self.wait_ready()
+
+    @property
+    def pid(self):
+        return self.proc.pid
+
+    def wait_ready(self, timeout=20.0):
+        try:
+            self.notify.wait_for("READY", "1", timeout)
+        except TimeoutError:
+            self.proc.kill()
+            out, err = self.proc.communicate(timeout=5)
+            raise AssertionError(f"fdmig did not become ready (exit {self.proc.returncode}): {err}")
+
+    def stop(self, timeout=10.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        return self.proc.returncode
+
+    def stderr(self) -> str:
+        """All of stderr; only once the process has exited."""
+        return self.proc.communicate(timeout=10)[1]
+
+    def close(self):
+        self.stop()
+        self.notify.close()
+        for stream in (self.proc.stdout, self.proc.stderr):
+            if stream:
+                stream.close()
+
+
+def connect_unix(path: str, timeout: float = 10.0) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    sock.connect(path)
+    return sock
+
+
+def recv_exactly(sock: socket.socket, n: int) -> bytes:
+    chunks = []
+    while n:
+        chunk = sock.recv(min(n, 1 << 20))
+        if not chunk:
+            raise EOFError(f"EOF with {n} bytes still expected")
+        chunks.append(chunk)
+        n -= len(chunk)
+    return b"".join(chunks)
+
+
+def wait_state(label: str, state: str, *instance_args, timeout: float = 20.0) -> None:
+    """Await a chardev state through the CLI's own --wait (event driven)."""
+    result = run("status", *instance_args, "--wait", f"{label}={state}", "--timeout", str(timeout),
+                 timeout=timeout + 10)
+    assert result.returncode == 0, result.stderr
+
+
+@contextlib.contextmanager
+def listener(path: str):
+    """A unix listening socket the test owns, for client chardevs to connect to."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(path)
+    sock.listen(8)
+    sock.settimeout(10)
+    try:
+        yield sock
+    finally:
+        sock.close()
+
