@@ -93,6 +93,8 @@ class Chardev:
         self._bound_inode: int | None = None
         self._logfile = None
         self._reconnect_task: asyncio.Task | None = None
+        self._state_before_migration = State.CLOSED
+        self._was_reconnecting = False
         self.first_peer = asyncio.Event()
 
     # ----- opening -----------------------------------------------------------
@@ -100,12 +102,7 @@ class Chardev:
     async def open(self, adopted_fd: int | None = None) -> None:
         """Open the endpoint. Raises FdmigError if it cannot be opened at all."""
         if self.spec.logfile:
-            mode = "ab" if self.spec.logappend else "wb"
-            try:
-                self._logfile = open(self.spec.logfile, mode, buffering=0)
-            except OSError as exc:
-                raise FdmigError(f"chardev {self.label}: cannot open logfile {self.spec.logfile}: "
-                                 f"{exc.strerror}") from None
+            self._open_logfile(append=self.spec.logappend)
         try:
             if adopted_fd is not None:
                 self._adopt(adopted_fd)
@@ -116,6 +113,13 @@ class Chardev:
         except BaseException:
             self._close_logfile()
             raise
+
+    def _open_logfile(self, append: bool) -> None:
+        try:
+            self._logfile = open(self.spec.logfile, "ab" if append else "wb", buffering=0)
+        except OSError as exc:
+            raise FdmigError(f"chardev {self.label}: cannot open logfile {self.spec.logfile}: "
+                             f"{exc.strerror}") from None
 
     def _adopt(self, fd: int) -> None:
         sock = adopt_socket(fd, self.spec, self.label)
@@ -349,6 +353,76 @@ class Chardev:
         self.state = state
         self.update_io()
         self._on_change(self)
+
+    # ----- migration ---------------------------------------------------------
+
+    def quiesce(self) -> None:
+        """Stop reading, writing, accepting and reconnecting. Bytes the peer sends
+        meanwhile wait in the kernel's socket buffer, which moves with the fd."""
+        self._state_before_migration = self.state
+        self._was_reconnecting = self._reconnect_task is not None
+        if self._reconnect_task is not None:
+            self._reconnect_task.cancel()
+            self._reconnect_task = None
+        self.quiesced = True
+        self._set_state(State.MIGRATING)
+
+    def resume(self) -> None:
+        """Roll back a quiesce: carry on exactly as before."""
+        self.quiesced = False
+        if self._was_reconnecting:
+            self._schedule_reconnect()
+        self._set_state(self._state_before_migration)
+
+    def section(self, move: bool) -> tuple[dict, bytes, dict[str, int]]:
+        """(meta, carried bytes, fds by role) for the migration; fds only if `move`."""
+        meta = {"state": self._state_before_migration.value, "rx-bytes": self.rx_bytes,
+                "tx-bytes": self.tx_bytes, "connected-since": self.connected_since,
+                "migrations": self.migrations, "peer": list(self.peer) if self.peer else None}
+        fds = {}
+        if move:
+            if self.listener is not None:
+                fds["listener"] = self.listener.fileno()
+            if self.conn is not None:
+                fds["conn"] = self.conn.fileno()
+        return meta, bytes(self.outbuf) if move else b"", fds
+
+    def release(self) -> None:
+        """After the commit: close our copies. No shutdown(), which would end the
+        connection for the target too, and no unlink: the path is the target's now."""
+        self.close(unlink=False)
+        self.state = State.MIGRATED
+        self._on_change(self)
+
+    def restore(self, meta: dict, outbuf: bytes, conn: socket.socket | None,
+                listener: socket.socket | None) -> None:
+        """On the target: take over a moved chardev. Carried bytes go out first."""
+        self.rx_bytes = meta.get("rx-bytes", 0)
+        self.tx_bytes = meta.get("tx-bytes", 0)
+        self.migrations = meta.get("migrations", 0) + 1
+        self.outbuf = bytearray(outbuf)
+        if self.spec.logfile:
+            self._open_logfile(append=True)  # the source's log goes on, never truncated
+        self.quiesced = True  # nothing is read until the source has let go (resume_moved)
+        if listener is not None:
+            listener.setblocking(False)
+            self.listener = listener
+            if self.spec.kind == "unix":
+                self._bound_inode = os.stat(self.spec.path).st_ino if os.path.exists(self.spec.path) else None
+        if conn is not None:
+            conn.setblocking(False)
+            self.conn = conn
+            peer = meta.get("peer")
+            self.peer = tuple(peer) if peer else peer_identity(conn)
+            self.connected_since = meta.get("connected-since") or time.time()
+            self.first_peer.set()
+            self._state_before_migration = State.CONNECTED
+        elif listener is not None:
+            self._state_before_migration = State.LISTENING
+        else:
+            self._state_before_migration = State.DISCONNECTED
+        self._was_reconnecting = False
+        self._set_state(State.MIGRATING)
 
     # ----- closing -----------------------------------------------------------
 

@@ -259,5 +259,85 @@ def _wait_for_state(control_path: str, label: str, state: str, timeout: float) -
     raise TimeoutExpired(f"timed out after {timeout:g} s waiting for {label}={state}: {seen}")
 
 
+def _channel_path(control_path: str, channel: str | None) -> str:
+    """`--channel unix:PATH`, or next to the control socket: <name>.migrate.sock."""
+    if channel is None:
+        base = control_path[:-5] if control_path.endswith(".sock") else control_path
+        return base + ".migrate.sock"
+    from fdmig.migration.channel import parse_uri
+    try:
+        return parse_uri(channel)
+    except ValueError as exc:
+        raise SpecError(f"--channel: {exc}") from None
+
+
+@main.command("migrate-in")
+@instance_options
+@click.option("--channel", metavar="unix:PATH", help="Migration channel (default: <runtime-dir>/<name>.migrate.sock).")
+@click.option("--chardev", "chardev_specs", multiple=True, metavar="SPEC",
+              help="A chardev of the target; local-incoming=on: it must arrive live.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), metavar="S",
+              help="Give up (exit 4) if no migration has arrived after S seconds.")
+@click.option("--exec", "exec_", is_flag=True, help="After the migration, exec CMD with the fds (systemd socket activation).")
+@click.argument("command", nargs=-1, metavar="[-- CMD [ARGS]...]")
+def migrate_in(name, control, channel, chardev_specs, timeout, exec_, command):
+    """Start a target instance that waits for a migration, then serves (or execs CMD)."""
+    control_path = _control_path(name, control)
+    channel_path = _channel_path(control_path, channel)
+    chardevs = _parse_specs(chardev_specs)
+    if command and not exec_:
+        raise SpecError(f"unexpected argument '{command[0]}'; a command goes after --exec --")
+    if exec_:
+        import shutil
+        if not command:
+            raise SpecError("--exec needs a command: --exec -- CMD [ARGS]...")
+        if shutil.which(command[0]) is None:
+            raise SpecError(f"--exec: command '{command[0]}' not found")
+    _prepare_control(control_path)
+    if os.path.dirname(os.path.abspath(channel_path)) == os.path.abspath(paths.runtime_dir()):
+        paths.ensure_private_dir(paths.runtime_dir())
+    instance_name = _instance_name(name, control)
+    _setup_logging(instance_name)
+    from fdmig.daemon import Instance, run_incoming
+    instance = Instance(instance_name, control_path, incoming=True)
+    sys.exit(run_incoming(instance, channel_path, chardevs, timeout, list(command) if exec_ else None))
+
+
+@main.command("migrate-out")
+@instance_options
+@click.option("--channel", metavar="unix:PATH", help="Migration channel (default: <runtime-dir>/<name>.migrate.sock).")
+@click.option("--capability", "capabilities", multiple=True, type=click.Choice(["local-char-socket"]),
+              help="Enable a capability before migrating.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), metavar="S",
+              help="Bound the whole migration; on expiry the source rolls back (exit 4). Default 60.")
+@click.option("--spawn", is_flag=True, help="Start the target (fdmig migrate-in) and migrate to it.")
+@click.option("--json", "as_json", is_flag=True, help="Print the outcome as one JSON object.")
+def migrate_out(name, control, channel, capabilities, timeout, spawn, as_json):
+    """Migrate an instance's connections live to a target (migrate-in), then exit."""
+    control_path = _control_path(name, control)
+    channel_path = _channel_path(control_path, channel)
+    from fdmig import migrate_client
+    outcome = migrate_client.migrate_out(control_path, channel_path, capabilities, timeout or 60.0,
+                                         spawn, (["--name", name] if name else []) +
+                                         (["--control", control] if control else []))
+    if as_json:
+        import json
+        click.echo(json.dumps(outcome, indent=2))
+    else:
+        for line in outcome["notes"]:
+            click.echo(line, err=True)
+        click.echo(outcome["summary"])
+
+
+@main.command()
+@click.option("--migrations", default=5, show_default=True, type=click.IntRange(1, 1000),
+              help="How many live migrations to run.")
+def demo(migrations):
+    """A self-contained live handoff: an echo chardev, a peer streaming numbered
+    records, and several migrations to fresh processes. Exit 1 if anything was lost."""
+    from fdmig import demo as demo_module
+    sys.exit(demo_module.run(migrations))
+
+
 if __name__ == "__main__":
     main()

@@ -58,8 +58,11 @@ class ControlServer:
         self.connections: set[ControlConnection] = set()
         self._loop = asyncio.get_running_loop()
 
-    def bind(self, path: str) -> None:
-        claim_path(path)
+    def bind(self, path: str, take_over: bool = False) -> None:
+        """Bind the control path; `take_over` after a migration's commit, when the
+        source has let go and our socket is renamed over its file."""
+        if not take_over:
+            claim_path(path)
         self.sock = bind_private(path)
         self.path = path
         self.inode = os.stat(path).st_ino
@@ -95,7 +98,9 @@ class ControlServer:
             if connection.codec.negotiated:
                 connection.send(message)
 
-    def close(self, unlink: bool = True) -> None:
+    def close(self, unlink: bool = True, flush: bool = False) -> None:
+        """Stop serving. `flush`: connections first deliver what is queued for them
+        (the MIGRATION event that a waiting migrate-out must see)."""
         from fdmig.chardev import remove_own_socket
         if self.sock is not None:
             self._loop.remove_reader(self.sock.fileno())
@@ -104,16 +109,19 @@ class ControlServer:
             if unlink:
                 remove_own_socket(self.path, self.inode)
         for connection in list(self.connections):
-            connection.close()
+            if flush:
+                connection.close_after_flush()
+            else:
+                connection.close()
 
 
-def claim_path(path: str) -> None:
-    """Refuse a path another live instance answers at; replace a stale socket."""
+def claim_path(path: str, what: str = "an instance") -> None:
+    """Refuse a path another live process answers at; replace a stale socket."""
     if not os.path.lexists(path):
         return
     pid = qmp.socket_owner_pid(path)
     if pid is not None:
-        raise FdmigError(f"an instance already answers at {path} (pid {pid}); "
+        raise FdmigError(f"{what} already answers at {path} (pid {pid}); "
                          "stop it, or choose another --name or --control")
     from fdmig.chardev import remove_stale_socket
     remove_stale_socket(path, "control")
@@ -165,7 +173,7 @@ class ControlConnection:
             if isinstance(item, qmp.Overflow):
                 self.send(qmp.ServerCodec.error(None, "GenericError", item.desc))
                 log.warning("control: dropped a client: %s", item.desc)
-                self._close_after_flush()
+                self.close_after_flush()
                 return
             self.queue.put_nowait(item)
         if self.queue.qsize() >= MAX_QUEUED_REQUESTS:
@@ -247,7 +255,7 @@ class ControlConnection:
         if not want and self._closing_after_flush:
             self.close()
 
-    def _close_after_flush(self) -> None:
+    def close_after_flush(self) -> None:
         self._set_reading(False)
         self._closing_after_flush = True
         if not self.outbuf:
@@ -380,7 +388,61 @@ async def cmd_query_migrate_capabilities(conn, arguments):
     return [{"capability": k, "state": v} for k, v in conn.instance.capabilities.items()]
 
 
+async def cmd_migrate(conn, arguments):
+    from fdmig.migration import channel, source
+    uri = _arg(arguments, "uri", str)
+    timeout = arguments.get("x-fdmig-timeout")
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
+        raise QMPError("GenericError", "Invalid parameter type for 'x-fdmig-timeout', expected: positive number")
+    _no_extra(arguments, "uri", "x-fdmig-timeout", "detach", "resume", "blk", "inc")
+    instance = conn.instance
+    if instance.run_state != "running":
+        raise QMPError("GenericError", f"cannot migrate an instance in state {instance.run_state}")
+    task = instance.migration_task
+    if task is not None and not task.done():
+        raise QMPError("GenericError", "There's a migration process in progress")
+    try:
+        path = channel.parse_uri(uri)
+    except ValueError as exc:
+        raise QMPError("GenericError", str(exc)) from None
+    instance.migration_task = asyncio.ensure_future(source.migrate(instance, path, timeout))
+    return {}
+
+
+async def cmd_migrate_cancel(conn, arguments):
+    _no_extra(arguments)
+    task = conn.instance.migration_task
+    if task is not None and not task.done() and not conn.instance.migration_committed:
+        task.cancel()
+    return {}
+
+
+async def cmd_query_migrate(conn, arguments):
+    _no_extra(arguments)
+    mig = conn.instance.migration
+    out = {"status": mig["status"]}
+    if mig["status"] == "none":
+        return {}
+    for ours, qemus in (("total-ms", "total-time"), ("downtime-ms", "downtime"), ("setup-ms", "setup-time")):
+        if mig.get(ours) is not None:
+            out[qemus] = int(round(mig[ours]))
+    if mig.get("error"):
+        out["error-desc"] = mig["error"]
+    out["x-fdmig"] = mig
+    return out
+
+
+async def cmd_migrate_incoming(conn, arguments):
+    raise QMPError("GenericError", "this instance is running, not waiting for a migration; "
+                                   "start a target with: fdmig migrate-in")
+
+
 COMMANDS = {
+    "migrate": cmd_migrate,
+    "migrate_cancel": cmd_migrate_cancel,
+    "migrate-cancel": cmd_migrate_cancel,
+    "query-migrate": cmd_query_migrate,
+    "migrate-incoming": cmd_migrate_incoming,
     "chardev-add": cmd_chardev_add,
     "chardev-remove": cmd_chardev_remove,
     "query-chardev": cmd_query_chardev,

@@ -41,6 +41,9 @@ class Instance:
         self.stopping = asyncio.Event()
         self.control = None  # control.ControlServer
         self.exit_code = 0
+        self.handed_over = False  # after a migration's commit: our paths are the target's
+        self.migration_task: asyncio.Task | None = None
+        self.migration_committed = False
 
     # ----- chardevs ----------------------------------------------------------
 
@@ -54,20 +57,33 @@ class Instance:
         existing = [c.spec for c in self.chardevs.values()]
         specs.check_set(existing + [spec])
 
-    async def add_chardev(self, spec, adopted_fd: int | None = None) -> Chardev:
+    async def add_chardev(self, spec) -> Chardev:
         self.check_new(spec)
-        if adopted_fd is None and spec.kind in ("fd", "fdname"):
-            adopted_fd = self._take_fd(spec)
+        return await self.open_registered(self.register(spec))
+
+    def register(self, spec) -> Chardev:
+        """Create and wire a chardev without opening it (its bridge partner, if
+        any, must be registered already)."""
         chardev = Chardev(spec, self._chardev_changed)
         self._wire(chardev)
         self.chardevs[spec.id] = chardev
+        return chardev
+
+    async def open_registered(self, chardev: Chardev) -> Chardev:
+        spec = chardev.spec
+        adopted_fd = None
         try:
+            if spec.kind in ("fd", "fdname"):
+                adopted_fd = self._take_fd(spec)
             await chardev.open(adopted_fd)
         except BaseException:
             self._unwire(chardev)
             del self.chardevs[spec.id]
-            if adopted_fd is not None:
-                os.close(adopted_fd)
+            if adopted_fd is not None and chardev.fd is None:
+                try:
+                    os.close(adopted_fd)
+                except OSError:
+                    pass
             raise
         log.info("chardev %s: %s %s (%s)", spec.id, spec.role, spec.address, chardev.state.value)
         self.report_status()
@@ -131,6 +147,21 @@ class Instance:
             self.control.broadcast("X_FDMIG_CHARDEV_STATE", {"label": chardev.label, "state": chardev.state.value})
         self.report_status()
 
+    def set_migration(self, status: str, **fields) -> None:
+        self.migration["status"] = status
+        for key, value in fields.items():
+            self.migration[key.replace("_", "-")] = value
+        if self.control is not None:
+            data = {"status": status}
+            if status in ("completed", "failed", "cancelled"):
+                # fdmig's additions, for a migrate-out that cannot query afterwards.
+                data.update({"x-fdmig-error": self.migration.get("error"),
+                             "x-fdmig-timed-out": self.migration.get("error-class") == "timeout",
+                             "x-fdmig-chardevs": self.migration.get("chardevs"),
+                             "x-fdmig-target": self.migration.get("target")})
+            self.control.broadcast("MIGRATION", data)
+        systemd.notify(f"STATUS=migration {status}")
+
     # ----- reporting ---------------------------------------------------------
 
     def summary(self) -> str:
@@ -163,14 +194,17 @@ class Instance:
 
     # ----- life cycle --------------------------------------------------------
 
-    async def start(self, chardev_specs) -> None:
-        """Open the control socket and the chardevs; READY=1 once they are open."""
-        from fdmig.control import ControlServer
+    def prepare(self) -> None:
         raise_fd_limit()
         self.listen_fds = systemd.listen_fds()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
+
+    async def start(self, chardev_specs) -> None:
+        """Open the control socket and the chardevs; READY=1 once they are open."""
+        from fdmig.control import ControlServer
+        self.prepare()
         self.control = ControlServer(self)
         self.control.bind(self.control_path)
         # A bridge is wired to a partner that is already there: plain chardevs first.
@@ -194,9 +228,21 @@ class Instance:
         await self.stopping.wait()
         return self.exit_code
 
-    def shutdown(self, unlink: bool = True) -> None:
-        """Staged: stop accepting control clients, close chardevs, remove own sockets."""
-        systemd.notify("STOPPING=1")
+    async def finish_migration(self) -> None:
+        """On SIGTERM mid-migration: before the commit it rolls back (cancel); after
+        it, it runs to its end, so the target is never left without a source."""
+        task = self.migration_task
+        if task is not None and not task.done():
+            if not self.migration_committed:
+                task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    def shutdown(self) -> None:
+        """Staged: stop accepting control clients, roll back a migration still
+        before its commit, close chardevs, remove own sockets (unless handed over)."""
+        unlink = not self.handed_over
+        if not self.handed_over:
+            systemd.notify("STOPPING=1")
         if self.control is not None:
             self.control.close(unlink=unlink)
         for chardev in list(self.chardevs.values()):
@@ -214,8 +260,42 @@ async def run_instance(instance: Instance, chardev_specs) -> int:
         await instance.start(chardev_specs)
         return await instance.serve_forever()
     finally:
+        await instance.finish_migration()
+        instance.shutdown()
+
+
+async def run_target(instance: Instance, channel_path: str, own_specs, timeout, exec_argv) -> int:
+    """migrate-in: wait for one migration, then serve as `serve` would (or exec)."""
+    from fdmig.migration import target
+    instance.prepare()
+    for spec in own_specs:
+        if spec.local_incoming:
+            log.info("chardev %s: awaiting-incoming", spec.id)
+    info = {"pid": os.getpid(), "exec": bool(exec_argv), "control": not exec_argv}
+    receiving = asyncio.ensure_future(target.receive(instance, channel_path, list(own_specs), timeout, info))
+    stopping = asyncio.ensure_future(instance.stopping.wait())
+    systemd.notify(f"STATUS=waiting for a migration on unix:{channel_path}")
+    await asyncio.wait([receiving, stopping], return_when=asyncio.FIRST_COMPLETED)
+    if not receiving.done():
+        receiving.cancel()
+        await asyncio.gather(receiving, return_exceptions=True)
+        return 0
+    stopping.cancel()
+    received = receiving.result()
+    if exec_argv:
+        target.exec_handover(received, exec_argv)  # does not return
+    try:
+        await target.take_over(instance, received)
+        systemd.notify(f"MAINPID={os.getpid()}", "READY=1", f"STATUS={instance.summary()}")
+        return await instance.serve_forever()
+    finally:
+        await instance.finish_migration()
         instance.shutdown()
 
 
 def run(instance: Instance, chardev_specs) -> int:
     return asyncio.run(run_instance(instance, chardev_specs))
+
+
+def run_incoming(instance: Instance, channel_path: str, own_specs, timeout, exec_argv) -> int:
+    return asyncio.run(run_target(instance, channel_path, own_specs, timeout, exec_argv))

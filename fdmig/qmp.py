@@ -83,6 +83,11 @@ class JSONSplitter:
             elif c == 0x22:
                 self._in_string = True
             elif c in (0x7B, 0x5B):  # { [
+                if self._depth == 0 and buf[start:i].strip():
+                    # A stray token right before a value: report it, keep the value
+                    # (QEMU's streamer ends a top-level token at the next one).
+                    out.append(self._stray(buf[start:i]))
+                    start = i
                 self._depth += 1
                 if self._depth > self._max_depth:
                     return self._overflow(out, f"JSON nesting deeper than {self._max_depth} levels")
@@ -90,12 +95,13 @@ class JSONSplitter:
                 self._depth -= 1
                 if self._depth <= 0:
                     self._depth = 0
+                    if i + 1 - start > self._max_size:  # however it was cut into reads
+                        return self._overflow(out, f"message longer than {self._max_size} bytes")
                     out.append(bytes(buf[start:i + 1]))
                     start = i + 1
             elif self._depth == 0 and c in b" \t\r\n":
                 if i > start and buf[start:i].strip():
-                    out.append(BadRequest("JSON parse error, stray token "
-                                          f"'{bytes(buf[start:i].strip()[:40]).decode(errors='replace')}'"))
+                    out.append(self._stray(buf[start:i]))
                 start = i + 1
             i += 1
         del buf[:start]
@@ -103,6 +109,10 @@ class JSONSplitter:
         if len(buf) > self._max_size:
             return self._overflow(out, f"message longer than {self._max_size} bytes")
         return out
+
+    @staticmethod
+    def _stray(token) -> BadRequest:
+        return BadRequest(f"JSON parse error, stray token '{bytes(token.strip()[:40]).decode(errors='replace')}'")
 
     def _overflow(self, out, desc):
         self._failed = True

@@ -15,6 +15,8 @@ UNIX_PATH_MAX = 107
 MAX_LABEL = 128
 FRONTENDS = ("hold", "echo", "sink", "bridge")
 _ID_RE = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*\Z")
+_DIGITS_RE = re.compile(r"[0-9]+\Z")
+FD_MAX = 2**31 - 1  # a C int
 _BOOLS = {"on": True, "true": True, "yes": True, "off": False, "false": False, "no": False}
 _BOOL_KEYS = ("server", "wait", "nodelay", "support-local-migration", "local-incoming", "logappend")
 _KEYS = ("id", "path", "host", "port", "fd", "fdname", "server", "wait", "reconnect-ms",
@@ -74,7 +76,7 @@ class ChardevSpec:
         for key, value in self.to_dict().items():
             if isinstance(value, bool):
                 value = "on" if value else "off"
-            parts.append(f"{key}={value}")
+            parts.append(f"{key}={str(value).replace(',', ',,')}")  # QEMU's escape for ','
         return ",".join(parts)
 
     def to_qmp(self) -> dict:
@@ -106,8 +108,11 @@ def parse_bool(key: str, value: str) -> bool:
 
 
 def _parse_int(key: str, value, low: int, high: int) -> int:
-    if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, str) and value.isdigit())):
+    # ASCII digits only: str.isdigit() is true for '²', which int() refuses.
+    if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, str) and _DIGITS_RE.match(value))):
         raise _fail(key, f"'{value}' is not a number; accepted: {low} to {high}")
+    if isinstance(value, str) and len(value) > 20:  # int() refuses more than 4300 digits
+        raise _fail(key, f"{value[:20]}... is out of range; accepted: {low} to {high}")
     number = int(value)
     if not low <= number <= high:
         raise _fail(key, f"{number} is out of range; accepted: {low} to {high}")
@@ -116,7 +121,7 @@ def _parse_int(key: str, value, low: int, high: int) -> int:
 
 def parse_spec(text: str) -> ChardevSpec:
     """Parse QEMU's `-chardev` syntax. `socket` in front may be left out."""
-    items = text.split(",")
+    items = _split_items(text)
     if items and items[0] and "=" not in items[0]:
         backend = items.pop(0)
         if backend != "socket":
@@ -136,6 +141,24 @@ def parse_spec(text: str) -> ChardevSpec:
             raise _fail(key, "given twice")
         fields[key] = value
     return build_spec(fields)
+
+
+def _split_items(text: str) -> list[str]:
+    """Split at ',' as QEMU's option parser does: ',,' is a literal ',' in a value."""
+    items, current, i = [], [], 0
+    while i < len(text):
+        if text[i] != ",":
+            current.append(text[i])
+            i += 1
+        elif text.startswith(",,", i):
+            current.append(",")
+            i += 2
+        else:
+            items.append("".join(current))
+            current = []
+            i += 1
+    items.append("".join(current))
+    return items
 
 
 def _unknown_key(key: str) -> str:
@@ -189,7 +212,9 @@ def build_spec(fields: dict) -> ChardevSpec:
         spec["port"] = _parse_int("port", fields["port"], 0 if spec["server"] else 1, 65535)
     elif kind == "fd":
         fd = str(fields["fd"])
-        if not (fd.isdigit() or _ID_RE.match(fd)):
+        if _DIGITS_RE.match(fd):
+            fd = str(_parse_int("fd", fd, 0, FD_MAX))
+        elif not _ID_RE.match(fd):
             raise _fail("fd", f"'{fd}' is neither a descriptor number nor a getfd name")
         spec["fd"] = fd
     else:

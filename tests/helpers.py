@@ -130,3 +130,15 @@ def listener(path: str):
     finally:
         sock.close()
 
+
+
+def run_many(commands, timeout=30) -> list[subprocess.CompletedProcess]:
+    """Run several fdmig commands at once (each is a ~0.3 s interpreter start) and
+    return their results in order."""
+    procs = [subprocess.Popen(FDMIG + list(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for args in commands]
+    results = []
+    for args, proc in zip(commands, procs):
+        out, err = proc.communicate(timeout=timeout)
+        results.append(subprocess.CompletedProcess(FDMIG + list(args), proc.returncode, out, err))
+    return results

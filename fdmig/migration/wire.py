@@ -19,12 +19,13 @@ The conversation, source on the left:
     HELLO, TABLE..., TABLE_END  ->
                                 <-  ACCEPT
     SECTIONS..., END            ->
-                                <-  ACK       (the commit point)
+                                <-  ACK       (the commit point, once the source reads it)
     RELEASED                    ->
 
 and ABORT from either side at any point before the commit. Both codecs (the
 source's and the target's) track this same conversation state, applying our own
-sends and the peer's frames; every allowed step is in TRANSITIONS.
+sends and the peer's frames; every allowed step is in TRANSITIONS, and the one
+frame that may cross another in flight in CROSSED_TRANSITIONS.
 
 Fds travel with SECTIONS frames only: the frame's first byte carries them (one
 sendmsg per Chunk), so on the receiving side they show up in the read that
@@ -35,7 +36,7 @@ once complete, claims its share in order of arrival.
 import enum
 import json
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Union
 
@@ -127,6 +128,19 @@ TRANSITIONS.update(
 )
 
 
+# TRANSITIONS follows one conversation state, but a frame can cross one going the
+# other way. The crossing that matters: the source gives up (a timeout, say) and
+# sends ABORT while the target's ACK is on its way. The source never read the ACK,
+# so it rolls back; the target must too. Hence the commit point is the source
+# reading ACK, the target touches nothing it received until RELEASED (or the
+# source's exit), and an ABORT the target receives in COMMITTED is this crossing
+# (a source that has read ACK cannot send ABORT). Only ever applied to frames
+# received, never to frames sent.
+CROSSED_TRANSITIONS: dict[tuple[State, Role, FrameType], State] = {
+    (State.COMMITTED, _S, FrameType.ABORT): State.FAILED,
+}
+
+
 # ---------------------------------------------------------------------------
 # Events
 
@@ -155,7 +169,10 @@ class Table:
 
 @dataclass(frozen=True)
 class Accept:
-    """TARGET: the table is acceptable; send the state."""
+    """TARGET: the table is acceptable; send the state. `info` is a JSON object
+    about the target (pid, ...), for the source's status and log."""
+
+    info: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -182,12 +199,16 @@ class Transfer:
 
 @dataclass(frozen=True)
 class Ack:
-    """TARGET: it has taken everything over. The commit point."""
+    """TARGET: it can take everything over. The commit point, once the source has
+    read it (see CROSSED_TRANSITIONS)."""
 
 
 @dataclass(frozen=True)
 class Released:
-    """SOURCE, after the commit: it has let go of the instance's control path."""
+    """SOURCE, after the commit: it has let go of the instance's control path.
+    `info` is a JSON object (timings, ...) for the target's status and log."""
+
+    info: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -365,9 +386,13 @@ class MigrationCodec:
                 if not isinstance(event.reason, str):
                     raise LocalProtocolError("Abort.reason must be a string")
                 frames = [(FrameType.ABORT, _dumps({"reason": event.reason}), ())]
-            elif isinstance(event, (Accept, Ack, Released)):
-                ftype = {Accept: FrameType.ACCEPT, Ack: FrameType.ACK, Released: FrameType.RELEASED}
-                frames = [(ftype[type(event)], b"{}", ())]
+            elif isinstance(event, (Accept, Released)):
+                if not isinstance(event.info, Mapping):
+                    raise LocalProtocolError(f"{type(event).__name__}.info must be a mapping")
+                ftype = FrameType.ACCEPT if isinstance(event, Accept) else FrameType.RELEASED
+                frames = [(ftype, _dumps({"info": dict(event.info)}), ())]
+            elif isinstance(event, Ack):
+                frames = [(FrameType.ACK, b"{}", ())]
             else:
                 raise LocalProtocolError(f"cannot send {event!r}")
         except (TypeError, ValueError) as exc:
@@ -400,7 +425,10 @@ class MigrationCodec:
         prefix, batch, size = first, [], len(first) + len(tail)
         for index, chardev in enumerate(table.chardevs):
             _check_chardev(index, chardev, LocalProtocolError)
-            item = _dumps(dict(chardev))
+            try:
+                item = _dumps(dict(chardev))
+            except (TypeError, ValueError) as exc:
+                raise LocalProtocolError(f"chardev {chardev['id']!r}: {exc}") from None
             if size + len(item) + bool(batch) > self.max_frame and (batch or prefix is first):
                 frames.append((FrameType.TABLE, prefix + b",".join(batch) + tail, ()))
                 prefix, batch, size = rest, [], len(rest) + len(tail)
@@ -432,9 +460,12 @@ class MigrationCodec:
         total_fds = 0
         for section in transfer.sections:
             roles, section_fds = self._check_section(section)
-            entry = _dumps(
-                {"label": section.label, "meta": dict(section.meta), "outbuf": len(section.outbuf), "fds": roles}
-            )
+            try:
+                entry = _dumps(
+                    {"label": section.label, "meta": dict(section.meta), "outbuf": len(section.outbuf), "fds": roles}
+                )
+            except (TypeError, ValueError) as exc:
+                raise LocalProtocolError(f"section {section.label!r}: {exc}") from None
             alone = empty + len(entry) + len(section.outbuf)
             if alone > self.max_frame or len(section_fds) > MAX_FDS_PER_FRAME:
                 raise LocalProtocolError(
@@ -512,21 +543,18 @@ class MigrationCodec:
                 event = self._handle_frame(*frame)
                 if event is not None:
                     return event
+            if self._buf:
+                return NEED_DATA
+            # Every complete frame has taken its fds, and no byte of another frame
+            # is here for the rest to ride with.
+            stray = self.fds_received - self.fds_claimed
+            if stray:
+                raise RemoteProtocolError(f"{stray} fds arrived with no manifest entry")
         except RemoteProtocolError as exc:
             self._error = str(exc)
             self._state_at_error = self._state
             self._state = State.FAILED
             raise
-        if self._buf:
-            return NEED_DATA
-        # Every complete frame has taken its fds, and no byte of another frame is
-        # here for the rest to ride with.
-        stray = self.fds_received - self.fds_claimed
-        if stray:
-            self._error = f"{stray} fds arrived with no manifest entry"
-            self._state_at_error = self._state
-            self._state = State.FAILED
-            raise RemoteProtocolError(self._error)
         return ConnectionClosed() if self._eof else NEED_DATA
 
     def _next_frame(self) -> tuple[FrameType, int, bytes] | None:
@@ -576,10 +604,11 @@ class MigrationCodec:
         return self._state is State.FAILED and self._abort_sent and not self._abort_received
 
     def _peer_transition(self, ftype: FrameType) -> State:
-        new_state = TRANSITIONS.get((self._state, self.peer_role, ftype))
+        key = (self._state, self.peer_role, ftype)
+        new_state = TRANSITIONS.get(key) or CROSSED_TRANSITIONS.get(key)
         if new_state is None:
             message = f"{ftype.name} not allowed in state {self._state.name}"
-            if not any(key[1:] == (self.peer_role, ftype) for key in TRANSITIONS):
+            if not any(known[1:] == (self.peer_role, ftype) for known in TRANSITIONS):
                 message += f" (a {self.peer_role.value} never sends {ftype.name})"
             raise RemoteProtocolError(message)
         return new_state
@@ -609,27 +638,27 @@ class MigrationCodec:
             event = self._decode_end(payload)
         elif ftype is FrameType.ABORT:
             event = self._decode_abort(payload)
-        else:
+        elif ftype is FrameType.ACK:
             _object(ftype, payload)  # nothing in it yet, but it must be well-formed
-            event = {FrameType.ACCEPT: Accept, FrameType.ACK: Ack, FrameType.RELEASED: Released}[ftype]()
+            event = Ack()
+        else:
+            event = self._decode_info(ftype, payload)
         # Only a frame that decoded cleanly takes its fds and moves the state.
         self.fds_claimed += nfds
         self._state = new_state
         return event
 
     def _handle_late_frame(self, ftype: FrameType, nfds: int, payload: bytes) -> Event | None:
-        # Frames the peer sent before it saw our ABORT. Its ABORT (it gave up too)
-        # and its ACK (the target committed before seeing our ABORT: the caller must
-        # know) are passed on; the state stays FAILED. The rest is dropped, its fds
-        # counted as claimed: the caller closes every fd it holds on failure anyway.
+        # Frames the peer sent before it saw our ABORT. Its own ABORT (it gave up
+        # too) is passed on, for the log; the rest is dropped, even an ACK: the
+        # target will see our ABORT in COMMITTED and let go (CROSSED_TRANSITIONS).
+        # Dropped frames' fds count as claimed; the caller closes every fd it holds
+        # on failure anyway.
         self._check_fds_arrived(ftype, nfds)
         self.fds_claimed += nfds
         if ftype is FrameType.ABORT:
             self._abort_received = True
             return self._decode_abort(payload)
-        if ftype is FrameType.ACK:
-            _object(ftype, payload)
-            return Ack()
         return None
 
     def _decode_hello(self, payload: bytes) -> Hello:
@@ -723,6 +752,14 @@ class MigrationCodec:
         transfer = Transfer(sections=tuple(self._sections))
         self._sections, self._transfer_fds = [], 0
         return transfer
+
+    @staticmethod
+    def _decode_info(ftype: FrameType, payload: bytes) -> Accept | Released:
+        obj = _object(ftype, payload)
+        info = obj.get("info", {})
+        if not isinstance(info, dict):
+            raise RemoteProtocolError(f"{ftype.name} frame: 'info' must be an object, not {type(info).__name__}")
+        return Accept(info) if ftype is FrameType.ACCEPT else Released(info)
 
     @staticmethod
     def _decode_abort(payload: bytes) -> Abort:

@@ -1,0 +1,184 @@
+"""`fdmig demo`: a live handoff you can watch. An instance with an echo chardev, a
+peer streaming numbered records through it, and several live migrations to fresh
+processes; then a summary. Exit 1 if a single record was lost, doubled or reordered."""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+RECORD = 16  # b"%015d\n"
+WINDOW = 256  # records in flight: the peer keeps the pipe busy without flooding it
+
+
+class Peer:
+    """Streams numbered records to the echo chardev and checks what comes back."""
+
+    def __init__(self, path: str):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(path)
+        self.pid = os.getpid()
+        self.sent = 0
+        self.echoed = 0
+        self.bad: str | None = None
+        self.longest_pause = 0.0
+        self.eof = False
+        self._room = threading.Semaphore(WINDOW)
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._send, daemon=True),
+                         threading.Thread(target=self._receive, daemon=True)]
+
+    def start(self):
+        for thread in self._threads:
+            thread.start()
+
+    def _send(self):
+        while not self._stop.is_set():
+            if not self._room.acquire(timeout=0.1):
+                continue
+            try:
+                self.sock.sendall(b"%015d\n" % self.sent)
+            except OSError as exc:
+                self.bad = self.bad or f"send failed: {exc}"
+                return
+            self.sent += 1
+
+    def _receive(self):
+        buf = b""
+        last = time.monotonic()
+        while True:
+            try:
+                data = self.sock.recv(65536)
+            except OSError as exc:
+                self.bad = self.bad or f"receive failed: {exc}"
+                return
+            now = time.monotonic()
+            if not data:
+                self.eof = True
+                return
+            if not self._stop.is_set() or self.echoed < self.sent:
+                self.longest_pause = max(self.longest_pause, now - last)
+            last = now
+            buf += data
+            while len(buf) >= RECORD:
+                record, buf = buf[:RECORD], buf[RECORD:]
+                if record != b"%015d\n" % self.echoed:
+                    self.bad = self.bad or f"expected record {self.echoed}, got {record!r}"
+                    return
+                self.echoed += 1
+                self._room.release()
+
+    def finish(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._threads[0].join(timeout)
+        deadline = time.monotonic() + timeout
+        while self.echoed < self.sent and self.bad is None and not self.eof and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self.sock.close()
+
+
+def run(migrations: int) -> int:
+    from rich.console import Console
+    from rich.live import Live
+    from rich.table import Table
+
+    from fdmig import migrate_client, qmp
+
+    console = Console()
+    workdir = tempfile.mkdtemp(prefix="fdmig-demo-")
+    os.chmod(workdir, 0o700)
+    env = dict(os.environ, FDMIG_RUNTIME_DIR=os.path.join(workdir, "run"))
+    env.pop("NOTIFY_SOCKET", None)
+    control = os.path.join(workdir, "run", "demo.sock")
+    channel = os.path.join(workdir, "run", "demo.migrate.sock")
+    app = os.path.join(workdir, "app.sock")
+    log = open(os.path.join(workdir, "instances.log"), "w")
+    fdmig = migrate_client.fdmig_command()
+    procs = []
+
+    def start(*args):
+        proc = subprocess.Popen(fdmig + list(args), env=env, stdin=subprocess.DEVNULL,
+                                stdout=log, stderr=log, start_new_session=True)
+        procs.append(proc)
+        return proc
+
+    rows = []
+
+    def table():
+        t = Table(title="fdmig demo: live handoff of an echo chardev", title_justify="left")
+        for column in ("#", "from pid", "to pid", "downtime ms", "records sent", "echoed", "longest pause ms"):
+            t.add_column(column, justify="right")
+        for row in rows:
+            t.add_row(*row)
+        return t
+
+    peer = None
+    try:
+        start("serve", "--name", "demo", "--capability", "local-char-socket", "--chardev",
+              f"socket,id=app,path={app},server=on,frontend=echo,support-local-migration=on")
+        _wait_for(lambda: os.path.exists(app) and _answers(control), 10)
+        peer = Peer(app)
+        peer.start()
+        with qmp.connect(control) as client:
+            pid = client.execute("x-fdmig-status")["pid"]
+        time.sleep(0.2)  # warm up, then count pauses only from a running stream
+        peer.longest_pause = 0.0
+        rows.append(("0", "-", str(pid), "-", str(peer.sent), str(peer.echoed), "-"))
+        downtimes = []
+        with Live(table(), console=console, auto_refresh=False, transient=False) as live:
+            for n in range(1, migrations + 1):
+                time.sleep(0.3)  # let the stream run between handoffs, so pauses show
+                start("migrate-in", "--name", "demo")
+                outcome = migrate_client.migrate_out(control, channel, (), 30.0, False, ["--name", "demo"])
+                downtimes.append(outcome["downtime-ms"])
+                rows.append((str(n), str(outcome["source-pid"]), str(outcome["target-pid"]),
+                             f"{outcome['downtime-ms']:.2f}", str(peer.sent), str(peer.echoed),
+                             f"{peer.longest_pause * 1000:.2f}"))
+                live.update(table(), refresh=True)
+                if peer.bad or peer.eof:
+                    break
+        peer.finish()
+        console.print()
+        lost = peer.sent - peer.echoed
+        ok = peer.bad is None and not peer.eof and lost == 0
+        console.print(
+            f"[bold]{'OK' if ok else 'FAILED'}[/bold]: {len(downtimes)} live migration(s); "
+            f"records sent {peer.sent}, echoed {peer.echoed}, lost {lost}; "
+            f"longest pause the peer saw {peer.longest_pause * 1000:.2f} ms; downtime per migration "
+            f"(ms): {', '.join(f'{d:.2f}' for d in downtimes)}")
+        if peer.bad:
+            console.print(f"[red]{peer.bad}[/red]")
+        if peer.eof:
+            console.print("[red]the peer saw EOF: its connection was dropped[/red]")
+        return 0 if ok else 1
+    except Exception as exc:
+        console.print(f"[red]demo failed: {exc}[/red] (instance logs: {log.name})")
+        return 1
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        log.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _answers(path: str) -> bool:
+    from fdmig import qmp
+    return qmp.socket_owner_pid(path) is not None
+
+
+def _wait_for(predicate, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError("the demo instance did not start")
+        time.sleep(0.02)

@@ -1,0 +1,118 @@
+"""Drives the migration codec over a non-blocking unix socket on the asyncio loop:
+moves bytes, and fds through fdmig.fdpass, nothing else. Every fd received is kept
+in `received` until the caller takes it, so an abort can close them all."""
+
+import asyncio
+import os
+import socket
+import time
+
+from fdmig import fdpass
+from fdmig.migration import wire
+
+READ_SIZE = 1 << 20
+
+
+class ChannelTimeout(Exception):
+    pass
+
+
+def parse_uri(uri: str) -> str:
+    """The path of a `unix:PATH` channel; anything else is refused with the reason."""
+    scheme, _, rest = uri.partition(":")
+    if scheme == "unix" and rest:
+        return rest
+    if scheme in ("tcp", "inet"):
+        raise ValueError(f"channel {uri}: local-char-socket passes fds with SCM_RIGHTS, so a unix "
+                         "channel is needed; accepted: unix:PATH")
+    raise ValueError(f"channel '{uri}' is not understood; accepted: unix:PATH")
+
+
+class Channel:
+    def __init__(self, sock: socket.socket, role: wire.Role):
+        sock.setblocking(False)
+        self.sock = sock
+        self.codec = wire.MigrationCodec(role)
+        self.received: list[int | None] = []  # fds in order of arrival; None once taken
+        self._loop = asyncio.get_running_loop()
+
+    async def send(self, event, deadline: float | None = None) -> None:
+        for chunk in self.codec.send(event):
+            await self._send_chunk(chunk, deadline)
+
+    async def _send_chunk(self, chunk: wire.Chunk, deadline: float | None) -> None:
+        data = memoryview(chunk.data)
+        fds = chunk.fds
+        while data:
+            try:
+                sent = fdpass.send_with_fds(self.sock, data, fds) if fds else self.sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                await self._ready(self._loop.add_writer, self._loop.remove_writer, deadline)
+                continue
+            fds = ()  # the fds rode on the first byte
+            data = data[sent:]
+
+    async def next_event(self, deadline: float | None = None):
+        while True:
+            event = self.codec.next_event()
+            if event is not wire.NEED_DATA:
+                return event
+            try:
+                data, fds = fdpass.recv_with_fds(self.sock, READ_SIZE)
+            except (BlockingIOError, InterruptedError):
+                await self._ready(self._loop.add_reader, self._loop.remove_reader, deadline)
+                continue
+            except ConnectionResetError:
+                data, fds = b"", []
+            self.received.extend(fds)
+            self.codec.receive_data(data, len(fds))
+
+    async def _ready(self, add, remove, deadline: float | None) -> None:
+        future = self._loop.create_future()
+        fd = self.sock.fileno()
+        add(fd, lambda: future.done() or future.set_result(None))
+        try:
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            await asyncio.wait_for(future, timeout)
+        except asyncio.TimeoutError:
+            raise ChannelTimeout() from None
+        finally:
+            remove(fd)
+
+    def take(self, index: int) -> int:
+        fd = self.received[index]
+        self.received[index] = None
+        return fd
+
+    def close(self) -> None:
+        """Close the channel and every received fd nobody took."""
+        fdpass.close_fds(fd for fd in self.received if fd is not None)
+        self.received.clear()
+        self.sock.close()
+
+
+async def connect(path: str, deadline: float | None) -> socket.socket:
+    """Connect to a target's channel, waiting for it to listen until `deadline`."""
+    loop = asyncio.get_running_loop()
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+        try:
+            await loop.sock_connect(sock, path)
+            return sock
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            sock.close()
+            if deadline is None or time.monotonic() >= deadline:
+                raise ConnectionRefusedError(f"no target listens on unix:{path} ({exc.strerror})") from None
+            await asyncio.sleep(0.02)  # polling a path: the kernel has no event for "now bound"
+        except OSError:
+            sock.close()
+            raise
+
+
+def peer_pid_uid(sock: socket.socket) -> tuple[int, int]:
+    cred = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+    return int.from_bytes(cred[0:4], "little"), int.from_bytes(cred[4:8], "little")
+
+
+def uid_allowed(uid: int) -> bool:
+    return uid in (os.geteuid(), 0)

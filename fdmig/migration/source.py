@@ -1,0 +1,138 @@
+"""The source side of a migration (QMP `migrate`), step by step as DESIGN's
+"Migration channel" lists them. Before the target's ACK any failure rolls back:
+every chardev resumes as if nothing happened. After it, nothing rolls back."""
+
+import asyncio
+import logging
+import os
+import time
+
+from fdmig import __version__, faults
+from fdmig.migration import channel, wire
+
+log = logging.getLogger("fdmig")
+
+
+class MigrationFailed(Exception):
+    def __init__(self, reason: str, timed_out: bool = False):
+        super().__init__(reason)
+        self.timed_out = timed_out
+
+
+def table_entry(chardev) -> dict:
+    return chardev.spec.to_dict()
+
+
+async def migrate(instance, path: str, timeout: float | None) -> None:
+    """Run one migration to the target listening at `path`. Never raises: the
+    outcome is in instance.migration and the MIGRATION events."""
+    started = time.monotonic()
+    deadline = started + timeout if timeout else None
+    live = instance.capabilities["local-char-socket"]
+    instance.set_migration("setup", chardevs=0, error=None, downtime_ms=None, total_ms=None, setup_ms=None)
+    quiesced = []
+    chan = None
+    committed = instance.migration_committed = False
+    try:
+        try:
+            sock = await channel.connect(path, deadline)
+        except OSError as exc:
+            raise MigrationFailed(str(exc) if isinstance(exc, ConnectionRefusedError) else
+                                  f"cannot connect to unix:{path}: {exc.strerror}") from None
+        _, uid = channel.peer_pid_uid(sock)
+        if not channel.uid_allowed(uid):
+            sock.close()
+            raise MigrationFailed(f"the target on unix:{path} runs as uid {uid}, not as uid {os.geteuid()}")
+        chan = channel.Channel(sock, wire.Role.SOURCE)
+        await chan.send(wire.Hello(instance.name, os.getpid(), __version__), deadline)
+        await chan.send(wire.Table(dict(instance.capabilities),
+                                   [table_entry(c) for c in instance.chardevs.values()]), deadline)
+        faults.point("source-after-table")
+        reply = await chan.next_event(deadline)
+        if isinstance(reply, wire.Abort):
+            raise MigrationFailed(f"the target refused: {reply.reason}")
+        if not isinstance(reply, wire.Accept):
+            raise MigrationFailed("the target closed the channel before accepting the table")
+        target_info = dict(reply.info)
+        setup_ms = (time.monotonic() - started) * 1000
+        instance.set_migration("active", setup_ms=round(setup_ms, 3))
+
+        # Quiesce everything, moved or not: a chardev that stays behind must not
+        # keep filling the out-buffer of one whose state has already been sent.
+        quiesce_at = time.monotonic()
+        for chardev in instance.chardevs.values():
+            chardev.quiesce()
+            quiesced.append(chardev)
+        faults.point("source-after-quiesce")
+        sections = []
+        moved = 0
+        for chardev in instance.chardevs.values():
+            move = live and chardev.spec.support_local_migration
+            meta, outbuf, fds = chardev.section(move)
+            moved += bool(fds)
+            sections.append(wire.Section(chardev.label, meta, outbuf, fds))
+        await chan.send(wire.Transfer(sections), deadline)
+        faults.point("source-after-transfer")
+        reply = await chan.next_event(deadline)
+        if isinstance(reply, wire.Abort):
+            raise MigrationFailed(f"the target refused: {reply.reason}")
+        if not isinstance(reply, wire.Ack):
+            raise MigrationFailed("the target closed the channel before acknowledging")
+        committed = instance.migration_committed = True  # from here on, the connections are the target's
+    except channel.ChannelTimeout:
+        _roll_back(instance, quiesced, chan, f"timed out after {timeout:g} s", timed_out=True)
+        return
+    except MigrationFailed as exc:
+        _roll_back(instance, quiesced, chan, str(exc), exc.timed_out)
+        return
+    except wire.RemoteProtocolError as exc:
+        _roll_back(instance, quiesced, chan, f"the target broke the protocol: {exc}")
+        return
+    except (OSError, wire.ProtocolError) as exc:
+        _roll_back(instance, quiesced, chan, f"channel error: {exc}")
+        return
+    except asyncio.CancelledError:
+        if not committed:
+            _roll_back(instance, quiesced, chan, "cancelled", status="cancelled")
+            return
+        raise
+    faults.point("source-after-ack")
+    await _hand_over(instance, chan, started, quiesce_at, moved, target_info)
+
+
+def _roll_back(instance, quiesced, chan, reason: str, timed_out: bool = False, status: str = "failed") -> None:
+    if chan is not None:
+        try:
+            # Tell the target first: it holds dups of our fds and must drop them.
+            for chunk in chan.codec.send(wire.Abort(reason)):
+                chan.sock.send(chunk.data)
+        except (OSError, wire.ProtocolError):
+            pass
+        chan.close()
+    for chardev in quiesced:
+        chardev.resume()
+    log.warning("migration %s: %s; every chardev serves as before", status, reason)
+    instance.set_migration(status, error=reason, error_class="timeout" if timed_out else None)
+
+
+async def _hand_over(instance, chan, started, quiesce_at, moved, target_info) -> None:
+    """After the commit: close our copies, let go of the control path, tell the
+    target, exit. The order makes sure nobody reads while the target may."""
+    for chardev in instance.chardevs.values():
+        chardev.release()
+    downtime_ms = (time.monotonic() - quiesce_at) * 1000
+    total_ms = (time.monotonic() - started) * 1000
+    instance.run_state = "postmigrate"
+    instance.set_migration("completed", chardevs=moved, downtime_ms=round(downtime_ms, 3),
+                           total_ms=round(total_ms, 3), target=target_info)
+    log.info("migration completed: %d chardev(s) moved to pid %s", moved, target_info.get("pid"))
+    instance.control.close(unlink=False, flush=True)
+    try:
+        await chan.send(wire.Released({"quiesce-at": quiesce_at, "started-at": started,
+                                       "setup-ms": instance.migration.get("setup-ms")}), None)
+    except (OSError, wire.ProtocolError) as exc:
+        log.warning("migration: could not tell the target we let go (%s); it takes over when we exit", exc)
+    faults.point("source-after-released")
+    chan.close()
+    instance.handed_over = True
+    instance.stopping.set()

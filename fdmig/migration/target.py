@@ -1,0 +1,331 @@
+"""The target side of a migration (`migrate-in`): wait on the channel, check the
+source's table against our own `local-incoming` chardevs, check every fd received
+against its spec, acknowledge (the commit point), take over.
+
+A source that is malformed, foreign or mismatched is refused with a log line and
+the target goes on waiting for the next one."""
+
+import asyncio
+import logging
+import os
+import fcntl
+import resource
+import socket
+import time
+
+from fdmig import faults, spec as specs
+from fdmig.chardev import socket_family
+from fdmig.errors import FdmigError, SpecError, TimeoutExpired
+from fdmig.migration import channel, wire
+
+log = logging.getLogger("fdmig")
+SESSION_TIMEOUT = 30.0  # a source that stalls longer than this is dropped
+
+
+class Refused(Exception):
+    """The source is refused; the reason goes to the log and to the source."""
+
+
+class Plan:
+    """What the target will hold: spec by label, in the source's order, and the
+    source's capabilities, which the target carries on."""
+
+    def __init__(self, specs_by_label: dict, source_order: list[str], capabilities: dict):
+        self.specs = specs_by_label
+        self.order = source_order
+        self.capabilities = capabilities
+
+
+def make_plan(own: list, table: wire.Table) -> Plan:
+    """Check the source's table against our chardevs; adopt what we do not name."""
+    live = bool(table.capabilities.get("local-char-socket"))
+    source: dict = {}
+    for entry in table.chardevs:
+        try:
+            spec = specs.from_dict({k: v for k, v in entry.items()})
+        except SpecError as exc:
+            raise Refused(f"the source's table has a bad chardev: {exc}") from None
+        source[spec.id] = spec
+    result = dict(source)
+    for mine in own:
+        theirs = source.get(mine.id)
+        if mine.local_incoming:
+            if theirs is None:
+                raise Refused(f"chardev {mine.id}: local-incoming=on, but the source has no such chardev")
+            if not live:
+                raise Refused(f"chardev {mine.id}: local-incoming=on, but the source's capability "
+                              "local-char-socket is off, so no fd can arrive")
+            if not theirs.support_local_migration:
+                raise Refused(f"chardev {mine.id}: local-incoming=on, but the source does not mark it "
+                              "support-local-migration=on")
+            if (mine.address, mine.role) != (theirs.address, theirs.role) and theirs.kind not in ("fd", "fdname"):
+                raise Refused(f"chardev {mine.id}: {mine.role} {mine.address} here, but "
+                              f"{theirs.role} {theirs.address} on the source")
+        result[mine.id] = mine
+    order = [e["id"] for e in table.chardevs] + [m.id for m in own if m.id not in source]
+    try:
+        specs.check_set(list(result.values()))
+    except SpecError as exc:
+        raise Refused(f"the chardevs do not fit together: {exc}") from None
+    return Plan(result, order, {k: bool(v) for k, v in table.capabilities.items()})
+
+
+def check_fd(fd: int, role: str, spec, label: str) -> socket.socket:
+    """A received fd must be a stream socket of the family the spec says, listening
+    or connected as its role says, at the spec's address."""
+    try:
+        sock = socket.socket(fileno=os.dup(fd))
+    except OSError as exc:
+        raise Refused(f"chardev {label}: the {role} fd is not a socket ({exc.strerror})") from None
+    try:
+        if sock.type != socket.SOCK_STREAM:
+            raise Refused(f"chardev {label}: the {role} fd is not a stream socket")
+        if spec.kind in ("unix", "inet"):
+            want = socket_family(spec)
+            families = (socket.AF_INET, socket.AF_INET6) if spec.kind == "inet" else (want,)
+            if sock.family not in families:
+                raise Refused(f"chardev {label}: the {role} fd is an {sock.family.name} socket, "
+                              f"but the spec says {spec.address}")
+        listening = bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
+        if listening != (role == "listener"):
+            raise Refused(f"chardev {label}: the {role} fd is {'a listening' if listening else 'a connected'} socket")
+        if role == "listener" and not spec.server:
+            raise Refused(f"chardev {label}: a listening fd arrived for a client chardev")
+        if spec.kind == "unix":
+            name = sock.getsockname() if spec.server else sock.getpeername()
+            if name != spec.path:
+                raise Refused(f"chardev {label}: the {role} fd is bound to '{name}', not to {spec.path}")
+        elif spec.kind == "inet":
+            port = (sock.getsockname() if spec.server else sock.getpeername())[1]
+            if spec.port and port != spec.port:
+                raise Refused(f"chardev {label}: the {role} fd is on port {port}, not {spec.port}")
+    except Refused:
+        sock.close()
+        raise
+    except OSError as exc:
+        sock.close()
+        raise Refused(f"chardev {label}: cannot inspect the {role} fd: {exc.strerror}") from None
+    return sock
+
+
+def fd_headroom() -> int:
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return soft - len(os.listdir("/proc/self/fd")) - 16
+
+
+class Received:
+    def __init__(self, hello, plan, sections, sockets, released_info, chan):
+        self.hello = hello
+        self.plan = plan
+        self.sections = sections  # label -> wire.Section
+        self.sockets = sockets  # label -> {role: socket}
+        self.released_info = released_info
+        self.chan = chan
+
+
+async def session(instance, sock: socket.socket, own: list, info: dict) -> Received:
+    """One source's attempt. Returns what was received after the commit; raises
+    Refused (the source was told why) or a protocol/channel error."""
+    deadline = time.monotonic() + SESSION_TIMEOUT
+    chan = channel.Channel(sock, wire.Role.TARGET)
+    sockets: dict[str, dict[str, socket.socket]] = {}
+    try:
+        hello = await chan.next_event(deadline)
+        if not isinstance(hello, wire.Hello):
+            raise Refused("the source closed the channel before saying hello")
+        if hello.name != instance.name:
+            raise Refused(f"source instance '{hello.name}' is foreign: this target waits for '{instance.name}'")
+        faults.point("target-after-hello")
+        table = await chan.next_event(deadline)
+        if not isinstance(table, wire.Table):
+            raise Refused("the source closed the channel before sending its table")
+        plan = make_plan(own, table)
+        if len(table.chardevs) * 2 > fd_headroom():
+            raise Refused(f"{len(table.chardevs)} chardevs may need {len(table.chardevs) * 2} fds, "
+                          f"more than the {fd_headroom()} this target can still open (RLIMIT_NOFILE)")
+        faults.point("target-after-table")
+        await chan.send(wire.Accept(info), deadline)
+        transfer = await chan.next_event(deadline)
+        if not isinstance(transfer, wire.Transfer):
+            raise Refused("the source closed the channel before sending the state")
+        sections = {}
+        fresh = {m.id for m in own if not m.local_incoming}  # we open these afresh
+        for section in transfer.sections:
+            spec = plan.specs.get(section.label)
+            if spec is None:
+                raise Refused(f"chardev {section.label}: a section for a chardev not in the table")
+            sections[section.label] = section
+            if section.label in fresh:
+                continue
+            sockets[section.label] = {role: check_fd(chan.received[index], role, spec, section.label)
+                                      for role, index in section.fds.items()}
+        for mine in own:
+            if mine.local_incoming and not sockets.get(mine.id):
+                raise Refused(f"chardev {mine.id}: local-incoming=on, but no fd arrived for it")
+        faults.point("target-before-ack")
+        await chan.send(wire.Ack(), deadline)
+        faults.point("target-after-ack")
+        # The commit point is the source reading our ACK; it may still roll back if
+        # its timeout fires first, so nothing is read until it says RELEASED.
+        final = await chan.next_event(None)
+        if isinstance(final, wire.Abort):
+            raise Refused(f"the source rolled back after our acknowledgement: {final.reason}")
+        if isinstance(final, wire.Released):
+            released = dict(final.info)
+        else:
+            await wait_exit(hello.pid)  # it died after the commit: the fds are ours alone
+            released = {}
+        return Received(hello, plan, sections, sockets, released, chan)
+    except BaseException as exc:
+        for by_role in sockets.values():
+            for s in by_role.values():
+                s.close()
+        if isinstance(exc, Refused):
+            try:
+                if chan.codec.state not in (wire.State.FAILED, wire.State.RELEASED):
+                    await chan.send(wire.Abort(str(exc)), time.monotonic() + 1)
+            except (OSError, wire.ProtocolError, channel.ChannelTimeout):
+                pass
+        chan.close()
+        raise
+
+
+async def wait_exit(pid: int) -> None:
+    """Until process `pid` has exited (a pidfd becomes readable)."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+    loop.add_reader(pidfd, lambda: done.done() or done.set_result(None))
+    try:
+        await done
+    finally:
+        loop.remove_reader(pidfd)
+        os.close(pidfd)
+
+
+async def receive(instance, path: str, own: list, timeout: float | None, info: dict) -> Received:
+    """Listen at `path` until one source migrates successfully."""
+    from fdmig.control import bind_private, claim_path
+    claim_path(path, what="a migration target")
+    listener = bind_private(path)
+    inode = os.stat(path).st_ino
+    loop = asyncio.get_running_loop()
+    deadline = time.monotonic() + timeout if timeout else None
+    log.info("waiting for a source on unix:%s", path)
+    try:
+        while True:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise TimeoutExpired(f"no migration arrived on unix:{path} within {timeout:g} s")
+            try:
+                sock, _ = await asyncio.wait_for(loop.sock_accept(listener), remaining)
+            except asyncio.TimeoutError:
+                continue
+            pid, uid = channel.peer_pid_uid(sock)
+            if not channel.uid_allowed(uid):
+                log.warning("refused a source of uid %d (pid %d): only uid %d or root may migrate here",
+                            uid, pid, os.geteuid())
+                sock.close()
+                continue
+            try:
+                return await session(instance, sock, own, info)
+            except Refused as exc:
+                log.warning("refused source pid %d: %s; still waiting", pid, exc)
+            except wire.RemoteProtocolError as exc:
+                log.warning("refused source pid %d: %s; still waiting", pid, exc)
+            except channel.ChannelTimeout:
+                log.warning("dropped source pid %d: it stalled for %g s; still waiting", pid, SESSION_TIMEOUT)
+            except OSError as exc:
+                log.warning("lost source pid %d: %s; still waiting", pid, exc)
+    finally:
+        listener.close()
+        from fdmig.chardev import remove_own_socket
+        remove_own_socket(path, inode)
+
+
+async def take_over(instance, received: Received) -> None:
+    """After RELEASED: the moved chardevs resume first (that ends the downtime),
+    then the rest are opened afresh and the control path is ours."""
+    from fdmig.control import ControlServer
+    plan = received.plan
+    labels = sorted(plan.order, key=lambda label: plan.specs[label].bridge is not None)
+    chardevs = {label: instance.register(plan.specs[label]) for label in labels}
+    moved = []
+    for label, by_role in received.sockets.items():
+        section = received.sections[label]
+        chardevs[label].restore(section.meta, section.outbuf, by_role.get("conn"), by_role.get("listener"))
+        moved.append(chardevs[label])
+    received.chan.close()
+    for chardev in moved:
+        chardev.resume()
+    resumed_at = time.monotonic()
+    instance.run_state = "running"
+    for name, state in plan.capabilities.items():
+        if name in instance.capabilities:
+            instance.capabilities[name] = state
+    info = received.released_info
+    quiesce_at = info.get("quiesce-at")
+    started_at = info.get("started-at")
+    instance.set_migration(
+        "completed", chardevs=len(moved), error=None,
+        downtime_ms=round((resumed_at - quiesce_at) * 1000, 3) if isinstance(quiesce_at, float) else None,
+        total_ms=round((resumed_at - started_at) * 1000, 3) if isinstance(started_at, float) else None,
+        setup_ms=info.get("setup-ms"), source_pid=received.hello.pid)
+    for label in labels:
+        chardev = chardevs[label]
+        if chardev in moved:
+            continue
+        try:
+            await instance.open_registered(chardev)
+        except FdmigError as exc:
+            log.warning("chardev %s: not moved and cannot be opened afresh: %s", label, exc)
+    instance.control = ControlServer(instance)
+    instance.control.bind(instance.control_path, take_over=True)
+    instance.control.start()
+    log.info("migration completed: %d chardev(s) moved live from pid %d, downtime %s ms",
+             len(moved), received.hello.pid, instance.migration.get("downtime-ms"))
+
+
+def exec_handover(received: Received, argv: list[str]) -> None:
+    """Hand the moved fds to `argv` by systemd's socket-activation protocol: from fd
+    3 on, in label order, each chardev's connection named by its label and a
+    server's listener after it as LABEL.listener; blocking, close-on-exec cleared."""
+    from fdmig import systemd
+    names, socks = [], []
+    for label in sorted(received.sockets):
+        by_role = received.sockets[label]
+        section = received.sections[label]
+        if "conn" in by_role:
+            conn = by_role["conn"]
+            conn.setblocking(True)
+            if section.outbuf:
+                conn.sendall(section.outbuf)  # carried bytes go first, as in serve
+            names.append(label)
+            socks.append(conn)
+        if "listener" in by_role:
+            names.append(f"{label}.listener")
+            socks.append(by_role["listener"])
+    received.chan.close()
+    first = systemd.SD_LISTEN_FDS_START
+    # Lift every fd above the target range first, so no dup2 clobbers one still to move.
+    high = [os.dup(s.fileno()) for s in socks]
+    lifted = []
+    for fd in high:
+        lifted.append(fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, first + len(high)))
+        os.close(fd)
+    for i, fd in enumerate(lifted):
+        os.dup2(fd, first + i, inheritable=True)
+        os.set_blocking(first + i, True)
+        os.close(fd)
+    env = dict(os.environ, **systemd.activation_env(names, os.getpid()))
+    systemd.notify(f"MAINPID={os.getpid()}", f"STATUS=exec {argv[0]} with {len(names)} fd(s)")
+    log.info("handing %d fd(s) to %s", len(names), " ".join(argv))
+    logging.shutdown()
+    try:
+        os.execvpe(argv[0], argv, env)
+    except OSError as exc:
+        log.error("cannot exec %s: %s; the moved connections are lost", argv[0], exc.strerror)
+        os._exit(1)

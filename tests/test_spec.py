@@ -1,0 +1,404 @@
+"""SPEC parsing (QEMU's `-chardev socket,...` syntax and QEMU's chardev-add shape),
+without processes; then the CLI's exit 2 for every kind of mistake."""
+
+import dataclasses
+
+import pytest
+from hypothesis import example, given, settings, strategies as st
+
+from fdmig.errors import SpecError
+from fdmig.spec import (UNIX_PATH_MAX, ChardevSpec, check_set, from_dict, from_qmp, parse_spec)
+from tests.helpers import run_many
+
+# ----- every key -------------------------------------------------------------
+
+
+def test_unix_client_is_the_default_role():
+    spec = parse_spec("socket,id=app,path=/run/app.sock")
+    assert spec == ChardevSpec(id="app", kind="unix", path="/run/app.sock")
+    assert spec.role == "client"
+    assert spec.address == "unix:/run/app.sock"
+    assert (spec.server, spec.wait, spec.reconnect_ms, spec.frontend) == (False, False, 0, "hold")
+
+
+def test_every_key_of_a_server_is_parsed():
+    spec = parse_spec("socket,id=web.1_a-b,path=/run/x.sock,server=on,wait=on,nodelay=on,"
+                      "support-local-migration=on,frontend=echo,logfile=/tmp/log,logappend=on")
+    assert spec == ChardevSpec(id="web.1_a-b", kind="unix", path="/run/x.sock", server=True, wait=True,
+                               nodelay=True, support_local_migration=True, frontend="echo",
+                               logfile="/tmp/log", logappend=True)
+    assert spec.role == "server"
+
+
+def test_every_key_of_a_tcp_client_is_parsed():
+    spec = parse_spec("socket,id=up,host=example.org,port=8080,reconnect-ms=500,local-incoming=yes,"
+                      "frontend=sink")
+    assert (spec.kind, spec.host, spec.port, spec.reconnect_ms, spec.local_incoming, spec.frontend) == \
+        ("inet", "example.org", 8080, 500, True, "sink")
+    assert spec.address == "tcp:example.org:8080"
+
+
+def test_ipv6_host_is_written_with_or_without_brackets():
+    bare = parse_spec("id=a,host=::1,port=1")
+    bracketed = parse_spec("id=a,host=[::1],port=1")
+    assert bare == bracketed
+    assert bare.host == "::1"
+    assert bare.address == "tcp:[::1]:1"
+
+
+def test_server_may_listen_on_port_zero_but_a_client_may_not_connect_to_it():
+    assert parse_spec("id=a,host=127.0.0.1,port=0,server=on").port == 0
+    with pytest.raises(SpecError, match="port.*accepted: 1 to 65535"):
+        parse_spec("id=a,host=127.0.0.1,port=0")
+
+
+def test_fd_takes_a_number_or_a_getfd_name():
+    assert parse_spec("id=a,fd=7").fd == "7"
+    assert parse_spec("id=a,fd=mysock").fd == "mysock"
+    assert parse_spec("id=a,fd=7").address == "fd:7"
+    with pytest.raises(SpecError, match="chardev fd:"):
+        parse_spec("id=a,fd=-1")
+
+
+def test_fdname_names_a_socket_activation_fd():
+    spec = parse_spec("id=a,fdname=web.socket,server=on")
+    assert (spec.kind, spec.fdname, spec.address) == ("fdname", "web.socket", "fdname:web.socket")
+
+
+def test_bridge_implies_the_bridge_frontend():
+    assert parse_spec("id=a,path=/p,bridge=b").frontend == "bridge"
+    assert parse_spec("id=a,path=/p,bridge=b,frontend=bridge").bridge == "b"
+    with pytest.raises(SpecError, match="bridge.*frontend=echo"):
+        parse_spec("id=a,path=/p,bridge=b,frontend=echo")
+    with pytest.raises(SpecError, match="frontend=bridge needs bridge=LABEL"):
+        parse_spec("id=a,path=/p,frontend=bridge")
+    with pytest.raises(SpecError, match="cannot bridge to itself"):
+        parse_spec("id=a,path=/p,bridge=a")
+
+
+def test_logappend_needs_a_logfile():
+    with pytest.raises(SpecError, match="logappend: needs logfile=PATH"):
+        parse_spec("id=a,path=/p,logappend=on")
+
+
+def test_wait_is_only_for_a_server():
+    with pytest.raises(SpecError, match="wait.*server=on"):
+        parse_spec("id=a,path=/p,wait=on")
+
+
+def test_a_key_given_twice_is_refused():
+    with pytest.raises(SpecError, match="path: given twice"):
+        parse_spec("id=a,path=/p,path=/q")
+
+
+def test_a_value_may_contain_an_equals_sign():
+    assert parse_spec("id=a,path=/tmp/a=b").path == "/tmp/a=b"
+
+
+def test_a_doubled_comma_is_a_literal_comma_as_in_qemu():
+    # QEMU's option syntax escapes ',' in a value as ',,'.
+    assert parse_spec("id=a,path=/tmp/a,,b,server=on").path == "/tmp/a,b"
+
+
+# ----- QEMU's id rules ---------------------------------------------------------
+
+@pytest.mark.parametrize("label", ["a", "Z", "a1", "a-b", "a.b", "a_b", "A.b-c_9", "x" * 128])
+def test_valid_ids(label):
+    assert parse_spec(f"id={label},path=/p").id == label
+
+
+@pytest.mark.parametrize("label", ["1a", "-a", ".a", "_a", "a b", "a/b", "a:b", "é", "a+", "x" * 129])
+def test_invalid_ids_name_the_rule(label):
+    with pytest.raises(SpecError, match=r"chardev id: .*accepted: a letter, then letters, digits"):
+        parse_spec(f"id={label},path=/p")
+
+
+@pytest.mark.parametrize("text", ["socket,path=/p", "socket,id=,path=/p"])
+def test_missing_id_is_refused(text):
+    with pytest.raises(SpecError, match="chardev id: missing"):
+        parse_spec(text)
+
+
+# ----- booleans, bare flags, the leading `socket` --------------------------------
+
+@pytest.mark.parametrize("word, value", [("on", True), ("true", True), ("yes", True),
+                                         ("off", False), ("false", False), ("no", False),
+                                         ("ON", True), ("Off", False)])
+def test_booleans_take_on_off_true_false_yes_no(word, value):
+    assert parse_spec(f"id=a,path=/p,server={word}").server is value
+    assert parse_spec(f"id=a,path=/p,support-local-migration={word}").support_local_migration is value
+
+
+@pytest.mark.parametrize("word", ["1", "0", "y", "enabled", ""])
+def test_a_bad_boolean_names_the_accepted_words(word):
+    with pytest.raises(SpecError, match="server: .*accepted: on/off, true/false, yes/no"):
+        parse_spec(f"id=a,path=/p,server={word}")
+
+
+def test_bare_server_means_server_on():
+    assert parse_spec("socket,id=a,path=/p,server").server is True
+    assert parse_spec("socket,id=a,path=/p,server,wait").wait is True
+
+
+def test_a_bare_key_that_is_not_a_flag_needs_a_value():
+    with pytest.raises(SpecError, match="path: needs a value"):
+        parse_spec("id=a,path")
+
+
+def test_leading_socket_is_optional():
+    assert parse_spec("socket,id=a,path=/p") == parse_spec("id=a,path=/p")
+
+
+def test_other_backends_are_refused():
+    with pytest.raises(SpecError, match="backend: 'pty' is not supported; accepted: socket"):
+        parse_spec("pty,id=a")
+
+
+@pytest.mark.parametrize("text", ["", ",", "socket,", "id=a,,path=/p", "id=a,path=/p,"])
+def test_empty_input_or_items_are_refused(text):
+    with pytest.raises(SpecError):
+        parse_spec(text)
+
+
+# ----- exactly one address -------------------------------------------------------
+
+@pytest.mark.parametrize("text, given", [
+    ("id=a", "none given"),
+    ("id=a,path=/p,host=h,port=1", "path and host given"),
+    ("id=a,path=/p,fd=3", "path and fd given"),
+    ("id=a,fd=3,fdname=x", "fd and fdname given"),
+    ("id=a,host=h,port=1,fdname=x", "host and fdname given"),
+])
+def test_exactly_one_address(text, given):
+    with pytest.raises(SpecError, match=f"address: exactly one of path=, host=\\+port=, fd=, fdname= is needed; {given}"):
+        parse_spec(text)
+
+
+def test_port_without_host_and_host_without_port_are_refused():
+    with pytest.raises(SpecError, match="port: given without host="):
+        parse_spec("id=a,path=/p,port=1")
+    with pytest.raises(SpecError, match="port: missing"):
+        parse_spec("id=a,host=h")
+
+
+@pytest.mark.parametrize("value", ["x", "-1", "1.5", "", "0x10", "²", "1" * 5000],
+                         ids=["x", "-1", "1.5", "empty", "0x10", "superscript", "5000-digits"])
+def test_a_bad_number_is_refused_with_the_range(value):
+    with pytest.raises(SpecError, match="port: .*accepted: 1 to 65535"):
+        parse_spec(f"id=a,host=h,port={value}")
+    with pytest.raises(SpecError, match="reconnect-ms: .*accepted: 0 to 86400000"):
+        parse_spec(f"id=a,path=/p,reconnect-ms={value}")
+
+
+def test_fd_number_must_be_ascii_digits_and_a_c_int():
+    # Regression: "²".isdigit() is true, and int("²") raised ValueError.
+    for fd in ("²", "٣", "99999999999", "1" * 5000):
+        with pytest.raises(SpecError, match="chardev fd:"):
+            parse_spec(f"id=a,fd={fd}")
+    assert parse_spec("id=a,fd=2147483647").fd == "2147483647"
+
+
+def test_unix_path_length_limit_is_sun_path():
+    assert parse_spec("id=a,path=/" + "x" * (UNIX_PATH_MAX - 1)).path
+    with pytest.raises(SpecError, match=f"path: 108 bytes is too long.*at most {UNIX_PATH_MAX} bytes"):
+        parse_spec("id=a,path=/" + "x" * UNIX_PATH_MAX)
+    # bytes, not characters
+    with pytest.raises(SpecError, match="path: 108 bytes"):
+        parse_spec("id=a,path=/" + "é" * 53 + "x")
+
+
+def test_reconnect_ms_is_only_for_a_client():
+    assert parse_spec("id=a,path=/p,reconnect-ms=20").reconnect_ms == 20
+    assert parse_spec("id=a,path=/p,server=on,reconnect-ms=0").reconnect_ms == 0
+    with pytest.raises(SpecError, match="reconnect-ms: only a client reconnects"):
+        parse_spec("id=a,path=/p,server=on,reconnect-ms=20")
+
+
+# ----- rules across chardevs ----------------------------------------------------------
+
+def test_check_set_refuses_duplicate_labels_and_dangling_bridges():
+    a, b = parse_spec("id=a,path=/a"), parse_spec("id=b,path=/b,bridge=a")
+    check_set([a, b])
+    with pytest.raises(SpecError, match="id: duplicate label 'a'"):
+        check_set([a, parse_spec("id=a,path=/c")])
+    with pytest.raises(SpecError, match="bridge: 'zz' names no chardev; accepted: one of b"):
+        check_set([parse_spec("id=b,path=/b,bridge=zz")])
+    with pytest.raises(SpecError, match="bridge: 'a' is bridged by more than one chardev"):
+        check_set([a, b, parse_spec("id=c,path=/c,bridge=a")])
+    with pytest.raises(SpecError, match="bridge: 'a' already has frontend echo"):
+        check_set([parse_spec("id=a,path=/a,frontend=echo"), b])
+
+
+# ----- QMP shape --------------------------------------------------------------------------
+
+def test_to_qmp_is_qemus_nested_chardev_add_shape():
+    spec = parse_spec("id=app,path=/run/app.sock,reconnect-ms=20,support-local-migration=on")
+    assert spec.to_qmp() == {"id": "app", "backend": {"type": "socket", "data": {
+        "addr": {"type": "unix", "data": {"path": "/run/app.sock"}},
+        "reconnect-ms": 20, "support-local-migration": True}}}
+    tcp = parse_spec("id=t,host=::1,port=99,server=on")
+    assert tcp.to_qmp()["backend"]["data"] == {
+        "addr": {"type": "inet", "data": {"host": "::1", "port": "99"}}, "server": True}
+    assert parse_spec("id=f,fd=name").to_qmp()["backend"]["data"]["addr"] == {"type": "fd", "data": {"str": "name"}}
+    assert parse_spec("id=f,fdname=x").to_qmp()["backend"]["data"]["addr"] == {"type": "fdname", "data": {"name": "x"}}
+
+
+def test_from_qmp_takes_qemus_shape_as_qemu_sends_it():
+    arguments = {"id": "app", "backend": {"type": "socket", "data": {
+        "addr": {"type": "unix", "data": {"path": "/run/app.sock"}},
+        "server": False, "reconnect-ms": 20, "support-local-migration": True}}}
+    assert from_qmp(arguments) == ChardevSpec(id="app", kind="unix", path="/run/app.sock", reconnect_ms=20,
+                                              support_local_migration=True)
+    inet = {"id": "t", "backend": {"type": "socket", "data": {
+        "addr": {"type": "inet", "data": {"host": "127.0.0.1", "port": "4444"}}, "server": True}}}
+    assert from_qmp(inet).port == 4444
+
+
+@pytest.mark.parametrize("arguments, match", [
+    ([], "arguments must be an object"),
+    ({"id": "a"}, "'backend' is missing"),
+    ({"id": "a", "backend": {"type": "file", "data": {}}}, "backend type 'file' is not supported"),
+    ({"id": "a", "backend": {"type": "socket", "data": {}}}, "backend.data.addr' is missing"),
+    ({"id": "a", "backend": {"type": "socket", "data": {"addr": {"type": "unix"}}}}, "addr.data' is missing"),
+    ({"id": "a", "backend": {"type": "socket", "data": {"addr": {"type": "vsock", "data": {}}}}},
+     "address type 'vsock' is not supported"),
+    ({"id": 5, "backend": {"type": "socket", "data": {"addr": {"type": "unix", "data": {"path": "/p"}}}}},
+     "'id' is missing or not a string"),
+    ({"id": "a", "backend": {"type": "socket", "data": {"addr": {"type": "unix", "data": {"path": "/p"}},
+                                                         "server": [1]}}}, "Invalid parameter type for 'server'"),
+    ({"id": "a", "backend": {"type": "socket", "data": {"addr": {"type": "unix", "data": {"path": "/p"}},
+                                                         "server": 1}}}, "server: '1' is not a boolean"),
+    ({"id": "a", "backend": {"type": "socket", "data": {"addr": {"type": "unix", "data": {"path": "/p"}},
+                                                         "reconnect-ms": True}}}, "reconnect-ms: 'True' is not a number"),
+    ({"id": "a", "backend": {"type": "socket", "data": {"addr": {"type": "unix", "data": {"path": "/p"}},
+                                                         "colour": "red"}}}, "unknown key 'colour'"),
+])
+def test_from_qmp_refuses_malformed_arguments_with_specerror(arguments, match):
+    with pytest.raises(SpecError, match=match):
+        from_qmp(arguments)
+
+
+# ----- round trips --------------------------------------------------------------------------
+
+_labels = st.from_regex(r"[A-Za-z][A-Za-z0-9_.-]{0,20}", fullmatch=True)
+_paths = st.text(st.characters(blacklist_characters="\0", blacklist_categories=("Cs",)), min_size=1, max_size=60) \
+    .filter(lambda p: len(p.encode()) <= UNIX_PATH_MAX)
+
+
+@st.composite
+def specs(draw):
+    kind = draw(st.sampled_from(["unix", "inet", "fd", "fdname"]))
+    server = draw(st.booleans())
+    fields = dict(id=draw(_labels), kind=kind, server=server)
+    if kind == "unix":
+        fields["path"] = draw(_paths)
+    elif kind == "inet":
+        fields["host"] = draw(st.sampled_from(["127.0.0.1", "::1", "localhost", "fe80::1%lo", "example.org"]))
+        fields["port"] = draw(st.integers(0 if server else 1, 65535))
+    elif kind == "fd":
+        fields["fd"] = draw(st.one_of(st.integers(0, 10000).map(str), _labels))
+    else:
+        fields["fdname"] = draw(st.text(st.characters(blacklist_characters="\0,", blacklist_categories=("Cs",)),
+                                        min_size=1, max_size=20))
+    if server:
+        fields["wait"] = draw(st.booleans())
+    else:
+        fields["reconnect_ms"] = draw(st.integers(0, 86_400_000))
+    for flag in ("nodelay", "support_local_migration", "local_incoming"):
+        fields[flag] = draw(st.booleans())
+    if draw(st.booleans()):
+        fields["frontend"] = "bridge"
+        fields["bridge"] = draw(_labels.filter(lambda b: b != fields["id"]))
+    else:
+        fields["frontend"] = draw(st.sampled_from(["hold", "echo", "sink"]))
+    if draw(st.booleans()):
+        fields["logfile"] = draw(_paths)
+        fields["logappend"] = draw(st.booleans())
+    return ChardevSpec(**fields)
+
+
+@settings(max_examples=300, deadline=None)
+@given(specs())
+@example(ChardevSpec(id="a", kind="unix", path="/tmp/a,b", logfile="/l,,og"))
+def test_spec_string_round_trip(spec):
+    assert parse_spec(spec.to_spec_string()) == spec
+
+
+@settings(max_examples=300, deadline=None)
+@given(specs())
+def test_qmp_and_dict_round_trip(spec):
+    assert from_qmp(spec.to_qmp()) == spec
+    assert from_dict(spec.to_dict()) == spec
+
+
+_spec_words = st.sampled_from(["socket", "id", "path", "host", "port", "fd", "fdname", "server", "wait",
+                               "reconnect-ms", "nodelay", "support-local-migration", "local-incoming",
+                               "frontend", "bridge", "logfile", "logappend", "=", ",", ",,", "on", "off",
+                               "a", "1", "²", "٣", "-1", "[::1]", "/p", "echo", "bridge", "\0", "é", " "])
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.one_of(st.text(), st.lists(_spec_words, max_size=24).map("".join)))
+def test_parse_spec_raises_only_specerror(text):
+    try:
+        spec = parse_spec(text)
+    except SpecError:
+        return
+    assert isinstance(spec, ChardevSpec)
+    assert parse_spec(spec.to_spec_string()) == spec
+
+
+_json = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+                     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+                     max_leaves=8)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(_json, specs().map(lambda s: s.to_qmp()).flatmap(
+    lambda q: st.tuples(st.just(q), st.sampled_from(["id", "backend"]), _json).map(
+        lambda t: {**t[0], t[1]: t[2]}))))
+def test_from_qmp_raises_only_specerror(arguments):
+    try:
+        from_qmp(arguments)
+    except SpecError:
+        pass
+
+
+# ----- the CLI: exit 2, one line naming the field and what is accepted ---------------------------
+
+LONG_PATH = "/tmp/" + "x" * 103  # 108 bytes
+
+CLI_MISTAKES = {
+    "unknown key": (["--chardev", "socket,id=a,path=/tmp/p,colour=red"], "colour", "accepted: id, path"),
+    "missing id": (["--chardev", "socket,path=/tmp/p"], "id", "id=LABEL"),
+    "bad id": (["--chardev", "socket,id=9a,path=/tmp/p"], "id", "accepted: a letter"),
+    "bad number": (["--chardev", "socket,id=a,host=127.0.0.1,port=http"], "port", "accepted: 1 to 65535"),
+    "port out of range": (["--chardev", "socket,id=a,host=127.0.0.1,port=70000"], "port", "accepted: 1 to 65535"),
+    "two addresses": (["--chardev", "socket,id=a,path=/tmp/p,fd=3"], "address", "exactly one of path="),
+    "reconnect on a server": (["--chardev", "socket,id=a,path=/tmp/p,server=on,reconnect-ms=10"],
+                              "reconnect-ms", "only a client"),
+    "unix path too long": (["--chardev", f"socket,id=a,path={LONG_PATH}"], "path", "at most 107 bytes"),
+    "duplicate label": (["--chardev", "socket,id=a,path=/tmp/p", "--chardev", "socket,id=a,path=/tmp/q"],
+                        "id", "duplicate label 'a'"),
+    "bridge to a missing label": (["--chardev", "socket,id=a,path=/tmp/p,bridge=b"], "bridge",
+                                  "accepted: one of a"),
+    "bad boolean": (["--chardev", "socket,id=a,path=/tmp/p,server=maybe"], "server",
+                    "accepted: on/off, true/false, yes/no"),
+    "unknown frontend": (["--chardev", "socket,id=a,path=/tmp/p,frontend=cat"], "frontend",
+                         "accepted: hold, echo, sink, bridge"),
+    "other backend": (["--chardev", "pty,id=a"], "backend", "accepted: socket"),
+    "local-incoming on serve": (["--chardev", "socket,id=a,path=/tmp/p,local-incoming=on"], "local-incoming",
+                                "only migrate-in"),
+}
+
+
+def test_every_spec_mistake_on_serve_exits_2_with_one_line(runtime_dir):
+    results = run_many([["serve", *args] for args, _, _ in CLI_MISTAKES.values()])
+    failures = []
+    for (case, (args, field, accepted)), result in zip(CLI_MISTAKES.items(), results):
+        lines = result.stderr.splitlines()
+        ok = (result.returncode == 2 and len(lines) == 1 and f"chardev {field}:" in lines[0]
+              and accepted in lines[0] and not result.stdout)
+        if not ok:
+            failures.append(f"{case}: exit {result.returncode}, stderr {result.stderr!r}")
+    assert not failures, "\n".join(failures)

@@ -1,0 +1,831 @@
+"""The migration channel codec, with no sockets: bytes and fd counts move by hand."""
+
+import json
+import struct
+import time
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fdmig.migration.wire import (
+    HEADER,
+    MAGIC,
+    MAX_FDS_PER_FRAME,
+    MAX_FRAME,
+    NEED_DATA,
+    TRANSITIONS,
+    VERSION,
+    Abort,
+    Accept,
+    Ack,
+    Chunk,
+    ConnectionClosed,
+    FrameType,
+    Hello,
+    LocalProtocolError,
+    MigrationCodec,
+    ProtocolError,
+    Released,
+    RemoteProtocolError,
+    Role,
+    Section,
+    State,
+    Table,
+    Transfer,
+)
+
+
+def drain(codec):
+    events = []
+    while True:
+        event = codec.next_event()
+        if event is NEED_DATA:
+            return events
+        events.append(event)
+        if isinstance(event, ConnectionClosed):
+            return events
+
+
+class CodecPair:
+    """A source and a target codec wired together (h11's ConnectionPair): what one
+    sends, the other receives, fds counted as the kernel would deliver them."""
+
+    def __init__(self, max_frame=MAX_FRAME):
+        self.source = MigrationCodec(Role.SOURCE, max_frame)
+        self.target = MigrationCodec(Role.TARGET, max_frame)
+        # The fds each side has received, in order of arrival: what a decoded
+        # Section's fd indices point into.
+        self.received_fds = {Role.SOURCE: [], Role.TARGET: []}
+        self.chunks: list[Chunk] = []
+
+    def peer(self, codec):
+        return self.target if codec is self.source else self.source
+
+    def send(self, codec, event, deliver=True):
+        self.chunks = codec.send(event)
+        if deliver:
+            return self.deliver(codec, self.chunks)
+        return []
+
+    def deliver(self, codec, chunks):
+        receiver = self.peer(codec)
+        for chunk in chunks:
+            receiver.receive_data(chunk.data, len(chunk.fds))
+            self.received_fds[receiver.role].extend(chunk.fds)
+        return drain(receiver)
+
+    def fds_of(self, role, section):
+        return {name: self.received_fds[role][index] for name, index in section.fds.items()}
+
+
+HELLO = Hello(name="web", pid=4242, version="0.1.0")
+TABLE = Table(
+    capabilities={"outbuf": True, "listener": True},
+    chardevs=({"id": "c0", "backend": "socket", "path": "/run/c0.sock"}, {"id": "c1", "backend": "socket"}),
+)
+TRANSFER = Transfer(
+    sections=(
+        Section(label="c0", meta={"connected": True, "peer": "x"}, outbuf=b"pending\x00bytes",
+                fds={"conn": 7, "listener": 8}),
+        Section(label="c1", meta={}, outbuf=b"", fds={"listener": 9}),
+        Section(label="c2", meta={"nested": {"a": [1, 2.5, None]}}, outbuf=b"\xff" * 10, fds={}),
+    )
+)
+
+
+def pair_at(state):
+    """A CodecPair whose conversation has reached `state`."""
+    steps = [
+        (State.HELLO, "source", HELLO),
+        (State.TABLE_DONE, "source", TABLE),
+        (State.ACCEPTED, "target", Accept()),
+        (State.TRANSFER_DONE, "source", TRANSFER),
+        (State.COMMITTED, "target", Ack()),
+        (State.RELEASED, "source", Released()),
+    ]
+    pair = CodecPair()
+    for reached, side, event in steps:
+        if pair.source.state is state:
+            break
+        pair.send(getattr(pair, side), event)
+        assert pair.source.state is pair.target.state is reached
+    assert pair.source.state is state
+    return pair
+
+
+def frame(ftype, payload=b"{}", nfds=0, magic=MAGIC, version=VERSION, length=None):
+    if not isinstance(payload, bytes):
+        payload = json.dumps(payload).encode()
+    return HEADER.pack(magic, version, ftype, len(payload) if length is None else length, nfds) + payload
+
+
+def sections_payload(manifest, outbufs=b""):
+    body = json.dumps(manifest).encode()
+    return struct.pack("!I", len(body)) + body + outbufs
+
+
+# ---------------------------------------------------------------------------
+# The happy path
+
+
+def test_full_conversation_round_trips_every_event():
+    pair = CodecPair()
+    assert pair.send(pair.source, HELLO) == [HELLO]
+    assert pair.send(pair.source, TABLE) == [TABLE]
+    assert pair.target.state is State.TABLE_DONE
+    assert pair.send(pair.target, Accept({"pid": 77, "version": "0.1.0"})) == [Accept({"pid": 77, "version": "0.1.0"})]
+
+    [transfer] = pair.send(pair.source, TRANSFER)
+    assert [s.label for s in transfer.sections] == ["c0", "c1", "c2"]
+    for sent, got in zip(TRANSFER.sections, transfer.sections):
+        assert (got.label, got.meta, got.outbuf) == (sent.label, sent.meta, sent.outbuf)
+        # Decoded fds are indices into what the target received, and name the
+        # source's fds, role by role.
+        assert pair.fds_of(Role.TARGET, got) == dict(sent.fds)
+    assert transfer.sections[0].fds == {"conn": 0, "listener": 1}
+    assert transfer.sections[1].fds == {"listener": 2}
+    assert pair.received_fds[Role.TARGET] == [7, 8, 9]
+
+    assert pair.send(pair.target, Ack()) == [Ack()]
+    assert pair.source.state is pair.target.state is State.COMMITTED
+    assert pair.send(pair.source, Released({"downtime-ms": 1.5})) == [Released({"downtime-ms": 1.5})]
+    assert pair.source.state is pair.target.state is State.RELEASED
+    assert pair.target.fds_received == pair.target.fds_claimed == 3
+
+    pair.target.receive_data(b"")
+    assert pair.target.next_event() == ConnectionClosed()
+    assert pair.target.next_event() == ConnectionClosed()
+
+
+def test_fds_travel_only_with_the_chunk_that_starts_their_frame():
+    pair = pair_at(State.ACCEPTED)
+    chunks = pair.source.send(TRANSFER)
+    assert [c.fds for c in chunks] == [(7, 8, 9), ()]
+    for chunk in chunks:
+        magic, _version, ftype, length, nfds = HEADER.unpack_from(chunk.data)
+        assert magic == MAGIC and nfds == len(chunk.fds) and length == len(chunk.data) - HEADER.size
+
+
+def test_empty_table_and_empty_transfer_round_trip():
+    pair = pair_at(State.HELLO)
+    empty_table = Table(capabilities={}, chardevs=())
+    assert pair.send(pair.source, empty_table) == [empty_table]
+    pair.send(pair.target, Accept())
+    assert pair.send(pair.source, Transfer(sections=())) == [Transfer(sections=())]
+    assert pair.target.state is State.TRANSFER_DONE
+
+
+def test_lists_given_to_events_become_tuples():
+    assert Table(capabilities={}, chardevs=[{"id": "a"}]).chardevs == ({"id": "a"},)
+    assert Transfer(sections=[Section("a", {})]).sections == (Section("a", {}),)
+
+
+def test_ten_thousand_sections_with_two_fds_each_split_into_bounded_frames():
+    pair = pair_at(State.ACCEPTED)
+    sections = tuple(
+        Section(label=f"chardev-{i}", meta={"index": i, "connected": True}, outbuf=b"x" * (i % 50),
+                fds={"conn": 10_000 + 2 * i, "listener": 10_001 + 2 * i})
+        for i in range(10_000)
+    )
+    chunks = pair.source.send(Transfer(sections=sections))
+    *section_chunks, end = chunks
+    assert len(section_chunks) == -(-20_000 // 252)  # 126 two-fd sections per frame
+    assert all(len(c.fds) <= MAX_FDS_PER_FRAME and len(c.data) - HEADER.size <= MAX_FRAME for c in chunks)
+    assert end.fds == ()
+
+    start = time.perf_counter()
+    [transfer] = pair.deliver(pair.source, chunks)
+    elapsed = time.perf_counter() - start
+    assert elapsed < 0.5, f"decoding took {elapsed:.2f}s"
+
+    assert len(transfer.sections) == 10_000
+    assert pair.target.fds_claimed == pair.target.fds_received == 20_000
+    for sent, got in zip(sections, transfer.sections):
+        assert (got.label, got.meta, got.outbuf) == (sent.label, sent.meta, sent.outbuf)
+        assert pair.fds_of(Role.TARGET, got) == sent.fds
+
+
+def test_outbufs_fill_frames_up_to_the_byte_bound():
+    pair = CodecPair(max_frame=4096)
+    pair.send(pair.source, HELLO)
+    pair.send(pair.source, Table({}, ()))
+    pair.send(pair.target, Accept())
+    sections = tuple(Section(f"s{i}", {}, bytes([i]) * 1000) for i in range(20))
+    chunks = pair.source.send(Transfer(sections))
+    assert len(chunks) > 5
+    assert all(len(c.data) - HEADER.size <= 4096 for c in chunks)
+    [transfer] = pair.deliver(pair.source, chunks)
+    assert transfer.sections == sections
+
+
+def test_ten_thousand_chardev_table_splits_into_frames_and_arrives_as_one_event():
+    pair = pair_at(State.HELLO)
+    chardevs = tuple(
+        {"id": f"chardev-{i}", "backend": "socket", "path": f"/run/fdmig/instances/web/chardev-{i}.sock",
+         "server": True, "wait": False, "reconnect": 0, "logfile": f"/var/log/fdmig/web/chardev-{i}.log",
+         "options": {"nodelay": True, "telnet": False, "websocket": False, "tls": None, "mux": False,
+                     "logappend": True, "padding": "p" * 60}}
+        for i in range(10_000)
+    )
+    assert 250 < len(json.dumps(chardevs[0])) < 400
+    table = Table(capabilities={"outbuf": True}, chardevs=chardevs)
+    chunks = pair.source.send(table)
+    assert len(chunks) >= 4  # ~3 MB of chardevs, then TABLE_END
+    assert all(len(c.data) - HEADER.size <= MAX_FRAME and c.fds == () for c in chunks)
+    assert pair.deliver(pair.source, chunks) == [table]
+
+
+def test_byte_at_a_time_feeding_gives_the_same_events():
+    whole = CodecPair()
+    trickle = CodecPair()
+    script = [("source", HELLO), ("source", TABLE), ("target", Accept()), ("source", TRANSFER),
+              ("target", Ack()), ("source", Released())]
+    for side, event in script:
+        expected = whole.send(getattr(whole, side), event)
+        sender = getattr(trickle, side)
+        receiver = trickle.peer(sender)
+        got = []
+        for chunk in sender.send(event):
+            for i in range(len(chunk.data)):
+                # The fds come with the first byte of the chunk, as the kernel delivers them.
+                receiver.receive_data(chunk.data[i : i + 1], len(chunk.fds) if i == 0 else 0)
+                got.extend(drain(receiver))
+        assert got == expected
+    assert trickle.target.state is State.RELEASED
+
+
+def test_fds_reported_after_their_first_byte_are_accepted_until_the_frame_completes():
+    pair = pair_at(State.ACCEPTED)
+    [sections_chunk, end_chunk] = pair.source.send(TRANSFER)
+    data = sections_chunk.data
+    pair.target.receive_data(data[:10])
+    assert pair.target.next_event() is NEED_DATA
+    pair.target.receive_data(data[10:-1])
+    assert pair.target.next_event() is NEED_DATA
+    pair.target.receive_data(data[-1:], 3)
+    pair.target.receive_data(end_chunk.data)
+    [transfer] = drain(pair.target)
+    assert [s.fds for s in transfer.sections] == [{"conn": 0, "listener": 1}, {"listener": 2}, {}]
+
+
+def test_fds_for_the_next_frame_may_arrive_in_a_read_that_ends_the_previous_one():
+    # What the kernel does when one recvmsg() returns the tail of one sendmsg() and
+    # the head of the next: the fds of the second come with that read.
+    pair = CodecPair(max_frame=200)
+    pair.send(pair.source, HELLO)
+    pair.send(pair.source, Table({}, ()))
+    pair.send(pair.target, Accept())
+    sections = tuple(Section(f"s{i}", {}, b"", {"conn": 100 + i}) for i in range(6))
+    first, second, *rest = pair.source.send(Transfer(sections))
+    assert len(first.fds) > 1 and len(second.fds) > 1
+    pair.target.receive_data(first.data[:-5], len(first.fds))
+    pair.target.receive_data(first.data[-5:] + second.data[:1], len(second.fds))
+    assert drain(pair.target) == []
+    pair.target.receive_data(second.data[1:])
+    assert drain(pair.target) == []
+    for chunk in rest:
+        pair.target.receive_data(chunk.data, len(chunk.fds))
+    [transfer] = drain(pair.target)
+    assert [s.fds for s in transfer.sections] == [{"conn": i} for i in range(6)]
+
+
+# ---------------------------------------------------------------------------
+# Aborting
+
+
+def test_source_may_abort_mid_conversation():
+    pair = pair_at(State.TABLE_DONE)
+    assert pair.send(pair.source, Abort("operator cancelled")) == [Abort("operator cancelled")]
+    assert pair.source.state is pair.target.state is State.FAILED
+    with pytest.raises(LocalProtocolError):
+        pair.target.send(Accept())
+
+
+def test_target_may_abort_after_the_table():
+    pair = pair_at(State.TABLE_DONE)
+    assert pair.send(pair.target, Abort("unknown backend 'serial'")) == [Abort("unknown backend 'serial'")]
+    assert pair.source.state is pair.target.state is State.FAILED
+    with pytest.raises(LocalProtocolError):
+        pair.source.send(TRANSFER)
+
+
+def test_target_may_abort_before_acking_the_transfer():
+    pair = pair_at(State.TRANSFER_DONE)
+    assert pair.send(pair.target, Abort("cannot restore c1")) == [Abort("cannot restore c1")]
+    assert pair.source.state is State.FAILED
+
+
+@pytest.mark.parametrize("state", [State.COMMITTED, State.RELEASED])
+def test_nobody_can_abort_after_the_commit(state):
+    pair = pair_at(state)
+    for codec in (pair.source, pair.target):
+        with pytest.raises(LocalProtocolError, match="cannot send ABORT"):
+            codec.send(Abort("too late"))
+
+
+def test_an_abort_from_the_target_after_the_commit_is_a_protocol_error():
+    pair = pair_at(State.COMMITTED)
+    pair.source.receive_data(frame(FrameType.ABORT, {"reason": "too late"}))
+    with pytest.raises(RemoteProtocolError, match="ABORT not allowed in state COMMITTED"):
+        pair.source.next_event()
+
+
+def test_an_abort_from_the_source_after_released_is_a_protocol_error():
+    pair = pair_at(State.RELEASED)
+    pair.target.receive_data(frame(FrameType.ABORT, {"reason": "too late"}))
+    with pytest.raises(RemoteProtocolError, match="ABORT not allowed in state RELEASED"):
+        pair.target.next_event()
+
+
+def test_frames_in_flight_when_we_abort_are_dropped_and_the_peers_abort_passed_on():
+    pair = pair_at(State.ACCEPTED)
+    # Both give up at once: the source had already sent its transfer.
+    in_flight = pair.source.send(TRANSFER)
+    source_abort = pair.source.send(Abort("source gave up"))
+    assert pair.send(pair.target, Abort("target gave up")) == [Abort("target gave up")]
+    assert pair.deliver(pair.source, in_flight + source_abort) == [Abort("source gave up")]
+    assert pair.target.state is State.FAILED
+    assert pair.target.fds_claimed == pair.target.fds_received == 3
+    # After the peer's own ABORT nothing more may come.
+    pair.target.receive_data(frame(FrameType.TABLE, {"chardevs": []}))
+    with pytest.raises(RemoteProtocolError, match="TABLE not allowed in state FAILED"):
+        pair.target.next_event()
+
+
+def test_a_source_abort_that_crosses_the_ack_calls_the_migration_off_on_both_sides():
+    pair = pair_at(State.TRANSFER_DONE)
+    ack = pair.target.send(Ack())
+    assert pair.target.state is State.COMMITTED
+    abort = pair.source.send(Abort("timed out waiting for ACK"))
+    # The source never read the ACK, so it rolled back: the commit point is the
+    # source reading ACK. The late ACK is dropped; the target sees the ABORT.
+    assert pair.deliver(pair.target, ack) == []
+    assert pair.deliver(pair.source, abort) == [Abort("timed out waiting for ACK")]
+    assert pair.source.state is pair.target.state is State.FAILED
+
+
+def test_after_a_remote_protocol_error_we_may_still_send_one_abort():
+    pair = pair_at(State.TABLE_DONE)
+    pair.source.receive_data(frame(FrameType.ACK))
+    with pytest.raises(RemoteProtocolError):
+        pair.source.next_event()
+    [chunk] = pair.source.send(Abort("protocol error: ACK not allowed in state TABLE_DONE"))
+    assert pair.source.state is State.FAILED
+    with pytest.raises(LocalProtocolError):
+        pair.source.send(Abort("again"))
+
+
+def test_no_abort_after_a_remote_protocol_error_once_committed():
+    pair = pair_at(State.COMMITTED)
+    pair.target.receive_data(b"garbage!" * 4)
+    with pytest.raises(RemoteProtocolError):
+        pair.target.next_event()
+    with pytest.raises(LocalProtocolError):
+        pair.target.send(Abort("no"))
+
+
+# ---------------------------------------------------------------------------
+# Our own mistakes
+
+
+@pytest.mark.parametrize(
+    "role, event",
+    [
+        (Role.TARGET, HELLO),
+        (Role.SOURCE, Accept()),
+        (Role.SOURCE, TABLE),
+        (Role.SOURCE, TRANSFER),
+        (Role.SOURCE, Released()),
+        (Role.TARGET, Ack()),
+        (Role.SOURCE, ConnectionClosed()),
+    ],
+)
+def test_sending_out_of_turn_is_a_local_protocol_error(role, event):
+    codec = MigrationCodec(role)
+    with pytest.raises(LocalProtocolError):
+        codec.send(event)
+    assert codec.state is State.START
+
+
+def test_sending_the_transfer_before_the_target_accepts_is_a_local_protocol_error():
+    pair = pair_at(State.TABLE_DONE)
+    with pytest.raises(LocalProtocolError, match="cannot send SECTIONS in state TABLE_DONE"):
+        pair.source.send(TRANSFER)
+    with pytest.raises(LocalProtocolError):
+        pair.source.send(HELLO)
+    assert pair.source.state is State.TABLE_DONE
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        Hello(name="web", pid=0, version="1"),
+        Hello(name="web", pid=True, version="1"),
+        Hello(name=None, pid=1, version="1"),
+        Abort(reason=3),
+    ],
+)
+def test_malformed_events_are_local_protocol_errors(event):
+    codec = MigrationCodec(Role.SOURCE)
+    with pytest.raises(LocalProtocolError):
+        codec.send(event)
+
+
+@pytest.mark.parametrize(
+    "table",
+    [
+        Table(capabilities={"x": 1}, chardevs=()),
+        Table(capabilities={}, chardevs=({"path": "/no/id"},)),
+        Table(capabilities={}, chardevs=({"id": "c", "bad": {1, 2}},)),
+        Table(capabilities={}, chardevs=({"id": "c", "nan": float("nan")},)),
+        Table(capabilities={}, chardevs=({"id": "huge", "blob": "x" * MAX_FRAME},)),
+    ],
+)
+def test_malformed_tables_are_local_protocol_errors(table):
+    pair = pair_at(State.HELLO)
+    with pytest.raises(LocalProtocolError):
+        pair.source.send(table)
+    assert pair.source.state is State.HELLO
+
+
+@pytest.mark.parametrize(
+    "section",
+    [
+        Section("big", {}, b"x" * MAX_FRAME),
+        Section("many", {}, b"", {f"fd{i}": i for i in range(MAX_FDS_PER_FRAME + 1)}),
+        Section("neg", {}, b"", {"conn": -1}),
+        Section("role", {}, b"", {"": 3}),
+        Section("text", {}, "not bytes"),
+        Section("meta", {"when": object()}),
+    ],
+)
+def test_sections_that_cannot_be_sent_are_local_protocol_errors(section):
+    pair = pair_at(State.ACCEPTED)
+    with pytest.raises(LocalProtocolError):
+        pair.source.send(Transfer((Section("ok", {}, b"", {"conn": 3}), section)))
+    assert pair.source.state is State.ACCEPTED
+
+
+def test_a_section_with_exactly_the_fd_bound_fits_one_frame():
+    pair = pair_at(State.ACCEPTED)
+    fds = {f"fd{i}": 100 + i for i in range(MAX_FDS_PER_FRAME)}
+    chunks = pair.source.send(Transfer((Section("one", {}, b"", {"a": 1}), Section("many", {}, b"", fds))))
+    assert [len(c.fds) for c in chunks] == [1, MAX_FDS_PER_FRAME, 0]
+    [transfer] = pair.deliver(pair.source, chunks)
+    assert pair.fds_of(Role.TARGET, transfer.sections[1]) == fds
+
+
+def test_receive_data_after_eof_is_a_local_protocol_error():
+    codec = MigrationCodec(Role.TARGET)
+    codec.receive_data(b"")
+    with pytest.raises(LocalProtocolError):
+        codec.receive_data(b"more")
+
+
+# ---------------------------------------------------------------------------
+# The peer's mistakes
+
+
+def fail_with(codec, data, match, nfds=0):
+    codec.receive_data(data, nfds)
+    with pytest.raises(RemoteProtocolError, match=match):
+        drain(codec)
+    assert codec.state is State.FAILED
+    # ...and it stays failed, with the same complaint.
+    with pytest.raises(RemoteProtocolError, match=match):
+        codec.next_event()
+    codec.receive_data(frame(FrameType.HELLO, {"name": "x", "pid": 1, "version": "1"}))
+    with pytest.raises(RemoteProtocolError, match=match):
+        codec.next_event()
+
+
+def test_bad_magic_is_rejected_from_the_first_bytes():
+    # An HTTP client: refused before a full header is even in.
+    fail_with(MigrationCodec(Role.TARGET), b"GET ", r"not an fdmig migration stream \(bad magic b'GET '\)")
+    fail_with(MigrationCodec(Role.TARGET), b"X", r"bad magic b'X'")
+
+
+def test_unsupported_wire_version_is_rejected():
+    fail_with(MigrationCodec(Role.TARGET), frame(FrameType.HELLO, version=7),
+              r"wire version 7 not supported \(this fdmig speaks 1\)")
+
+
+def test_unknown_frame_type_is_rejected():
+    fail_with(MigrationCodec(Role.TARGET), frame(42), "unknown frame type 42")
+
+
+def test_oversized_frame_is_rejected_as_soon_as_its_header_is_in():
+    codec = MigrationCodec(Role.TARGET)
+    header_only = HEADER.pack(MAGIC, VERSION, FrameType.HELLO, 5_000_000, 0)
+    fail_with(codec, header_only, "frame of 5000000 bytes exceeds the 1048576-byte bound")
+
+
+def test_the_frame_bound_is_configurable():
+    codec = MigrationCodec(Role.TARGET, max_frame=64)
+    fail_with(codec, frame(FrameType.HELLO, {"name": "x" * 100, "pid": 1, "version": "1"}),
+              "exceeds the 64-byte bound")
+
+
+def test_too_many_fds_in_one_frame_is_rejected():
+    pair = pair_at(State.ACCEPTED)
+    fail_with(pair.target, HEADER.pack(MAGIC, VERSION, FrameType.SECTIONS, 10, 254), "254 fds; the bound is 253")
+
+
+def test_fds_on_a_frame_that_carries_none_are_rejected():
+    fail_with(MigrationCodec(Role.TARGET), frame(FrameType.HELLO, nfds=1), "only SECTIONS frames carry fds", nfds=1)
+
+
+def test_a_frame_out_of_turn_is_rejected():
+    pair = pair_at(State.ACCEPTED)
+    fail_with(pair.target, frame(FrameType.TABLE, {"chardevs": []}), "TABLE not allowed in state ACCEPTED")
+
+
+def test_a_frame_out_of_turn_is_rejected_before_its_payload_is_in():
+    pair = pair_at(State.ACCEPTED)
+    fail_with(pair.target, frame(FrameType.TABLE, b"{}", length=1000), "TABLE not allowed in state ACCEPTED")
+
+
+def test_a_frame_from_the_wrong_side_is_rejected():
+    pair = pair_at(State.TABLE_DONE)
+    fail_with(pair.target, frame(FrameType.ACCEPT),
+              r"ACCEPT not allowed in state TABLE_DONE \(a source never sends ACCEPT\)")
+
+
+def test_the_first_frame_must_be_hello():
+    fail_with(MigrationCodec(Role.TARGET), frame(FrameType.END, {"sections": 0, "fds": 0}),
+              "END not allowed in state START")
+
+
+@pytest.mark.parametrize(
+    "payload, match",
+    [
+        (b"{nope", "bad JSON in HELLO frame"),
+        (b"\xff\xfe{}", "bad JSON in HELLO frame: not UTF-8"),
+        ('{"name": "x", "pid": 1, "version": "1"}'.encode("utf-16"), "not UTF-8"),
+        (b"[1, 2]", "payload must be a JSON object"),
+        (b'{"name": "x", "pid": 1}', "missing 'version'"),
+        (b'{"name": "x", "pid": "1", "version": "1"}', "'pid' must be an integer, not str"),
+        (b'{"name": "x", "pid": true, "version": "1"}', "'pid' must be an integer, not bool"),
+        (b'{"name": "x", "pid": -5, "version": "1"}', "not a process id"),
+        (b'{"name": "x", "pid": NaN, "version": "1"}', "bad JSON in HELLO frame"),
+        (b"[" * 100_000 + b"]" * 100_000, "bad JSON in HELLO frame"),
+        (b'{"name": "x", "pid": 1' + b"0" * 5000 + b', "version": "1"}', "bad JSON in HELLO frame"),
+    ],
+)
+def test_malformed_hello_is_rejected(payload, match):
+    fail_with(MigrationCodec(Role.TARGET), frame(FrameType.HELLO, payload), match)
+
+
+def test_accept_and_released_info_defaults_to_empty_and_must_be_an_object():
+    assert Accept() == Accept({})
+    pair = pair_at(State.TABLE_DONE)
+    pair.source.receive_data(frame(FrameType.ACCEPT, {}))
+    assert pair.source.next_event() == Accept({})
+    with pytest.raises(LocalProtocolError):
+        pair.source.send(Accept())
+    pair = pair_at(State.TABLE_DONE)
+    fail_with(pair.source, frame(FrameType.ACCEPT, {"info": [1]}), "'info' must be an object, not list")
+    with pytest.raises(LocalProtocolError):
+        MigrationCodec(Role.TARGET).send(Accept(info=[1]))
+
+
+def test_unknown_keys_are_ignored_for_forward_compatibility():
+    codec = MigrationCodec(Role.TARGET)
+    codec.receive_data(frame(FrameType.HELLO, {"name": "x", "pid": 1, "version": "1", "later": [1]}))
+    assert codec.next_event() == Hello("x", 1, "1")
+
+
+@pytest.mark.parametrize(
+    "frames, match",
+    [
+        ([{"chardevs": []}], "missing 'capabilities'"),
+        ([{"capabilities": {"a": 1}, "chardevs": []}], "capability 'a'"),
+        ([{"capabilities": {}, "chardevs": {}}], "'chardevs' must be a list"),
+        ([{"capabilities": {}, "chardevs": [{"id": 1}]}], r"chardev #0: 'id' must be a string"),
+        ([{"capabilities": {}, "chardevs": [[]]}], "chardev #0 must be a mapping"),
+        ([{"capabilities": {}, "chardevs": []}, {"capabilities": {}, "chardevs": []}],
+         "capabilities belong in the first TABLE frame only"),
+    ],
+)
+def test_malformed_table_is_rejected(frames, match):
+    pair = pair_at(State.HELLO)
+    fail_with(pair.target, b"".join(frame(FrameType.TABLE, f) for f in frames), match)
+
+
+def test_table_end_must_count_what_arrived():
+    pair = pair_at(State.HELLO)
+    data = frame(FrameType.TABLE, {"capabilities": {}, "chardevs": [{"id": "a"}]})
+    data += frame(FrameType.TABLE_END, {"chardevs": 2})
+    fail_with(pair.target, data, "TABLE_END counts 2 chardevs but 1 arrived")
+
+
+def test_a_frame_claiming_more_fds_than_arrived_is_rejected():
+    pair = pair_at(State.ACCEPTED)
+    manifest = [{"label": "a", "meta": {}, "outbuf": 0, "fds": ["x", "y", "z"]}]
+    fail_with(pair.target, frame(FrameType.SECTIONS, sections_payload(manifest), nfds=3),
+              "SECTIONS frame claims 3 fds but 1 arrived", nfds=1)
+
+
+def test_fds_nobody_claims_are_rejected_once_the_buffer_is_consumed():
+    pair = pair_at(State.ACCEPTED)
+    manifest = [{"label": "a", "meta": {}, "outbuf": 0, "fds": ["x"]}]
+    fail_with(pair.target, frame(FrameType.SECTIONS, sections_payload(manifest), nfds=1),
+              "2 fds arrived with no manifest entry", nfds=3)
+
+
+def test_fds_alongside_an_fdless_frame_are_rejected():
+    pair = pair_at(State.TABLE_DONE)
+    pair.source.receive_data(frame(FrameType.ACCEPT), 2)
+    assert pair.source.next_event() == Accept()
+    with pytest.raises(RemoteProtocolError, match="2 fds arrived with no manifest entry"):
+        pair.source.next_event()
+
+
+def test_fds_with_eof_are_rejected():
+    codec = MigrationCodec(Role.TARGET)
+    codec.receive_data(b"", 1)
+    with pytest.raises(RemoteProtocolError, match="1 fds arrived with no manifest entry"):
+        codec.next_event()
+
+
+@pytest.mark.parametrize(
+    "payload, nfds, match",
+    [
+        (sections_payload([{"label": "a", "meta": {}, "outbuf": 0, "fds": ["x"]}]), 2,
+         "header claims 2 fds but its manifest lists 1"),
+        (sections_payload([{"label": "a", "meta": {}, "outbuf": 0, "fds": ["x", "x"]}]), 2, "listed twice"),
+        (sections_payload([{"label": "a", "meta": {}, "outbuf": 0, "fds": [""]}]), 1, "non-empty string"),
+        (sections_payload([{"label": "a", "meta": {}, "outbuf": 0, "fds": [["deep"]]}]), 1, "must be a non-empty"),
+        (sections_payload([{"label": "a", "meta": {}, "outbuf": 5, "fds": []}], b"abc"), 0, "overruns the frame"),
+        (sections_payload([{"label": "a", "meta": {}, "outbuf": -1, "fds": []}]), 0, "overruns the frame"),
+        (sections_payload([{"label": "a", "meta": {}, "outbuf": 1, "fds": []}], b"abc"), 0,
+         "2 bytes after the last outbuf"),
+        (sections_payload([{"label": "a", "meta": [], "outbuf": 0, "fds": []}]), 0, "'meta' must be an object"),
+        (sections_payload([{"meta": {}, "outbuf": 0, "fds": []}]), 0, "missing 'label'"),
+        (sections_payload([{"label": "a", "meta": {}, "outbuf": 0}]), 0, "missing 'fds'"),
+        (sections_payload(["a"]), 0, "a manifest entry must be an object"),
+        (sections_payload({"a": 1}), 0, "the manifest must be a list"),
+        (struct.pack("!I", 100) + b"[]", 0, "manifest of 100 bytes overruns its 6-byte frame"),
+        (b"\x00\x00", 0, "has no manifest length"),
+        (struct.pack("!I", 1) + b"[", 0, "bad JSON in SECTIONS frame"),
+    ],
+)
+def test_malformed_sections_are_rejected(payload, nfds, match):
+    pair = pair_at(State.ACCEPTED)
+    fail_with(pair.target, frame(FrameType.SECTIONS, payload, nfds=nfds), match, nfds=nfds)
+
+
+def test_end_must_count_what_arrived():
+    pair = pair_at(State.ACCEPTED)
+    manifest = [{"label": "a", "meta": {}, "outbuf": 0, "fds": ["x"]}]
+    data = frame(FrameType.SECTIONS, sections_payload(manifest), nfds=1)
+    data += frame(FrameType.END, {"sections": 1, "fds": 2})
+    fail_with(pair.target, data, "END counts 1 sections and 2 fds but 1 and 1 arrived", nfds=1)
+
+
+def test_eof_mid_frame_is_a_protocol_error():
+    chunk = MigrationCodec(Role.SOURCE).send(HELLO)[0]
+    for cut in (3, HEADER.size - 1, HEADER.size, len(chunk.data) - 1):
+        codec = MigrationCodec(Role.TARGET)
+        codec.receive_data(chunk.data[:cut])
+        assert codec.next_event() is NEED_DATA
+        codec.receive_data(b"")
+        with pytest.raises(RemoteProtocolError, match="connection closed mid-frame"):
+            codec.next_event()
+
+
+def test_eof_between_frames_is_connection_closed_in_any_state():
+    pair = pair_at(State.TABLE_DONE)
+    pair.target.receive_data(b"")
+    assert pair.target.next_event() == ConnectionClosed()
+    assert pair.target.state is State.TABLE_DONE
+
+
+def test_error_classes():
+    assert issubclass(LocalProtocolError, ProtocolError)
+    assert issubclass(RemoteProtocolError, ProtocolError)
+    assert not issubclass(RemoteProtocolError, LocalProtocolError)
+
+
+def test_every_transition_names_a_sender_that_sends_that_frame_type():
+    senders = {}
+    for (_state, role, ftype), _new in TRANSITIONS.items():
+        senders.setdefault(ftype, set()).add(role)
+    assert senders[FrameType.ABORT] == {Role.SOURCE, Role.TARGET}
+    assert all(len(roles) == 1 for ftype, roles in senders.items() if ftype is not FrameType.ABORT)
+    assert not any(state in (State.COMMITTED, State.RELEASED, State.FAILED)
+                   for (state, _role, ftype) in TRANSITIONS if ftype is FrameType.ABORT)
+
+
+# ---------------------------------------------------------------------------
+# Property tests
+
+
+def _answer(codec):
+    """Play the target's part so that fuzzed input can reach the later states."""
+    if codec.state is State.TABLE_DONE:
+        codec.send(Accept())
+    elif codec.state is State.TRANSFER_DONE:
+        codec.send(Ack())
+
+
+def _feed_expecting_only_remote_errors(codec, pieces):
+    try:
+        for data, nfds in pieces:
+            codec.receive_data(data, nfds)
+            for event in drain(codec):
+                assert not isinstance(event, type(NEED_DATA))
+                _answer(codec)
+        codec.receive_data(b"")
+        drain(codec)
+    except RemoteProtocolError:
+        assert codec.state is State.FAILED
+
+
+def _valid_source_bytes():
+    """Everything a source sends in a whole conversation."""
+    pair = CodecPair()
+    data = b""
+    for side, event in [("source", HELLO), ("source", TABLE), ("target", Accept()), ("source", TRANSFER),
+                        ("target", Ack()), ("source", Released())]:
+        pair.send(getattr(pair, side), event)
+        if side == "source":
+            data += b"".join(chunk.data for chunk in pair.chunks)
+    return data
+
+
+VALID_SOURCE_BYTES = _valid_source_bytes()
+
+fuzz = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@fuzz
+@given(
+    role=st.sampled_from(Role),
+    pieces=st.lists(st.tuples(st.binary(min_size=1, max_size=64), st.integers(0, 3)), max_size=8),
+)
+def test_any_bytes_yield_events_or_remote_protocol_errors(role, pieces):
+    _feed_expecting_only_remote_errors(MigrationCodec(role, max_frame=4096), pieces)
+
+
+@fuzz
+@given(
+    cut=st.integers(0, len(VALID_SOURCE_BYTES)),
+    garbage=st.binary(max_size=200),
+    splits=st.lists(st.integers(0, len(VALID_SOURCE_BYTES) + 200), max_size=6),
+    fd_counts=st.lists(st.integers(0, 4), min_size=7, max_size=7),
+)
+def test_garbage_after_a_valid_prefix_yields_events_or_remote_protocol_errors(cut, garbage, splits, fd_counts):
+    data = VALID_SOURCE_BYTES[:cut] + garbage
+    bounds = sorted({0, len(data), *(min(s, len(data)) for s in splits)})
+    pieces = [(data[a:b], n) for (a, b), n in zip(zip(bounds, bounds[1:]), fd_counts) if b > a]
+    _feed_expecting_only_remote_errors(MigrationCodec(Role.TARGET), pieces)
+
+
+@fuzz
+@given(position=st.integers(0, len(VALID_SOURCE_BYTES) - 1), value=st.integers(0, 255), extra_fds=st.integers(0, 2))
+def test_a_corrupted_byte_yields_events_or_remote_protocol_errors(position, value, extra_fds):
+    data = bytearray(VALID_SOURCE_BYTES)
+    data[position] = value
+    _feed_expecting_only_remote_errors(MigrationCodec(Role.TARGET), [(bytes(data), 3 + extra_fds)])
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**53), 2**53) | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=6,
+)
+json_objects = st.dictionaries(st.text(max_size=6), json_values, max_size=4)
+chardevs = st.builds(lambda cid, rest: {**rest, "id": cid}, st.text(max_size=12), json_objects)
+sections = st.builds(
+    Section,
+    label=st.text(max_size=12),
+    meta=json_objects,
+    outbuf=st.binary(max_size=300),
+    fds=st.dictionaries(st.text(min_size=1, max_size=8), st.integers(0, 65535), max_size=4),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    max_frame=st.sampled_from([2048, 8192, MAX_FRAME]),
+    capabilities=st.dictionaries(st.text(max_size=8), st.booleans(), max_size=4),
+    chardev_list=st.lists(chardevs, max_size=30),
+    section_list=st.lists(sections, max_size=30),
+)
+def test_random_tables_and_sections_round_trip(max_frame, capabilities, chardev_list, section_list):
+    pair = CodecPair(max_frame=max_frame)
+    pair.send(pair.source, HELLO)
+    table = Table(capabilities=capabilities, chardevs=tuple(chardev_list))
+    assert pair.send(pair.source, table) == [table]
+    pair.send(pair.target, Accept())
+    [transfer] = pair.send(pair.source, Transfer(tuple(section_list)))
+    assert all(len(c.data) - HEADER.size <= max_frame for c in pair.chunks)
+    assert len(transfer.sections) == len(section_list)
+    for sent, got in zip(section_list, transfer.sections):
+        assert (got.label, got.meta, got.outbuf) == (sent.label, sent.meta, sent.outbuf)
+        assert pair.fds_of(Role.TARGET, got) == sent.fds
+        assert list(got.fds) == list(sent.fds)  # role order survives
+    assert pair.target.fds_claimed == pair.target.fds_received == sum(len(s.fds) for s in section_list)
