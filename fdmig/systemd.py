@@ -19,8 +19,12 @@ def notify(*assignments: str) -> bool:
         address = "\0" + address[1:]  # abstract namespace
     message = "\n".join(assignments).encode()
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+        # Never block the instance on a manager that does not read: drop instead.
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK) as sock:
             sock.sendto(message, address)
+    except BlockingIOError:
+        log.debug("sd_notify to %s dropped: its queue is full", address)
+        return False
     except OSError as exc:
         log.warning("sd_notify to %s failed: %s", address, exc)
         return False

@@ -14,8 +14,14 @@ FDMIG = [sys.executable, "-m", "fdmig"]
 
 
 def run(*args, timeout=30, **kwargs) -> subprocess.CompletedProcess:
-    """Run an fdmig command to completion and capture its output."""
-    return subprocess.run(FDMIG + list(args), capture_output=True, text=True, timeout=timeout, **kwargs)
+    """Run an fdmig command to completion and capture its output. Files rather than
+    pipes: a target that `migrate-out --spawn` starts inherits them and lives on."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.run(FDMIG + list(args), stdout=out, stderr=err, text=True, timeout=timeout,
+                              stdin=kwargs.pop("stdin", subprocess.DEVNULL), **kwargs)
+        out.seek(0)
+        err.seek(0)
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out.read(), err.read())
 
 
 class Notify:

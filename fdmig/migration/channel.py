@@ -101,8 +101,10 @@ async def connect(path: str, deadline: float | None) -> socket.socket:
             return sock
         except (FileNotFoundError, ConnectionRefusedError) as exc:
             sock.close()
-            if deadline is None or time.monotonic() >= deadline:
+            if deadline is None:
                 raise ConnectionRefusedError(f"no target listens on unix:{path} ({exc.strerror})") from None
+            if time.monotonic() >= deadline:
+                raise ChannelTimeout(f"no target listens on unix:{path}") from None
             await asyncio.sleep(0.02)  # polling a path: the kernel has no event for "now bound"
         except OSError:
             sock.close()

@@ -79,8 +79,9 @@ async def migrate(instance, path: str, timeout: float | None) -> None:
         if not isinstance(reply, wire.Ack):
             raise MigrationFailed("the target closed the channel before acknowledging")
         committed = instance.migration_committed = True  # from here on, the connections are the target's
-    except channel.ChannelTimeout:
-        _roll_back(instance, quiesced, chan, f"timed out after {timeout:g} s", timed_out=True)
+    except channel.ChannelTimeout as exc:
+        waiting = f": {exc}" if str(exc) else ""
+        _roll_back(instance, quiesced, chan, f"timed out after {timeout:g} s{waiting}", timed_out=True)
         return
     except MigrationFailed as exc:
         _roll_back(instance, quiesced, chan, str(exc), exc.timed_out)

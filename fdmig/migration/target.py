@@ -155,7 +155,7 @@ async def session(instance, sock: socket.socket, own: list, info: dict) -> Recei
             if spec is None:
                 raise Refused(f"chardev {section.label}: a section for a chardev not in the table")
             sections[section.label] = section
-            if section.label in fresh:
+            if section.label in fresh or not section.fds:
                 continue
             sockets[section.label] = {role: check_fd(chan.received[index], role, spec, section.label)
                                       for role, index in section.fds.items()}

@@ -1,0 +1,359 @@
+"""Live migration with real processes, real sockets and real SCM_RIGHTS: what a
+peer of a moved connection sees, rollback at each step, and the target's checks."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+
+import psutil
+import pytest
+
+from fdmig import fdpass
+from fdmig.demo import Peer
+from fdmig.migration import wire
+from tests.helpers import connect_unix, recv_exactly, run
+
+ECHO = "socket,id=app,path={path},server=on,frontend=echo,support-local-migration=on"
+
+
+def status(*instance_args) -> dict:
+    result = run("status", "--json", *instance_args)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def chardev(state: dict, label: str) -> dict:
+    return next(c for c in state["chardevs"] if c["label"] == label)
+
+
+@pytest.fixture
+def echo_instance(daemons, short_dir):
+    path = os.path.join(short_dir, "app.sock")
+    source = daemons("serve", "--name", "web", "--capability", "local-char-socket",
+                     "--chardev", ECHO.format(path=path))
+    return source, path
+
+
+@pytest.fixture
+def last_instance():
+    """Stops whatever instance `web` ends up as (spawned targets are in their own session)."""
+    yield
+    result = run("status", "--json", "--name", "web")
+    if result.returncode == 0:
+        os.kill(json.loads(result.stdout)["pid"], signal.SIGTERM)
+
+
+def stream_is_intact(peer: Peer) -> None:
+    peer.finish()
+    assert peer.bad is None
+    assert not peer.eof, "the peer saw EOF"
+    assert peer.sent > 0 and peer.echoed == peer.sent
+
+
+def test_peer_streams_through_50_migrations_without_loss_or_eof(echo_instance, last_instance):
+    source, path = echo_instance
+    peer = Peer(path)
+    peer.start()
+    pids = [source.pid]
+    open_fds = []
+    for _ in range(50):
+        result = run("migrate-out", "--name", "web", "--spawn", "--json", "--timeout", "20")
+        assert result.returncode == 0, result.stderr
+        outcome = json.loads(result.stdout)
+        assert outcome["source-pid"] == pids[-1] and outcome["target-pid"] not in pids
+        assert not psutil.pid_exists(pids[-1]) or psutil.Process(pids[-1]).status() == psutil.STATUS_ZOMBIE
+        pids.append(outcome["target-pid"])
+        open_fds.append(status("--name", "web")["open-fds"])
+        assert peer.bad is None and not peer.eof
+    state = status("--name", "web")
+    app = chardev(state, "app")
+    assert state["pid"] == pids[-1]
+    assert app["migrations"] == 50 and app["state"] == "connected"
+    assert state["migration"]["status"] == "completed" and state["migration"]["chardevs"] == 1
+    assert state["migration"]["downtime-ms"] > 0
+    assert len(set(open_fds[5:])) == 1, f"open fds drift across migrations: {open_fds}"
+    stream_is_intact(peer)
+
+
+def test_status_after_migration_shows_new_pid_and_counters(echo_instance):
+    source, path = echo_instance
+    sock = connect_unix(path)
+    sock.sendall(b"before\n")
+    assert recv_exactly(sock, 7) == b"before\n"
+    result = run("migrate-out", "--name", "web", "--spawn", "--json")
+    assert result.returncode == 0, result.stderr
+    target_pid = json.loads(result.stdout)["target-pid"]
+    assert source.proc.wait(10) == 0
+    sock.sendall(b"after\n")
+    assert recv_exactly(sock, 6) == b"after\n"
+    state = status("--name", "web")
+    app = chardev(state, "app")
+    assert state["pid"] == target_pid
+    assert (app["rx-bytes"], app["tx-bytes"]) == (13, 13)
+    assert app["peer-pid"] == os.getpid()
+    assert state["capabilities"] == {"local-char-socket": True}
+    mig = state["migration"]
+    assert mig["status"] == "completed" and mig["total-ms"] >= mig["downtime-ms"] > 0
+    os.kill(target_pid, signal.SIGTERM)
+
+
+def test_migrate_in_and_out_as_two_commands(daemons, echo_instance):
+    source, path = echo_instance
+    sock = connect_unix(path)
+    target = daemons("migrate-in", "--name", "web", ready=False)
+    result = run("migrate-out", "--name", "web")
+    assert result.returncode == 0, result.stderr
+    assert "migrated 1 chardev(s) live" in result.stdout
+    target.wait_ready()
+    assert target.notify.wait_for("MAINPID")["MAINPID"] == str(target.pid)
+    sock.sendall(b"x" * 1000)
+    assert recv_exactly(sock, 1000) == b"x" * 1000
+    assert source.proc.wait(10) == 0
+    assert os.path.exists(path), "the source unlinked a socket path that is the target's now"
+    assert target.stop() == 0
+    assert not os.path.exists(path), "the target left its socket path behind on exit"
+
+
+def test_unmarked_chardev_peer_sees_eof_and_reconnects_to_target(daemons, short_dir, last_instance):
+    moved, fresh = os.path.join(short_dir, "m.sock"), os.path.join(short_dir, "f.sock")
+    daemons("serve", "--name", "web", "--capability", "local-char-socket",
+            "--chardev", ECHO.format(path=moved),
+            "--chardev", f"socket,id=plain,path={fresh},server=on,frontend=echo")
+    kept, dropped = connect_unix(moved), connect_unix(fresh)
+    for sock in (kept, dropped):
+        sock.sendall(b"hi")
+        assert recv_exactly(sock, 2) == b"hi"
+    assert run("migrate-out", "--name", "web", "--spawn").returncode == 0
+    assert dropped.recv(10) == b"", "the unmarked chardev's peer should see EOF"
+    again = connect_unix(fresh)
+    again.sendall(b"new")
+    assert recv_exactly(again, 3) == b"new"
+    kept.sendall(b"still")
+    assert recv_exactly(kept, 5) == b"still"
+
+
+def test_listening_chardev_moves_and_queued_clients_are_served(daemons, short_dir, last_instance):
+    path = os.path.join(short_dir, "l.sock")
+    daemons("serve", "--name", "web", "--capability", "local-char-socket",
+            "--chardev", ECHO.format(path=path))
+    first = connect_unix(path)
+    first.sendall(b"1")
+    assert recv_exactly(first, 1) == b"1"
+    # A second client waits in the listen backlog, which moves with the listener.
+    second = connect_unix(path)
+    assert run("migrate-out", "--name", "web", "--spawn").returncode == 0
+    second.sendall(b"2")
+    first.close()
+    assert recv_exactly(second, 1) == b"2"
+    second.close()
+    third = connect_unix(path)
+    third.sendall(b"3")
+    assert recv_exactly(third, 1) == b"3"
+
+
+def test_capability_off_says_marked_chardevs_reconnect(daemons, short_dir, last_instance):
+    path = os.path.join(short_dir, "a.sock")
+    daemons("serve", "--name", "web", "--chardev", ECHO.format(path=path))
+    sock = connect_unix(path)
+    result = run("migrate-out", "--name", "web", "--spawn")
+    assert result.returncode == 0, result.stderr
+    assert "local-char-socket is off: 1 marked chardev(s) (app) will reconnect" in result.stderr
+    assert sock.recv(10) == b""
+    again = connect_unix(path)
+    again.sendall(b"ok")
+    assert recv_exactly(again, 2) == b"ok"
+
+
+def test_tcp_channel_is_refused_naming_unix(echo_instance):
+    source, path = echo_instance
+    result = run("migrate-out", "--name", "web", "--channel", "tcp:127.0.0.1:4444")
+    assert result.returncode == 2
+    assert "a unix channel is needed" in result.stderr
+
+
+def test_no_target_times_out_with_exit_4_and_source_serves(echo_instance):
+    source, path = echo_instance
+    sock = connect_unix(path)
+    result = run("migrate-out", "--name", "web", "--timeout", "0.5")
+    assert result.returncode == 4, result.stderr
+    assert "no target listens" in result.stderr or "timed out" in result.stderr
+    sock.sendall(b"alive")
+    assert recv_exactly(sock, 5) == b"alive"
+    assert status("--name", "web")["migration"]["status"] == "failed"
+
+
+def test_missing_local_incoming_label_fails_naming_it(daemons, echo_instance, short_dir):
+    source, path = echo_instance
+    peer = Peer(path)
+    peer.start()
+    target = daemons("migrate-in", "--name", "web", "--chardev",
+                     f"socket,id=db,path={short_dir}/db.sock,server=on,local-incoming=on", ready=False)
+    result = run("migrate-out", "--name", "web", "--timeout", "10")
+    assert result.returncode == 1
+    assert "chardev db" in result.stderr and "no such chardev" in result.stderr
+    assert "still serves every chardev" in result.stderr
+    assert source.proc.poll() is None and target.proc.poll() is None  # the target goes on waiting
+    stream_is_intact(peer)
+
+
+def test_local_incoming_with_capability_off_is_refused(daemons, short_dir):
+    path = os.path.join(short_dir, "a.sock")
+    daemons("serve", "--name", "web", "--chardev", ECHO.format(path=path))
+    daemons("migrate-in", "--name", "web", "--chardev",
+            f"socket,id=app,path={path},server=on,local-incoming=on", ready=False)
+    result = run("migrate-out", "--name", "web", "--timeout", "10")
+    assert result.returncode == 1
+    assert "local-char-socket is off" in result.stderr
+
+
+@pytest.mark.parametrize("point", ["target-after-hello", "target-after-table", "target-before-ack"])
+def test_target_killed_before_commit_leaves_source_serving(daemons, echo_instance, point):
+    source, path = echo_instance
+    peer = Peer(path)
+    peer.start()
+    target = daemons("migrate-in", "--name", "web", ready=False, env=dict(os.environ, FDMIG_FAULT=f"{point}=kill"))
+    result = run("migrate-out", "--name", "web", "--timeout", "10")
+    assert result.returncode == 1, result.stderr
+    assert target.proc.wait(10) == -signal.SIGKILL
+    assert "still serves every chardev" in result.stderr
+    state = status("--name", "web")
+    assert state["pid"] == source.pid and state["migration"]["status"] == "failed"
+    assert state["migration"]["error"]
+    assert chardev(state, "app")["state"] == "connected"
+    stream_is_intact(peer)
+
+
+def test_hung_target_times_out_and_source_rolls_back(daemons, echo_instance):
+    source, path = echo_instance
+    peer = Peer(path)
+    peer.start()
+    target = daemons("migrate-in", "--name", "web", ready=False,
+                     env=dict(os.environ, FDMIG_FAULT="target-before-ack=stop"))
+    result = run("migrate-out", "--name", "web", "--timeout", "1")
+    assert result.returncode == 4, result.stderr
+    assert "timed out" in result.stderr
+    target.proc.kill()
+    stream_is_intact(peer)
+
+
+def test_source_killed_right_after_the_ack_leaves_target_serving(daemons, short_dir):
+    path = os.path.join(short_dir, "app.sock")
+    source = daemons("serve", "--name", "web", "--capability", "local-char-socket",
+                     "--chardev", ECHO.format(path=path),
+                     env=dict(os.environ, FDMIG_FAULT="source-after-ack=kill"))
+    peer = Peer(path)
+    peer.start()
+    target = daemons("migrate-in", "--name", "web", ready=False)
+    run("migrate-out", "--name", "web", "--timeout", "10")
+    assert source.proc.wait(10) == -signal.SIGKILL
+    target.wait_ready()  # it saw the source die after the commit: the fds are its own
+    state = status("--name", "web")
+    assert state["pid"] == target.pid and chardev(state, "app")["state"] == "connected"
+    stream_is_intact(peer)
+
+
+def test_foreign_source_is_refused_and_target_keeps_waiting(daemons, echo_instance, short_dir):
+    source, path = echo_instance
+    channel = os.path.join(short_dir, "rt", "web.migrate.sock")
+    target = daemons("migrate-in", "--name", "web", ready=False)
+    fake = fake_source_connect(channel)
+    codec = wire.MigrationCodec(wire.Role.SOURCE)
+    send(fake, codec.send(wire.Hello("db", os.getpid(), "0")))
+    reply = read_event(fake, codec)
+    assert isinstance(reply, wire.Abort) and "foreign" in reply.reason
+    fake.close()
+    result = run("migrate-out", "--name", "web")
+    assert result.returncode == 0, result.stderr
+    target.wait_ready()
+
+
+def test_garbage_on_the_channel_is_refused_and_target_keeps_waiting(daemons, echo_instance, short_dir):
+    source, path = echo_instance
+    channel = os.path.join(short_dir, "rt", "web.migrate.sock")
+    target = daemons("migrate-in", "--name", "web", ready=False)
+    fake = fake_source_connect(channel)
+    fake.sendall(b"GET / HTTP/1.0\r\n\r\n")
+    assert fake.recv(4096) is not None
+    fake.close()
+    assert run("migrate-out", "--name", "web").returncode == 0
+    target.wait_ready()
+
+
+def test_target_refuses_a_tcp_fd_where_the_spec_says_unix(daemons, short_dir):
+    channel = os.path.join(short_dir, "rt", "web.migrate.sock")
+    path = os.path.join(short_dir, "app.sock")
+    target = daemons("migrate-in", "--name", "web", ready=False)
+    server = socket.create_server(("127.0.0.1", 0))
+    tcp = socket.create_connection(server.getsockname())
+    fake = fake_source_connect(channel)
+    codec = wire.MigrationCodec(wire.Role.SOURCE)
+    spec = {"id": "app", "path": path, "server": False, "support-local-migration": True}
+    send(fake, codec.send(wire.Hello("web", os.getpid(), "0")))
+    send(fake, codec.send(wire.Table({"local-char-socket": True}, [spec])))
+    assert isinstance(read_event(fake, codec), wire.Accept)
+    send(fake, codec.send(wire.Transfer([wire.Section("app", {}, b"", {"conn": tcp.fileno()})])))
+    reply = read_event(fake, codec)
+    assert isinstance(reply, wire.Abort)
+    assert "AF_INET socket" in reply.reason and "unix:" in reply.reason
+    fake.close()
+    # The target dropped the fd it got: closing ours ends the TCP connection for real.
+    accepted, _ = server.accept()
+    tcp.close()
+    accepted.settimeout(10)
+    assert accepted.recv(1) == b""
+    assert target.proc.poll() is None
+    target.stop()
+    assert "refused source" in target.stderr()
+
+
+def test_migrate_in_exits_4_when_nothing_arrives(runtime_dir):
+    result = run("migrate-in", "--name", "web", "--timeout", "0.3")
+    assert result.returncode == 4
+    assert "no migration arrived" in result.stderr
+
+
+def test_local_incoming_on_serve_is_a_usage_error(runtime_dir, short_dir):
+    result = run("serve", "--chardev", f"socket,id=a,path={short_dir}/a.sock,server=on,local-incoming=on")
+    assert result.returncode == 2
+    assert "local-incoming" in result.stderr and "migrate-in" in result.stderr
+
+
+def test_demo_runs_and_loses_nothing(runtime_dir):
+    result = run("demo", "--migrations", "3", timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "lost 0" in result.stdout
+
+
+# ----- a fake source on the channel, built from the real codec ----------------
+
+def fake_source_connect(path: str, timeout: float = 10.0) -> socket.socket:
+    deadline = time.monotonic() + timeout
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(path)
+            return sock
+        except (FileNotFoundError, ConnectionRefusedError):
+            sock.close()
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)  # the target binds its channel as it starts
+
+
+def send(sock: socket.socket, chunks) -> None:
+    for chunk in chunks:
+        sent = fdpass.send_with_fds(sock, chunk.data, chunk.fds) if chunk.fds else 0
+        sock.sendall(chunk.data[sent:])
+
+
+def read_event(sock: socket.socket, codec: wire.MigrationCodec):
+    while True:
+        event = codec.next_event()
+        if event is not wire.NEED_DATA:
+            return event
+        codec.receive_data(sock.recv(65536))
