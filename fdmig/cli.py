@@ -259,8 +259,11 @@ def _wait_for_state(control_path: str, label: str, state: str, timeout: float) -
     raise TimeoutExpired(f"timed out after {timeout:g} s waiting for {label}={state}: {seen}")
 
 
-def _channel_path(control_path: str, channel: str | None) -> str:
-    """`--channel unix:PATH`, or next to the control socket: <name>.migrate.sock."""
+def _channel_path(control_path: str, channel: str | None, defer: bool = False) -> str | None:
+    """`--channel unix:PATH`, or next to the control socket: <name>.migrate.sock.
+    `defer` (migrate-in only): None, and QMP migrate-incoming names it later."""
+    if defer and channel == "defer":
+        return None
     if channel is None:
         base = control_path[:-5] if control_path.endswith(".sock") else control_path
         return base + ".migrate.sock"
@@ -273,7 +276,9 @@ def _channel_path(control_path: str, channel: str | None) -> str:
 
 @main.command("migrate-in")
 @instance_options
-@click.option("--channel", metavar="unix:PATH", help="Migration channel (default: <runtime-dir>/<name>.migrate.sock).")
+@click.option("--channel", metavar="unix:PATH|defer",
+              help="Migration channel (default: <runtime-dir>/<name>.migrate.sock); "
+                   "'defer': wait for QMP migrate-incoming on <name>.incoming.sock.")
 @click.option("--chardev", "chardev_specs", multiple=True, metavar="SPEC",
               help="A chardev of the target; local-incoming=on: it must arrive live.")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), metavar="S",
@@ -283,7 +288,7 @@ def _channel_path(control_path: str, channel: str | None) -> str:
 def migrate_in(name, control, channel, chardev_specs, timeout, exec_, command):
     """Start a target instance that waits for a migration, then serves (or execs CMD)."""
     control_path = _control_path(name, control)
-    channel_path = _channel_path(control_path, channel)
+    channel_path = _channel_path(control_path, channel, defer=True)
     chardevs = _parse_specs(chardev_specs)
     if command and not exec_:
         raise SpecError(f"unexpected argument '{command[0]}'; a command goes after --exec --")
@@ -294,7 +299,7 @@ def migrate_in(name, control, channel, chardev_specs, timeout, exec_, command):
         if shutil.which(command[0]) is None:
             raise SpecError(f"--exec: command '{command[0]}' not found")
     _prepare_control(control_path)
-    if os.path.dirname(os.path.abspath(channel_path)) == os.path.abspath(paths.runtime_dir()):
+    if channel_path and os.path.dirname(os.path.abspath(channel_path)) == os.path.abspath(paths.runtime_dir()):
         paths.ensure_private_dir(paths.runtime_dir())
     instance_name = _instance_name(name, control)
     _setup_logging(instance_name)

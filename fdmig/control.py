@@ -300,6 +300,7 @@ async def cmd_chardev_add(conn: ControlConnection, arguments: dict):
     _arg(arguments, "id", str)
     _arg(arguments, "backend", dict)
     _no_extra(arguments, "id", "backend")
+    _running(conn)
     spec = specs.from_qmp(arguments)
     await conn.instance.add_chardev(spec)
     return {}
@@ -308,6 +309,7 @@ async def cmd_chardev_add(conn: ControlConnection, arguments: dict):
 async def cmd_chardev_remove(conn, arguments):
     label = _arg(arguments, "id", str)
     _no_extra(arguments, "id")
+    _running(conn)
     conn.instance.remove_chardev(label)
     return {}
 
@@ -433,8 +435,27 @@ async def cmd_query_migrate(conn, arguments):
 
 
 async def cmd_migrate_incoming(conn, arguments):
-    raise QMPError("GenericError", "this instance is running, not waiting for a migration; "
-                                   "start a target with: fdmig migrate-in")
+    from fdmig.migration import channel
+    uri = _arg(arguments, "uri", str)
+    _no_extra(arguments, "uri")
+    instance = conn.instance
+    if instance.run_state != "inmigrate" or instance.incoming_channel is None:
+        raise QMPError("GenericError", "this instance is running, not waiting for a migration; "
+                                       "start a target with: fdmig migrate-in")
+    if instance.incoming_channel.done():
+        raise QMPError("GenericError", f"already waiting for a migration on "
+                                       f"unix:{instance.incoming_channel.result()}")
+    try:
+        instance.incoming_channel.set_result(channel.parse_uri(uri))
+    except ValueError as exc:
+        raise QMPError("GenericError", str(exc)) from None
+    return {}
+
+
+def _running(conn) -> None:
+    if conn.instance.run_state != "running":
+        raise QMPError("GenericError", f"the instance is {conn.instance.run_state}: "
+                                       "its chardevs cannot change now")
 
 
 COMMANDS = {

@@ -46,6 +46,8 @@ class Instance:
         self.migration_committed = False
         self._status_scheduled = False
         self._status_sent = ""
+        self.incoming_specs: list = []  # a target's own chardevs, until they exist
+        self.incoming_channel: asyncio.Future | None = None  # a target's channel path
 
     # ----- chardevs ----------------------------------------------------------
 
@@ -202,7 +204,8 @@ class Instance:
             "capabilities": dict(self.capabilities),
             "migration": dict(self.migration),
             "control": self.control_path,
-            "chardevs": [c.status() for c in self.chardevs.values()],
+            "chardevs": [c.status() for c in self.chardevs.values()] + [
+                pending_status(spec) for spec in self.incoming_specs if self.run_state == "inmigrate"],
         }
 
     # ----- life cycle --------------------------------------------------------
@@ -268,6 +271,16 @@ class Instance:
         self.named_fds.clear()
 
 
+def pending_status(spec) -> dict:
+    """A status row for a chardev a waiting target will hold."""
+    return {"label": spec.id, "address": spec.address, "role": spec.role,
+            "state": "awaiting-incoming" if spec.local_incoming else "closed",
+            "support-local-migration": spec.support_local_migration, "local-incoming": spec.local_incoming,
+            "frontend": spec.frontend if not spec.bridge else f"bridge={spec.bridge}", "fd": None,
+            "peer": None, "peer-pid": None, "peer-process": None, "rx-bytes": 0, "tx-bytes": 0,
+            "connected-since": None, "migrations": 0, "spec": spec.to_spec_string()}
+
+
 async def run_instance(instance: Instance, chardev_specs) -> int:
     try:
         await instance.start(chardev_specs)
@@ -277,24 +290,49 @@ async def run_instance(instance: Instance, chardev_specs) -> int:
         instance.shutdown()
 
 
-async def run_target(instance: Instance, channel_path: str, own_specs, timeout, exec_argv) -> int:
-    """migrate-in: wait for one migration, then serve as `serve` would (or exec)."""
+def incoming_control_path(control_path: str) -> str:
+    """Where a target answers QMP while it waits: beside the instance's own path,
+    which the source still holds."""
+    base = control_path[:-5] if control_path.endswith(".sock") else control_path
+    return base + ".incoming.sock"
+
+
+async def run_target(instance: Instance, channel_path: str | None, own_specs, timeout, exec_argv) -> int:
+    """migrate-in: wait for one migration, then serve as `serve` would (or exec).
+    `channel_path` None is QEMU's `-incoming defer`: QMP migrate-incoming names it."""
+    from fdmig.control import ControlServer
     from fdmig.migration import target
     instance.prepare()
+    instance.incoming_specs = list(own_specs)
+    instance.incoming_channel = asyncio.get_running_loop().create_future()
     for spec in own_specs:
         if spec.local_incoming:
             log.info("chardev %s: awaiting-incoming", spec.id)
+    instance.control = ControlServer(instance)
+    instance.control.bind(incoming_control_path(instance.control_path))
+    instance.control.start()
     info = {"pid": os.getpid(), "exec": bool(exec_argv), "control": not exec_argv}
-    receiving = asyncio.ensure_future(target.receive(instance, channel_path, list(own_specs), timeout, info))
+    if channel_path is not None:
+        instance.incoming_channel.set_result(channel_path)
+
+    async def receive():
+        path = await instance.incoming_channel
+        systemd.notify(f"STATUS=waiting for a migration on unix:{path}")
+        return await target.receive(instance, path, list(own_specs), timeout, info)
+
+    receiving = asyncio.ensure_future(receive())
     stopping = asyncio.ensure_future(instance.stopping.wait())
-    systemd.notify(f"STATUS=waiting for a migration on unix:{channel_path}")
-    await asyncio.wait([receiving, stopping], return_when=asyncio.FIRST_COMPLETED)
-    if not receiving.done():
-        receiving.cancel()
-        await asyncio.gather(receiving, return_exceptions=True)
-        return 0
-    stopping.cancel()
-    received = receiving.result()
+    try:
+        await asyncio.wait([receiving, stopping], return_when=asyncio.FIRST_COMPLETED)
+        if not receiving.done():
+            receiving.cancel()
+            await asyncio.gather(receiving, return_exceptions=True)
+            return 0
+        stopping.cancel()
+        received = receiving.result()
+    finally:
+        instance.control.close()
+        instance.control = None
     if exec_argv:
         target.exec_handover(received, exec_argv)  # does not return
     try:

@@ -357,3 +357,36 @@ def read_event(sock: socket.socket, codec: wire.MigrationCodec):
         if event is not wire.NEED_DATA:
             return event
         codec.receive_data(sock.recv(65536))
+
+
+def test_deferred_target_listens_where_qmp_migrate_incoming_says(daemons, echo_instance, short_dir):
+    import asyncio
+    from qemu.qmp import QMPClient
+    source, path = echo_instance
+    peer = Peer(path)
+    peer.start()
+    target = daemons("migrate-in", "--name", "web", "--channel", "defer", ready=False)
+    channel = os.path.join(short_dir, "elsewhere.sock")
+    incoming = os.path.join(short_dir, "rt", "web.incoming.sock")
+
+    async def point_target():
+        client = QMPClient("test")
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                await client.connect(incoming)
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.02)  # the target binds this path as it starts
+        assert (await client.execute("query-status"))["status"] == "inmigrate"
+        await client.execute("migrate-incoming", {"uri": f"unix:{channel}"})
+        await client.disconnect()
+
+    asyncio.run(point_target())
+    result = run("migrate-out", "--name", "web", "--channel", f"unix:{channel}")
+    assert result.returncode == 0, result.stderr
+    target.wait_ready()
+    assert not os.path.exists(incoming)
+    stream_is_intact(peer)
