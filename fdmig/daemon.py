@@ -54,12 +54,14 @@ class Instance:
     def check_new(self, spec) -> None:
         """Rules a chardev-add must pass against what the instance already holds."""
         if spec.id in self.chardevs:
-            raise SpecError(f"chardev id: duplicate label '{spec.id}'; each chardev needs its own id")
+            raise specs.duplicate_label(spec.id)
         if spec.local_incoming and self.run_state != "inmigrate":
             raise SpecError(f"chardev local-incoming: only an incoming instance (migrate-in) waits for "
                             f"a migrated fd; '{spec.id}' is on a running instance")
-        existing = [c.spec for c in self.chardevs.values()]
-        specs.check_set(existing + [spec])
+        if spec.bridge is not None:
+            by_label = {label: c.spec for label, c in self.chardevs.items()}
+            bridged = {c.spec.bridge for c in self.chardevs.values() if c.spec.bridge}
+            specs.check_bridge(spec, by_label, bridged)
 
     async def add_chardev(self, spec) -> Chardev:
         self.check_new(spec)

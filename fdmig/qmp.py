@@ -61,6 +61,7 @@ class JSONSplitter:
         self._max_size = max_size
         self._max_depth = max_depth
         self._failed = False
+        self._after_invalid = False
 
     def feed(self, data: bytes) -> list:
         """Returns complete values (bytes), BadRequest for stray tokens, or Overflow."""
@@ -80,6 +81,17 @@ class JSONSplitter:
                     self._escape = True
                 elif c == 0x22:
                     self._in_string = False
+            elif (c < 0x20 and c not in b"\t\r\n") or c >= 0x80:
+                # Never JSON outside a string: report it once and start afresh, as
+                # QEMU's lexer does on an error (an unclosed '{' must not swallow
+                # every later request).
+                if not self._after_invalid:
+                    out.append(BadRequest(f"JSON parse error, invalid byte 0x{c:02x} outside a string"))
+                self._after_invalid = True
+                self._depth = 0
+                start = i + 1
+                i += 1
+                continue
             elif c == 0x22:
                 self._in_string = True
             elif c in (0x7B, 0x5B):  # { [
@@ -103,6 +115,7 @@ class JSONSplitter:
                 if i > start and buf[start:i].strip():
                     out.append(self._stray(buf[start:i]))
                 start = i + 1
+            self._after_invalid = False
             i += 1
         del buf[:start]
         self._pos = len(buf)

@@ -300,19 +300,29 @@ def check_set(specs) -> None:
     seen: dict[str, ChardevSpec] = {}
     for spec in specs:
         if spec.id in seen:
-            raise _fail("id", f"duplicate label '{spec.id}'; each chardev needs its own id")
+            raise duplicate_label(spec.id)
         seen[spec.id] = spec
+    bridged: set[str] = set()
     for spec in specs:
-        if spec.bridge is None:
-            continue
-        other = seen.get(spec.bridge)
-        if other is None:
-            raise _fail("bridge", f"'{spec.bridge}' names no chardev; accepted: one of "
-                                  f"{', '.join(sorted(seen)) or '(none)'}")
-        if other.frontend not in ("hold", "bridge") or other.bridge not in (None, spec.id):
-            raise _fail("bridge", f"'{spec.bridge}' already has frontend {other.frontend}; "
-                                  "a bridge needs a chardev with frontend=hold")
-    partners = [s.bridge for s in specs if s.bridge]
-    for label in set(partners):
-        if partners.count(label) > 1:
-            raise _fail("bridge", f"'{label}' is bridged by more than one chardev")
+        if spec.bridge is not None:
+            check_bridge(spec, seen, bridged)
+            bridged.add(spec.bridge)
+
+
+def duplicate_label(label: str) -> SpecError:
+    return _fail("id", f"duplicate label '{label}'; each chardev needs its own id")
+
+
+def check_bridge(spec: ChardevSpec, by_label, bridged) -> None:
+    """`spec.bridge` must name a chardev of `by_label` with frontend hold that no
+    other chardev (in `bridged`) relays to already."""
+    other = by_label.get(spec.bridge)
+    if other is None:
+        names = sorted(label for label in by_label if label != spec.id)
+        raise _fail("bridge", f"'{spec.bridge}' names no chardev; accepted: one of "
+                              f"{', '.join(names[:20]) or '(none)'}")
+    if other.frontend not in ("hold", "bridge") or other.bridge not in (None, spec.id):
+        raise _fail("bridge", f"'{spec.bridge}' already has frontend {other.frontend}; "
+                              "a bridge needs a chardev with frontend=hold")
+    if spec.bridge in bridged:
+        raise _fail("bridge", f"'{spec.bridge}' is bridged by more than one chardev")

@@ -60,8 +60,10 @@ class Daemon:
     def __init__(self, args, directory, env=None, ready=True, **popen):
         self.notify = Notify(tempfile.mkdtemp(prefix="n", dir=directory))
         self.env = dict(os.environ if env is None else env, NOTIFY_SOCKET=self.notify.path)
-        self.proc = subprocess.Popen(FDMIG + list(args), env=self.env, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True, **popen)
+        # A file, not a pipe: a daemon that logs more than a pipe holds must not block.
+        self._log = tempfile.TemporaryFile("w+")
+        self.proc = subprocess.Popen(FDMIG + list(args), env=self.env, stdin=subprocess.DEVNULL,
+                                     stdout=self._log, stderr=self._log, text=True, **popen)
         if ready:
             self.wait_ready()
 
@@ -74,8 +76,9 @@ class Daemon:
             self.notify.wait_for("READY", "1", timeout)
         except TimeoutError:
             self.proc.kill()
-            out, err = self.proc.communicate(timeout=5)
-            raise AssertionError(f"fdmig did not become ready (exit {self.proc.returncode}): {err}")
+            self.proc.wait(5)
+            raise AssertionError(f"fdmig did not become ready (exit {self.proc.returncode}): "
+                                 f"{self.stderr()[-2000:]}") from None
 
     def stop(self, timeout=10.0) -> int:
         if self.proc.poll() is None:
@@ -88,15 +91,15 @@ class Daemon:
         return self.proc.returncode
 
     def stderr(self) -> str:
-        """All of stderr; only once the process has exited."""
-        return self.proc.communicate(timeout=10)[1]
+        """What the process has logged so far (stdout and stderr)."""
+        self._log.flush()
+        self._log.seek(0)
+        return self._log.read()
 
     def close(self):
         self.stop()
         self.notify.close()
-        for stream in (self.proc.stdout, self.proc.stderr):
-            if stream:
-                stream.close()
+        self._log.close()
 
 
 def connect_unix(path: str, timeout: float = 10.0) -> socket.socket:
@@ -148,3 +151,50 @@ def run_many(commands, timeout=30) -> list[subprocess.CompletedProcess]:
         out, err = proc.communicate(timeout=timeout)
         results.append(subprocess.CompletedProcess(FDMIG + list(args), proc.returncode, out, err))
     return results
+
+
+def wait_states(control: str, expected: dict, timeout: float = 10.0) -> dict:
+    """Await chardev states over QMP events, without a subprocess; returns the states."""
+    from fdmig import qmp
+    deadline = time.monotonic() + timeout
+    with qmp.connect(control, timeout=timeout) as client:
+        while True:
+            states = {c["label"]: c["state"] for c in client.execute("x-fdmig-status")["chardevs"]}
+            if all(states.get(label) == state for label, state in expected.items()):
+                return states
+            try:
+                client.wait_event({"X_FDMIG_CHARDEV_STATE"}, deadline)
+            except Exception as exc:
+                raise AssertionError(f"waited for {expected}; states are {states}") from exc
+
+
+def status_of(control: str) -> dict:
+    """x-fdmig-status over QMP, without a subprocess."""
+    from fdmig import qmp
+    with qmp.connect(control) as client:
+        return client.execute("x-fdmig-status")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nobody listens on right now (bound to port 0, then closed)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def read_exactly_fd(fd: int, n: int, timeout: float = 10.0) -> bytes:
+    """n bytes from a pipe (e.g. socat's stdout), failing after `timeout` seconds."""
+    import select
+    deadline = time.monotonic() + timeout
+    chunks = []
+    while n:
+        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+        if not ready:
+            raise TimeoutError(f"{n} bytes still expected")
+        chunk = os.read(fd, n)
+        if not chunk:
+            raise EOFError(f"EOF with {n} bytes still expected")
+        chunks.append(chunk)
+        n -= len(chunk)
+    return b"".join(chunks)

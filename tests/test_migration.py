@@ -390,3 +390,26 @@ def test_deferred_target_listens_where_qmp_migrate_incoming_says(daemons, echo_i
     target.wait_ready()
     assert not os.path.exists(incoming)
     stream_is_intact(peer)
+
+
+@pytest.mark.timeout(120)
+def test_ten_thousand_chardevs_move_in_one_migration(daemons, short_dir, last_instance):
+    os.mkdir(os.path.join(short_dir, "c"))
+    args = []
+    for i in range(10_000):
+        args += ["--chardev", f"id=c{i},path={short_dir}/c/{i},server=on,support-local-migration=on"
+                              + (",frontend=echo" if i % 1000 == 0 else "")]
+    daemons("serve", "--name", "web", "--capability", "local-char-socket", *args)
+    peers = [connect_unix(f"{short_dir}/c/{i}") for i in range(0, 10_000, 1000)]
+    for peer in peers:
+        peer.sendall(b"ping")
+        assert recv_exactly(peer, 4) == b"ping"
+    result = run("migrate-out", "--name", "web", "--spawn", "--json", "--timeout", "60", timeout=90)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["chardevs"] == 10_000
+    for peer in peers:
+        peer.sendall(b"pong")
+        assert recv_exactly(peer, 4) == b"pong"
+    late = connect_unix(f"{short_dir}/c/9999")
+    assert status("--name", "web")["open-fds"] < 10_100
+    late.close()

@@ -19,8 +19,13 @@ class MigrationFailed(Exception):
         self.timed_out = timed_out
 
 
-def table_entry(chardev) -> dict:
-    return chardev.spec.to_dict()
+def table_entry(chardev, live: bool) -> dict:
+    """The chardev's spec, and how many fds will come for it, so the target can
+    refuse before the commit a migration that would exceed its fd limit."""
+    entry = chardev.spec.to_dict()
+    if live and chardev.spec.support_local_migration:
+        entry["x-fds"] = (chardev.listener is not None) + (chardev.conn is not None)
+    return entry
 
 
 async def migrate(instance, path: str, timeout: float | None) -> None:
@@ -46,7 +51,7 @@ async def migrate(instance, path: str, timeout: float | None) -> None:
         chan = channel.Channel(sock, wire.Role.SOURCE)
         await chan.send(wire.Hello(instance.name, os.getpid(), __version__), deadline)
         await chan.send(wire.Table(dict(instance.capabilities),
-                                   [table_entry(c) for c in instance.chardevs.values()]), deadline)
+                                   [table_entry(c, live) for c in instance.chardevs.values()]), deadline)
         faults.point("source-after-table")
         reply = await chan.next_event(deadline)
         if isinstance(reply, wire.Abort):

@@ -42,7 +42,7 @@ def make_plan(own: list, table: wire.Table) -> Plan:
     source: dict = {}
     for entry in table.chardevs:
         try:
-            spec = specs.from_dict({k: v for k, v in entry.items()})
+            spec = specs.from_dict({k: v for k, v in entry.items() if not k.startswith("x-")})
         except SpecError as exc:
             raise Refused(f"the source's table has a bad chardev: {exc}") from None
         source[spec.id] = spec
@@ -71,11 +71,12 @@ def make_plan(own: list, table: wire.Table) -> Plan:
 
 
 def check_fd(fd: int, role: str, spec, label: str) -> socket.socket:
-    """A received fd must be a stream socket of the family the spec says, listening
+    """Take ownership of `fd` (closed if refused). A received fd must be a stream socket of the family the spec says, listening
     or connected as its role says, at the spec's address."""
     try:
-        sock = socket.socket(fileno=os.dup(fd))
+        sock = socket.socket(fileno=fd)
     except OSError as exc:
+        os.close(fd)
         raise Refused(f"chardev {label}: the {role} fd is not a socket ({exc.strerror})") from None
     try:
         if sock.type != socket.SOCK_STREAM:
@@ -140,9 +141,10 @@ async def session(instance, sock: socket.socket, own: list, info: dict) -> Recei
         if not isinstance(table, wire.Table):
             raise Refused("the source closed the channel before sending its table")
         plan = make_plan(own, table)
-        if len(table.chardevs) * 2 > fd_headroom():
-            raise Refused(f"{len(table.chardevs)} chardevs may need {len(table.chardevs) * 2} fds, "
-                          f"more than the {fd_headroom()} this target can still open (RLIMIT_NOFILE)")
+        coming = sum(min(int(e.get("x-fds", 0)), 2) for e in table.chardevs if isinstance(e.get("x-fds", 0), int))
+        if coming > fd_headroom():
+            raise Refused(f"{coming} fds would come, more than the {fd_headroom()} this target "
+                          "can still open (RLIMIT_NOFILE)")
         faults.point("target-after-table")
         await chan.send(wire.Accept(info), deadline)
         transfer = await chan.next_event(deadline)
@@ -157,8 +159,9 @@ async def session(instance, sock: socket.socket, own: list, info: dict) -> Recei
             sections[section.label] = section
             if section.label in fresh or not section.fds:
                 continue
-            sockets[section.label] = {role: check_fd(chan.received[index], role, spec, section.label)
-                                      for role, index in section.fds.items()}
+            by_role = sockets[section.label] = {}
+            for role, index in section.fds.items():
+                by_role[role] = check_fd(chan.take(index), role, spec, section.label)
         for mine in own:
             if mine.local_incoming and not sockets.get(mine.id):
                 raise Refused(f"chardev {mine.id}: local-incoming=on, but no fd arrived for it")
