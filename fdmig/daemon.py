@@ -85,11 +85,10 @@ class Instance:
         except BaseException:
             self._unwire(chardev)
             del self.chardevs[spec.id]
-            if adopted_fd is not None and chardev.fd is None:
-                try:
-                    os.close(adopted_fd)
-                except OSError:
-                    pass
+            # A passed fd (getfd, socket activation) is ours to close; a bare number
+            # that failed its checks may be anything, even one of our own, so not that.
+            if adopted_fd is not None and not spec.fd_is_number and chardev.fd is None:
+                os.close(adopted_fd)
             raise
         log.info("chardev %s: %s %s (%s)", spec.id, spec.role, spec.address, chardev.state.value)
         self.report_status()
@@ -103,7 +102,7 @@ class Instance:
                 raise FdmigError(f"chardev {spec.id}: no socket-activation fd named '{spec.fdname}' "
                                  f"(LISTEN_FDNAMES has: {have})")
             return fds.pop(0)
-        if spec.fd.isdigit():
+        if spec.fd_is_number:
             return int(spec.fd)
         if spec.fd not in self.named_fds:
             raise FdmigError(f"chardev {spec.id}: File descriptor named '{spec.fd}' not found "

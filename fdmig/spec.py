@@ -57,6 +57,11 @@ class ChardevSpec:
         return f"fdname:{self.fdname}"
 
     @property
+    def fd_is_number(self) -> bool:
+        """fd=N names an inherited descriptor; fd=NAME one passed with getfd."""
+        return self.kind == "fd" and self.fd.isdigit()
+
+    @property
     def role(self) -> str:
         return "server" if self.server else "client"
 
