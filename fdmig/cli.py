@@ -144,7 +144,7 @@ def attach(name, control, spec):
     chardev = parse_spec(spec)
     fds = ()
     with qmp.connect(_control_path(name, control)) as client:
-        if chardev.kind == "fd" and chardev.fd.isdigit():
+        if chardev.fd_is_number:
             fd = int(chardev.fd)
             try:
                 os.fstat(fd)
