@@ -71,10 +71,11 @@ def peer_identity(conn: socket.socket) -> tuple[str, int | None, str | None]:
 
 
 class Chardev:
-    def __init__(self, spec, on_change):
+    def __init__(self, spec, on_change, poller):
         self.spec = spec
         self.label = spec.id
         self._on_change = on_change
+        self._poller = poller
         self._loop = asyncio.get_running_loop()
         self.state = State.CLOSED
         self.listener: socket.socket | None = None
@@ -202,31 +203,23 @@ class Chardev:
     # ----- I/O ---------------------------------------------------------------
 
     def update_io(self) -> None:
-        """Register exactly the readiness callbacks the current state calls for."""
-        live = self.conn is not None and not self.quiesced
+        """Watch exactly what the current state calls for. While quiesced nothing
+        changes: the migration has paused the whole poller."""
+        if self.quiesced:
+            return
+        live = self.conn is not None
         if self.frontend.reads:
             want_read = live and self.frontend.can_receive()
         else:
             want_read = live and not self._hold_unread
-        if want_read != self._reading:
-            if want_read:
-                self._loop.add_reader(self.conn.fileno(), self._on_readable)
-            else:
-                self._loop.remove_reader(self.conn.fileno())
-            self._reading = want_read
         want_write = live and bool(self.outbuf)
-        if want_write != self._writing:
-            if want_write:
-                self._loop.add_writer(self.conn.fileno(), self._on_writable)
-            else:
-                self._loop.remove_writer(self.conn.fileno())
-            self._writing = want_write
-        want_accept = self.listener is not None and self.conn is None and not self.quiesced
+        if want_read != self._reading or want_write != self._writing:
+            self._poller.watch(self.conn.fileno(), self._on_readable if want_read else None,
+                               self._on_writable if want_write else None)
+            self._reading, self._writing = want_read, want_write
+        want_accept = self.listener is not None and not live
         if want_accept != self._accepting:
-            if want_accept:
-                self._loop.add_reader(self.listener.fileno(), self._on_acceptable)
-            else:
-                self._loop.remove_reader(self.listener.fileno())
+            self._poller.watch(self.listener.fileno(), self._on_acceptable if want_accept else None)
             self._accepting = want_accept
 
     def _on_acceptable(self) -> None:
@@ -342,12 +335,9 @@ class Chardev:
         self.connected_since = None
 
     def _stop_conn_io(self) -> None:
-        if self._reading:
-            self._loop.remove_reader(self.conn.fileno())
-            self._reading = False
-        if self._writing:
-            self._loop.remove_writer(self.conn.fileno())
-            self._writing = False
+        if self._reading or self._writing:
+            self._poller.watch(self.conn.fileno())
+            self._reading = self._writing = False
 
     def _set_state(self, state: State) -> None:
         self.state = state
@@ -364,11 +354,12 @@ class Chardev:
         if self._reconnect_task is not None:
             self._reconnect_task.cancel()
             self._reconnect_task = None
-        self.quiesced = True
-        self._set_state(State.MIGRATING)
+        self.quiesced = True  # the caller pauses the poller: no fd is touched here
+        self.state = State.MIGRATING
+        self._on_change(self)
 
     def resume(self) -> None:
-        """Roll back a quiesce: carry on exactly as before."""
+        """Carry on exactly as before the quiesce (a rollback, or a target taking over)."""
         self.quiesced = False
         if self._was_reconnecting:
             self._schedule_reconnect()
@@ -435,7 +426,7 @@ class Chardev:
         self._drop_conn()
         if self.listener is not None:
             if self._accepting:
-                self._loop.remove_reader(self.listener.fileno())
+                self._poller.watch(self.listener.fileno())
                 self._accepting = False
             self.listener.close()
             self.listener = None

@@ -93,6 +93,8 @@ class ControlServer:
         connection.start()
 
     def broadcast(self, name: str, data: dict | None = None) -> None:
+        if not self.connections:
+            return
         message = qmp.ServerCodec.event(name, data)
         for connection in list(self.connections):
             if connection.codec.negotiated:

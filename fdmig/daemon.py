@@ -40,8 +40,10 @@ class Instance:
                           "setup-ms": None, "error": None}
         self.stopping = asyncio.Event()
         self.control = None  # control.ControlServer
+        self.poller = None  # poller.Poller, made on the loop
         self.exit_code = 0
         self.handed_over = False  # after a migration's commit: our paths are the target's
+        self.migrating = False  # chardevs are quiesced or being taken over
         self.migration_task: asyncio.Task | None = None
         self.migration_committed = False
         self._status_scheduled = False
@@ -70,7 +72,7 @@ class Instance:
     def register(self, spec) -> Chardev:
         """Create and wire a chardev without opening it (its bridge partner, if
         any, must be registered already)."""
-        chardev = Chardev(spec, self._chardev_changed)
+        chardev = Chardev(spec, self._chardev_changed, self.poller)
         self._wire(chardev)
         self.chardevs[spec.id] = chardev
         return chardev
@@ -148,6 +150,8 @@ class Instance:
         self.report_status()
 
     def _chardev_changed(self, chardev: Chardev) -> None:
+        if self.migrating:
+            return  # thousands of chardevs change at once; MIGRATION events say it
         if self.control is not None:
             self.control.broadcast("X_FDMIG_CHARDEV_STATE", {"label": chardev.label, "state": chardev.state.value})
         self.report_status()
@@ -205,14 +209,16 @@ class Instance:
             "capabilities": dict(self.capabilities),
             "migration": dict(self.migration),
             "control": self.control_path,
-            "chardevs": [c.status() for c in self.chardevs.values()] + [
-                pending_status(spec) for spec in self.incoming_specs if self.run_state == "inmigrate"],
+            "chardevs": [pending_status(spec) for spec in self.incoming_specs] if self.run_state == "inmigrate"
+            else [c.status() for c in self.chardevs.values()],
         }
 
     # ----- life cycle --------------------------------------------------------
 
     def prepare(self) -> None:
+        from fdmig.poller import Poller
         raise_fd_limit()
+        self.poller = Poller(asyncio.get_running_loop())
         self.listen_fds = systemd.listen_fds()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

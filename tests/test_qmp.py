@@ -544,6 +544,23 @@ def test_fds_sent_without_getfd_are_not_kept(raw, instance):
     ours.close()
 
 
+def test_more_fds_than_the_instance_takes_are_all_closed(raw):
+    raw.execute("qmp_capabilities")
+    pairs = [socket.socketpair() for _ in range(40)]
+    theirs = [b.fileno() for _, b in pairs]
+    raw.sock.sendmsg([b" "], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, b"".join(
+        fd.to_bytes(4, "little") for fd in theirs))])
+    for _, b in pairs:
+        b.close()
+    raw.send(b'{"execute": "query-status"}')
+    replies = raw.messages_until_eof()  # dropped as a client that broke the protocol
+    assert all("return" not in r for r in replies)
+    for ours, _ in pairs:
+        ours.settimeout(10)
+        assert ours.recv(1) == b""
+        ours.close()
+
+
 def test_a_client_that_hangs_up_mid_message_does_no_harm(instance):
     for fragment in (b'{"execute": "qmp_capab', b"[[[[", b'"unterminated'):
         raw = Raw(instance.control)

@@ -65,6 +65,8 @@ async def migrate(instance, path: str, timeout: float | None) -> None:
         # Quiesce everything, moved or not: a chardev that stays behind must not
         # keep filling the out-buffer of one whose state has already been sent.
         quiesce_at = time.monotonic()
+        instance.migrating = True
+        instance.poller.pause()
         for chardev in instance.chardevs.values():
             chardev.quiesce()
             quiesced.append(chardev)
@@ -117,28 +119,31 @@ def _roll_back(instance, quiesced, chan, reason: str, timed_out: bool = False, s
         chan.close()
     for chardev in quiesced:
         chardev.resume()
+    instance.poller.resume()
+    instance.migrating = False
+    instance.report_status()
     log.warning("migration %s: %s; every chardev serves as before", status, reason)
     instance.set_migration(status, error=reason, error_class="timeout" if timed_out else None)
 
 
 async def _hand_over(instance, chan, started, quiesce_at, moved, target_info) -> None:
-    """After the commit: close our copies, let go of the control path, tell the
-    target, exit. The order makes sure nobody reads while the target may."""
-    for chardev in instance.chardevs.values():
-        chardev.release()
-    downtime_ms = (time.monotonic() - quiesce_at) * 1000
-    total_ms = (time.monotonic() - started) * 1000
-    instance.run_state = "postmigrate"
-    instance.set_migration("completed", chardevs=moved, downtime_ms=round(downtime_ms, 3),
-                           total_ms=round(total_ms, 3), target=target_info)
-    log.info("migration completed: %d chardev(s) moved to pid %s", moved, target_info.get("pid"))
-    instance.control.close(unlink=False, flush=True)
+    """After the commit: tell the target at once (its reading ends the downtime),
+    then close our copies, let go of the control path and exit. We read nothing
+    from here on, so the target may read as soon as it hears RELEASED."""
     try:
         await chan.send(wire.Released({"quiesce-at": quiesce_at, "started-at": started,
                                        "setup-ms": instance.migration.get("setup-ms")}), None)
     except (OSError, wire.ProtocolError) as exc:
         log.warning("migration: could not tell the target we let go (%s); it takes over when we exit", exc)
+    released_at = time.monotonic()
     faults.point("source-after-released")
+    for chardev in instance.chardevs.values():
+        chardev.release()
+    instance.run_state = "postmigrate"
+    instance.set_migration("completed", chardevs=moved, downtime_ms=round((released_at - quiesce_at) * 1000, 3),
+                           total_ms=round((released_at - started) * 1000, 3), target=target_info)
+    log.info("migration completed: %d chardev(s) moved to pid %s", moved, target_info.get("pid"))
+    instance.control.close(unlink=False, flush=True)
     chan.close()
     instance.handed_over = True
     instance.stopping.set()

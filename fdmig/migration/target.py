@@ -114,6 +114,12 @@ def fd_headroom() -> int:
     return soft - len(os.listdir("/proc/self/fd")) - 16
 
 
+def stage(instance, plan: Plan) -> dict:
+    """Register every chardev of the plan, unopened; a bridge after its partner."""
+    labels = sorted(plan.order, key=lambda label: plan.specs[label].bridge is not None)
+    return {label: instance.register(plan.specs[label]) for label in labels}
+
+
 class Received:
     def __init__(self, hello, plan, sections, sockets, released_info, chan):
         self.hello = hello
@@ -147,6 +153,9 @@ async def session(instance, sock: socket.socket, own: list, info: dict) -> Recei
                           "can still open (RLIMIT_NOFILE)")
         faults.point("target-after-table")
         await chan.send(wire.Accept(info), deadline)
+        # Build the chardevs while the source quiesces and encodes its sections:
+        # on two cores that work is off the downtime's critical path.
+        chardevs = stage(instance, plan)
         transfer = await chan.next_event(deadline)
         if not isinstance(transfer, wire.Transfer):
             raise Refused("the source closed the channel before sending the state")
@@ -162,6 +171,8 @@ async def session(instance, sock: socket.socket, own: list, info: dict) -> Recei
             by_role = sockets[section.label] = {}
             for role, index in section.fds.items():
                 by_role[role] = check_fd(chan.take(index), role, spec, section.label)
+            chardevs[section.label].restore(section.meta, section.outbuf, by_role.get("conn"),
+                                            by_role.get("listener"))
         for mine in own:
             if mine.local_incoming and not sockets.get(mine.id):
                 raise Refused(f"chardev {mine.id}: local-incoming=on, but no fd arrived for it")
@@ -183,6 +194,7 @@ async def session(instance, sock: socket.socket, own: list, info: dict) -> Recei
         for by_role in sockets.values():
             for s in by_role.values():
                 s.close()
+        instance.chardevs.clear()  # staged, never opened
         if isinstance(exc, Refused):
             try:
                 if chan.codec.state not in (wire.State.FAILED, wire.State.RELEASED):
@@ -254,17 +266,14 @@ async def take_over(instance, received: Received) -> None:
     then the rest are opened afresh and the control path is ours."""
     from fdmig.control import ControlServer
     plan = received.plan
-    labels = sorted(plan.order, key=lambda label: plan.specs[label].bridge is not None)
-    chardevs = {label: instance.register(plan.specs[label]) for label in labels}
-    moved = []
-    for label, by_role in received.sockets.items():
-        section = received.sections[label]
-        chardevs[label].restore(section.meta, section.outbuf, by_role.get("conn"), by_role.get("listener"))
-        moved.append(chardevs[label])
-    received.chan.close()
+    instance.migrating = True
+    instance.poller.pause()  # every moved chardev starts reading at the same instant
+    moved = [instance.chardevs[label] for label in received.sockets]
     for chardev in moved:
         chardev.resume()
+    instance.poller.resume()
     resumed_at = time.monotonic()
+    instance.migrating = False
     instance.run_state = "running"
     for name, state in plan.capabilities.items():
         if name in instance.capabilities:
@@ -277,9 +286,9 @@ async def take_over(instance, received: Received) -> None:
         downtime_ms=round((resumed_at - quiesce_at) * 1000, 3) if isinstance(quiesce_at, float) else None,
         total_ms=round((resumed_at - started_at) * 1000, 3) if isinstance(started_at, float) else None,
         setup_ms=info.get("setup-ms"), source_pid=received.hello.pid)
-    for label in labels:
-        chardev = chardevs[label]
-        if chardev in moved:
+    received.chan.close()
+    for label, chardev in list(instance.chardevs.items()):
+        if label in received.sockets:
             continue
         try:
             await instance.open_registered(chardev)

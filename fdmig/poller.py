@@ -1,0 +1,68 @@
+"""Every chardev fd in one epoll of its own, which the asyncio loop watches as a
+single fd. Two reasons: registering an fd here is one epoll_ctl, not asyncio's
+Python bookkeeping (thousands of chardevs move in one migration), and a migration
+pauses every chardev at once by unwatching one fd, then resumes them the same way."""
+
+import select
+
+MAX_EVENTS = 512  # per loop iteration, so the control socket is never starved
+
+IN = select.EPOLLIN
+OUT = select.EPOLLOUT
+_READ_LIKE = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR | select.EPOLLRDHUP
+_WRITE_LIKE = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR
+
+
+class Poller:
+    def __init__(self, loop):
+        self._loop = loop
+        self._epoll = select.epoll()
+        self._handlers: dict[int, tuple] = {}  # fd -> (mask, on_read, on_write)
+        self.paused = False
+        loop.add_reader(self._epoll.fileno(), self._dispatch)
+
+    def watch(self, fd: int, on_read=None, on_write=None) -> None:
+        """Watch fd for reading and/or writing; both None stops watching it."""
+        mask = (IN if on_read else 0) | (OUT if on_write else 0)
+        old = self._handlers.get(fd)
+        if not mask:
+            if old is not None:
+                del self._handlers[fd]
+                self._epoll.unregister(fd)
+            return
+        self._handlers[fd] = (mask, on_read, on_write)
+        if old is None:
+            self._epoll.register(fd, mask)
+        elif old[0] != mask:
+            self._epoll.modify(fd, mask)
+
+    def pause(self) -> None:
+        if not self.paused:
+            self._loop.remove_reader(self._epoll.fileno())
+            self.paused = True
+
+    def resume(self) -> None:
+        if self.paused:
+            self._loop.add_reader(self._epoll.fileno(), self._dispatch)
+            self.paused = False
+
+    def _dispatch(self) -> None:
+        for fd, events in self._epoll.poll(0, MAX_EVENTS):
+            handler = self._handlers.get(fd)
+            if handler is None:
+                continue
+            mask, on_read, on_write = handler
+            if on_read is not None and events & _READ_LIKE:
+                on_read()
+                handler = self._handlers.get(fd)  # the callback may have changed it
+                if handler is None:
+                    continue
+                on_write = handler[2]
+            if on_write is not None and events & _WRITE_LIKE:
+                on_write()
+
+    def close(self) -> None:
+        if not self.paused:
+            self._loop.remove_reader(self._epoll.fileno())
+        self._epoll.close()
+        self._handlers.clear()

@@ -1,0 +1,158 @@
+"""The benchmark: fdmig's handoff against the kernel's fd-passing floor, s6-fdholder
+and a plain restart; bridge throughput against socat; start-up against a bare
+Python; memory. One run, one table, medians over repeats, ratios to baselines.
+
+    python -m tests.bench                 # the full run (a few minutes)
+    python -m tests.bench --quick         # tiny sizes, to prove it works
+    python -m tests.bench --out DIR       # where bench.md, bench.json, downtime.png go
+"""
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+from tests.bench import floor, handoff, s6, throughput
+
+
+def median_ms(samples) -> float | None:
+    return round(statistics.median(samples) * 1000, 3) if samples else None
+
+
+def ratio(a, b) -> str:
+    return f"{a / b:.1f}x" if a is not None and b else "-"
+
+
+def run(sizes, repeats, bridge_bytes, startup_repeats, workdir) -> dict:
+    results = {"machine": machine(), "handoff": [], "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    for n in sizes:
+        print(f"handoff n={n} ...", file=sys.stderr, flush=True)
+        reps = repeats if n < 1000 else max(3, repeats // 2)
+        h = handoff.measure_handoff(n, reps, tempfile.mkdtemp(dir=workdir))
+        f = floor.measure_floor(n, max(reps, 10))
+        row = {"n": n, "downtime-ms": median_ms(h["downtime"]), "peer-pause-ms": median_ms(h["pause"]),
+               "migrate-out-ms": median_ms(h["wall"]), "floor-ms": median_ms(f), "rss-bytes": h["rss"],
+               "repeats": reps}
+        if s6.available():
+            r = s6.measure_s6(n, max(reps, 10), tempfile.mkdtemp(dir=workdir))
+            row["s6-ms"] = median_ms(r["seconds"]) if r["ok"] else None
+            row["s6-error"] = None if r["ok"] else r["error"]
+        results["handoff"].append(row)
+    print("reconnect baseline ...", file=sys.stderr, flush=True)
+    results["reconnect-ms"] = median_ms(handoff.measure_reconnect(repeats, tempfile.mkdtemp(dir=workdir)))
+    print("bridge throughput ...", file=sys.stderr, flush=True)
+    bridge = [throughput.measure_bridge(bridge_bytes, tempfile.mkdtemp(dir=workdir)) for _ in range(3)]
+    results["bridge"] = {"bytes": bridge_bytes, "fdmig-mib-s": round(bridge_bytes / statistics.median(bridge) / 2**20, 1)}
+    if shutil.which("socat"):
+        relay = [throughput.measure_socat(bridge_bytes, tempfile.mkdtemp(dir=workdir)) for _ in range(3)]
+        results["bridge"]["socat-mib-s"] = round(bridge_bytes / statistics.median(relay) / 2**20, 1)
+    print("start-up ...", file=sys.stderr, flush=True)
+    env = dict(os.environ, FDMIG_RUNTIME_DIR=os.path.join(workdir, "rt-startup"))
+    startup_instance = handoff.start_instance(["serve", "--name", "startup"], workdir, env)
+    try:
+        results["startup-ms"] = {name: median_ms(throughput.measure_startup(argv, startup_repeats, env))
+                                 for name, argv in throughput.startup_commands().items()}
+    finally:
+        startup_instance.terminate()
+        startup_instance.wait(20)
+    return results
+
+
+def machine() -> dict:
+    import psutil
+    return {"cpus": os.cpu_count(), "memory-gib": round(psutil.virtual_memory().total / 2**30, 1),
+            "kernel": platform.release(), "python": platform.python_version(), "machine": platform.machine()}
+
+
+def markdown(results: dict) -> str:
+    m = results["machine"]
+    lines = [f"Machine: {m['cpus']} CPUs, {m['memory-gib']} GiB, Linux {m['kernel']}, Python {m['python']}; "
+             f"medians; run {results['started']}.", "",
+             "| chardevs | downtime (instance) | longest peer pause | migrate-out wall | kernel floor | "
+             "downtime / floor | s6-fdholder transfer | downtime / s6 | RSS |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in results["handoff"]:
+        s6_cell = f"{row['s6-ms']} ms" if row.get("s6-ms") is not None else (
+            "fails (>253 fds per dump)" if row.get("s6-error") else "-")
+        lines.append(f"| {row['n']} | {row['downtime-ms']} ms | {row['peer-pause-ms']} ms | {row['migrate-out-ms']} ms | "
+                     f"{row['floor-ms']} ms | {ratio(row['downtime-ms'], row['floor-ms'])} | {s6_cell} | "
+                     f"{ratio(row['downtime-ms'], row.get('s6-ms'))} | {row['rss-bytes'] / 2**20:.1f} MiB |")
+    first = results["handoff"][0]
+    lines += ["", f"Restart without handoff (peer: EOF to first echo from the new process): "
+                  f"{results['reconnect-ms']} ms, {ratio(results['reconnect-ms'], first['peer-pause-ms'])} "
+                  f"the pause a live handoff of {first['n']} chardev(s) costs."]
+    b = results["bridge"]
+    lines += ["", f"Bridge throughput, {b['bytes'] // 2**20} MiB over unix sockets: fdmig {b['fdmig-mib-s']} MiB/s"
+                  + (f", socat {b['socat-mib-s']} MiB/s ({ratio(b['fdmig-mib-s'], b['socat-mib-s'])})"
+                     if "socat-mib-s" in b else "")]
+    s = results["startup-ms"]
+    base = s["python3 -c pass"]
+    lines += ["", "Start-up: " + ", ".join(f"`{k}` {v} ms ({ratio(v, base)})" for k, v in s.items())]
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, path: str) -> bool:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    rows = results["handoff"]
+    ns = [r["n"] for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot(ns, [r["downtime-ms"] for r in rows], "o-", label="fdmig downtime (instance)")
+    ax.plot(ns, [r["peer-pause-ms"] for r in rows], "s--", label="fdmig longest peer pause")
+    ax.plot(ns, [r["floor-ms"] for r in rows], "^-", label="kernel floor (SCM_RIGHTS only)")
+    s6_points = [(r["n"], r["s6-ms"]) for r in rows if r.get("s6-ms") is not None]
+    if s6_points:
+        ax.plot(*zip(*s6_points), "x-", label="s6-fdholder transferdump")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("connected chardevs")
+    ax.set_ylabel("ms (median)")
+    ax.set_title("Handoff downtime against N")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tests.bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes and repeats, to prove it works")
+    parser.add_argument("--sizes", default="1,10,100,1000,5000")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--out", default="bench-results")
+    args = parser.parse_args(argv)
+    floor.raise_nofile()
+    if args.quick:
+        sizes, repeats, bridge_bytes, startup_repeats = [1, 10], 2, 8 << 20, 3
+    else:
+        sizes = [int(n) for n in args.sizes.split(",")]
+        repeats, bridge_bytes, startup_repeats = args.repeats, 1 << 30, 15
+    workdir = tempfile.mkdtemp(prefix="fdmig-bench-", dir="/tmp")
+    try:
+        results = run(sizes, repeats, bridge_bytes, startup_repeats, workdir)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    os.makedirs(args.out, exist_ok=True)
+    table = markdown(results)
+    print(table)
+    with open(os.path.join(args.out, "bench.md"), "w") as f:
+        f.write(table)
+    with open(os.path.join(args.out, "bench.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    if plot(results, os.path.join(args.out, "downtime.png")):
+        print(f"plot: {os.path.join(args.out, 'downtime.png')}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

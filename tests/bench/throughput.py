@@ -1,0 +1,97 @@
+"""Bridge throughput against socat relaying the same stream, start-up time against
+a bare Python, both with real processes over real unix sockets."""
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+from tests.bench.handoff import start_instance
+from tests.helpers import FDMIG
+
+CHUNK = 1 << 20
+
+
+def _connect(path: str, timeout: float = 20.0) -> socket.socket:
+    deadline = time.monotonic() + timeout
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(path)
+            return sock
+        except (FileNotFoundError, ConnectionRefusedError):
+            sock.close()
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.005)  # the relay binds its second path only after the first accept
+
+
+def _pump(writer: socket.socket, reader: socket.socket, total: int) -> float:
+    """Seconds to move `total` bytes from writer's peer to reader's peer."""
+    data = b"\x5a" * CHUNK
+
+    def write():
+        sent = 0
+        while sent < total:
+            writer.sendall(data[: min(CHUNK, total - sent)])
+            sent += min(CHUNK, total - sent)
+
+    thread = threading.Thread(target=write, daemon=True)
+    buf = bytearray(CHUNK)
+    got = 0
+    started = time.monotonic()
+    thread.start()
+    while got < total:
+        n = reader.recv_into(buf)
+        if not n:
+            raise RuntimeError(f"EOF after {got} of {total} bytes")
+        got += n
+    elapsed = time.monotonic() - started
+    thread.join()
+    return elapsed
+
+
+def measure_bridge(total: int, workdir: str) -> float:
+    env = dict(os.environ, FDMIG_RUNTIME_DIR=os.path.join(workdir, "rt-bridge"))
+    a, b = os.path.join(workdir, "bridge-a.sock"), os.path.join(workdir, "bridge-b.sock")
+    proc = start_instance(["serve", "--name", "bridge", "--chardev", f"socket,id=b,path={b},server=on",
+                           "--chardev", f"socket,id=a,path={a},server=on,bridge=b"], workdir, env)
+    try:
+        reader, writer = _connect(b), _connect(a)
+        return _pump(writer, reader, total)
+    finally:
+        proc.terminate()
+        proc.wait(20)
+
+
+def measure_socat(total: int, workdir: str) -> float:
+    a, b = os.path.join(workdir, "socat-a.sock"), os.path.join(workdir, "socat-b.sock")
+    proc = subprocess.Popen(["socat", f"UNIX-LISTEN:{a}", f"UNIX-LISTEN:{b}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        writer = _connect(a)
+        reader = _connect(b)
+        return _pump(writer, reader, total)
+    finally:
+        proc.kill()
+        proc.wait(20)
+
+
+def measure_startup(argv: list[str], repeats: int, env=None) -> list[float]:
+    samples = []
+    for _ in range(repeats):
+        started = time.monotonic()
+        subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, check=False)
+        samples.append(time.monotonic() - started)
+    return samples
+
+
+def startup_commands() -> dict[str, list[str]]:
+    """What a user types: the installed `fdmig` script when there is one."""
+    import shutil
+    fdmig = [shutil.which("fdmig")] if shutil.which("fdmig") else FDMIG
+    return {"python3 -c pass": [sys.executable, "-c", "pass"],
+            "fdmig --version": fdmig + ["--version"],
+            "fdmig status": fdmig + ["status", "--name", "startup"]}
