@@ -11,7 +11,6 @@ import enum
 import errno
 import logging
 import os
-import select
 import socket
 import stat
 import time
@@ -89,7 +88,7 @@ class Chardev:
         self.frontend: frontends.Frontend = frontends.Hold(self)
         self.feeders: list[Chardev] = [self]  # chardevs whose frontend fills our outbuf
         self.quiesced = False
-        self._reading = self._writing = self._accepting = False
+        self._reading = self._writing = self._accepting = self._hangup = False
         self._hold_unread = False
         self._bound_inode: int | None = None
         self._logfile = None
@@ -213,10 +212,13 @@ class Chardev:
         else:
             want_read = live and not self._hold_unread
         want_write = live and bool(self.outbuf)
-        if want_read != self._reading or want_write != self._writing:
+        # A held fd with bytes waiting is not read, but its peer leaving still counts.
+        want_hangup = live and not want_read and not self.frontend.reads and self._hold_unread
+        if (want_read, want_write, want_hangup) != (self._reading, self._writing, self._hangup):
             self._poller.watch(self.conn.fileno(), self._on_readable if want_read else None,
-                               self._on_writable if want_write else None)
-            self._reading, self._writing = want_read, want_write
+                               self._on_writable if want_write else None,
+                               self._on_hangup if want_hangup else None)
+            self._reading, self._writing, self._hangup = want_read, want_write, want_hangup
         want_accept = self.listener is not None and not live
         if want_accept != self._accepting:
             self._poller.watch(self.listener.fileno(), self._on_acceptable if want_accept else None)
@@ -254,8 +256,8 @@ class Chardev:
         self.update_io()
 
     def _peek_hold(self) -> None:
-        # A held fd is never read; peeking only tells EOF from data waiting, and
-        # once data waits we stop watching (check_hangup looks again on demand).
+        # A held fd is never read; peeking only tells EOF from data waiting. Once
+        # data waits, only the peer's hangup is watched (_on_hangup).
         try:
             data = self.conn.recv(1, socket.MSG_PEEK)
         except (BlockingIOError, InterruptedError):
@@ -269,14 +271,8 @@ class Chardev:
         self._hold_unread = True
         self.update_io()
 
-    def check_hangup(self) -> None:
-        if self.conn is None or not self._hold_unread or self.quiesced:
-            return
-        poller = select.poll()
-        poller.register(self.conn.fileno(), select.POLLRDHUP)
-        for _, events in poller.poll(0):
-            if events & (select.POLLRDHUP | select.POLLHUP | select.POLLERR):
-                self._lost("peer closed the connection")
+    def _on_hangup(self) -> None:
+        self._lost("peer closed the connection (unread bytes dropped)")
 
     def write(self, data: bytes) -> None:
         self.outbuf += data
@@ -335,9 +331,9 @@ class Chardev:
         self.connected_since = None
 
     def _stop_conn_io(self) -> None:
-        if self._reading or self._writing:
+        if self._reading or self._writing or self._hangup:
             self._poller.watch(self.conn.fileno())
-            self._reading = self._writing = False
+            self._reading = self._writing = self._hangup = False
 
     def _set_state(self, state: State) -> None:
         self.state = state
@@ -449,7 +445,6 @@ class Chardev:
         return sock.fileno() if sock is not None else None
 
     def status(self) -> dict:
-        self.check_hangup()
         peer, pid, process = self.peer or (None, None, None)
         return {
             "label": self.label,

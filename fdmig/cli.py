@@ -153,7 +153,12 @@ def attach(name, control, spec):
             passed_name = f"attach-{chardev.id}"
             client.execute("getfd", {"fdname": passed_name}, fds=(fd,))
             chardev = ChardevSpec(**{**chardev.__dict__, "fd": passed_name})
-        client.execute("chardev-add", chardev.to_qmp())
+        try:
+            client.execute("chardev-add", chardev.to_qmp())
+        except FdmigError:
+            if chardev.kind == "fd" and chardev.fd.startswith("attach-"):
+                client.execute("closefd", {"fdname": chardev.fd})  # do not leave our fd behind
+            raise
         state = next((c["state"] for c in client.execute("x-fdmig-status")["chardevs"]
                       if c["label"] == chardev.id), "?")
     click.echo(f"attached {chardev.id}: {chardev.role} {chardev.address} ({state})")

@@ -163,6 +163,9 @@ class ControlConnection:
             data, fds = fdpass.recv_with_fds(self.sock, 65536, MAX_PENDING_FDS)
         except (BlockingIOError, InterruptedError):
             return
+        except ConnectionResetError:
+            self.close()  # a probe (another instance checking the path) hung up: not news
+            return
         except OSError as exc:
             log.warning("control: dropped a client: %s", exc)
             self.close()

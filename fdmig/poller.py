@@ -9,8 +9,10 @@ MAX_EVENTS = 512  # per loop iteration, so the control socket is never starved
 
 IN = select.EPOLLIN
 OUT = select.EPOLLOUT
+HANGUP = select.EPOLLRDHUP
 _READ_LIKE = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR | select.EPOLLRDHUP
 _WRITE_LIKE = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR
+_HANGUP_LIKE = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 
 
 class Poller:
@@ -21,16 +23,17 @@ class Poller:
         self.paused = False
         loop.add_reader(self._epoll.fileno(), self._dispatch)
 
-    def watch(self, fd: int, on_read=None, on_write=None) -> None:
-        """Watch fd for reading and/or writing; both None stops watching it."""
-        mask = (IN if on_read else 0) | (OUT if on_write else 0)
+    def watch(self, fd: int, on_read=None, on_write=None, on_hangup=None) -> None:
+        """Watch fd for reading, writing and/or the peer hanging up (an fd that is
+        held, never read, still learns that its peer left); all None stops."""
+        mask = (IN if on_read else 0) | (OUT if on_write else 0) | (HANGUP if on_hangup else 0)
         old = self._handlers.get(fd)
         if not mask:
             if old is not None:
                 del self._handlers[fd]
                 self._epoll.unregister(fd)
             return
-        self._handlers[fd] = (mask, on_read, on_write)
+        self._handlers[fd] = (mask, on_read, on_write, on_hangup)
         if old is None:
             self._epoll.register(fd, mask)
         elif old[0] != mask:
@@ -51,7 +54,10 @@ class Poller:
             handler = self._handlers.get(fd)
             if handler is None:
                 continue
-            mask, on_read, on_write = handler
+            mask, on_read, on_write, on_hangup = handler
+            if on_hangup is not None and events & _HANGUP_LIKE:
+                on_hangup()
+                continue
             if on_read is not None and events & _READ_LIKE:
                 on_read()
                 handler = self._handlers.get(fd)  # the callback may have changed it

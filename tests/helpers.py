@@ -33,17 +33,18 @@ class Notify:
         self.sock.bind(self.path)
         self.messages: list[dict] = []
 
-    def wait_for(self, key: str, value: str | None = None, timeout: float = 20.0) -> dict:
-        """The first message (old or new) that sets `key` (to `value`)."""
+    def wait_for(self, key: str, value: str | None = None, timeout: float = 20.0, alive=None) -> dict:
+        """The first message (old or new) that sets `key` (to `value`). `alive()`
+        returning False (the sender exited) ends the wait early."""
         deadline = time.monotonic() + timeout
         while True:
             for message in self.messages:
                 if key in message and (value is None or message[key] == value):
                     return message
             remaining = deadline - time.monotonic()
-            if remaining <= 0:
+            if remaining <= 0 or (alive is not None and not alive()):
                 raise TimeoutError(f"no {key}={value} on NOTIFY_SOCKET; got {self.messages}")
-            self.sock.settimeout(remaining)
+            self.sock.settimeout(min(remaining, 0.5) if alive is not None else remaining)
             try:
                 data = self.sock.recv(4096)
             except socket.timeout:
@@ -73,7 +74,7 @@ class Daemon:
 
     def wait_ready(self, timeout=20.0):
         try:
-            self.notify.wait_for("READY", "1", timeout)
+            self.notify.wait_for("READY", "1", timeout, alive=lambda: self.proc.poll() is None)
         except TimeoutError:
             self.proc.kill()
             self.proc.wait(5)

@@ -160,8 +160,7 @@ def test_a_server_serves_one_peer_at_a_time_and_the_next_once_the_first_leaves(d
     second.close()
 
 
-@pytest.mark.xfail(strict=True, reason="chardev.py Chardev._peek_hold stops watching a held fd once data "
-                   "waits, so the peer's hangup goes unnoticed until someone asks for status")
+# Regression: a held fd with unread bytes stopped being watched, so its peer's hangup went unseen.
 def test_a_hold_server_notices_a_peer_that_sent_bytes_and_left_and_serves_the_next(daemons, short_dir,
                                                                                    runtime_dir):
     path = f"{short_dir}/app.sock"
@@ -617,8 +616,7 @@ def test_attach_with_fd_passes_the_clis_own_descriptor(daemons, runtime_dir):
         assert chardevs_of(control_of(runtime_dir))["passed"]["state"] == "connected"
 
 
-@pytest.mark.xfail(strict=True, reason="cli.py attach: when chardev-add fails after getfd, the passed fd "
-                   "stays named 'attach-LABEL' in the instance (never closefd'd), so its peer never sees EOF")
+# Regression: a failed attach with fd=N left the passed fd named in the instance.
 def test_a_failed_attach_with_fd_leaves_no_descriptor_in_the_instance(daemons, short_dir):
     daemons("serve", "--chardev", echo_server(f"{short_dir}/app.sock"))
     ours, theirs = socket.socketpair()
