@@ -413,3 +413,109 @@ def test_ten_thousand_chardevs_move_in_one_migration(daemons, short_dir, last_in
     late = connect_unix(f"{short_dir}/c/9999")
     assert status("--name", "web")["open-fds"] < 10_100
     late.close()
+
+
+def fake_target(path: str, behave) -> threading.Thread:
+    """A process-local target on the channel that runs `behave(conn)` for one source."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(1)
+    listener.settimeout(10)
+
+    def serve():
+        try:
+            conn, _ = listener.accept()
+            conn.settimeout(10)
+            with conn:
+                behave(conn)
+        finally:
+            listener.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return thread
+
+
+def query_migrate(runtime_dir: str) -> dict:
+    import asyncio
+    from qemu.qmp import QMPClient
+
+    async def ask():
+        client = QMPClient("test")
+        await client.connect(os.path.join(runtime_dir, "web.sock"))
+        try:
+            return await client.execute("query-migrate")
+        finally:
+            await client.disconnect()
+    return asyncio.run(ask())
+
+
+def test_target_sending_garbage_rolls_the_source_back(echo_instance, short_dir, runtime_dir):
+    source, path = echo_instance
+    peer = Peer(path)
+    peer.start()
+
+    def garbage(conn):
+        conn.recv(65536)
+        conn.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+        conn.recv(65536)  # until the source hangs up
+
+    thread = fake_target(os.path.join(runtime_dir, "web.migrate.sock"), garbage)
+    result = run("migrate-out", "--name", "web", "--timeout", "10")
+    thread.join(10)
+    assert result.returncode == 1
+    assert "broke the protocol" in result.stderr and "bad magic" in result.stderr
+    reply = query_migrate(runtime_dir)
+    assert reply["status"] == "failed" and "bad magic" in reply["error-desc"]
+    stream_is_intact(peer)
+
+
+def test_channel_breaking_mid_transfer_rolls_the_source_back(echo_instance, runtime_dir):
+    source, path = echo_instance
+    peer = Peer(path)
+    peer.start()
+
+    def accept_then_vanish(conn):
+        codec = wire.MigrationCodec(wire.Role.TARGET)
+        while not isinstance(codec.next_event(), wire.Table):
+            codec.receive_data(conn.recv(65536))
+        send(conn, codec.send(wire.Accept()))
+        data, fds, _, _ = socket.recv_fds(conn, 65536, 253)  # the fds arrive; then we vanish
+        for fd in fds:
+            os.close(fd)
+
+    thread = fake_target(os.path.join(runtime_dir, "web.migrate.sock"), accept_then_vanish)
+    result = run("migrate-out", "--name", "web", "--timeout", "10")
+    thread.join(10)
+    assert result.returncode == 1
+    assert "closed the channel before acknowledging" in result.stderr
+    state = status("--name", "web")
+    assert state["pid"] == source.pid and chardev(state, "app")["state"] == "connected"
+    stream_is_intact(peer)
+
+
+def test_migrate_cancel_before_the_commit_rolls_back(echo_instance, runtime_dir):
+    import asyncio
+    from qemu.qmp import QMPClient
+    source, path = echo_instance
+    peer = Peer(path)
+    peer.start()
+
+    async def migrate_then_cancel():
+        client = QMPClient("test")
+        await client.connect(os.path.join(runtime_dir, "web.sock"))
+        events = client.events
+        await client.execute("migrate", {"uri": f"unix:{runtime_dir}/nobody.sock", "x-fdmig-timeout": 30})
+        await client.execute("migrate_cancel")
+        statuses = []
+        while not statuses or statuses[-1] not in ("cancelled", "failed", "completed"):
+            event = await asyncio.wait_for(events.get(), 10)
+            if event["event"] == "MIGRATION":
+                statuses.append(event["data"]["status"])
+        reply = await client.execute("query-migrate")
+        await client.disconnect()
+        return statuses, reply
+
+    statuses, reply = asyncio.run(migrate_then_cancel())
+    assert statuses[-1] == "cancelled" and reply["status"] == "cancelled"
+    stream_is_intact(peer)
