@@ -217,6 +217,12 @@ class Instance:
 
     def prepare(self) -> None:
         from fdmig.poller import Poller
+        # Imported now, not when a migration starts: an import inside the loop would
+        # stall every chardev's peer for its few milliseconds.
+        import fdmig.control  # noqa: F401
+        import fdmig.migration.source  # noqa: F401
+        import fdmig.migration.target  # noqa: F401
+        import psutil  # noqa: F401  (status)
         raise_fd_limit()
         self.poller = Poller(asyncio.get_running_loop())
         self.listen_fds = systemd.listen_fds()

@@ -24,59 +24,102 @@ def _raise_fd_limit():
 
 
 class Probes:
-    """A few peers doing back-to-back ping-pong through the echo chardevs; each
-    records the longest gap between two answers while `measuring` is set."""
+    """A few peers doing back-to-back ping-pong through the echo chardevs, each
+    timing the longest gap between two answers. They run in a forked process of
+    their own: in ours, the GIL would add its own pauses to what they measure."""
 
     def __init__(self, socks):
         self.socks = socks
-        self.longest = 0.0
-        self.measuring = threading.Event()
-        self.stop = threading.Event()
-        self.error = None
-        self.thread = threading.Thread(target=self._run, daemon=True)
+        self._ctl, child_end = socket.socketpair()
+        self.pid = os.fork()
+        if self.pid == 0:
+            self._ctl.close()
+            try:
+                _probe_loop(socks, child_end)
+            finally:
+                os._exit(0)
+        child_end.close()
 
-    def start(self):
-        self.thread.start()
-
-    def _run(self):
-        poller = select.epoll()
-        last = {}
-        seq = {}
-        for sock in self.socks:
-            sock.setblocking(False)
-            poller.register(sock.fileno(), select.EPOLLIN)
-            seq[sock.fileno()] = 0
-            last[sock.fileno()] = time.monotonic()
-            sock.send(b"%015d\n" % 0)
-        by_fd = {s.fileno(): s for s in self.socks}
-        pending = {fd: b"" for fd in by_fd}
-        while not self.stop.is_set():
-            for fd, _ in poller.poll(0.05):
-                data = by_fd[fd].recv(4096)
-                if not data:
-                    self.error = "a peer saw EOF"
-                    return
-                pending[fd] += data
-                while len(pending[fd]) >= RECORD:
-                    record, pending[fd] = pending[fd][:RECORD], pending[fd][RECORD:]
-                    if record != b"%015d\n" % seq[fd]:
-                        self.error = f"record {seq[fd]} came back as {record!r}"
-                        return
-                    now = time.monotonic()
-                    if self.measuring.is_set():
-                        self.longest = max(self.longest, now - last[fd])
-                    last[fd] = now
-                    seq[fd] += 1
-                    by_fd[fd].send(b"%015d\n" % seq[fd])
+    def _ask(self, command: bytes, timeout: float = 60.0) -> str:
+        self._ctl.settimeout(timeout)
+        self._ctl.sendall(command)
+        reply = self._ctl.recv(256).decode()
+        if reply.startswith("error"):
+            raise RuntimeError(reply)
+        return reply
 
     def window(self):
-        """Reset, then measure until the returned callable is called."""
-        self.longest = 0.0
-        self.measuring.set()
-        def done():
-            self.measuring.clear()
-            return self.longest
-        return done
+        """Start timing; the returned callable ends it and gives the longest gap (s)."""
+        self._ask(b"w")
+        return lambda: float(self._ask(b"d"))
+
+    def wait_answers(self, count: int) -> None:
+        """Until every probe has had `count` more answers (the target serves them)."""
+        self._ask(b"a%d" % count)
+
+    def stop(self) -> None:
+        try:
+            self._ctl.sendall(b"q")
+        except OSError:
+            pass
+        os.waitpid(self.pid, 0)
+
+
+def _probe_loop(socks, ctl) -> None:
+    poller = select.epoll()
+    by_fd = {s.fileno(): s for s in socks}
+    seq = dict.fromkeys(by_fd, 0)
+    answers = dict.fromkeys(by_fd, 0)
+    last = dict.fromkeys(by_fd, time.monotonic())
+    pending = dict.fromkeys(by_fd, b"")
+    longest, measuring, error, waiting = 0.0, False, None, None
+    for fd, sock in by_fd.items():
+        sock.setblocking(False)
+        poller.register(fd, select.EPOLLIN)
+        sock.send(b"%015d\n" % 0)
+    poller.register(ctl.fileno(), select.EPOLLIN)
+    while True:
+        for fd, _ in poller.poll(0.05):
+            if fd == ctl.fileno():
+                command = ctl.recv(64)
+                if command in (b"", b"q"):
+                    return
+                if error:
+                    ctl.sendall(f"error: {error}".encode())
+                elif command == b"w":
+                    longest, measuring = 0.0, True
+                    ctl.sendall(b"ok")
+                elif command == b"d":
+                    measuring = False
+                    ctl.sendall(repr(longest).encode())
+                elif command.startswith(b"a"):
+                    waiting = (int(command[1:]), dict(answers))
+                continue
+            data = by_fd[fd].recv(4096)
+            if not data:
+                error = "a peer saw EOF"
+                continue
+            pending[fd] += data
+            while len(pending[fd]) >= RECORD:
+                record, pending[fd] = pending[fd][:RECORD], pending[fd][RECORD:]
+                if record != b"%015d\n" % seq[fd]:
+                    error = f"record {seq[fd]} came back as {record!r}"
+                    break
+                now = time.monotonic()
+                answers[fd] += 1
+                if measuring:
+                    longest = max(longest, now - last[fd])
+                last[fd] = now
+                seq[fd] += 1
+                by_fd[fd].send(b"%015d\n" % seq[fd])
+        if waiting is not None:
+            count, base = waiting
+            if error:
+                ctl.sendall(f"error: {error}".encode())
+                waiting = None
+            elif all(answers[fd] - base[fd] >= count for fd in base):
+                ctl.sendall(b"ok")
+                waiting = None
 
 
 def start_instance(args, workdir, env):
@@ -109,34 +152,38 @@ def measure_handoff(n: int, repeats: int, workdir: str) -> dict:
     accepting.join(60)
     assert len(peers) == n, f"only {len(peers)} of {n} chardevs connected"
     probes = Probes(peers[:: max(1, n // PROBES)][:PROBES])
-    probes.start()
     result = {"n": n, "downtime": [], "pause": [], "wall": [], "rss": None}
+    control = os.path.join(env["FDMIG_RUNTIME_DIR"], "bench.sock")
+    channel = os.path.join(env["FDMIG_RUNTIME_DIR"], "bench.migrate.sock")
     try:
-        for _ in range(repeats):
+        for i in range(2 * repeats):
             time.sleep(0.05)  # the stream runs between handoffs, as in life
             target = subprocess.Popen(FDMIG + ["migrate-in", "--name", "bench"], env=env,
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             procs.append(target)
-            done = probes.window()
-            started = time.monotonic()
-            out = subprocess.run(FDMIG + ["migrate-out", "--name", "bench", "--json", "--timeout", "60"],
-                                 env=env, capture_output=True, text=True, timeout=120)
-            wall = time.monotonic() - started
-            time.sleep(0.02)  # let the probes see their first answers from the target
-            pause = done()
-            if out.returncode != 0:
-                raise RuntimeError(f"migrate-out failed: {out.stderr.strip()}")
-            if probes.error:
-                raise RuntimeError(probes.error)
-            outcome = json.loads(out.stdout)
-            result["downtime"].append(outcome["downtime-ms"] / 1000)
-            result["pause"].append(pause)
-            result["wall"].append(wall)
+            if i % 2:
+                # The CLI as a user runs it: its wall time includes its own start-up.
+                started = time.monotonic()
+                out = subprocess.run(FDMIG + ["migrate-out", "--name", "bench", "--json", "--timeout", "60"],
+                                     env=env, capture_output=True, text=True, timeout=120)
+                result["wall"].append(time.monotonic() - started)
+                if out.returncode != 0:
+                    raise RuntimeError(f"migrate-out failed: {out.stderr.strip()}")
+                result["downtime"].append(json.loads(out.stdout)["downtime-ms"] / 1000)
+            else:
+                # Over QMP from here, with the target already waiting: the window in
+                # which the probes time their pause holds the handoff and nothing else.
+                _wait_path(channel)
+                done = probes.window()
+                downtime = _migrate_over_qmp(control, channel, target.pid)
+                probes.wait_answers(2)
+                result["pause"].append(done())
+                result["downtime"].append(downtime)
         status = subprocess.run(FDMIG + ["status", "--name", "bench", "--json"], env=env,
                                 capture_output=True, text=True, timeout=60)
         result["rss"] = json.loads(status.stdout)["rss-bytes"]
     finally:
-        probes.stop.set()
+        probes.stop()
         for proc in procs:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
@@ -149,6 +196,31 @@ def measure_handoff(n: int, repeats: int, workdir: str) -> dict:
             peer.close()
         listener.close()
     return result
+
+
+def _wait_path(path: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} did not appear")
+        time.sleep(0.005)  # the target binds its channel as it starts
+
+
+def _migrate_over_qmp(control: str, channel: str, target_pid: int) -> float:
+    """Migrate, wait until the target answers on the control path; its downtime (s)."""
+    from fdmig import migrate_client, qmp
+    with qmp.connect(control) as client:
+        source_pid = client.execute("x-fdmig-status")["pid"]
+        client.execute("migrate", {"uri": f"unix:{channel}", "x-fdmig-timeout": 60})
+        while True:
+            status = client.wait_event({"MIGRATION"}, time.monotonic() + 60)["data"]["status"]
+            if status in ("completed", "failed", "cancelled"):
+                break
+    if status != "completed":
+        raise RuntimeError(f"migration {status}")
+    state = migrate_client.wait_target(control, source_pid, time.monotonic() + 30)
+    assert state["pid"] == target_pid
+    return state["migration"]["downtime-ms"] / 1000
 
 
 def measure_reconnect(repeats: int, workdir: str) -> list[float]:
