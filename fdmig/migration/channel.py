@@ -52,11 +52,15 @@ class Channel:
             fds = ()  # the fds rode on the first byte
             data = data[sent:]
 
-    async def next_event(self, deadline: float | None = None):
+    async def next_event(self, deadline: float | None = None, progress=None):
+        """The next event; `progress()` runs whenever the codec has taken all the
+        data there is and more is awaited (to work on sections as they arrive)."""
         while True:
             event = self.codec.next_event()
             if event is not wire.NEED_DATA:
                 return event
+            if progress is not None:
+                progress()
             try:
                 data, fds = fdpass.recv_with_fds(self.sock, READ_SIZE)
             except (BlockingIOError, InterruptedError):

@@ -152,27 +152,34 @@ async def session(instance, sock: socket.socket, own: list, info: dict) -> Recei
             raise Refused(f"{coming} fds would come, more than the {fd_headroom()} this target "
                           "can still open (RLIMIT_NOFILE)")
         faults.point("target-after-table")
-        await chan.send(wire.Accept(info), deadline)
-        # Build the chardevs while the source quiesces and encodes its sections:
-        # on two cores that work is off the downtime's critical path.
+        # Build the chardevs before accepting: the source still serves meanwhile,
+        # so this work stays out of the downtime.
+        instance.migrating = True
         chardevs = stage(instance, plan)
-        transfer = await chan.next_event(deadline)
-        if not isinstance(transfer, wire.Transfer):
-            raise Refused("the source closed the channel before sending the state")
+        await chan.send(wire.Accept(info), deadline)
         sections = {}
         fresh = {m.id for m in own if not m.local_incoming}  # we open these afresh
-        for section in transfer.sections:
-            spec = plan.specs.get(section.label)
-            if spec is None:
-                raise Refused(f"chardev {section.label}: a section for a chardev not in the table")
-            sections[section.label] = section
-            if section.label in fresh or not section.fds:
-                continue
-            by_role = sockets[section.label] = {}
-            for role, index in section.fds.items():
-                by_role[role] = check_fd(chan.take(index), role, spec, section.label)
-            chardevs[section.label].restore(section.meta, section.outbuf, by_role.get("conn"),
-                                            by_role.get("listener"))
+
+        def take(batch):
+            # Check each fd as its frame arrives, while the source still encodes the rest.
+            for section in batch:
+                spec = plan.specs.get(section.label)
+                if spec is None or section.label in sections:
+                    raise Refused(f"chardev {section.label}: a section for a chardev not in the table, "
+                                  "or twice")
+                sections[section.label] = section
+                if section.label in fresh or not section.fds:
+                    continue
+                by_role = sockets[section.label] = {}
+                for role, index in section.fds.items():
+                    by_role[role] = check_fd(chan.take(index), role, spec, section.label)
+                chardevs[section.label].restore(section.meta, section.outbuf, by_role.get("conn"),
+                                                by_role.get("listener"))
+
+        transfer = await chan.next_event(deadline, progress=lambda: take(chan.codec.take_sections()))
+        if not isinstance(transfer, wire.Transfer):
+            raise Refused("the source closed the channel before sending the state")
+        take(transfer.sections)
         for mine in own:
             if mine.local_incoming and not sockets.get(mine.id):
                 raise Refused(f"chardev {mine.id}: local-incoming=on, but no fd arrived for it")
@@ -195,6 +202,7 @@ async def session(instance, sock: socket.socket, own: list, info: dict) -> Recei
             for s in by_role.values():
                 s.close()
         instance.chardevs.clear()  # staged, never opened
+        instance.migrating = False
         if isinstance(exc, Refused):
             try:
                 if chan.codec.state not in (wire.State.FAILED, wire.State.RELEASED):

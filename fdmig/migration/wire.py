@@ -343,6 +343,7 @@ class MigrationCodec:
         self._capabilities: dict | None = None
         self._chardevs: list = []
         self._sections: list = []
+        self._sections_taken = 0  # handed out early by take_sections()
         self._transfer_fds = 0
 
     @property
@@ -759,14 +760,23 @@ class MigrationCodec:
         obj = _object(FrameType.END, payload)
         count = _field(obj, "sections", int, "END frame", RemoteProtocolError)
         nfds = _field(obj, "fds", int, "END frame", RemoteProtocolError)
-        if count != len(self._sections) or nfds != self._transfer_fds:
+        arrived = len(self._sections) + self._sections_taken
+        if count != arrived or nfds != self._transfer_fds:
             raise RemoteProtocolError(
                 f"END counts {count} sections and {nfds} fds but "
-                f"{len(self._sections)} and {self._transfer_fds} arrived"
+                f"{arrived} and {self._transfer_fds} arrived"
             )
         transfer = Transfer(sections=tuple(self._sections))
-        self._sections, self._transfer_fds = [], 0
+        self._sections, self._transfer_fds, self._sections_taken = [], 0, 0
         return transfer
+
+    def take_sections(self) -> list[Section]:
+        """The sections decoded so far while a Transfer is still arriving, each
+        handed out once, so a receiver can work on them as they come. The Transfer
+        event at END then holds only those not taken."""
+        taken, self._sections = self._sections, []
+        self._sections_taken += len(taken)
+        return taken
 
     @staticmethod
     def _decode_info(ftype: FrameType, payload: bytes) -> Accept | Released:
