@@ -1,0 +1,321 @@
+"""The documentation keeps up with the code: a man page for every command that
+documents every option, pages that render without a warning, and shell
+completion scripts that are what the installed fdmig generates and that work in
+a real bash against a running instance."""
+
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import click
+import pytest
+
+from fdmig import __version__
+from fdmig.chardev import STATES
+from fdmig.cli import main
+from fdmig.spec import _KEYS as SPEC_KEYS
+from tests.helpers import run
+
+ROOT = Path(__file__).resolve().parent.parent
+MAN = ROOT / "man"
+COMPLETIONS = ROOT / "completions"
+
+# Page name -> click command: `fdmig` itself and one page per subcommand.
+COMMAND_PAGES = {"fdmig": main, **{f"fdmig-{name}": command for name, command in main.commands.items()}}
+ALL_PAGES = sorted(MAN.glob("*.[1-9]"))
+COMPLETION_FILES = {"bash": "fdmig.bash", "zsh": "_fdmig", "fish": "fdmig.fish"}
+
+
+# ----- reading roff ----------------------------------------------------------
+
+_ESCAPES = [
+    (re.compile(r"\\f(\[[^]]*\]|\(..|.)"), ""),  # font changes: \fB \fI \fR \fP \f(CW \f[B]
+    (re.compile(r"\\\((aq|dq|lq|rq|bu|ti|ha)"), lambda m: {"aq": "'", "dq": '"', "lq": '"', "rq": '"',
+                                                         "bu": "*", "ti": "~", "ha": "^"}[m.group(1)]),
+    (re.compile(r"\\[-]"), "-"),
+    (re.compile(r"\\e"), "\\\\"),
+    (re.compile(r"\\[&:c|^%]"), ""),  # zero-width: \& \: \c \| \^ \%
+    (re.compile(r"\\ "), " "),
+]
+
+
+def plain(roff: str) -> str:
+    """Roff source text with escapes resolved, as a reader sees the words."""
+    for pattern, replacement in _ESCAPES:
+        roff = pattern.sub(replacement, roff)
+    return roff
+
+
+def sections(page: Path) -> dict[str, list[str]]:
+    """The page's source lines by .SH section (comments dropped)."""
+    found: dict[str, list[str]] = {}
+    current = None
+    for line in page.read_text().splitlines():
+        if line.startswith(('.\\"', "'\\\"")):
+            continue
+        if line.startswith(".SH"):
+            current = line[3:].strip().strip('"')
+            found[current] = []
+        elif current is not None:
+            found[current].append(line)
+    return found
+
+
+def macro_args(text: str) -> list[str]:
+    """Split a macro's arguments as troff does: at spaces, "quoted" ones whole,
+    an escaped space (\\ ) inside an argument."""
+    return [a[1:-1].replace('""', '"') if a.startswith('"') else a
+            for a in re.findall(r'"(?:[^"]|"")*"|(?:\\.|[^\s\\])+', text)]
+
+
+def line_text(line: str) -> str:
+    """One source line as plain text: font macros applied (.BR joins its arguments
+    with no space, .B with spaces), escapes resolved."""
+    match = re.match(r"^\.(B|I|BR|RB|BI|IB|IR|RI)(?:\s+(.*))?$", line)
+    if not match:
+        return plain(line)
+    args = macro_args(match.group(2) or "")
+    return plain(("" if len(match.group(1)) == 2 else " ").join(args))
+
+
+def tp_tags(lines: list[str]) -> list[str]:
+    """The tag line of every .TP paragraph, as plain text."""
+    return [line_text(tag) for before, tag in zip(lines, lines[1:]) if before.strip() == ".TP"]
+
+
+def words_of(lines: list[str]) -> set[str]:
+    return set(re.findall(r"[\w.=-]+", plain("\n".join(lines))))
+
+
+def option_strings(command: click.Command, parent: click.Context | None = None) -> list[str]:
+    """Every option string the command accepts, -h/--help included (from the group's
+    context settings, which subcommands inherit)."""
+    ctx = click.Context(command, info_name=command.name, parent=parent, **command.context_settings)
+    names = []
+    for param in command.get_params(ctx):
+        if isinstance(param, click.Option):
+            names += param.opts + param.secondary_opts
+    return names
+
+
+# ----- (a) every command has a page, every option is documented ------------------
+
+def test_every_subcommand_has_a_man_page():
+    missing = [page for page in COMMAND_PAGES if not (MAN / f"{page}.1").is_file()]
+    assert not missing, f"no man page for: {', '.join(missing)}"
+
+
+def test_no_man_page_for_a_command_that_does_not_exist():
+    pages = {p.stem for p in MAN.glob("fdmig*.1")}
+    assert pages <= set(COMMAND_PAGES), f"pages without a command: {sorted(pages - set(COMMAND_PAGES))}"
+
+
+@pytest.mark.parametrize("page", sorted(COMMAND_PAGES))
+def test_man_page_documents_every_option_in_options(page):
+    command = COMMAND_PAGES[page]
+    parent = None if command is main else click.Context(main, info_name="fdmig", **main.context_settings)
+    expected = option_strings(command, parent)
+    assert "--help" in expected and "-h" in expected
+    options = sections(MAN / f"{page}.1").get("OPTIONS")
+    assert options is not None, f"{page}.1 has no OPTIONS section"
+    documented = set()
+    for tag in tp_tags(options):
+        documented.update(re.findall(r"(?<![\w-])--?[A-Za-z][\w-]*", tag))
+    missing = [opt for opt in expected if opt not in documented]
+    assert not missing, f"{page}.1 OPTIONS has no .TP entry for {', '.join(missing)}"
+    unknown = sorted(documented - set(expected))
+    assert not unknown, f"{page}.1 OPTIONS documents options the command lacks: {', '.join(unknown)}"
+
+
+@pytest.mark.parametrize("page", sorted(p for p in COMMAND_PAGES if p != "fdmig"))
+def test_man_page_synopsis_names_the_command_and_its_arguments(page):
+    command = COMMAND_PAGES[page]
+    synopsis = plain("\n".join(sections(MAN / f"{page}.1")["SYNOPSIS"]))
+    assert f"fdmig {command.name}" in synopsis
+    for param in command.params:
+        if isinstance(param, click.Argument):
+            for word in re.findall(r"[A-Z][A-Z_]+", param.metavar or param.name.upper()):
+                assert word in synopsis, f"{page}.1 SYNOPSIS lacks the argument {word}"
+
+
+def test_fdmig_page_documents_every_spec_key_state_and_exit_code():
+    page = sections(MAN / "fdmig.1")
+    keys = {tag.split("=")[0] for tag in tp_tags(page["CHARDEV SPECIFICATION"])}
+    assert set(SPEC_KEYS) <= keys, f"SPEC keys not documented: {sorted(set(SPEC_KEYS) - keys)}"
+    assert set(STATES) <= set(tp_tags(page["CHARDEV STATES"]))
+    assert {"0", "1", "2", "3", "4"} <= set(tp_tags(page["EXIT STATUS"]))
+    environment = " ".join(tp_tags(page["ENVIRONMENT"]))
+    for variable in ("FDMIG_RUNTIME_DIR", "XDG_RUNTIME_DIR", "NOTIFY_SOCKET",
+                     "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"):
+        assert variable in environment
+    files = " ".join(tp_tags(page["FILES"]))
+    for name in ("runtime-dir", "runtime-dir/name.sock", "runtime-dir/name.migrate.sock"):
+        assert name in files
+
+
+# ----- (b) pages render cleanly and have the sections a reader looks for ---------
+
+def _render_command(page: Path) -> list[str] | None:
+    if shutil.which("man"):
+        return ["man", "--warnings", "-E", "UTF-8", "-l", "-Tutf8", "-Z", str(page)]
+    if shutil.which("groff"):
+        return ["groff", "-ww", "-man", "-z", str(page)]
+    return None
+
+
+@pytest.mark.parametrize("page", ALL_PAGES, ids=lambda p: p.name)
+def test_man_page_renders_without_warnings(page):
+    command = _render_command(page)
+    if command is None:
+        pytest.skip("neither man nor groff is installed")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LC_", "LANG", "MAN"))}
+    env.update(LC_ALL="C.UTF-8", MANWIDTH="80")
+    result = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=env, timeout=30)
+    assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stderr}"
+    assert result.stderr == "", f"{' '.join(command)} warns:\n{result.stderr}"
+
+
+@pytest.mark.parametrize("page", ALL_PAGES, ids=lambda p: p.name)
+def test_man_page_has_the_standard_sections(page):
+    found = sections(page)
+    if page.suffix == ".1":
+        wanted = ["NAME", "SYNOPSIS", "DESCRIPTION", "OPTIONS", "EXIT STATUS", "EXAMPLES", "SEE ALSO"]
+    else:
+        wanted = ["NAME", "DESCRIPTION", "EXAMPLES", "SEE ALSO"]
+    missing = [name for name in wanted if name not in found]
+    assert not missing, f"{page.name} lacks {', '.join(missing)}"
+    names = [name for name in found if name in wanted]
+    assert names == wanted, f"{page.name}: sections out of the usual order: {names}"
+
+
+@pytest.mark.parametrize("page", ALL_PAGES, ids=lambda p: p.name)
+def test_man_page_header_names_the_page_and_the_version(page):
+    th = next(line for line in page.read_text().splitlines() if line.startswith(".TH "))
+    title, section, _date, source, *_ = shlex.split(plain(th))[1:]
+    assert (title, section) == (page.stem.upper(), page.suffix[1:])
+    assert source == f"fdmig {__version__}", f"{page.name}: .TH says {source!r}; fdmig is {__version__}"
+
+
+def test_man_pages_cross_reference_only_pages_that_exist():
+    ours = {p.stem: p.suffix[1:] for p in ALL_PAGES}
+    for page in ALL_PAGES:
+        for name, section in re.findall(r"(fdmig[\w-]*)\((\d)\)", plain(page.read_text())):
+            assert ours.get(name) == section, f"{page.name} refers to {name}({section}), which is not in man/"
+
+
+# ----- (c) completion scripts are what fdmig generates ----------------------------
+
+def _fdmig_shim(directory: Path) -> Path:
+    """A `fdmig` for PATH that runs this interpreter's fdmig: the console script pip
+    installed beside it, else the CLI through `python -c` under the same name."""
+    script = Path(sysconfig.get_path("scripts")) / "fdmig"
+    if os.access(script, os.X_OK):
+        body = f'exec {shlex.quote(str(script))} "$@"\n'
+    else:
+        code = "from fdmig.cli import main; main(prog_name='fdmig')"
+        body = f'exec {shlex.quote(sys.executable)} -c {shlex.quote(code)} "$@"\n'
+    directory.mkdir(exist_ok=True)
+    shim = directory / "fdmig"
+    shim.write_text("#!/bin/sh\n" + body)
+    shim.chmod(0o755)
+    return shim
+
+
+@pytest.fixture(scope="module")
+def fdmig_bin(tmp_path_factory) -> Path:
+    return _fdmig_shim(tmp_path_factory.mktemp("bin")).parent
+
+
+@pytest.mark.parametrize("shell", sorted(COMPLETION_FILES))
+def test_completion_script_is_what_fdmig_generates(shell, fdmig_bin):
+    committed = COMPLETIONS / COMPLETION_FILES[shell]
+    assert committed.is_file(), f"completions/{committed.name} is missing: run completions/generate.sh"
+    generated_with = (COMPLETIONS / "click-version").read_text().strip()
+    if generated_with != click_version():
+        # The scripts are click's shims (the command tree is asked at completion
+        # time), so only another click can make them differ; the other tests here
+        # still check that completion works with this one.
+        pytest.skip(f"completions were generated with click {generated_with}, this is {click_version()}")
+    result = subprocess.run([str(fdmig_bin / "fdmig")], env=dict(os.environ, _FDMIG_COMPLETE=f"{shell}_source"),
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout, f"fdmig printed no {shell} completion script"
+    assert committed.read_text() == result.stdout, (
+        f"completions/{committed.name} is stale (click {click_version()} generates another): "
+        "run completions/generate.sh")
+
+
+_SYNTAX_CHECK = {"bash": ["bash", "-n"], "zsh": ["zsh", "-n"], "fish": ["fish", "--no-execute"]}
+
+
+@pytest.mark.parametrize("shell", sorted(COMPLETION_FILES))
+def test_completion_script_parses_in_its_shell(shell):
+    if shutil.which(shell) is None:
+        pytest.skip(f"{shell} is not installed")
+    result = subprocess.run(_SYNTAX_CHECK[shell] + [str(COMPLETIONS / COMPLETION_FILES[shell])],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0 and not result.stderr, (
+        f"{shell} cannot parse completions/{COMPLETION_FILES[shell]} (click {click_version()}):\n{result.stderr}")
+
+
+def click_version() -> str:
+    from importlib.metadata import version
+    return version("click")
+
+
+# ----- (d) bash completion works for real ------------------------------------------
+
+def bash_complete(words: list[str], fdmig_bin: Path) -> list[str]:
+    """Source completions/fdmig.bash in a real bash, complete `words` (the last one
+    is the word under the cursor) and return what bash would offer."""
+    script = "\n".join([
+        f"source {shlex.quote(str(COMPLETIONS / 'fdmig.bash'))}",
+        "complete -p fdmig >&2",
+        f"COMP_WORDS=({' '.join(shlex.quote(w) for w in words)})",
+        f"COMP_CWORD={len(words) - 1}",
+        f"COMP_LINE={shlex.quote(' '.join(words))}",
+        "COMP_POINT=${#COMP_LINE}",
+        "COMPREPLY=()",
+        "_fdmig_completion fdmig",
+        'printf "%s\\n" "${COMPREPLY[@]}"',
+    ])
+    env = dict(os.environ, PATH=f"{fdmig_bin}{os.pathsep}{os.environ.get('PATH', '')}")
+    result = subprocess.run(["bash", "--norc", "--noprofile", "-c", script], env=env,
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert "_fdmig_completion" in result.stderr, f"the script registered no completion: {result.stderr}"
+    return [line for line in result.stdout.splitlines() if line]
+
+
+def test_bash_completion_offers_subcommands(fdmig_bin, runtime_dir):
+    assert bash_complete(["fdmig", "det"], fdmig_bin) == ["detach"]
+
+
+def test_bash_completion_offers_labels_and_instance_name_of_running_instance(
+        daemons, short_dir, runtime_dir, fdmig_bin):
+    daemons("serve", "--chardev", f"id=app,path={short_dir}/app.sock,server=on",
+            "--chardev", f"id=db,path={short_dir}/db.sock,server=on", ready=False)
+    result = run("status", "--wait", "app=listening", "--timeout", "10", timeout=20)
+    assert result.returncode == 0, result.stderr
+    assert bash_complete(["fdmig", "detach", ""], fdmig_bin) == ["app", "db"]
+    assert bash_complete(["fdmig", "detach", "--name", ""], fdmig_bin) == ["default"]
+
+
+def test_wheel_installs_every_man_page_under_share_man(tmp_path):
+    import zipfile
+    repo = Path(__file__).resolve().parent.parent
+    result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q",
+                             "-w", str(tmp_path), str(repo)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    (wheel,) = tmp_path.glob("fdmig-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    pages = sorted(p.name for p in (repo / "man").iterdir() if p.suffix in (".1", ".7"))
+    for page in pages:
+        section = page.rsplit(".", 1)[1]
+        assert any(n.endswith(f".data/data/share/man/man{section}/{page}") for n in names), page
