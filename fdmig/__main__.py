@@ -1,3 +1,3 @@
 from fdmig.cli import main
 
-main()
+main(prog_name="fdmig")

@@ -142,8 +142,8 @@ def attach(name, control, spec):
 
     With fd=N, this command's own descriptor N is passed to the instance."""
     chardev = parse_spec(spec)
-    fds = ()
     with qmp.connect(_control_path(name, control)) as client:
+        _check_against(chardev, client.execute("x-fdmig-status"))
         if chardev.fd_is_number:
             fd = int(chardev.fd)
             try:
@@ -157,11 +157,29 @@ def attach(name, control, spec):
             client.execute("chardev-add", chardev.to_qmp())
         except FdmigError:
             if chardev.kind == "fd" and chardev.fd.startswith("attach-"):
-                client.execute("closefd", {"fdname": chardev.fd})  # do not leave our fd behind
+                try:
+                    client.execute("closefd", {"fdname": chardev.fd})  # do not leave our fd behind
+                except FdmigError:
+                    pass  # the instance had taken it already, and closed it
             raise
         state = next((c["state"] for c in client.execute("x-fdmig-status")["chardevs"]
                       if c["label"] == chardev.id), "?")
     click.echo(f"attached {chardev.id}: {chardev.role} {chardev.address} ({state})")
+
+
+def _check_against(chardev: ChardevSpec, status: dict) -> None:
+    """The SPEC rules that depend on what the instance holds, checked here so that
+    a bad SPEC exits 2 whether the mistake is in it alone or in how it fits."""
+    from fdmig.spec import check_bridge, duplicate_label
+    held = {c["label"]: c for c in status["chardevs"]}
+    if chardev.id in held:
+        raise duplicate_label(chardev.id)
+    if chardev.local_incoming:
+        raise SpecError(f"chardev local-incoming: only an incoming instance (migrate-in) waits for a "
+                        f"migrated fd; instance {status['name']} is {status['state']}")
+    if chardev.bridge is not None:
+        specs = {label: parse_spec(c["spec"]) for label, c in held.items()}
+        check_bridge(chardev, specs, {s.bridge for s in specs.values() if s.bridge})
 
 
 @main.command()
@@ -224,8 +242,11 @@ def _watch(control_path: str, as_json: bool) -> None:
     from fdmig import render
     if as_json or not sys.stdout.isatty():
         while True:
-            with qmp.connect(control_path) as client:
-                _print_status(client.execute("x-fdmig-status"), as_json)
+            try:
+                with qmp.connect(control_path) as client:
+                    _print_status(client.execute("x-fdmig-status"), as_json)
+            except (NoInstanceError, FdmigError) as exc:
+                click.echo(f"{render.timestamp()} {exc}", err=True)  # a handover, or not up yet
             time.sleep(1)
     from rich.live import Live
     with Live(auto_refresh=False) as live:

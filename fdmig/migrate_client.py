@@ -23,8 +23,10 @@ def fdmig_command() -> list[str]:
 
 def spawn_target(instance_args: list[str], channel_path: str) -> subprocess.Popen:
     argv = fdmig_command() + ["migrate-in", *instance_args, "--channel", f"unix:{channel_path}"]
-    # Its own session, our stdout/stderr: under systemd its log reaches the journal.
-    return subprocess.Popen(argv, start_new_session=True, stdin=subprocess.DEVNULL)
+    # Its own session, our stderr: under systemd its log reaches the journal. Its
+    # stdout is our stderr too (it prints nothing there), so that a script's
+    # $(fdmig migrate-out --spawn --json) returns when we do, not when it exits.
+    return subprocess.Popen(argv, start_new_session=True, stdin=subprocess.DEVNULL, stdout=sys.stderr.fileno())
 
 
 def wait_exit(pid: int, deadline: float) -> bool:

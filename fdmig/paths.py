@@ -52,4 +52,5 @@ def instance_names() -> list[str]:
         entries = os.listdir(runtime_dir())
     except OSError:
         return []
-    return sorted(e[:-5] for e in entries if e.endswith(".sock") and not e.endswith(".migrate.sock"))
+    return sorted(e[:-5] for e in entries
+                  if e.endswith(".sock") and not e.endswith((".migrate.sock", ".incoming.sock")))

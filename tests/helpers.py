@@ -33,12 +33,12 @@ class Notify:
         self.sock.bind(self.path)
         self.messages: list[dict] = []
 
-    def wait_for(self, key: str, value: str | None = None, timeout: float = 20.0, alive=None) -> dict:
-        """The first message (old or new) that sets `key` (to `value`). `alive()`
-        returning False (the sender exited) ends the wait early."""
+    def wait_for(self, key: str, value: str | None = None, timeout: float = 20.0, alive=None, after=0) -> dict:
+        """The first message from index `after` on (old or new) that sets `key` (to
+        `value`). `alive()` returning False (the sender exited) ends the wait early."""
         deadline = time.monotonic() + timeout
         while True:
-            for message in self.messages:
+            for message in self.messages[after:]:
                 if key in message and (value is None or message[key] == value):
                     return message
             remaining = deadline - time.monotonic()

@@ -293,6 +293,17 @@ def bash_complete(words: list[str], fdmig_bin: Path) -> list[str]:
     return [line for line in result.stdout.splitlines() if line]
 
 
+def fish_complete(line: str, fdmig_bin: Path) -> list[str]:
+    """What fish offers for the command line `line` with completions/fdmig.fish
+    loaded (values only, descriptions dropped)."""
+    script = f"source {shlex.quote(str(COMPLETIONS / 'fdmig.fish'))}; complete -C {shlex.quote(line)}"
+    env = dict(os.environ, PATH=f"{fdmig_bin}{os.pathsep}{os.environ.get('PATH', '')}")
+    result = subprocess.run(["fish", "--no-config", "-c", script], env=env,
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0 and not result.stderr, result.stderr
+    return [line.split("\t")[0] for line in result.stdout.splitlines() if line]
+
+
 def test_bash_completion_offers_subcommands(fdmig_bin, runtime_dir):
     assert bash_complete(["fdmig", "det"], fdmig_bin) == ["detach"]
 
@@ -319,3 +330,13 @@ def test_wheel_installs_every_man_page_under_share_man(tmp_path):
     for page in pages:
         section = page.rsplit(".", 1)[1]
         assert any(n.endswith(f".data/data/share/man/man{section}/{page}") for n in names), page
+
+
+@pytest.mark.skipif(shutil.which("fish") is None, reason="fish is not installed")
+def test_fish_completion_offers_subcommands_and_labels_of_running_instance(
+        daemons, short_dir, runtime_dir, fdmig_bin):
+    assert fish_complete("fdmig det", fdmig_bin) == ["detach"]
+    daemons("serve", "--chardev", f"id=app,path={short_dir}/app.sock,server=on", ready=False)
+    result = run("status", "--wait", "app=listening", "--timeout", "10", timeout=20)
+    assert result.returncode == 0, result.stderr
+    assert fish_complete("fdmig detach ", fdmig_bin) == ["app"]

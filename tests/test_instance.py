@@ -591,7 +591,7 @@ def test_attach_and_detach_exit_codes(daemons, short_dir, runtime_dir):
     assert no_dir.returncode == 1 and "cannot listen on" in no_dir.stderr
     assert refused.returncode == 1 and "cannot connect to" in refused.stderr
     assert set(chardevs_of(control_of(runtime_dir))) == {"app", "relay"}
-    assert duplicate.returncode != 0 and "duplicate label 'app'" in duplicate.stderr
+    assert duplicate.returncode == 2 and "duplicate label 'app'" in duplicate.stderr
     assert not os.path.exists(f"{short_dir}/dup.sock")
     assert unknown.returncode == 1 and "Chardev 'nope' not found" in unknown.stderr
     assert bad_spec.returncode == 2 and "reconnect-ms" in bad_spec.stderr
@@ -625,5 +625,17 @@ def test_a_failed_attach_with_fd_leaves_no_descriptor_in_the_instance(daemons, s
         fd = theirs.fileno()
         result = run("attach", f"socket,id=app,fd={fd}", pass_fds=(fd,))  # duplicate label
         theirs.close()
-        assert result.returncode == 1 and "duplicate label 'app'" in result.stderr
+        assert result.returncode == 2 and "duplicate label 'app'" in result.stderr
         assert ours.recv(1) == b""  # nobody holds the other end any more
+
+
+def test_attach_mistakes_against_what_the_instance_holds_exit_2(daemons, short_dir):
+    daemons("serve", "--chardev", f"socket,id=app,path={short_dir}/app.sock,server=on,frontend=echo")
+    to_missing, to_busy, incoming = run_many([
+        ["attach", f"socket,id=x,path={short_dir}/x.sock,server=on,bridge=nope"],
+        ["attach", f"socket,id=y,path={short_dir}/y.sock,server=on,bridge=app"],
+        ["attach", f"socket,id=z,path={short_dir}/z.sock,server=on,local-incoming=on"],
+    ])
+    assert to_missing.returncode == 2 and "'nope' names no chardev" in to_missing.stderr
+    assert to_busy.returncode == 2 and "already has frontend echo" in to_busy.stderr
+    assert incoming.returncode == 2 and "local-incoming" in incoming.stderr

@@ -488,7 +488,7 @@ def test_channel_breaking_mid_transfer_rolls_the_source_back(echo_instance, runt
     result = run("migrate-out", "--name", "web", "--timeout", "10")
     thread.join(10)
     assert result.returncode == 1
-    assert "closed the channel before acknowledging" in result.stderr
+    assert "the target closed the channel" in result.stderr  # mid-send, or before its ACK
     state = status("--name", "web")
     assert state["pid"] == source.pid and chardev(state, "app")["state"] == "connected"
     stream_is_intact(peer)

@@ -158,9 +158,9 @@ def test_spawned_target_notifies_mainpid_and_ready(daemons, short_dir):
                  env=dict(os.environ, NOTIFY_SOCKET=source.notify.path))
     assert result.returncode == 0, result.stderr
     target_pid = json.loads(result.stdout)["target-pid"]
-    source.notify.wait_for("MAINPID", str(target_pid))
-    ready_after_mainpid = source.notify.messages.index(source.notify.wait_for("MAINPID", str(target_pid)))
-    assert any("READY" in m for m in source.notify.messages[ready_after_mainpid:])
+    # The source names its successor at the commit; the target then says it is ready.
+    handover = source.notify.messages.index(source.notify.wait_for("MAINPID", str(target_pid)))
+    source.notify.wait_for("READY", "1", after=handover + 1)
     sock.sendall(b"same peer")
     assert recv_exactly(sock, 9) == b"same peer"
     os.kill(target_pid, 15)

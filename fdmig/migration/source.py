@@ -7,7 +7,7 @@ import logging
 import os
 import time
 
-from fdmig import __version__, faults
+from fdmig import __version__, faults, systemd
 from fdmig.migration import channel, wire
 
 log = logging.getLogger("fdmig")
@@ -96,6 +96,9 @@ async def migrate(instance, path: str, timeout: float | None) -> None:
     except wire.RemoteProtocolError as exc:
         _roll_back(instance, quiesced, chan, f"the target broke the protocol: {exc}")
         return
+    except (BrokenPipeError, ConnectionResetError):
+        _roll_back(instance, quiesced, chan, f"the target closed the channel during {chan.codec.state.name.lower()}")
+        return
     except (OSError, wire.ProtocolError) as exc:
         _roll_back(instance, quiesced, chan, f"channel error: {exc}")
         return
@@ -130,6 +133,10 @@ async def _hand_over(instance, chan, started, quiesce_at, moved, target_info) ->
     """After the commit: tell the target at once (its reading ends the downtime),
     then close our copies, let go of the control path and exit. We read nothing
     from here on, so the target may read as soon as it hears RELEASED."""
+    if target_info.get("pid"):
+        # The main process may name its successor: systemd (NotifyAccess=all) then
+        # follows the handover even if we exit before the target has said so itself.
+        systemd.notify(f"MAINPID={target_info['pid']}")
     try:
         await chan.send(wire.Released({"quiesce-at": quiesce_at, "started-at": started,
                                        "setup-ms": instance.migration.get("setup-ms")}), None)

@@ -1,0 +1,23 @@
+"""The benchmark runs end to end at a tiny size: no timing is asserted, only that
+every figure is produced and written where the README says."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.mark.timeout(300)
+def test_quick_benchmark_writes_its_table_json_and_figures(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "tests.bench", "--quick", "--out", str(tmp_path)],
+                            capture_output=True, text=True, timeout=280)
+    assert result.returncode == 0, result.stderr
+    assert "| chardevs | downtime (instance)" in result.stdout
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert [row["n"] for row in data["handoff"]] == [1, 10]
+    for row in data["handoff"]:
+        assert row["downtime-ms"] > 0 and row["peer-pause-ms"] > 0 and row["floor-ms"] > 0
+    assert data["bridge"]["fdmig-mib-s"] > 0 and data["reconnect-ms"] > 0
+    assert set(data["startup-ms"]) == {"python3 -c pass", "fdmig --version", "fdmig status"}
+    assert (tmp_path / "bench.md").read_text().startswith("Machine:")
