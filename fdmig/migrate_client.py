@@ -80,7 +80,11 @@ def migrate_out(control_path, channel_path, capabilities, timeout, spawn, instan
                 try:
                     event = client.wait_event({"MIGRATION"}, deadline)
                 except EOFError:
-                    raise FdmigError("the source closed its control connection before the migration ended") from None
+                    # The source died. If it had sent everything, the target took over.
+                    data = _after_source_died(control_path, source_pid)
+                    notes.append(f"the source (pid {source_pid}) died during the migration; "
+                                 "the target took over what it had sent")
+                    break
                 data = event.get("data", {})
                 if data.get("status") in ("completed", "failed", "cancelled"):
                     break
@@ -110,6 +114,35 @@ def migrate_out(control_path, channel_path, capabilities, timeout, spawn, instan
         outcome["summary"] = (f"migrated {outcome['chardevs']} chardev(s) live from pid {source_pid} "
                               f"to pid {target.get('pid')}, which runs its own program now")
     return outcome
+
+
+def _after_source_died(control_path: str, source_pid: int) -> dict:
+    """A MIGRATION event's data as if the source had said how it ended."""
+    deadline = time.monotonic() + HANDOVER_GRACE
+    if not wait_exit(source_pid, deadline):
+        raise FdmigError("the source closed its control connection before the migration ended")
+    lost = FdmigError(f"the source (pid {source_pid}) died during the migration, before the target "
+                      "had everything: its connections are lost")
+    incoming = control_path[:-5] + ".incoming.sock" if control_path.endswith(".sock") else control_path + ".incoming.sock"
+    while True:
+        try:
+            status = wait_target(control_path, source_pid, min(deadline, time.monotonic() + 0.1))
+            break
+        except TimeoutExpired:
+            if time.monotonic() >= deadline or _refused(incoming, source_pid):
+                raise lost from None
+    return {"status": "completed", "x-fdmig-chardevs": status["migration"]["chardevs"],
+            "x-fdmig-target": {"pid": status["pid"], "control": True}}
+
+
+def _refused(incoming_path: str, source_pid: int) -> bool:
+    """Whether a target waiting at `incoming_path` has given up on that source."""
+    try:
+        with qmp.connect(incoming_path, timeout=2) as client:
+            migration = client.execute("x-fdmig-status")["migration"]
+    except (NoInstanceError, FdmigError, OSError):
+        return False
+    return migration.get("status") == "failed" and migration.get("source-pid") == source_pid
 
 
 def _stop(proc: subprocess.Popen | None) -> None:

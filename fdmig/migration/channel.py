@@ -7,7 +7,7 @@ import os
 import socket
 import time
 
-from fdmig import fdpass
+from fdmig import faults, fdpass
 from fdmig.migration import wire
 
 READ_SIZE = 1 << 20
@@ -39,6 +39,17 @@ class Channel:
     async def send(self, event, deadline: float | None = None) -> None:
         for chunk in self.codec.send(event):
             await self._send_chunk(chunk, deadline)
+            if chunk.fds:
+                faults.point(f"{self.codec.role.value}-after-batch")
+
+    def send_now(self, event) -> None:
+        """Send a small event without waiting (it fits the socket buffer); a peer
+        that has gone is no error here."""
+        try:
+            for chunk in self.codec.send(event):
+                self.sock.send(chunk.data)
+        except (OSError, wire.ProtocolError):
+            pass
 
     async def _send_chunk(self, chunk: wire.Chunk, deadline: float | None) -> None:
         data = memoryview(chunk.data)

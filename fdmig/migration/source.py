@@ -108,7 +108,7 @@ async def migrate(instance, path: str, timeout: float | None) -> None:
             return
         raise
     faults.point("source-after-ack")
-    await _hand_over(instance, chan, started, quiesce_at, moved, target_info)
+    await _hand_over(instance, chan, started, quiesce_at, moved, target_info, quiesced)
 
 
 def _roll_back(instance, quiesced, chan, reason: str, timed_out: bool = False, status: str = "failed") -> None:
@@ -129,10 +129,11 @@ def _roll_back(instance, quiesced, chan, reason: str, timed_out: bool = False, s
     instance.set_migration(status, error=reason, error_class="timeout" if timed_out else None)
 
 
-async def _hand_over(instance, chan, started, quiesce_at, moved, target_info) -> None:
+async def _hand_over(instance, chan, started, quiesce_at, moved, target_info, quiesced) -> None:
     """After the commit: tell the target at once (its reading ends the downtime),
-    then close our copies, let go of the control path and exit. We read nothing
-    from here on, so the target may read as soon as it hears RELEASED."""
+    wait for TAKEN, then close our copies, let go of the control path and exit.
+    A target that dies before TAKEN has read nothing (it says TAKEN before its
+    first read), so then every chardev resumes here instead."""
     if target_info.get("pid"):
         # The main process may name its successor: systemd (NotifyAccess=all) then
         # follows the handover even if we exit before the target has said so itself.
@@ -140,10 +141,18 @@ async def _hand_over(instance, chan, started, quiesce_at, moved, target_info) ->
     try:
         await chan.send(wire.Released({"quiesce-at": quiesce_at, "started-at": started,
                                        "setup-ms": instance.migration.get("setup-ms")}), None)
-    except (OSError, wire.ProtocolError) as exc:
-        log.warning("migration: could not tell the target we let go (%s); it takes over when we exit", exc)
-    released_at = time.monotonic()
-    faults.point("source-after-released")
+        released_at = time.monotonic()
+        faults.point("source-after-released")
+        taken = isinstance(await chan.next_event(None), wire.Taken)
+    except (OSError, wire.ProtocolError):
+        taken = False
+    if not taken:
+        if target_info.get("pid"):
+            systemd.notify(f"MAINPID={os.getpid()}")
+        instance.migration_committed = False
+        _roll_back(instance, quiesced, chan, "the target died after the commit, before taking over "
+                                             "(it had read nothing)")
+        return
     for chardev in instance.chardevs.values():
         chardev.release()
     instance.run_state = "postmigrate"

@@ -175,6 +175,7 @@ async def session(instance, sock: socket.socket, own: list, info: dict) -> Recei
                     by_role[role] = check_fd(chan.take(index), role, spec, section.label)
                 chardevs[section.label].restore(section.meta, section.outbuf, by_role.get("conn"),
                                                 by_role.get("listener"))
+            faults.point("target-after-batch")
 
         transfer = await chan.next_event(deadline, progress=lambda: take(chan.codec.take_sections()))
         if not isinstance(transfer, wire.Transfer):
@@ -184,18 +185,26 @@ async def session(instance, sock: socket.socket, own: list, info: dict) -> Recei
             if mine.local_incoming and not sockets.get(mine.id):
                 raise Refused(f"chardev {mine.id}: local-incoming=on, but no fd arrived for it")
         faults.point("target-before-ack")
-        await chan.send(wire.Ack(), deadline)
-        faults.point("target-after-ack")
-        # The commit point is the source reading our ACK; it may still roll back if
-        # its timeout fires first, so nothing is read until it says RELEASED.
-        final = await chan.next_event(None)
+        try:
+            await chan.send(wire.Ack(), deadline)
+            faults.point("target-after-ack")
+            # The commit point is the source reading our ACK; it may still roll back
+            # if its timeout fires first, so nothing is read until it says RELEASED.
+            final = await chan.next_event(None)
+        except (OSError, wire.RemoteProtocolError) as exc:
+            final = exc
         if isinstance(final, wire.Abort):
             raise Refused(f"the source rolled back after our acknowledgement: {final.reason}")
         if isinstance(final, wire.Released):
             released = dict(final.info)
-        else:
-            await wait_exit(hello.pid)  # it died after the commit: the fds are ours alone
+        elif await wait_exit(hello.pid, timeout=10.0):
+            # It died with everything sent: nobody else can read these fds any more,
+            # and taking them over keeps every connection alive.
+            log.warning("source pid %d died before letting go; taking over what it sent", hello.pid)
             released = {}
+        else:
+            raise Refused("the source closed the channel before letting go, and lives on")
+        faults.point("target-after-released")
         return Received(hello, plan, sections, sockets, released, chan)
     except BaseException as exc:
         for by_role in sockets.values():
@@ -213,17 +222,20 @@ async def session(instance, sock: socket.socket, own: list, info: dict) -> Recei
         raise
 
 
-async def wait_exit(pid: int) -> None:
-    """Until process `pid` has exited (a pidfd becomes readable)."""
+async def wait_exit(pid: int, timeout: float | None = None) -> bool:
+    """Whether process `pid` has exited within `timeout` (its pidfd readable)."""
     try:
         pidfd = os.pidfd_open(pid)
     except ProcessLookupError:
-        return
+        return True
     loop = asyncio.get_running_loop()
     done = loop.create_future()
     loop.add_reader(pidfd, lambda: done.done() or done.set_result(None))
     try:
-        await done
+        await asyncio.wait_for(done, timeout)
+        return True
+    except asyncio.TimeoutError:
+        return False
     finally:
         loop.remove_reader(pidfd)
         os.close(pidfd)
@@ -253,16 +265,18 @@ async def receive(instance, path: str, own: list, timeout: float | None, info: d
                             uid, pid, os.geteuid())
                 sock.close()
                 continue
+            instance.set_migration("active", error=None, source_pid=pid)
             try:
                 return await session(instance, sock, own, info)
-            except Refused as exc:
-                log.warning("refused source pid %d: %s; still waiting", pid, exc)
-            except wire.RemoteProtocolError as exc:
-                log.warning("refused source pid %d: %s; still waiting", pid, exc)
+            except (Refused, wire.RemoteProtocolError) as exc:
+                reason = f"refused source pid {pid}: {exc}"
             except channel.ChannelTimeout:
-                log.warning("dropped source pid %d: it stalled for %g s; still waiting", pid, SESSION_TIMEOUT)
+                reason = f"dropped source pid {pid}: it stalled for {SESSION_TIMEOUT:g} s"
             except OSError as exc:
-                log.warning("lost source pid %d: %s; still waiting", pid, exc)
+                reason = f"lost source pid {pid}: {exc}"
+            log.warning("%s; still waiting", reason)
+            # What query-migrate says on <name>.incoming.sock until the next source.
+            instance.set_migration("failed", error=reason)
     finally:
         listener.close()
         from fdmig.chardev import remove_own_socket
@@ -281,6 +295,10 @@ async def take_over(instance, received: Received) -> None:
         chardev.resume()
     instance.poller.resume()
     resumed_at = time.monotonic()
+    # TAKEN before the first read (the loop has not run since the resume): a source
+    # that never hears it knows we read nothing and may serve on.
+    received.chan.send_now(wire.Taken())
+    received.chan.close()
     instance.migrating = False
     instance.run_state = "running"
     for name, state in plan.capabilities.items():
@@ -294,7 +312,6 @@ async def take_over(instance, received: Received) -> None:
         downtime_ms=round((resumed_at - quiesce_at) * 1000, 3) if isinstance(quiesce_at, float) else None,
         total_ms=round((resumed_at - started_at) * 1000, 3) if isinstance(started_at, float) else None,
         setup_ms=info.get("setup-ms"), source_pid=received.hello.pid)
-    received.chan.close()
     for label, chardev in list(instance.chardevs.items()):
         if label in received.sockets:
             continue
@@ -328,6 +345,7 @@ def exec_handover(received: Received, argv: list[str]) -> None:
         if "listener" in by_role:
             names.append(f"{label}.listener")
             socks.append(by_role["listener"])
+    received.chan.send_now(wire.Taken())  # the program reads only after exec
     received.chan.close()
     first = systemd.SD_LISTEN_FDS_START
     # Lift every fd above the target range first, so no dup2 clobbers one still to move.

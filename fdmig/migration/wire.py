@@ -21,8 +21,11 @@ The conversation, source on the left:
     SECTIONS..., END            ->
                                 <-  ACK       (the commit point, once the source reads it)
     RELEASED                    ->
+                                <-  TAKEN     (sent before the target reads anything)
 
-and ABORT from either side at any point before the commit. Both codecs (the
+and ABORT from either side at any point before the commit. TAKEN tells the source
+that the target lives and owns the connections: a target that dies after the
+commit but before TAKEN has read nothing, so the source may still resume them. Both codecs (the
 source's and the target's) track this same conversation state, applying our own
 sends and the peer's frames; every allowed step is in TRANSITIONS, and the one
 frame that may cross another in flight in CROSSED_TRANSITIONS.
@@ -73,6 +76,7 @@ class FrameType(enum.IntEnum):
     ACK = 7
     RELEASED = 8
     ABORT = 9
+    TAKEN = 10
 
 
 class Role(enum.Enum):
@@ -90,6 +94,7 @@ class State(enum.Enum):
     TRANSFER_DONE = "TRANSFER_DONE"  # END seen: the target must now ack or abort
     COMMITTED = "COMMITTED"
     RELEASED = "RELEASED"
+    TAKEN = "TAKEN"
     FAILED = "FAILED"
 
 
@@ -115,6 +120,7 @@ TRANSITIONS: dict[tuple[State, Role, FrameType], State] = {
     (State.TRANSFER, _S, FrameType.END): State.TRANSFER_DONE,
     (State.TRANSFER_DONE, _T, FrameType.ACK): State.COMMITTED,
     (State.COMMITTED, _S, FrameType.RELEASED): State.RELEASED,
+    (State.RELEASED, _T, FrameType.TAKEN): State.TAKEN,
 }
 # Either side may give up until the target has acked; after that the handoff has
 # happened and there is nothing left to abort.
@@ -122,7 +128,7 @@ TRANSITIONS.update(
     {
         (state, role, FrameType.ABORT): State.FAILED
         for state in State
-        if state not in (State.COMMITTED, State.RELEASED, State.FAILED)
+        if state not in (State.COMMITTED, State.RELEASED, State.TAKEN, State.FAILED)
         for role in Role
     }
 )
@@ -219,11 +225,16 @@ class Abort:
 
 
 @dataclass(frozen=True)
+class Taken:
+    """TARGET, after RELEASED and before it reads anything: it owns the connections."""
+
+
+@dataclass(frozen=True)
 class ConnectionClosed:
     """The peer closed the channel (receive_data(b"")) between frames."""
 
 
-Event = Union[Hello, Table, Accept, Transfer, Ack, Released, Abort, ConnectionClosed]
+Event = Union[Hello, Table, Accept, Transfer, Ack, Released, Taken, Abort, ConnectionClosed]
 
 
 @dataclass(frozen=True)
@@ -395,6 +406,8 @@ class MigrationCodec:
                 frames = [(ftype, _dumps({"info": dict(event.info)}), ())]
             elif isinstance(event, Ack):
                 frames = [(FrameType.ACK, b"{}", ())]
+            elif isinstance(event, Taken):
+                frames = [(FrameType.TAKEN, b"{}", ())]
             else:
                 raise LocalProtocolError(f"cannot send {event!r}")
         except (TypeError, ValueError) as exc:
@@ -650,6 +663,9 @@ class MigrationCodec:
         elif ftype is FrameType.ACK:
             _object(ftype, payload)  # nothing in it yet, but it must be well-formed
             event = Ack()
+        elif ftype is FrameType.TAKEN:
+            _object(ftype, payload)
+            event = Taken()
         else:
             event = self._decode_info(ftype, payload)
         # Only a frame that decoded cleanly takes its fds and moves the state.

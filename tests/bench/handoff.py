@@ -95,9 +95,13 @@ def _probe_loop(socks, ctl) -> None:
                 elif command.startswith(b"a"):
                     waiting = (int(command[1:]), dict(answers))
                 continue
-            data = by_fd[fd].recv(4096)
+            try:
+                data = by_fd[fd].recv(4096)
+            except OSError as exc:
+                data, error = b"", f"a peer's connection failed: {exc}"
             if not data:
-                error = "a peer saw EOF"
+                error = error or "a peer saw EOF"
+                poller.unregister(fd)
                 continue
             pending[fd] += data
             while len(pending[fd]) >= RECORD:
@@ -111,7 +115,10 @@ def _probe_loop(socks, ctl) -> None:
                     longest = max(longest, now - last[fd])
                 last[fd] = now
                 seq[fd] += 1
-                by_fd[fd].send(b"%015d\n" % seq[fd])
+                try:
+                    by_fd[fd].send(b"%015d\n" % seq[fd])
+                except OSError as exc:
+                    error = f"a peer's connection failed: {exc}"
         if waiting is not None:
             count, base = waiting
             if error:
