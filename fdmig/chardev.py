@@ -11,6 +11,7 @@ import enum
 import errno
 import logging
 import os
+import resource
 import socket
 import stat
 import time
@@ -33,6 +34,23 @@ class State(enum.Enum):
 
 
 STATES = tuple(s.value for s in State)
+
+
+# Descriptors kept free for control clients and a migration channel: an instance
+# at its limit still answers `status` and can still migrate away.
+FD_RESERVE = 32
+ACCEPT_PAUSE = 0.25  # seconds without accepting after running out of fds
+
+
+def near_fd_limit(fd: int) -> bool:
+    """Linux hands out the lowest free number, so fd N means N fds are open."""
+    return fd >= resource.getrlimit(resource.RLIMIT_NOFILE)[0] - FD_RESERVE
+
+
+def fd_limit_error(label: str) -> FdmigError:
+    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return FdmigError(f"chardev {label}: the instance is at its fd limit ({limit} open files, RLIMIT_NOFILE, "
+                      f"{FD_RESERVE} kept for control and migration); detach chardevs or raise the limit")
 
 
 def utc_iso(timestamp: float) -> str:
@@ -90,6 +108,7 @@ class Chardev:
         self.quiesced = False
         self._reading = self._writing = self._accepting = self._hangup = False
         self._hold_unread = False
+        self._accept_paused = False
         self._bound_inode: int | None = None
         self._logfile = None
         self._reconnect_task: asyncio.Task | None = None
@@ -132,6 +151,9 @@ class Chardev:
     def _listen(self) -> None:
         spec = self.spec
         sock = socket.socket(socket_family(spec), socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+        if near_fd_limit(sock.fileno()):
+            sock.close()
+            raise fd_limit_error(self.label)
         try:
             if spec.kind == "unix":
                 remove_stale_socket(spec.path, self.label)
@@ -167,6 +189,9 @@ class Chardev:
         error: OSError = OSError(errno.EADDRNOTAVAIL, "no address")
         for family, addr in targets:
             sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+            if near_fd_limit(sock.fileno()):
+                sock.close()
+                raise OSError(errno.EMFILE, str(fd_limit_error(self.label)))
             try:
                 await self._loop.sock_connect(sock, addr)
                 return sock
@@ -219,7 +244,7 @@ class Chardev:
                                self._on_writable if want_write else None,
                                self._on_hangup if want_hangup else None)
             self._reading, self._writing, self._hangup = want_read, want_write, want_hangup
-        want_accept = self.listener is not None and not live
+        want_accept = self.listener is not None and not live and not self._accept_paused
         if want_accept != self._accepting:
             self._poller.watch(self.listener.fileno(), self._on_acceptable if want_accept else None)
             self._accepting = want_accept
@@ -230,10 +255,31 @@ class Chardev:
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
-            log.warning("chardev %s: accept failed: %s", self.label, exc)
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                self._pause_accepting()
+            else:
+                log.warning("chardev %s: accept failed: %s", self.label, exc)
+            return
+        if near_fd_limit(conn.fileno()):
+            conn.close()  # the peer sees EOF and may retry; better than starving control
+            self._pause_accepting()
             return
         self._attach(conn)
         log.info("chardev %s: peer %s connected", self.label, self.peer[0])
+
+    def _pause_accepting(self) -> None:
+        """Out of fds: the listener stays readable (level-triggered), so stop
+        watching it for a moment instead of spinning on accept()."""
+        log.warning("chardev %s: %s; not accepting for %g s", self.label, fd_limit_error(self.label), ACCEPT_PAUSE)
+        if self._accepting:
+            self._poller.watch(self.listener.fileno())
+            self._accepting = False
+        self._accept_paused = True
+
+        def resume():
+            self._accept_paused = False
+            self.update_io()
+        self._loop.call_later(ACCEPT_PAUSE, resume)
 
     def _on_readable(self) -> None:
         if not self.frontend.reads:

@@ -2,6 +2,7 @@
 command table. The protocol rules live in qmp.py; this is plumbing and dispatch."""
 
 import asyncio
+import errno
 import logging
 import os
 import socket
@@ -77,6 +78,10 @@ class ControlServer:
             return
         except OSError as exc:
             log.warning("control: accept failed: %s", exc)
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                # Level-triggered: pause rather than spin until an fd is free.
+                self._loop.remove_reader(self.sock.fileno())
+                self._loop.call_later(0.25, lambda: self.sock and self.start())
             return
         allowed, uid = peer_allowed(conn)
         if not allowed:
