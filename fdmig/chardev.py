@@ -16,7 +16,7 @@ import socket
 import stat
 import time
 
-from fdmig import frontends
+from fdmig import frontends, paths
 from fdmig.errors import FdmigError
 
 log = logging.getLogger("fdmig")
@@ -71,7 +71,7 @@ def peer_identity(conn: socket.socket) -> tuple[str, int | None, str | None]:
         except OSError:
             name = ""
         try:
-            pid = int.from_bytes(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)[:4], "little")
+            pid = paths.peercred(conn)[0]
         except OSError:
             return f"unix:{name}", None, None
         try:
@@ -156,7 +156,7 @@ class Chardev:
             raise fd_limit_error(self.label)
         try:
             if spec.kind == "unix":
-                remove_stale_socket(spec.path, self.label)
+                paths.remove_stale_socket(spec.path, f"chardev {self.label}")
                 sock.bind(spec.path)
                 self._bound_inode = os.stat(spec.path).st_ino
             else:
@@ -473,7 +473,7 @@ class Chardev:
             self.listener.close()
             self.listener = None
             if unlink and self._bound_inode is not None:
-                remove_own_socket(self.spec.path, self._bound_inode)
+                paths.remove_own_socket(self.spec.path, self._bound_inode)
         self._close_logfile()
         self.outbuf.clear()
         self._set_state(State.CLOSED)
@@ -542,23 +542,3 @@ def adopt_socket(fd: int, spec, label: str) -> socket.socket:
     os.set_inheritable(fd, False)
     sock.setblocking(False)
     return sock
-
-
-def remove_stale_socket(path: str, label: str) -> None:
-    """QEMU unlinks whatever socket is at the path before binding; refuse anything else."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise FdmigError(f"chardev {label}: {path} exists and is not a socket")
-    os.unlink(path)
-
-
-def remove_own_socket(path: str, inode: int) -> None:
-    """Unlink `path` only if it is still the socket we bound (not a successor's)."""
-    try:
-        if os.lstat(path).st_ino == inode:
-            os.unlink(path)
-    except OSError:
-        pass

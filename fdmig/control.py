@@ -7,47 +7,13 @@ import logging
 import os
 import socket
 
-from fdmig import __version__, fdpass, qmp, spec as specs
+from fdmig import __version__, fdpass, paths, qmp, spec as specs
 from fdmig.errors import FdmigError, QMPError, SpecError
 
 log = logging.getLogger("fdmig")
 MAX_QUEUED_REQUESTS = 32
 MAX_OUTBUF = 16 << 20  # a client that stops reading its events is dropped past this
 MAX_PENDING_FDS = 16
-
-
-def peer_uid(sock: socket.socket) -> int:
-    cred = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
-    return int.from_bytes(cred[4:8], "little")
-
-
-def peer_allowed(sock: socket.socket) -> tuple[bool, int]:
-    """Same uid as ours, or root: whatever the file modes say (SO_PEERCRED)."""
-    uid = peer_uid(sock)
-    return uid in (os.geteuid(), 0), uid
-
-
-def bind_private(path: str) -> socket.socket:
-    """A listening unix socket at `path`, mode 0600 from the moment it exists. It is
-    bound under a temporary name and renamed into place, so a client never finds
-    the path missing while a predecessor's socket is replaced."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    old_umask = os.umask(0o177)
-    try:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        sock.bind(tmp)
-    except OSError as exc:
-        sock.close()
-        raise FdmigError(f"cannot bind {path}: {exc.strerror}") from None
-    finally:
-        os.umask(old_umask)
-    sock.listen(64)
-    os.rename(tmp, path)
-    return sock
 
 
 class ControlServer:
@@ -64,7 +30,7 @@ class ControlServer:
         source has let go and our socket is renamed over its file."""
         if not take_over:
             claim_path(path)
-        self.sock = bind_private(path)
+        self.sock = paths.bind_private(path)
         self.path = path
         self.inode = os.stat(path).st_ino
 
@@ -83,8 +49,8 @@ class ControlServer:
                 self._loop.remove_reader(self.sock.fileno())
                 self._loop.call_later(0.25, lambda: self.sock and self.start())
             return
-        allowed, uid = peer_allowed(conn)
-        if not allowed:
+        _, uid = paths.peercred(conn)
+        if not paths.peer_allowed(uid):
             log.warning("control: refused a client of uid %d (only uid %d or root are served)", uid, os.geteuid())
             try:
                 conn.send(qmp.ServerCodec.error(None, "GenericError",
@@ -108,13 +74,12 @@ class ControlServer:
     def close(self, unlink: bool = True, flush: bool = False) -> None:
         """Stop serving. `flush`: connections first deliver what is queued for them
         (the MIGRATION event that a waiting migrate-out must see)."""
-        from fdmig.chardev import remove_own_socket
         if self.sock is not None:
             self._loop.remove_reader(self.sock.fileno())
             self.sock.close()
             self.sock = None
             if unlink:
-                remove_own_socket(self.path, self.inode)
+                paths.remove_own_socket(self.path, self.inode)
         for connection in list(self.connections):
             if flush:
                 connection.close_after_flush()
@@ -130,8 +95,7 @@ def claim_path(path: str, what: str = "an instance") -> None:
     if pid is not None:
         raise FdmigError(f"{what} already answers at {path} (pid {pid}); "
                          "stop it, or choose another --name or --control")
-    from fdmig.chardev import remove_stale_socket
-    remove_stale_socket(path, "control")
+    paths.remove_stale_socket(path, "control")
 
 
 class ControlConnection:

@@ -9,11 +9,10 @@ import logging
 import os
 import resource
 import signal
-import socket
 import time
 
 from fdmig import __version__, frontends, spec as specs, systemd
-from fdmig.chardev import Chardev, State
+from fdmig.chardev import Chardev
 from fdmig.errors import FdmigError, SpecError
 
 log = logging.getLogger("fdmig")

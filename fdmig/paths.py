@@ -1,6 +1,8 @@
-"""Where an instance's sockets live, and making that place safe to bind in."""
+"""Where an instance's sockets live, making that place safe to bind in, and who
+may talk to them."""
 
 import os
+import socket
 import stat
 
 from fdmig.errors import FdmigError
@@ -54,3 +56,57 @@ def instance_names() -> list[str]:
         return []
     return sorted(e[:-5] for e in entries
                   if e.endswith(".sock") and not e.endswith((".migrate.sock", ".incoming.sock")))
+
+
+def peercred(sock: socket.socket) -> tuple[int, int]:
+    """(pid, uid) of the process at the other end of a unix socket."""
+    cred = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+    return int.from_bytes(cred[0:4], "little"), int.from_bytes(cred[4:8], "little")
+
+
+def peer_allowed(uid: int) -> bool:
+    """Our own uid, or root: whatever the file modes say."""
+    return uid in (os.geteuid(), 0)
+
+
+def bind_private(path: str) -> socket.socket:
+    """A listening unix socket at `path`, mode 0600 from the moment it exists. It is
+    bound under a temporary name and renamed into place, so a client never finds
+    the path missing while a predecessor's socket is replaced."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    old_umask = os.umask(0o177)
+    try:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        sock.bind(tmp)
+    except OSError as exc:
+        sock.close()
+        raise FdmigError(f"cannot bind {path}: {exc.strerror}") from None
+    finally:
+        os.umask(old_umask)
+    sock.listen(64)
+    os.rename(tmp, path)
+    return sock
+
+
+def remove_stale_socket(path: str, what: str) -> None:
+    """QEMU unlinks whatever socket is at the path before binding; refuse anything else."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise FdmigError(f"{what}: {path} exists and is not a socket")
+    os.unlink(path)
+
+
+def remove_own_socket(path: str, inode: int) -> None:
+    """Unlink `path` only if it is still the socket we bound (not a successor's)."""
+    try:
+        if os.lstat(path).st_ino == inode:
+            os.unlink(path)
+    except OSError:
+        pass

@@ -8,11 +8,11 @@ trailing newline, as QEMU's own JSON lexer allows. Output is one object per line
 import dataclasses
 import enum
 import json
-import os
 import socket
 import time
 
-from fdmig.errors import NoInstanceError, QMPError, TimeoutExpired, FdmigError
+from fdmig import paths
+from fdmig.errors import FdmigError, NoInstanceError, QMPError, TimeoutExpired
 
 MAX_REQUEST = 1 << 20  # bytes in one client message
 MAX_NESTING = 64
@@ -352,8 +352,7 @@ def socket_owner_pid(path: str) -> int | None:
     probe.settimeout(2)
     try:
         probe.connect(path)
-        cred = probe.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
-        return int.from_bytes(cred[:4], "little") or None
+        return paths.peercred(probe)[0] or None
     except OSError:
         return None
     finally:

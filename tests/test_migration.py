@@ -5,7 +5,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
 import threading
 import time
 

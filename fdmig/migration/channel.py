@@ -3,7 +3,6 @@ moves bytes, and fds through fdmig.fdpass, nothing else. Every fd received is ke
 in `received` until the caller takes it, so an abort can close them all."""
 
 import asyncio
-import os
 import socket
 import time
 
@@ -124,12 +123,3 @@ async def connect(path: str, deadline: float | None) -> socket.socket:
         except OSError:
             sock.close()
             raise
-
-
-def peer_pid_uid(sock: socket.socket) -> tuple[int, int]:
-    cred = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
-    return int.from_bytes(cred[0:4], "little"), int.from_bytes(cred[4:8], "little")
-
-
-def uid_allowed(uid: int) -> bool:
-    return uid in (os.geteuid(), 0)

@@ -7,7 +7,7 @@ import logging
 import os
 import time
 
-from fdmig import __version__, faults, systemd
+from fdmig import __version__, faults, paths, systemd
 from fdmig.migration import channel, wire
 
 log = logging.getLogger("fdmig")
@@ -44,8 +44,8 @@ async def migrate(instance, path: str, timeout: float | None) -> None:
         except OSError as exc:
             raise MigrationFailed(str(exc) if isinstance(exc, ConnectionRefusedError) else
                                   f"cannot connect to unix:{path}: {exc.strerror}") from None
-        _, uid = channel.peer_pid_uid(sock)
-        if not channel.uid_allowed(uid):
+        _, uid = paths.peercred(sock)
+        if not paths.peer_allowed(uid):
             sock.close()
             raise MigrationFailed(f"the target on unix:{path} runs as uid {uid}, not as uid {os.geteuid()}")
         chan = channel.Channel(sock, wire.Role.SOURCE)

@@ -6,14 +6,14 @@ A source that is malformed, foreign or mismatched is refused with a log line and
 the target goes on waiting for the next one."""
 
 import asyncio
+import fcntl
 import logging
 import os
-import fcntl
 import resource
 import socket
 import time
 
-from fdmig import faults, spec as specs
+from fdmig import faults, paths, spec as specs
 from fdmig.chardev import socket_family
 from fdmig.errors import FdmigError, SpecError, TimeoutExpired
 from fdmig.migration import channel, wire
@@ -243,9 +243,9 @@ async def wait_exit(pid: int, timeout: float | None = None) -> bool:
 
 async def receive(instance, path: str, own: list, timeout: float | None, info: dict) -> Received:
     """Listen at `path` until one source migrates successfully."""
-    from fdmig.control import bind_private, claim_path
+    from fdmig.control import claim_path
     claim_path(path, what="a migration target")
-    listener = bind_private(path)
+    listener = paths.bind_private(path)
     inode = os.stat(path).st_ino
     loop = asyncio.get_running_loop()
     deadline = time.monotonic() + timeout if timeout else None
@@ -259,8 +259,8 @@ async def receive(instance, path: str, own: list, timeout: float | None, info: d
                 sock, _ = await asyncio.wait_for(loop.sock_accept(listener), remaining)
             except asyncio.TimeoutError:
                 continue
-            pid, uid = channel.peer_pid_uid(sock)
-            if not channel.uid_allowed(uid):
+            pid, uid = paths.peercred(sock)
+            if not paths.peer_allowed(uid):
                 log.warning("refused a source of uid %d (pid %d): only uid %d or root may migrate here",
                             uid, pid, os.geteuid())
                 sock.close()
@@ -279,8 +279,7 @@ async def receive(instance, path: str, own: list, timeout: float | None, info: d
             instance.set_migration("failed", error=reason)
     finally:
         listener.close()
-        from fdmig.chardev import remove_own_socket
-        remove_own_socket(path, inode)
+        paths.remove_own_socket(path, inode)
 
 
 async def take_over(instance, received: Received) -> None:

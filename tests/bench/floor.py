@@ -9,7 +9,6 @@ costs beyond this is the price of its protocol and its processes.
     python -m tests.bench.floor            # medians for n in 1, 10, 100, 1000, 5000
 """
 
-import os
 import resource
 import socket
 import statistics
