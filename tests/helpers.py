@@ -199,3 +199,20 @@ def read_exactly_fd(fd: int, n: int, timeout: float = 10.0) -> bytes:
         chunks.append(chunk)
         n -= len(chunk)
     return b"".join(chunks)
+
+
+def connect_when_bound(path: str, timeout: float = 20.0, alive=None) -> socket.socket:
+    """Connect to a unix socket that a process we started binds as it starts. There
+    is no event for "now bound", so this retries; `alive()` False stops it early."""
+    deadline = time.monotonic() + timeout
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(path)
+            return sock
+        except (FileNotFoundError, ConnectionRefusedError):
+            sock.close()
+            if time.monotonic() > deadline or (alive is not None and not alive()):
+                raise
+            time.sleep(0.005)

@@ -14,7 +14,7 @@ import pytest
 from fdmig import fdpass
 from fdmig.demo import Peer
 from fdmig.migration import wire
-from tests.helpers import connect_unix, recv_exactly, run
+from tests.helpers import connect_unix, connect_when_bound, recv_exactly, run
 
 ECHO = "socket,id=app,path={path},server=on,frontend=echo,support-local-migration=on"
 
@@ -259,7 +259,7 @@ def test_foreign_source_is_refused_and_target_keeps_waiting(daemons, echo_instan
     source, path = echo_instance
     channel = os.path.join(short_dir, "rt", "web.migrate.sock")
     target = daemons("migrate-in", "--name", "web", ready=False)
-    fake = fake_source_connect(channel)
+    fake = connect_when_bound(channel)
     codec = wire.MigrationCodec(wire.Role.SOURCE)
     send(fake, codec.send(wire.Hello("db", os.getpid(), "0")))
     reply = read_event(fake, codec)
@@ -274,7 +274,7 @@ def test_garbage_on_the_channel_is_refused_and_target_keeps_waiting(daemons, ech
     source, path = echo_instance
     channel = os.path.join(short_dir, "rt", "web.migrate.sock")
     target = daemons("migrate-in", "--name", "web", ready=False)
-    fake = fake_source_connect(channel)
+    fake = connect_when_bound(channel)
     fake.sendall(b"GET / HTTP/1.0\r\n\r\n")
     assert fake.recv(4096) is not None
     fake.close()
@@ -288,7 +288,7 @@ def test_target_refuses_a_tcp_fd_where_the_spec_says_unix(daemons, short_dir):
     target = daemons("migrate-in", "--name", "web", ready=False)
     server = socket.create_server(("127.0.0.1", 0))
     tcp = socket.create_connection(server.getsockname())
-    fake = fake_source_connect(channel)
+    fake = connect_when_bound(channel)
     codec = wire.MigrationCodec(wire.Role.SOURCE)
     spec = {"id": "app", "path": path, "server": False, "support-local-migration": True}
     send(fake, codec.send(wire.Hello("web", os.getpid(), "0")))
@@ -328,21 +328,6 @@ def test_demo_runs_and_loses_nothing(runtime_dir):
 
 
 # ----- a fake source on the channel, built from the real codec ----------------
-
-def fake_source_connect(path: str, timeout: float = 10.0) -> socket.socket:
-    deadline = time.monotonic() + timeout
-    while True:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(timeout)
-        try:
-            sock.connect(path)
-            return sock
-        except (FileNotFoundError, ConnectionRefusedError):
-            sock.close()
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.02)  # the target binds its channel as it starts
-
 
 def send(sock: socket.socket, chunks) -> None:
     for chunk in chunks:

@@ -13,7 +13,7 @@ import textwrap
 import pytest
 
 from fdmig.demo import Peer
-from tests.helpers import FDMIG, Notify, connect_unix, recv_exactly, run
+from tests.helpers import FDMIG, Notify, connect_unix, connect_when_bound, recv_exactly, run
 
 ECHO = "socket,id=app,path={path},server=on,frontend=echo,support-local-migration=on"
 
@@ -55,12 +55,7 @@ def test_systemd_socket_activation_hands_a_listener_to_serve(runtime_dir, short_
          "--chardev", "socket,id=app,fdname=web,server=on,frontend=echo"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        sock = None
-        while sock is None:  # the activator binds the path as it starts; poll for it
-            try:
-                sock = connect_unix(path)
-            except (FileNotFoundError, ConnectionRefusedError):
-                assert activator.poll() is None, activator.stderr.read()
+        sock = connect_when_bound(path, alive=lambda: activator.poll() is None)
         sock.sendall(b"activated")  # this first connection starts fdmig
         assert recv_exactly(sock, 9) == b"activated"
         notify.wait_for("READY", "1")

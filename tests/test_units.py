@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import Notify, connect_unix, recv_exactly
+from tests.helpers import Notify, connect_unix, connect_when_bound, recv_exactly
 
 PAGE = Path(__file__).resolve().parent.parent / "man" / "fdmig-systemd.7"
 
@@ -83,12 +83,7 @@ def test_socket_activated_service_serves_the_units_socket_and_reloads_live(runti
                                   *as_run_here(directive(unit, "ExecStart"), short_dir)],
                                  env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        peer = None
-        while peer is None:  # the activator binds the unit's path as it starts
-            try:
-                peer = connect_unix(path)
-            except (FileNotFoundError, ConnectionRefusedError):
-                assert activator.poll() is None
+        peer = connect_when_bound(path, alive=lambda: activator.poll() is None)
         peer.sendall(b"activated")  # the first connection starts fdmig
         assert recv_exactly(peer, 9) == b"activated"
         notify.wait_for("READY", "1")

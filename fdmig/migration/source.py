@@ -53,12 +53,7 @@ async def migrate(instance, path: str, timeout: float | None) -> None:
         await chan.send(wire.Table(dict(instance.capabilities),
                                    [table_entry(c, live) for c in instance.chardevs.values()]), deadline)
         faults.point("source-after-table")
-        reply = await chan.next_event(deadline)
-        if isinstance(reply, wire.Abort):
-            raise MigrationFailed(f"the target refused: {reply.reason}")
-        if not isinstance(reply, wire.Accept):
-            raise MigrationFailed("the target closed the channel before accepting the table")
-        target_info = dict(reply.info)
+        target_info = dict((await expect(chan, wire.Accept, "accepting the table", deadline)).info)
         setup_ms = (time.monotonic() - started) * 1000
         instance.set_migration("active", setup_ms=round(setup_ms, 3))
 
@@ -80,11 +75,7 @@ async def migrate(instance, path: str, timeout: float | None) -> None:
             sections.append(wire.Section(chardev.label, meta, outbuf, fds))
         await chan.send(wire.Transfer(sections), deadline)
         faults.point("source-after-transfer")
-        reply = await chan.next_event(deadline)
-        if isinstance(reply, wire.Abort):
-            raise MigrationFailed(f"the target refused: {reply.reason}")
-        if not isinstance(reply, wire.Ack):
-            raise MigrationFailed("the target closed the channel before acknowledging")
+        await expect(chan, wire.Ack, "acknowledging", deadline)
         committed = instance.migration_committed = True  # from here on, the connections are the target's
     except channel.ChannelTimeout as exc:
         waiting = f": {exc}" if str(exc) else ""
@@ -109,6 +100,16 @@ async def migrate(instance, path: str, timeout: float | None) -> None:
         raise
     faults.point("source-after-ack")
     await _hand_over(instance, chan, started, quiesce_at, moved, target_info, quiesced)
+
+
+async def expect(chan, kind, step: str, deadline):
+    """The target's next event, which must be `kind`; anything else fails the migration."""
+    reply = await chan.next_event(deadline)
+    if isinstance(reply, wire.Abort):
+        raise MigrationFailed(f"the target refused: {reply.reason}")
+    if not isinstance(reply, kind):
+        raise MigrationFailed(f"the target closed the channel before {step}")
+    return reply
 
 
 def _roll_back(instance, quiesced, chan, reason: str, timed_out: bool = False, status: str = "failed") -> None:

@@ -9,23 +9,9 @@ import threading
 import time
 
 from tests.bench.handoff import start_instance
-from tests.helpers import FDMIG
+from tests.helpers import FDMIG, connect_when_bound
 
 CHUNK = 1 << 20
-
-
-def _connect(path: str, timeout: float = 20.0) -> socket.socket:
-    deadline = time.monotonic() + timeout
-    while True:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.connect(path)
-            return sock
-        except (FileNotFoundError, ConnectionRefusedError):
-            sock.close()
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.005)  # the relay binds its second path only after the first accept
 
 
 def _pump(writer: socket.socket, reader: socket.socket, total: int) -> float:
@@ -59,7 +45,7 @@ def measure_bridge(total: int, workdir: str) -> float:
     proc = start_instance(["serve", "--name", "bridge", "--chardev", f"socket,id=b,path={b},server=on",
                            "--chardev", f"socket,id=a,path={a},server=on,bridge=b"], workdir, env)
     try:
-        reader, writer = _connect(b), _connect(a)
+        reader, writer = connect_when_bound(b), connect_when_bound(a)
         return _pump(writer, reader, total)
     finally:
         proc.terminate()
@@ -71,8 +57,8 @@ def measure_socat(total: int, workdir: str) -> float:
     proc = subprocess.Popen(["socat", f"UNIX-LISTEN:{a}", f"UNIX-LISTEN:{b}"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        writer = _connect(a)
-        reader = _connect(b)
+        writer = connect_when_bound(a)
+        reader = connect_when_bound(b)
         return _pump(writer, reader, total)
     finally:
         proc.kill()
