@@ -107,13 +107,20 @@ def run(migrations: int) -> int:
 
     rows = []
 
+    serving = {"pid": None}
+
     def table():
-        t = Table(title="fdmig demo: live handoff of an echo chardev", title_justify="left")
+        from rich.console import Group
+        from rich.text import Text
+        t = Table(title=f"fdmig demo: live handoff of chardev app (server unix:{app}, echo, "
+                        "support-local-migration)", title_justify="left")
         for column in ("#", "from pid", "to pid", "downtime ms", "records sent", "echoed", "longest pause ms"):
             t.add_column(column, justify="right")
         for row in rows:
             t.add_row(*row)
-        return t
+        now = Text(f"peer pid {os.getpid()} streaming to pid {serving['pid']}: {peer.sent} records sent, "
+                   f"{peer.echoed} echoed, longest pause {peer.longest_pause * 1000:.2f} ms", style="dim")
+        return Group(t, now)
 
     peer = None
     try:
@@ -123,17 +130,20 @@ def run(migrations: int) -> int:
         peer = Peer(app)
         peer.start()
         with qmp.connect(control) as client:
-            pid = client.execute("x-fdmig-status")["pid"]
+            pid = serving["pid"] = client.execute("x-fdmig-status")["pid"]
         time.sleep(0.2)  # warm up, then count pauses only from a running stream
         peer.longest_pause = 0.0
         rows.append(("0", "-", str(pid), "-", str(peer.sent), str(peer.echoed), "-"))
         downtimes = []
         with Live(table(), console=console, auto_refresh=False, transient=False) as live:
             for n in range(1, migrations + 1):
-                time.sleep(0.3)  # let the stream run between handoffs, so pauses show
+                for _ in range(3):  # let the stream run between handoffs, so pauses show
+                    time.sleep(0.1)
+                    live.update(table(), refresh=True)
                 start("migrate-in", "--name", "demo")
                 outcome = migrate_client.migrate_out(control, channel, (), 30.0, False, ["--name", "demo"])
                 downtimes.append(outcome["downtime-ms"])
+                serving["pid"] = outcome["target-pid"]
                 rows.append((str(n), str(outcome["source-pid"]), str(outcome["target-pid"]),
                              f"{outcome['downtime-ms']:.2f}", str(peer.sent), str(peer.echoed),
                              f"{peer.longest_pause * 1000:.2f}"))
