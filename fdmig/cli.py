@@ -170,16 +170,9 @@ def attach(name, control, spec):
 def _check_against(chardev: ChardevSpec, status: dict) -> None:
     """The SPEC rules that depend on what the instance holds, checked here so that
     a bad SPEC exits 2 whether the mistake is in it alone or in how it fits."""
-    from fdmig.spec import check_bridge, duplicate_label
-    held = {c["label"]: c for c in status["chardevs"]}
-    if chardev.id in held:
-        raise duplicate_label(chardev.id)
-    if chardev.local_incoming:
-        raise SpecError(f"chardev local-incoming: only an incoming instance (migrate-in) waits for a "
-                        f"migrated fd; instance {status['name']} is {status['state']}")
-    if chardev.bridge is not None:
-        specs = {label: parse_spec(c["spec"]) for label, c in held.items()}
-        check_bridge(chardev, specs, {s.bridge for s in specs.values() if s.bridge})
+    from fdmig.spec import check_fits
+    held = {c["label"]: parse_spec(c["spec"]) for c in status["chardevs"]}
+    check_fits(chardev, held, incoming=status["state"] == "inmigrate")
 
 
 @main.command()

@@ -331,3 +331,15 @@ def check_bridge(spec: ChardevSpec, by_label, bridged) -> None:
                               "a bridge needs a chardev with frontend=hold")
     if spec.bridge in bridged:
         raise _fail("bridge", f"'{spec.bridge}' is bridged by more than one chardev")
+
+
+def check_fits(spec: ChardevSpec, held: dict, incoming: bool) -> None:
+    """Rules for adding `spec` to an instance holding `held` (label -> spec):
+    a new label, local-incoming only on an incoming instance, a free bridge partner."""
+    if spec.id in held:
+        raise duplicate_label(spec.id)
+    if spec.local_incoming and not incoming:
+        raise _fail("local-incoming", f"only an incoming instance (migrate-in) waits for a migrated fd; "
+                                      f"'{spec.id}' is for a running one")
+    if spec.bridge is not None:
+        check_bridge(spec, held, {s.bridge for s in held.values() if s.bridge})
