@@ -49,6 +49,9 @@ class ControlServer:
                 self._loop.remove_reader(self.sock.fileno())
                 self._loop.call_later(0.25, lambda: self.sock and self.start())
             return
+        # accept() does not carry the listener's O_NONBLOCK over: without this a
+        # client that stops reading would block the whole loop in send().
+        conn.setblocking(False)
         _, uid = paths.peercred(conn)
         if not paths.peer_allowed(uid):
             log.warning("control: refused a client of uid %d (only uid %d or root are served)", uid, os.geteuid())
@@ -177,6 +180,7 @@ class ControlConnection:
             if handler is None:
                 self.send(qmp.ServerCodec.error(item, "CommandNotFound", f"The command {item.execute} has not been found"))
                 continue
+            await asyncio.sleep(0)  # one request at a time: a flood must not hold the loop
             try:
                 result = await handler(self, item.arguments)
             except QMPError as exc:

@@ -8,6 +8,7 @@ trailing newline, as QEMU's own JSON lexer allows. Output is one object per line
 import dataclasses
 import enum
 import json
+import os
 import socket
 import time
 
@@ -269,6 +270,11 @@ class Client:
         except PermissionError:
             self.sock.close()
             raise NoInstanceError(f"no instance answers at {path}: permission denied") from None
+        _, uid = paths.peercred(self.sock)
+        if not paths.peer_allowed(uid):
+            # Whoever answers is not an instance of ours: tell it nothing.
+            self.sock.close()
+            raise NoInstanceError(f"no instance of uid {os.geteuid()} answers at {path} (uid {uid} does)")
         try:
             greeting = self._read_message()
         except EOFError:

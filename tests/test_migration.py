@@ -332,7 +332,8 @@ def test_demo_runs_and_loses_nothing(runtime_dir):
 def send(sock: socket.socket, chunks) -> None:
     for chunk in chunks:
         sent = fdpass.send_with_fds(sock, chunk.data, chunk.fds) if chunk.fds else 0
-        sock.sendall(chunk.data[sent:])
+        if chunk.data[sent:]:
+            sock.sendall(chunk.data[sent:])
 
 
 def read_event(sock: socket.socket, codec: wire.MigrationCodec):

@@ -212,7 +212,7 @@ async def session(instance, sock: socket.socket, own: list, info: dict) -> Recei
                 s.close()
         instance.chardevs.clear()  # staged, never opened
         instance.migrating = False
-        if isinstance(exc, Refused):
+        if isinstance(exc, (Refused, wire.RemoteProtocolError)):
             try:
                 if chan.codec.state not in (wire.State.FAILED, wire.State.RELEASED):
                     await chan.send(wire.Abort(str(exc)), time.monotonic() + 1)

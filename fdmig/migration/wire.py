@@ -776,6 +776,11 @@ class MigrationCodec:
         obj = _object(FrameType.END, payload)
         count = _field(obj, "sections", int, "END frame", RemoteProtocolError)
         nfds = _field(obj, "fds", int, "END frame", RemoteProtocolError)
+        stray = self.fds_received - self.fds_claimed
+        if stray:
+            # Checked here, not only once the buffer runs dry: the target acknowledges
+            # on this event, and an fd nobody listed must be refused before that.
+            raise RemoteProtocolError(f"{stray} fds arrived with no manifest entry")
         arrived = len(self._sections) + self._sections_taken
         if count != arrived or nfds != self._transfer_fds:
             raise RemoteProtocolError(
