@@ -3,6 +3,7 @@
 every chardev resumes as if nothing happened. After it, nothing rolls back."""
 
 import asyncio
+import gc
 import logging
 import os
 import time
@@ -60,6 +61,7 @@ async def migrate(instance, path: str, timeout: float | None) -> None:
         # Quiesce everything, moved or not: a chardev that stays behind must not
         # keep filling the out-buffer of one whose state has already been sent.
         quiesce_at = time.monotonic()
+        gc.disable()  # no collection pause inside the downtime; on again when it ends
         instance.migrating = True
         instance.poller.pause()
         for chardev in instance.chardevs.values():
@@ -125,6 +127,7 @@ def _roll_back(instance, quiesced, chan, reason: str, timed_out: bool = False, s
         chardev.resume()
     instance.poller.resume()
     instance.migrating = False
+    gc.enable()
     instance.report_status()
     log.warning("migration %s: %s; every chardev serves as before", status, reason)
     instance.set_migration(status, error=reason, error_class="timeout" if timed_out else None)
@@ -143,6 +146,7 @@ async def _hand_over(instance, chan, started, quiesce_at, moved, target_info, qu
         await chan.send(wire.Released({"quiesce-at": quiesce_at, "started-at": started,
                                        "setup-ms": instance.migration.get("setup-ms")}), None)
         released_at = time.monotonic()
+        gc.enable()
         faults.point("source-after-released")
         taken = isinstance(await chan.next_event(None), wire.Taken)
     except (OSError, wire.ProtocolError):

@@ -7,6 +7,7 @@ the target goes on waiting for the next one."""
 
 import asyncio
 import fcntl
+import gc
 import logging
 import os
 import resource
@@ -156,6 +157,7 @@ async def session(instance, sock: socket.socket, own: list, info: dict) -> Recei
         # so this work stays out of the downtime.
         instance.migrating = True
         chardevs = stage(instance, plan)
+        gc.disable()  # no collection pause inside the downtime; on again at the resume
         await chan.send(wire.Accept(info), deadline)
         sections = {}
         fresh = {m.id for m in own if not m.local_incoming}  # we open these afresh
@@ -212,6 +214,7 @@ async def session(instance, sock: socket.socket, own: list, info: dict) -> Recei
                 s.close()
         instance.chardevs.clear()  # staged, never opened
         instance.migrating = False
+        gc.enable()
         if isinstance(exc, (Refused, wire.RemoteProtocolError)):
             try:
                 if chan.codec.state not in (wire.State.FAILED, wire.State.RELEASED):
@@ -294,6 +297,7 @@ async def take_over(instance, received: Received) -> None:
         chardev.resume()
     instance.poller.resume()
     resumed_at = time.monotonic()
+    gc.enable()
     # TAKEN before the first read (the loop has not run since the resume): a source
     # that never hears it knows we read nothing and may serve on.
     received.chan.send_now(wire.Taken())
