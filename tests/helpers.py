@@ -216,3 +216,27 @@ def connect_when_bound(path: str, timeout: float = 20.0, alive=None) -> socket.s
             if time.monotonic() > deadline or (alive is not None and not alive()):
                 raise
             time.sleep(0.005)
+
+
+def send_raw(sock: socket.socket, data: bytes, fds=()) -> None:
+    """One frame as a fake migration peer sends it: its fds on the first byte."""
+    from fdmig import fdpass
+    sent = fdpass.send_with_fds(sock, data, list(fds)) if fds else 0
+    if sent < len(data):  # sendall(b"") still sends, and fails on a peer that has hung up
+        sock.sendall(data[sent:])
+
+
+def send_chunks(sock: socket.socket, chunks) -> None:
+    """What a real codec's send() produced, over a plain blocking socket."""
+    for chunk in chunks:
+        send_raw(sock, chunk.data, chunk.fds)
+
+
+def read_event(sock: socket.socket, codec):
+    """The next migration event from the peer at the other end of `sock`."""
+    from fdmig.migration import wire
+    while True:
+        event = codec.next_event()
+        if event is not wire.NEED_DATA:
+            return event
+        codec.receive_data(sock.recv(65536))

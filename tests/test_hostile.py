@@ -17,11 +17,12 @@ import time
 import psutil
 import pytest
 
-from fdmig import fdpass, qmp
+from fdmig import qmp
 from fdmig.errors import FdmigError
 from fdmig.migration import wire
 from fdmig.spec import parse_spec
-from tests.helpers import connect_unix, connect_when_bound, recv_exactly, run, run_many, status_of
+from tests.helpers import (connect_unix, connect_when_bound, read_event, recv_exactly, run, run_many, send_chunks,
+                           send_raw, status_of)
 
 ECHO = "socket,id={label},path={path},server=on,frontend=echo,support-local-migration=on"
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become another uid")
@@ -169,18 +170,8 @@ def connected_pair(attempt: Attempt, kind=socket.SOCK_STREAM) -> int:
     return ours.fileno()
 
 
-def send(sock: socket.socket, chunks) -> None:
-    """A fake source's sends, chunk by chunk as the real codec made them."""
-    for chunk in chunks:
-        send_raw(sock, chunk.data, chunk.fds)
 
 
-def read_event(sock: socket.socket, codec: wire.MigrationCodec):
-    while True:
-        event = codec.next_event()
-        if event is not wire.NEED_DATA:
-            return event
-        codec.receive_data(sock.recv(65536))
 
 
 def raw_frame(ftype: wire.FrameType, payload: bytes = b"{}", nfds: int = 0, length: int | None = None) -> bytes:
@@ -194,10 +185,6 @@ def sections_payload(manifest) -> bytes:
     return struct.pack("!I", len(body)) + body
 
 
-def send_raw(sock: socket.socket, data: bytes, fds=()) -> None:
-    sent = fdpass.send_with_fds(sock, data, list(fds)) if fds else 0
-    if sent < len(data):  # sendall(b"") still sends, and fails on a peer that has hung up
-        sock.sendall(data[sent:])
 
 
 def send_hostile(sock: socket.socket, chunks) -> None:
@@ -383,8 +370,8 @@ class Hostile:
         return connect_when_bound(channel_of(self.runtime_dir)), wire.MigrationCodec(wire.Role.SOURCE)
 
     def accepted(self, fake, codec, *chardevs) -> None:
-        send(fake, codec.send(wire.Hello("web", os.getpid(), "0")))
-        send(fake, codec.send(wire.Table({"local-char-socket": True}, list(chardevs))))
+        send_chunks(fake, codec.send(wire.Hello("web", os.getpid(), "0")))
+        send_chunks(fake, codec.send(wire.Table({"local-char-socket": True}, list(chardevs))))
         assert isinstance(read_event(fake, codec), wire.Accept)
 
     def refused(self, fake, codec, attempt: Attempt, aborts: bool) -> None:

@@ -11,10 +11,9 @@ import time
 import psutil
 import pytest
 
-from fdmig import fdpass
 from fdmig.demo import Peer
 from fdmig.migration import wire
-from tests.helpers import connect_unix, connect_when_bound, recv_exactly, run
+from tests.helpers import connect_unix, connect_when_bound, read_event, recv_exactly, run, send_chunks
 
 ECHO = "socket,id=app,path={path},server=on,frontend=echo,support-local-migration=on"
 
@@ -261,7 +260,7 @@ def test_foreign_source_is_refused_and_target_keeps_waiting(daemons, echo_instan
     target = daemons("migrate-in", "--name", "web", ready=False)
     fake = connect_when_bound(channel)
     codec = wire.MigrationCodec(wire.Role.SOURCE)
-    send(fake, codec.send(wire.Hello("db", os.getpid(), "0")))
+    send_chunks(fake, codec.send(wire.Hello("db", os.getpid(), "0")))
     reply = read_event(fake, codec)
     assert isinstance(reply, wire.Abort) and "foreign" in reply.reason
     fake.close()
@@ -291,10 +290,10 @@ def test_target_refuses_a_tcp_fd_where_the_spec_says_unix(daemons, short_dir):
     fake = connect_when_bound(channel)
     codec = wire.MigrationCodec(wire.Role.SOURCE)
     spec = {"id": "app", "path": path, "server": False, "support-local-migration": True}
-    send(fake, codec.send(wire.Hello("web", os.getpid(), "0")))
-    send(fake, codec.send(wire.Table({"local-char-socket": True}, [spec])))
+    send_chunks(fake, codec.send(wire.Hello("web", os.getpid(), "0")))
+    send_chunks(fake, codec.send(wire.Table({"local-char-socket": True}, [spec])))
     assert isinstance(read_event(fake, codec), wire.Accept)
-    send(fake, codec.send(wire.Transfer([wire.Section("app", {}, b"", {"conn": tcp.fileno()})])))
+    send_chunks(fake, codec.send(wire.Transfer([wire.Section("app", {}, b"", {"conn": tcp.fileno()})])))
     reply = read_event(fake, codec)
     assert isinstance(reply, wire.Abort)
     assert "AF_INET socket" in reply.reason and "unix:" in reply.reason
@@ -326,22 +325,6 @@ def test_demo_runs_and_loses_nothing(runtime_dir):
     assert result.returncode == 0, result.stdout + result.stderr
     assert "lost 0" in result.stdout
 
-
-# ----- a fake source on the channel, built from the real codec ----------------
-
-def send(sock: socket.socket, chunks) -> None:
-    for chunk in chunks:
-        sent = fdpass.send_with_fds(sock, chunk.data, chunk.fds) if chunk.fds else 0
-        if chunk.data[sent:]:
-            sock.sendall(chunk.data[sent:])
-
-
-def read_event(sock: socket.socket, codec: wire.MigrationCodec):
-    while True:
-        event = codec.next_event()
-        if event is not wire.NEED_DATA:
-            return event
-        codec.receive_data(sock.recv(65536))
 
 
 def test_deferred_target_listens_where_qmp_migrate_incoming_says(daemons, echo_instance, short_dir):
@@ -464,7 +447,7 @@ def test_channel_breaking_mid_transfer_rolls_the_source_back(echo_instance, runt
         codec = wire.MigrationCodec(wire.Role.TARGET)
         while not isinstance(read_event(conn, codec), wire.Table):
             pass
-        send(conn, codec.send(wire.Accept()))
+        send_chunks(conn, codec.send(wire.Accept()))
         data, fds, _, _ = socket.recv_fds(conn, 65536, 253)  # the fds arrive; then we vanish
         for fd in fds:
             os.close(fd)

@@ -28,10 +28,9 @@ import json
 import os
 import sys
 
-try:
-    import atheris
-except ImportError:  # the in-process corpus replay does not need it
-    atheris = None
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from fuzzcommon import PyDataProvider, Scripted, atheris, decide, provider  # noqa: E402,F401
+import fuzzcommon  # noqa: E402
 
 if __name__ == "__main__" and atheris is not None and "--make-seeds" not in sys.argv:
     with atheris.instrument_imports(include=["fdmig"]):
@@ -40,49 +39,6 @@ else:
     from fdmig import qmp
 
 
-class PyDataProvider:
-    """atheris.FuzzedDataProvider's ConsumeIntInRange, ConsumeBytes and
-    remaining_bytes in pure Python, with the same results for the same bytes
-    (the same class as in fuzz_wire.py; tests/test_fuzz.py checks both)."""
-
-    def __init__(self, data: bytes):
-        self._data = bytes(data)
-        self._front = 0
-        self._back = len(self._data)
-
-    def remaining_bytes(self) -> int:
-        return self._back - self._front
-
-    def ConsumeIntInRange(self, lo: int, hi: int) -> int:
-        if lo > hi:
-            raise ValueError("lo > hi")
-        span = hi - lo
-        result = offset = 0
-        while offset < 64 and (span >> offset) > 0 and self._back > self._front:
-            self._back -= 1
-            result = (result << 8) | self._data[self._back]
-            offset += 8
-        return lo + result % (span + 1) if span < (1 << 64) - 1 else lo + result
-
-    def ConsumeBytes(self, count: int) -> bytes:
-        count = max(0, min(count, self.remaining_bytes()))
-        out = self._data[self._front:self._front + count]
-        self._front += count
-        return out
-
-
-def provider(data: bytes):
-    return atheris.FuzzedDataProvider(data) if atheris is not None else PyDataProvider(data)
-
-
-class _Scripted:
-    """Base of the seed-making stand-in for the provider (Recorder, below)."""
-
-
-def _int(fdp, lo: int, hi: int, what: str) -> int:
-    if isinstance(fdp, _Scripted):
-        return fdp.choose(lo, hi, what)
-    return fdp.ConsumeIntInRange(lo, hi)
 
 
 class Bug(AssertionError):
@@ -132,16 +88,16 @@ def _answer(codec: qmp.ServerCodec, items) -> bool:
 
 
 def run(fdp) -> None:
-    bounded = _int(fdp, 0, 3, "bounded")  # 0: ServerCodec only
+    bounded = decide(fdp, 0, 3, "bounded")  # 0: ServerCodec only
     splitter = None
     if bounded:
-        splitter = qmp.JSONSplitter(max_size=_int(fdp, 1, 300, "max-size"), max_depth=_int(fdp, 1, 70, "max-depth"))
+        splitter = qmp.JSONSplitter(max_size=decide(fdp, 1, 300, "max-size"), max_depth=decide(fdp, 1, 70, "max-depth"))
     codec = qmp.ServerCodec()
     stream = bytearray()
     items = []
     overflowed = split_overflowed = False
     while fdp.remaining_bytes():
-        size = _int(fdp, 1, 256, "size")
+        size = decide(fdp, 1, 256, "size")
         data = fdp.ConsumeBytes(size)
         if not data:
             break
@@ -174,7 +130,7 @@ def TestOneInput(data: bytes) -> None:
 # Seeds
 
 
-class Recorder(_Scripted):
+class Recorder(Scripted):
     """Plays the provider for run() and builds the input that makes a real
     provider take the same decisions: `data` in reads of `sizes` (the last one
     repeats), other decisions fixed by keyword, else the range's minimum."""
@@ -188,7 +144,7 @@ class Recorder(_Scripted):
     def remaining_bytes(self) -> int:
         return len(self.data) - self.front
 
-    def choose(self, lo, hi, what):
+    def choose(self, lo, hi, what, hint=None):
         if what == "size":
             value = self.sizes.pop(0) if len(self.sizes) > 1 else self.sizes[0]
             value = max(lo, min(value, hi, self.remaining_bytes()))
@@ -258,52 +214,9 @@ def seeds():
     return [(name, rec.encode(), rec.trace) for name, rec in out]
 
 
-class _Tracer(_Scripted):
-    """Wraps a real provider and records its decisions, to check a seed."""
-
-    def __init__(self, inner):
-        self.inner, self.trace = inner, []
-
-    def remaining_bytes(self):
-        return self.inner.remaining_bytes()
-
-    def choose(self, lo, hi, what):
-        value = self.inner.ConsumeIntInRange(lo, hi)
-        self.trace.append((what, value))
-        return value
-
-    def ConsumeBytes(self, count):
-        out = self.inner.ConsumeBytes(count)
-        self.trace.append(("bytes", len(out)))
-        return out
-
-
 def write_seeds(directory: str) -> None:
-    os.makedirs(directory, exist_ok=True)
-    for name, data, trace in seeds():
-        tracer = _Tracer(provider(data))
-        run(tracer)
-        if tracer.trace != trace:
-            raise SystemExit(f"seed {name}: replay diverges:\n{trace}\n{tracer.trace}")
-        with open(os.path.join(directory, f"seed-{name}"), "wb") as f:
-            f.write(data)
-        print(f"seed-{name}: {len(data)} bytes")
-
-
-def main(argv: list[str]) -> None:
-    if len(argv) == 3 and argv[1] == "--make-seeds":
-        write_seeds(argv[2])
-        return
-    if atheris is None:
-        raise SystemExit("atheris is not installed: pip install atheris")
-    for func in (run, _answer, _check_reply):
-        atheris.instrument_func(func)
-    # libFuzzer re-runs argv[0] through the shell for -merge, -jobs and -fork:
-    # make that this interpreter running this file, executable bit or not.
-    argv = [f"{sys.executable} {os.path.abspath(__file__)}"] + argv[1:]
-    atheris.Setup(argv, TestOneInput)
-    atheris.Fuzz()
+    fuzzcommon.write_seeds(directory, seeds(), run)
 
 
 if __name__ == "__main__":
-    main(sys.argv)
+    fuzzcommon.main(sys.argv, __file__, TestOneInput, write_seeds, (run, _answer, _check_reply))

@@ -41,10 +41,9 @@ in-process with the pure-Python provider below, which matches atheris'.
 import os
 import sys
 
-try:
-    import atheris
-except ImportError:  # the in-process corpus replay does not need it
-    atheris = None
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from fuzzcommon import PyDataProvider, Scripted, atheris, decide, provider  # noqa: E402,F401
+import fuzzcommon  # noqa: E402
 
 if __name__ == "__main__" and atheris is not None and "--make-seeds" not in sys.argv:
     # Coverage comes from fdmig's bytecode: instrument it as it is imported.
@@ -77,53 +76,6 @@ from fdmig.migration.wire import (  # noqa: E402 (the module is loaded above)
 # The data provider
 
 
-class PyDataProvider:
-    """The part of atheris.FuzzedDataProvider this harness uses, in pure Python and
-    with the same results for the same bytes (tests/test_fuzz.py checks that):
-    ConsumeIntInRange reads bytes from the end of the input, most significant
-    first, as few as the range needs, and reduces modulo the range's size;
-    ConsumeBytes reads from the front. Either returns what is left (the minimum,
-    or fewer bytes) once the input is used up."""
-
-    def __init__(self, data: bytes):
-        self._data = bytes(data)
-        self._front = 0
-        self._back = len(self._data)
-
-    def remaining_bytes(self) -> int:
-        return self._back - self._front
-
-    def ConsumeIntInRange(self, lo: int, hi: int) -> int:
-        if lo > hi:
-            raise ValueError("lo > hi")
-        span = hi - lo
-        result = offset = 0
-        while offset < 64 and (span >> offset) > 0 and self._back > self._front:
-            self._back -= 1
-            result = (result << 8) | self._data[self._back]
-            offset += 8
-        return lo + result % (span + 1) if span < (1 << 64) - 1 else lo + result
-
-    def ConsumeBytes(self, count: int) -> bytes:
-        count = max(0, min(count, self.remaining_bytes()))
-        out = self._data[self._front:self._front + count]
-        self._front += count
-        return out
-
-
-def provider(data: bytes):
-    return atheris.FuzzedDataProvider(data) if atheris is not None else PyDataProvider(data)
-
-
-def _int(fdp, lo: int, hi: int, what: str, hint: int | None = None) -> int:
-    """One fuzzer decision. `what` and `hint` only matter when making seeds."""
-    if isinstance(fdp, _Scripted):
-        return fdp.choose(lo, hi, what, hint)
-    return fdp.ConsumeIntInRange(lo, hi)
-
-
-class _Scripted:
-    """Base of the seed-making stand-ins for the provider (see the end of the file)."""
 
 
 # ---------------------------------------------------------------------------
@@ -244,7 +196,7 @@ def _our_turn(fdp, codec: MigrationCodec) -> None:
     event = reply.get(codec.state)
     if event is None:
         return
-    choice = _int(fdp, 0, 3, "reply")
+    choice = decide(fdp, 0, 3, "reply")
     if choice == 3:
         return
     if choice == 2 and codec.state not in (State.RELEASED, State.COMMITTED):
@@ -275,13 +227,13 @@ def _after_error(codec: MigrationCodec, exc: RemoteProtocolError, send_abort: in
 
 
 def run(fdp) -> None:
-    role = (Role.TARGET, Role.SOURCE)[_int(fdp, 0, 1, "role")]
+    role = (Role.TARGET, Role.SOURCE)[decide(fdp, 0, 1, "role")]
     prefixes = PREFIXES[role]
-    which = _int(fdp, 0, len(prefixes), "prefix")  # 0: none
-    max_frame = MAX_FRAMES[_int(fdp, 0, len(MAX_FRAMES) - 1, "max-frame")]
-    eof_at_end = _int(fdp, 0, 1, "eof")
+    which = decide(fdp, 0, len(prefixes), "prefix")  # 0: none
+    max_frame = MAX_FRAMES[decide(fdp, 0, len(MAX_FRAMES) - 1, "max-frame")]
+    eof_at_end = decide(fdp, 0, 1, "eof")
     # Decided up front, so that no decision follows the last read (see Recorder).
-    abort_after_error = _int(fdp, 0, 1, "abort-after-error")
+    abort_after_error = decide(fdp, 0, 1, "abort-after-error")
 
     codec = MigrationCodec(role, max_frame)
     if role is Role.SOURCE:
@@ -305,14 +257,14 @@ def run(fdp) -> None:
         while True:
             if pos >= len(stream) and fdp.remaining_bytes() == 0:
                 break
-            op = _int(fdp, 0, 10, "op", hint=len(stream) - pos)
+            op = decide(fdp, 0, 10, "op", hint=len(stream) - pos)
             if op <= 6:  # read a chunk: the prefix first, then the fuzzer's bytes
-                size = _int(fdp, 1, 256, "size", hint=len(stream) - pos)
+                size = decide(fdp, 1, 256, "size", hint=len(stream) - pos)
                 extra = 0
                 if op == 5:
-                    extra = _int(fdp, 0, 7, "fds")
+                    extra = decide(fdp, 0, 7, "fds")
                 elif op == 6:
-                    extra = _int(fdp, 0, 511, "fds")
+                    extra = decide(fdp, 0, 511, "fds")
                 if pos < len(stream):
                     end = min([pos + size, len(stream)] + [at for at in waits if at > pos])
                     data = stream[pos:end]
@@ -336,9 +288,9 @@ def run(fdp) -> None:
             elif op == 9:
                 _check_sections(codec, codec.take_sections())
             else:  # one frame around the fuzzer's bytes: mutating a payload keeps its framing
-                ftype = _int(fdp, 1, len(wire.FrameType), "frame-type")
-                nfds = _int(fdp, 0, 7, "frame-fds") if ftype == wire.FrameType.SECTIONS else 0
-                payload = fdp.ConsumeBytes(_int(fdp, 0, 1024, "frame-length"))
+                ftype = decide(fdp, 1, len(wire.FrameType), "frame-type")
+                nfds = decide(fdp, 0, 7, "frame-fds") if ftype == wire.FrameType.SECTIONS else 0
+                payload = fdp.ConsumeBytes(decide(fdp, 0, 1024, "frame-length"))
                 codec.receive_data(wire.HEADER.pack(wire.MAGIC, wire.VERSION, ftype, len(payload), nfds) + payload,
                                    nfds)
             if not _drain(codec):
@@ -361,7 +313,7 @@ def TestOneInput(data: bytes) -> None:
 # Seeds: inputs built from a script of decisions
 
 
-class Recorder(_Scripted):
+class Recorder(Scripted):
     """Stands in for the provider while run() plays a script, and records every
     decision so that encode() can build the input that makes a real provider
     take the same ones. While the prefix is being fed it reads it in
@@ -554,52 +506,9 @@ def seeds():
 
 
 def write_seeds(directory: str) -> None:
-    os.makedirs(directory, exist_ok=True)
-    for name, data, trace in seeds():
-        # Check the encoding: the real provider must take the recorded decisions.
-        tracer = _Tracer(provider(data))
-        run(tracer)
-        if tracer.trace != trace:
-            raise SystemExit(f"seed {name}: replay diverges:\n{trace}\n{tracer.trace}")
-        with open(os.path.join(directory, f"seed-{name}"), "wb") as f:
-            f.write(data)
-        print(f"seed-{name}: {len(data)} bytes, {sum(1 for w, _ in trace if w == 'op')} ops")
-
-
-class _Tracer(_Scripted):
-    """Wraps a provider and records decisions like Recorder, to check seeds."""
-
-    def __init__(self, inner):
-        self.inner, self.trace = inner, []
-
-    def remaining_bytes(self):
-        return self.inner.remaining_bytes()
-
-    def choose(self, lo, hi, what, hint):
-        value = self.inner.ConsumeIntInRange(lo, hi)
-        self.trace.append((what, value))
-        return value
-
-    def ConsumeBytes(self, count):
-        out = self.inner.ConsumeBytes(count)
-        self.trace.append(("bytes", len(out)))
-        return out
-
-
-def main(argv: list[str]) -> None:
-    if len(argv) == 3 and argv[1] == "--make-seeds":
-        write_seeds(argv[2])
-        return
-    if atheris is None:
-        raise SystemExit("atheris is not installed: pip install atheris")
-    for func in (run, _drain, _our_turn, _after_error, _check_sections):
-        atheris.instrument_func(func)  # the harness's own branches count as coverage too
-    # libFuzzer re-runs argv[0] through the shell for -merge, -jobs and -fork:
-    # make that this interpreter running this file, executable bit or not.
-    argv = [f"{sys.executable} {os.path.abspath(__file__)}"] + argv[1:]
-    atheris.Setup(argv, TestOneInput)
-    atheris.Fuzz()
+    fuzzcommon.write_seeds(directory, seeds(), run)
 
 
 if __name__ == "__main__":
-    main(sys.argv)
+    fuzzcommon.main(sys.argv, __file__, TestOneInput, write_seeds,
+                    (run, _drain, _our_turn, _after_error, _check_sections))
