@@ -240,3 +240,28 @@ def read_event(sock: socket.socket, codec):
         if event is not wire.NEED_DATA:
             return event
         codec.receive_data(sock.recv(65536))
+
+
+def as_uid(uid: int, work) -> bytes:
+    """Run `work()` in a forked child that holds only `uid`'s credentials (uid, gid,
+    no groups); the bytes it returns come back through a pipe."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: plain syscalls only, then _exit
+        out = b""
+        try:
+            os.close(read_end)
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+            out = work()
+        except BaseException as exc:  # reported to the parent, which fails the test
+            out = f"error in the child: {exc!r}".encode()
+        finally:
+            os.write(write_end, out)
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        answer = pipe.read()
+    os.waitpid(pid, 0)
+    return answer

@@ -21,7 +21,7 @@ from fdmig import qmp
 from fdmig.errors import FdmigError
 from fdmig.migration import wire
 from fdmig.spec import parse_spec
-from tests.helpers import (connect_unix, connect_when_bound, read_event, recv_exactly, run, run_many, send_chunks,
+from tests.helpers import (as_uid, connect_unix, connect_when_bound, read_event, recv_exactly, run, run_many, send_chunks,
                            send_raw, status_of)
 
 ECHO = "socket,id={label},path={path},server=on,frontend=echo,support-local-migration=on"
@@ -70,52 +70,39 @@ def wait_for_target(runtime_dir: str) -> None:
 
 
 def _hello_as(uid: int, channel: str) -> dict:
-    """In a forked child with only `uid`'s credentials: connect to the channel, send
-    a valid HELLO and TABLE with the real codec, and report what came back."""
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child: plain syscalls only, then _exit
+    """As `uid`: connect to the channel, send a valid HELLO and TABLE with the real
+    codec, and report what came back."""
+    def work() -> bytes:
         report = {}
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(5)
+        sock.connect(channel)
+        report["connected"] = True
+        codec = wire.MigrationCodec(wire.Role.SOURCE)
+        chunks = codec.send(wire.Hello("web", os.getpid(), "0"))
+        chunks += codec.send(wire.Table({"local-char-socket": True}, []))
         try:
-            os.close(read_end)
-            os.setgroups([])
-            os.setgid(uid)
-            os.setuid(uid)
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.settimeout(5)
-            sock.connect(channel)
-            report["connected"] = True
-            codec = wire.MigrationCodec(wire.Role.SOURCE)
-            chunks = codec.send(wire.Hello("web", os.getpid(), "0"))
-            chunks += codec.send(wire.Table({"local-char-socket": True}, []))
-            try:
-                for chunk in chunks:
-                    sock.sendall(chunk.data)
-            except OSError as exc:
-                report["send-error"] = exc.errno  # the target may have hung up already
-            received = b""
-            try:
-                while True:
-                    data = sock.recv(65536)
-                    if not data:
-                        report["end"] = "eof"
-                        break
-                    received += data
-            except ConnectionResetError:
-                report["end"] = "reset"  # it closed with our HELLO unread: same thing
-            except socket.timeout:
-                report["end"] = "still open"
-            report["received"] = received.hex()
-        except BaseException as exc:  # reported to the parent, which fails the test
-            report["error"] = repr(exc)
-        finally:
-            os.write(write_end, json.dumps(report).encode())
-            os._exit(0)
-    os.close(write_end)
-    with os.fdopen(read_end, "rb") as pipe:
-        report = json.loads(pipe.read())
-    os.waitpid(pid, 0)
-    return report
+            for chunk in chunks:
+                sock.sendall(chunk.data)
+        except OSError as exc:
+            report["send-error"] = exc.errno  # the target may have hung up already
+        received = b""
+        try:
+            while True:
+                data = sock.recv(65536)
+                if not data:
+                    report["end"] = "eof"
+                    break
+                received += data
+        except ConnectionResetError:
+            report["end"] = "reset"  # it closed with our HELLO unread: same thing
+        except socket.timeout:
+            report["end"] = "still open"
+        report["received"] = received.hex()
+        return json.dumps(report).encode()
+    answer = as_uid(uid, work)
+    assert not answer.startswith(b"error in the child"), answer
+    return json.loads(answer)
 
 
 @needs_root

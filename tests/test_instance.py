@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 from fdmig import qmp
-from tests.helpers import (FDMIG, connect_unix, free_port, listener, read_exactly_fd, recv_exactly, run,
+from tests.helpers import (FDMIG, as_uid, connect_unix, free_port, listener, read_exactly_fd, recv_exactly, run,
                            run_many, status_of, wait_state, wait_states)
 
 
@@ -490,39 +490,26 @@ def test_quit_over_qmp_stops_the_instance(daemons, short_dir, runtime_dir):
 
 
 def _connect_as(uid: int, path: str) -> bytes:
-    """In a forked child with only `uid`'s credentials: connect to `path` and return
-    what the server says before it hangs up (or b"connect failed: ...")."""
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child: plain syscalls only, then _exit
+    """As `uid`: connect to `path` and return what the server says before it hangs
+    up (or b"connect failed: ...")."""
+    def work() -> bytes:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(5)
         try:
-            os.close(read_end)
-            os.setgroups([])
-            os.setgid(uid)
-            os.setuid(uid)
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.settimeout(5)
-            try:
-                sock.connect(path)
-                received = b""
-                while True:
-                    chunk = sock.recv(65536)
-                    if not chunk:
-                        break
-                    received += chunk
-                    if b"QMP" in received and received.endswith(b"\n"):
-                        received += b"<still open>"
-                        break
-            except OSError as exc:
-                received = f"connect failed: {exc}".encode()
-            os.write(write_end, received)
-        finally:
-            os._exit(0)
-    os.close(write_end)
-    with os.fdopen(read_end, "rb") as pipe:
-        answer = pipe.read()
-    os.waitpid(pid, 0)
-    return answer
+            sock.connect(path)
+            received = b""
+            while True:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                received += chunk
+                if b"QMP" in received and received.endswith(b"\n"):
+                    received += b"<still open>"
+                    break
+        except OSError as exc:
+            received = f"connect failed: {exc}".encode()
+        return received
+    return as_uid(uid, work)
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become another uid")
