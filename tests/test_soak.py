@@ -95,7 +95,8 @@ def aborting_target(path: str, rounds: int, done: threading.Event) -> threading.
                             break
                     fdpass.close_fds(received)
                     conn.sendall(b"".join(c.data for c in codec.send(wire.Abort("soak: no, thanks"))))
-                    conn.recv(1)  # until the source hangs up
+                    while conn.recv(65536):  # until the source hangs up
+                        pass
         done.set()
 
     thread = threading.Thread(target=serve, daemon=True)
