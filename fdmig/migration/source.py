@@ -15,9 +15,7 @@ log = logging.getLogger("fdmig")
 
 
 class MigrationFailed(Exception):
-    def __init__(self, reason: str, timed_out: bool = False):
-        super().__init__(reason)
-        self.timed_out = timed_out
+    """The migration cannot go on; the message is the reason, for query-migrate."""
 
 
 def table_entry(chardev, live: bool) -> dict:
@@ -84,7 +82,7 @@ async def migrate(instance, path: str, timeout: float | None) -> None:
         _roll_back(instance, quiesced, chan, f"timed out after {timeout:g} s{waiting}", timed_out=True)
         return
     except MigrationFailed as exc:
-        _roll_back(instance, quiesced, chan, str(exc), exc.timed_out)
+        _roll_back(instance, quiesced, chan, str(exc))
         return
     except wire.RemoteProtocolError as exc:
         _roll_back(instance, quiesced, chan, f"the target broke the protocol: {exc}")
@@ -116,12 +114,7 @@ async def expect(chan, kind, step: str, deadline):
 
 def _roll_back(instance, quiesced, chan, reason: str, timed_out: bool = False, status: str = "failed") -> None:
     if chan is not None:
-        try:
-            # Tell the target first: it holds dups of our fds and must drop them.
-            for chunk in chan.codec.send(wire.Abort(reason)):
-                chan.sock.send(chunk.data)
-        except (OSError, wire.ProtocolError):
-            pass
+        chan.send_now(wire.Abort(reason))  # first: the target holds dups of our fds and must drop them
         chan.close()
     for chardev in quiesced:
         chardev.resume()
