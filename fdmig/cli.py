@@ -79,8 +79,7 @@ def _instance_name(name: str | None, control: str | None) -> str:
     if name:
         return name
     if control:
-        base = os.path.basename(control)
-        return base[:-5] if base.endswith(".sock") else base
+        return paths.instance_name(control)
     return "default"
 
 
@@ -284,8 +283,7 @@ def _channel_path(control_path: str, channel: str | None, defer: bool = False) -
     if defer and channel == "defer":
         return None
     if channel is None:
-        base = control_path[:-5] if control_path.endswith(".sock") else control_path
-        return base + ".migrate.sock"
+        return paths.channel_beside(control_path)
     from fdmig.migration.channel import parse_uri
     try:
         return parse_uri(channel)

@@ -11,7 +11,7 @@ import resource
 import signal
 import time
 
-from fdmig import __version__, frontends, spec as specs, systemd
+from fdmig import __version__, frontends, paths, spec as specs, systemd
 from fdmig.chardev import Chardev
 from fdmig.errors import FdmigError
 
@@ -297,13 +297,6 @@ async def run_instance(instance: Instance, chardev_specs) -> int:
         instance.shutdown()
 
 
-def incoming_control_path(control_path: str) -> str:
-    """Where a target answers QMP while it waits: beside the instance's own path,
-    which the source still holds."""
-    base = control_path[:-5] if control_path.endswith(".sock") else control_path
-    return base + ".incoming.sock"
-
-
 async def run_target(instance: Instance, channel_path: str | None, own_specs, timeout, exec_argv) -> int:
     """migrate-in: wait for one migration, then serve as `serve` would (or exec).
     `channel_path` None is QEMU's `-incoming defer`: QMP migrate-incoming names it."""
@@ -316,7 +309,7 @@ async def run_target(instance: Instance, channel_path: str | None, own_specs, ti
         if spec.local_incoming:
             log.info("chardev %s: awaiting-incoming", spec.id)
     instance.control = ControlServer(instance)
-    instance.control.bind(incoming_control_path(instance.control_path))
+    instance.control.bind(paths.incoming_beside(instance.control_path))
     instance.control.start()
     info = {"pid": os.getpid(), "exec": bool(exec_argv), "control": not exec_argv}
     if channel_path is not None:

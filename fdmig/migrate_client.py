@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 
-from fdmig import qmp
+from fdmig import paths, qmp
 from fdmig.errors import FdmigError, NoInstanceError, TimeoutExpired
 
 # Beyond the source's own timeout, how long we wait for it to exit and for the
@@ -123,13 +123,12 @@ def _after_source_died(control_path: str, source_pid: int) -> dict:
         raise FdmigError("the source closed its control connection before the migration ended")
     lost = FdmigError(f"the source (pid {source_pid}) died during the migration, before the target "
                       "had everything: its connections are lost")
-    incoming = control_path[:-5] + ".incoming.sock" if control_path.endswith(".sock") else control_path + ".incoming.sock"
     while True:
         try:
             status = wait_target(control_path, source_pid, min(deadline, time.monotonic() + 0.1))
             break
         except TimeoutExpired:
-            if time.monotonic() >= deadline or _refused(incoming, source_pid):
+            if time.monotonic() >= deadline or _refused(paths.incoming_beside(control_path), source_pid):
                 raise lost from None
     return {"status": "completed", "x-fdmig-chardevs": status["migration"]["chardevs"],
             "x-fdmig-target": {"pid": status["pid"], "control": True}}

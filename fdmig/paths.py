@@ -24,8 +24,24 @@ def control_path(name: str) -> str:
     return os.path.join(runtime_dir(), f"{name}.sock")
 
 
-def channel_path(name: str) -> str:
-    return os.path.join(runtime_dir(), f"{name}.migrate.sock")
+def _stem(control: str) -> str:
+    return control[:-5] if control.endswith(".sock") else control
+
+
+def instance_name(control: str) -> str:
+    """The name an instance at control path `control` goes by: its file name less .sock."""
+    return os.path.basename(_stem(control))
+
+
+def channel_beside(control: str) -> str:
+    """The default migration channel, next to the control socket: <name>.migrate.sock."""
+    return _stem(control) + ".migrate.sock"
+
+
+def incoming_beside(control: str) -> str:
+    """Where a target answers QMP while it waits, next to the control socket the
+    source still holds: <name>.incoming.sock."""
+    return _stem(control) + ".incoming.sock"
 
 
 def ensure_private_dir(path: str) -> str:

@@ -419,7 +419,7 @@ def test_runtime_dir_follows_fdmig_runtime_dir_then_xdg_runtime_dir(monkeypatch)
     monkeypatch.setenv("FDMIG_RUNTIME_DIR", "/x/explicit")
     monkeypatch.setenv("XDG_RUNTIME_DIR", "/run/user/7")
     assert paths.control_path("web") == "/x/explicit/web.sock"
-    assert paths.channel_path("web") == "/x/explicit/web.migrate.sock"
+    assert paths.channel_beside(paths.control_path("web")) == "/x/explicit/web.migrate.sock"
     monkeypatch.delenv("FDMIG_RUNTIME_DIR")
     assert paths.runtime_dir() == "/run/user/7/fdmig"
     monkeypatch.delenv("XDG_RUNTIME_DIR")
