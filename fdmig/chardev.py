@@ -436,7 +436,7 @@ class Chardev:
         self.outbuf = bytearray(outbuf)
         if self.spec.logfile:
             self._open_logfile(append=True)  # the source's log goes on, never truncated
-        self.quiesced = True  # nothing is read until the source has let go (resume_moved)
+        self.quiesced = True  # nothing is read until the source has let go (resume)
         if listener is not None:
             listener.setblocking(False)
             self.listener = listener

@@ -218,9 +218,9 @@ class Instance:
         import fdmig.migration.target  # noqa: F401
         import psutil  # noqa: F401  (status)
         raise_fd_limit()
-        self.poller = Poller(asyncio.get_running_loop())
-        self.listen_fds = systemd.listen_fds()
         loop = asyncio.get_running_loop()
+        self.poller = Poller(loop)
+        self.listen_fds = systemd.listen_fds()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
 
@@ -230,8 +230,7 @@ class Instance:
         self.prepare()
         self.control = ControlServer(self)
         self.control.bind(self.control_path)
-        # A bridge is wired to a partner that is already there: plain chardevs first.
-        for spec in sorted(chardev_specs, key=lambda s: s.bridge is not None):
+        for spec in specs.partners_first(chardev_specs):
             await self.add_chardev(spec)
         self.control.start()
         waiting = [c.first_peer.wait() for c in self.chardevs.values() if c.spec.wait]

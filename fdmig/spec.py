@@ -314,6 +314,11 @@ def check_set(specs) -> None:
             bridged.add(spec.bridge)
 
 
+def partners_first(specs) -> list:
+    """The specs in an order that opens each bridge's partner before the bridge."""
+    return sorted(specs, key=lambda spec: spec.bridge is not None)
+
+
 def duplicate_label(label: str) -> SpecError:
     return _fail("id", f"duplicate label '{label}'; each chardev needs its own id")
 

@@ -15,7 +15,7 @@ import socket
 import time
 
 from fdmig import faults, paths, spec as specs
-from fdmig.chardev import socket_family
+from fdmig.chardev import FD_RESERVE, socket_family
 from fdmig.errors import FdmigError, SpecError, TimeoutExpired
 from fdmig.migration import channel, wire
 
@@ -72,8 +72,9 @@ def make_plan(own: list, table: wire.Table) -> Plan:
 
 
 def check_fd(fd: int, role: str, spec, label: str) -> socket.socket:
-    """Take ownership of `fd` (closed if refused). A received fd must be a stream socket of the family the spec says, listening
-    or connected as its role says, at the spec's address."""
+    """Take ownership of `fd` (closed if refused). A received fd must be a stream
+    socket of the family the spec says, listening or connected as its role says,
+    at the spec's address."""
     try:
         sock = socket.socket(fileno=fd)
     except OSError as exc:
@@ -111,14 +112,15 @@ def check_fd(fd: int, role: str, spec, label: str) -> socket.socket:
 
 
 def fd_headroom() -> int:
+    """Fds this process may still open, keeping the reserve every instance keeps."""
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    return soft - len(os.listdir("/proc/self/fd")) - 16
+    return soft - len(os.listdir("/proc/self/fd")) - FD_RESERVE
 
 
 def stage(instance, plan: Plan) -> dict:
     """Register every chardev of the plan, unopened; a bridge after its partner."""
-    labels = sorted(plan.order, key=lambda label: plan.specs[label].bridge is not None)
-    return {label: instance.register(plan.specs[label]) for label in labels}
+    ordered = specs.partners_first(plan.specs[label] for label in plan.order)
+    return {spec.id: instance.register(spec) for spec in ordered}
 
 
 class Received:
@@ -149,8 +151,9 @@ async def session(instance, sock: socket.socket, own: list, info: dict) -> Recei
             raise Refused("the source closed the channel before sending its table")
         plan = make_plan(own, table)
         coming = sum(min(int(e.get("x-fds", 0)), 2) for e in table.chardevs if isinstance(e.get("x-fds", 0), int))
-        if coming > fd_headroom():
-            raise Refused(f"{coming} fds would come, more than the {fd_headroom()} this target "
+        headroom = fd_headroom()
+        if coming > headroom:
+            raise Refused(f"{coming} fds would come, more than the {headroom} this target "
                           "can still open (RLIMIT_NOFILE)")
         faults.point("target-after-table")
         # Build the chardevs before accepting: the source still serves meanwhile,
@@ -352,11 +355,7 @@ def exec_handover(received: Received, argv: list[str]) -> None:
     received.chan.close()
     first = systemd.SD_LISTEN_FDS_START
     # Lift every fd above the target range first, so no dup2 clobbers one still to move.
-    high = [os.dup(s.fileno()) for s in socks]
-    lifted = []
-    for fd in high:
-        lifted.append(fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, first + len(high)))
-        os.close(fd)
+    lifted = [fcntl.fcntl(s.fileno(), fcntl.F_DUPFD_CLOEXEC, first + len(socks)) for s in socks]
     for i, fd in enumerate(lifted):
         os.dup2(fd, first + i, inheritable=True)
         os.set_blocking(first + i, True)
