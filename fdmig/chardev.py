@@ -492,24 +492,13 @@ class Chardev:
 
     def status(self) -> dict:
         peer, pid, process = self.peer or (None, None, None)
-        return {
-            "label": self.label,
-            "address": self.spec.address,
-            "role": self.spec.role,
-            "state": self.state.value,
-            "support-local-migration": self.spec.support_local_migration,
-            "local-incoming": self.spec.local_incoming,
-            "frontend": self.frontend.name if self.frontend.name != "bridge" else f"bridge={self.frontend.partner.label}",
-            "fd": self.fd,
-            "peer": peer,
-            "peer-pid": pid,
-            "peer-process": process,
-            "rx-bytes": self.rx_bytes,
-            "tx-bytes": self.tx_bytes,
-            "connected-since": utc_iso(self.connected_since) if self.connected_since else None,
-            "migrations": self.migrations,
-            "spec": self.spec.to_spec_string(),
-        }
+        frontend = self.frontend.name if self.frontend.name != "bridge" else f"bridge={self.frontend.partner.label}"
+        row = status_row(self.spec, self.state.value, frontend)
+        row.update({"fd": self.fd, "peer": peer, "peer-pid": pid, "peer-process": process,
+                    "rx-bytes": self.rx_bytes, "tx-bytes": self.tx_bytes,
+                    "connected-since": utc_iso(self.connected_since) if self.connected_since else None,
+                    "migrations": self.migrations})
+        return row
 
     def qmp_filename(self) -> str:
         """QEMU's query-chardev filename: `unix:P,server=on`, `disconnected:...` when no peer."""
@@ -519,6 +508,16 @@ class Chardev:
         if self.conn is None:
             name = "disconnected:" + name
         return name
+
+
+def status_row(spec, state: str, frontend: str) -> dict:
+    """A chardev's row in `status`, with nothing live in it yet (no fd, peer, bytes):
+    what a waiting target shows for the chardevs it will hold."""
+    return {"label": spec.id, "address": spec.address, "role": spec.role, "state": state,
+            "support-local-migration": spec.support_local_migration, "local-incoming": spec.local_incoming,
+            "frontend": frontend, "fd": None, "peer": None, "peer-pid": None, "peer-process": None,
+            "rx-bytes": 0, "tx-bytes": 0, "connected-since": None, "migrations": 0,
+            "spec": spec.to_spec_string()}
 
 
 def adopt_socket(fd: int, spec, label: str) -> socket.socket:

@@ -12,7 +12,7 @@ import signal
 import time
 
 from fdmig import __version__, frontends, paths, spec as specs, systemd
-from fdmig.chardev import Chardev
+from fdmig.chardev import Chardev, status_row
 from fdmig.errors import FdmigError
 
 log = logging.getLogger("fdmig")
@@ -279,12 +279,8 @@ class Instance:
 
 def pending_status(spec) -> dict:
     """A status row for a chardev a waiting target will hold."""
-    return {"label": spec.id, "address": spec.address, "role": spec.role,
-            "state": "awaiting-incoming" if spec.local_incoming else "closed",
-            "support-local-migration": spec.support_local_migration, "local-incoming": spec.local_incoming,
-            "frontend": spec.frontend if not spec.bridge else f"bridge={spec.bridge}", "fd": None,
-            "peer": None, "peer-pid": None, "peer-process": None, "rx-bytes": 0, "tx-bytes": 0,
-            "connected-since": None, "migrations": 0, "spec": spec.to_spec_string()}
+    return status_row(spec, "awaiting-incoming" if spec.local_incoming else "closed",
+                      f"bridge={spec.bridge}" if spec.bridge else spec.frontend)
 
 
 async def run_instance(instance: Instance, chardev_specs) -> int:
