@@ -12,7 +12,7 @@ import click
 
 from fdmig import __version__, paths, qmp
 from fdmig.errors import FdmigError, NoInstanceError, SpecError, TimeoutExpired
-from fdmig.spec import ChardevSpec, check_label, check_set, parse_spec
+from fdmig.spec import ChardevSpec, check_incoming, check_label, check_set, parse_spec
 
 
 class CliError(click.ClickException):
@@ -123,13 +123,12 @@ def serve(name, control, chardev_specs, capabilities):
     control_path = _control_path(name, control)
     chardevs = _parse_specs(chardev_specs)
     for spec in chardevs:
-        if spec.local_incoming:
-            raise SpecError(f"chardev local-incoming: only migrate-in waits for a migrated fd; "
-                            f"'{spec.id}' is given to serve")
+        check_incoming(spec, incoming=False)
     _prepare_control(control_path)
-    _setup_logging(_instance_name(name, control))
+    instance_name = _instance_name(name, control)
+    _setup_logging(instance_name)
     from fdmig.daemon import Instance, run
-    instance = Instance(_instance_name(name, control), control_path, capabilities)
+    instance = Instance(instance_name, control_path, capabilities)
     sys.exit(run(instance, chardevs))
 
 
@@ -231,25 +230,35 @@ def _print_status(data: dict, as_json: bool) -> None:
 
 
 def _watch(control_path: str, as_json: bool) -> None:
+    """Status once a second, riding over a control handover (a migration) or an
+    instance not up yet: a live table on a terminal, a stream of prints elsewhere."""
     from fdmig import render
-    if as_json or not sys.stdout.isatty():
+    live = None
+    if not as_json and sys.stdout.isatty():
+        from rich.live import Live
+        live = Live(auto_refresh=False)
+        live.start()
+    try:
         while True:
             try:
                 with qmp.connect(control_path) as client:
-                    _print_status(client.execute("x-fdmig-status"), as_json)
-            except (NoInstanceError, FdmigError) as exc:
-                click.echo(f"{render.timestamp()} {exc}", err=True)  # a handover, or not up yet
+                    data = client.execute("x-fdmig-status")
+            except FdmigError as exc:  # NoInstanceError included
+                note = f"{render.timestamp()} {exc}"
+                if live is None:
+                    click.echo(note, err=True)
+                else:
+                    from rich.text import Text
+                    live.update(Text(note), refresh=True)
+            else:
+                if live is None:
+                    _print_status(data, as_json)
+                else:
+                    live.update(render.rich_table(data), refresh=True)
             time.sleep(1)
-    from rich.live import Live
-    with Live(auto_refresh=False) as live:
-        while True:
-            try:
-                with qmp.connect(control_path) as client:
-                    live.update(render.rich_table(client.execute("x-fdmig-status")), refresh=True)
-            except NoInstanceError as exc:
-                from rich.text import Text
-                live.update(Text(f"{render.timestamp()} {exc}"), refresh=True)
-            time.sleep(1)
+    finally:
+        if live is not None:
+            live.stop()
 
 
 def _wait_for_state(control_path: str, label: str, state: str, timeout: float) -> None:

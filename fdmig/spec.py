@@ -338,13 +338,18 @@ def check_bridge(spec: ChardevSpec, by_label, bridged) -> None:
         raise _fail("bridge", f"'{spec.bridge}' is bridged by more than one chardev")
 
 
+def check_incoming(spec: ChardevSpec, incoming: bool) -> None:
+    """local-incoming=on belongs to an instance that waits for a migration."""
+    if spec.local_incoming and not incoming:
+        raise _fail("local-incoming", "only an incoming instance (only migrate-in starts one) waits for a "
+                                      f"migrated fd; '{spec.id}' is for a running one")
+
+
 def check_fits(spec: ChardevSpec, held: dict, incoming: bool) -> None:
     """Rules for adding `spec` to an instance holding `held` (label -> spec):
     a new label, local-incoming only on an incoming instance, a free bridge partner."""
     if spec.id in held:
         raise duplicate_label(spec.id)
-    if spec.local_incoming and not incoming:
-        raise _fail("local-incoming", f"only an incoming instance (migrate-in) waits for a migrated fd; "
-                                      f"'{spec.id}' is for a running one")
+    check_incoming(spec, incoming)
     if spec.bridge is not None:
         check_bridge(spec, held, {s.bridge for s in held.values() if s.bridge})

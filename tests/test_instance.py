@@ -626,3 +626,36 @@ def test_attach_mistakes_against_what_the_instance_holds_exit_2(daemons, short_d
     assert to_missing.returncode == 2 and "'nope' names no chardev" in to_missing.stderr
     assert to_busy.returncode == 2 and "already has frontend echo" in to_busy.stderr
     assert incoming.returncode == 2 and "local-incoming" in incoming.stderr
+
+
+def test_status_watch_in_a_pipe_prints_each_refresh_and_shows_a_new_chardev(daemons, short_dir):
+    daemons("serve", "--name", "web")
+    watch = subprocess.Popen(FDMIG + ["status", "--name", "web", "--watch", "--json"],
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    decoder = json.JSONDecoder()
+    buffered = ""
+
+    def next_status() -> dict:
+        nonlocal buffered
+        while True:
+            text = buffered.lstrip()
+            try:
+                status, end = decoder.raw_decode(text)
+                buffered = text[end:]
+                return status
+            except ValueError:
+                line = watch.stdout.readline()  # the next refresh, a second later
+                assert line, "status --watch stopped printing"
+                buffered += line
+
+    try:
+        assert next_status()["chardevs"] == []
+        assert run("attach", "--name", "web", f"socket,id=late,path={short_dir}/late.sock,server=on").returncode == 0
+        for _ in range(10):
+            if [c["label"] for c in next_status()["chardevs"]] == ["late"]:
+                break
+        else:
+            pytest.fail("status --watch never showed the attached chardev")
+    finally:
+        watch.kill()
+        watch.wait(10)
