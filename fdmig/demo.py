@@ -28,6 +28,8 @@ class Peer:
         self.eof = False
         self._room = threading.Semaphore(WINDOW)
         self._stop = threading.Event()
+        self._progress = threading.Condition()
+        self._closing = False
         self._threads = [threading.Thread(target=self._send, daemon=True),
                          threading.Thread(target=self._receive, daemon=True)]
 
@@ -53,11 +55,11 @@ class Peer:
             try:
                 data = self.sock.recv(65536)
             except OSError as exc:
-                self.bad = self.bad or f"receive failed: {exc}"
+                self._ended(bad=f"receive failed: {exc}")
                 return
             now = time.monotonic()
             if not data:
-                self.eof = True
+                self._ended(eof=True)
                 return
             if not self._stop.is_set() or self.echoed < self.sent:
                 self.longest_pause = max(self.longest_pause, now - last)
@@ -66,17 +68,34 @@ class Peer:
             while len(buf) >= RECORD:
                 record, buf = buf[:RECORD], buf[RECORD:]
                 if record != b"%015d\n" % self.echoed:
-                    self.bad = self.bad or f"expected record {self.echoed}, got {record!r}"
+                    self._ended(bad=f"expected record {self.echoed}, got {record!r}")
                     return
                 self.echoed += 1
                 self._room.release()
+            with self._progress:
+                self._progress.notify_all()
+
+    def _ended(self, bad: str | None = None, eof: bool = False) -> None:
+        with self._progress:
+            # Our own shutdown in finish() ends recv() too; that is not the peer's EOF or error.
+            if not self._closing:
+                self.bad = self.bad or bad
+                self.eof = self.eof or eof
+            self._progress.notify_all()
 
     def finish(self, timeout: float = 10.0) -> None:
+        """Stops sending, waits until every record sent has come back (or the stream broke), closes."""
         self._stop.set()
         self._threads[0].join(timeout)
-        deadline = time.monotonic() + timeout
-        while self.echoed < self.sent and self.bad is None and not self.eof and time.monotonic() < deadline:
-            time.sleep(0.01)
+        with self._progress:
+            self._progress.wait_for(lambda: self.echoed >= self.sent or self.bad is not None or self.eof,
+                                    timeout)
+            self._closing = True
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass  # already gone: the receiver has ended on its own
+        self._threads[1].join(timeout)
         self.sock.close()
 
 
