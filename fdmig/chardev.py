@@ -106,6 +106,9 @@ class Chardev:
         self.frontend: frontends.Frontend = frontends.Hold(self)
         self.feeders: list[Chardev] = [self]  # chardevs whose frontend fills our outbuf
         self.quiesced = False
+        # While a precopy is going out, sockets we close are kept here instead, open:
+        # their numbers are in frames not yet sent and must not name another socket.
+        self.pinned: list[socket.socket] | None = None
         self._reading = self._writing = self._accepting = self._hangup = False
         self._hold_unread = False
         self._accept_paused = False
@@ -371,7 +374,7 @@ class Chardev:
         if self.conn is None:
             return
         self._stop_conn_io()
-        self.conn.close()
+        self._close_socket(self.conn)
         self.conn = None
         self.peer = None
         self.connected_since = None
@@ -407,17 +410,55 @@ class Chardev:
             self._schedule_reconnect()
         self._set_state(self._state_before_migration)
 
-    def section(self, move: bool) -> tuple[dict, bytes, dict[str, int]]:
-        """(meta, carried bytes, fds by role) for the migration; fds only if `move`."""
-        meta = {"state": self._state_before_migration.value, "rx-bytes": self.rx_bytes,
+    def _close_socket(self, sock: socket.socket) -> None:
+        if self.pinned is not None:
+            self.pinned.append(sock)
+        else:
+            sock.close()
+
+    def pin(self) -> None:
+        """Keep every socket this chardev closes open until unpin() (see `pinned`)."""
+        self.pinned = []
+
+    def unpin(self) -> None:
+        pinned, self.pinned = self.pinned or [], None
+        for sock in pinned:
+            sock.close()
+
+    def sockets(self) -> dict[str, socket.socket]:
+        """The sockets a migration moves, by role."""
+        found = {}
+        if self.listener is not None:
+            found["listener"] = self.listener
+        if self.conn is not None:
+            found["conn"] = self.conn
+        return found
+
+    def _settled_state(self) -> State:
+        return self._state_before_migration if self.quiesced else self.state
+
+    def fingerprint(self) -> tuple:
+        """What a section depends on, bar the carried bytes: a chardev whose
+        fingerprint is the same at the quiesce as at the precopy needs no new one."""
+        return self._settled_state(), self.rx_bytes, self.tx_bytes, self.conn, self.listener
+
+    def section(self, move: bool, precopied: dict | None = None) -> tuple[dict, bytes, dict[str, int]]:
+        """(meta, carried bytes, fds by role) for the migration; fds only if `move`.
+        A socket the target already holds from the precopy is named in meta's
+        "held" instead of sent again; any other (a connection made since) is sent."""
+        meta = {"state": self._settled_state().value, "rx-bytes": self.rx_bytes,
                 "tx-bytes": self.tx_bytes, "connected-since": self.connected_since,
                 "migrations": self.migrations, "peer": list(self.peer) if self.peer else None}
         fds = {}
         if move:
-            if self.listener is not None:
-                fds["listener"] = self.listener.fileno()
-            if self.conn is not None:
-                fds["conn"] = self.conn.fileno()
+            held = []
+            for role, sock in self.sockets().items():
+                if precopied and precopied.get(role) is sock:
+                    held.append(role)
+                else:
+                    fds[role] = sock.fileno()
+            if held:
+                meta["held"] = held
         return meta, bytes(self.outbuf) if move else b"", fds
 
     def release(self) -> None:
@@ -429,31 +470,36 @@ class Chardev:
 
     def restore(self, meta: dict, outbuf: bytes, conn: socket.socket | None,
                 listener: socket.socket | None) -> None:
-        """On the target: take over a moved chardev. Carried bytes go out first."""
+        """On the target: take over a moved chardev, from the precopy and then again
+        if its state changed before the quiesce. Carried bytes go out first. With
+        no socket left, the chardev is as registered, to be opened afresh."""
+        if conn is None and listener is None:
+            self.conn = self.listener = None
+            self.quiesced = False
+            self._close_logfile()
+            self.state = State.CLOSED
+            return
         self.rx_bytes = meta.get("rx-bytes", 0)
         self.tx_bytes = meta.get("tx-bytes", 0)
         self.migrations = meta.get("migrations", 0) + 1
         self.outbuf = bytearray(outbuf)
-        if self.spec.logfile:
+        if self.spec.logfile and self._logfile is None:
             self._open_logfile(append=True)  # the source's log goes on, never truncated
         self.quiesced = True  # nothing is read until the source has let go (resume)
-        if listener is not None:
-            listener.setblocking(False)
-            self.listener = listener
-            if self.spec.kind == "unix":
-                self._bound_inode = os.stat(self.spec.path).st_ino if os.path.exists(self.spec.path) else None
+        # The sockets are non-blocking already (target.check_fd made them so).
+        if listener is not None and listener is not self.listener and self.spec.kind == "unix":
+            self._bound_inode = os.stat(self.spec.path).st_ino if os.path.exists(self.spec.path) else None
+        self.listener = listener
+        self.conn = conn
         if conn is not None:
-            conn.setblocking(False)
-            self.conn = conn
             peer = meta.get("peer")
             self.peer = tuple(peer) if peer else peer_identity(conn)
             self.connected_since = meta.get("connected-since") or time.time()
             self.first_peer.set()
             self._state_before_migration = State.CONNECTED
-        elif listener is not None:
-            self._state_before_migration = State.LISTENING
         else:
-            self._state_before_migration = State.DISCONNECTED
+            self.peer = self.connected_since = None
+            self._state_before_migration = State.LISTENING
         self._was_reconnecting = False
         self._set_state(State.MIGRATING)
 
@@ -470,7 +516,7 @@ class Chardev:
             if self._accepting:
                 self._poller.watch(self.listener.fileno())
                 self._accepting = False
-            self.listener.close()
+            self._close_socket(self.listener)
             self.listener = None
             if unlink and self._bound_inode is not None:
                 paths.remove_own_socket(self.spec.path, self._bound_inode)

@@ -347,8 +347,7 @@ async def cmd_migrate_set_capabilities(conn, arguments):
     caps = _arg(arguments, "capabilities", list)
     _no_extra(arguments, "capabilities")
     instance = conn.instance
-    if instance.migration["status"] in ("setup", "active"):
-        raise QMPError("GenericError", "There's a migration process in progress")
+    _no_migration(instance)
     updates = {}
     for cap in caps:
         if not isinstance(cap, dict):
@@ -378,9 +377,7 @@ async def cmd_migrate(conn, arguments):
     instance = conn.instance
     if instance.run_state != "running":
         raise QMPError("GenericError", f"cannot migrate an instance in state {instance.run_state}")
-    task = instance.migration_task
-    if task is not None and not task.done():
-        raise QMPError("GenericError", "There's a migration process in progress")
+    _no_migration(instance)
     try:
         path = channel.parse_uri(uri)
     except ValueError as exc:
@@ -434,6 +431,14 @@ def _running(conn) -> None:
     if conn.instance.run_state != "running":
         raise QMPError("GenericError", f"the instance is {conn.instance.run_state}: "
                                        "its chardevs cannot change now")
+    # The source's table is the target's plan: it cannot change under a migration.
+    _no_migration(conn.instance, "; chardevs cannot be added or removed until it ends")
+
+
+def _no_migration(instance, consequence: str = "") -> None:
+    task = instance.migration_task
+    if (task is not None and not task.done()) or instance.migration["status"] in ("setup", "active"):
+        raise QMPError("GenericError", "There's a migration process in progress" + consequence)
 
 
 COMMANDS = {

@@ -110,6 +110,12 @@ def connect_unix(path: str, timeout: float = 10.0) -> socket.socket:
     return sock
 
 
+def echoes(sock: socket.socket, data: bytes = b"ping") -> bool:
+    """Whether an echo chardev at the far end of `sock` answers `data` with itself."""
+    sock.sendall(data)
+    return recv_exactly(sock, len(data)) == data
+
+
 def recv_exactly(sock: socket.socket, n: int) -> bytes:
     chunks = []
     while n:

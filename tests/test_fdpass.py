@@ -6,7 +6,8 @@ import socket
 import pytest
 
 from fdmig.fdpass import MAX_FDS_PER_MSG, FdPassError, close_fds, recv_with_fds, send_with_fds
-from fdmig.migration.wire import NEED_DATA, Accept, Hello, MigrationCodec, Role, Section, State, Table, Transfer
+from fdmig.migration.wire import (NEED_DATA, Accept, Held, Hello, MigrationCodec, Precopy, Role, Section, State, Table,
+                                  Transfer)
 
 
 @pytest.fixture
@@ -197,6 +198,10 @@ def test_codec_chunks_carry_their_fds_over_a_real_socket(pair, files):
         for chunk in target.send(Accept()):
             source.receive_data(chunk.data)
         assert source.next_event() == Accept()
+        pump(source.send(Precopy(())), 7)
+        for chunk in target.send(Held()):
+            source.receive_data(chunk.data)
+        assert source.next_event() == Held()
         transfer_chunks = source.send(Transfer(sections))
         assert len([c for c in transfer_chunks if c.fds]) > 1
         pump(transfer_chunks, 50)

@@ -21,7 +21,7 @@ from fdmig import qmp
 from fdmig.errors import FdmigError
 from fdmig.migration import wire
 from fdmig.spec import parse_spec
-from tests.helpers import (as_uid, connect_unix, connect_when_bound, read_event, recv_exactly, run, run_many, send_chunks,
+from tests.helpers import (as_uid, connect_unix, connect_when_bound, echoes, read_event, run, run_many, send_chunks,
                            send_raw, status_of)
 
 ECHO = "socket,id={label},path={path},server=on,frontend=echo,support-local-migration=on"
@@ -32,11 +32,6 @@ def limit_fds(n: int):
     """preexec_fn: start the process with RLIMIT_NOFILE n (soft and hard, so that
     the instance cannot raise it)."""
     return lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (n, n))
-
-
-def echoes(sock: socket.socket, data: bytes = b"ping") -> bool:
-    sock.sendall(data)
-    return recv_exactly(sock, len(data)) == data
 
 
 def sees_eof(sock: socket.socket) -> bool:
@@ -254,7 +249,7 @@ def test_a_wrong_kind_of_fd_is_refused_closed_and_the_target_waits_on(hostile, m
     fake, codec = hostile.connect()
     attempt, spec, fds = make(hostile.short_dir)
     hostile.accepted(fake, codec, spec)
-    send_hostile(fake, [(c.data, c.fds) for c in codec.send(wire.Transfer([wire.Section("app", {}, b"", fds)]))])
+    send_hostile(fake, [(c.data, c.fds) for c in codec.send(wire.Precopy([wire.Section("app", {}, b"", fds)]))])
     attempt.sent()
     hostile.refused(fake, codec, attempt, aborts=True)
 
@@ -262,13 +257,13 @@ def test_a_wrong_kind_of_fd_is_refused_closed_and_the_target_waits_on(hostile, m
 def more_fds_than_the_manifest_lists(attempt):
     manifest = [{"label": "app", "meta": {}, "outbuf": 0, "fds": ["conn"]}]
     fds = [connected_pair(attempt), connected_pair(attempt)]
-    return raw_frame(wire.FrameType.SECTIONS, sections_payload(manifest), nfds=2), fds
+    return raw_frame(wire.FrameType.PRECOPY, sections_payload(manifest), nfds=2), fds
 
 
 def more_fds_than_the_header_counts(attempt):
     manifest = [{"label": "app", "meta": {}, "outbuf": 0, "fds": ["conn"]}]
     fds = [connected_pair(attempt) for _ in range(3)]
-    return raw_frame(wire.FrameType.SECTIONS, sections_payload(manifest), nfds=1), fds
+    return raw_frame(wire.FrameType.PRECOPY, sections_payload(manifest), nfds=1), fds
 
 
 def fds_on_an_end_frame(attempt):
@@ -282,19 +277,19 @@ def fds_on_a_table_end_frame(attempt):
 
 def a_frame_over_max_frame(attempt):
     # Only the header and a few bytes: the target must refuse on the header alone.
-    return (raw_frame(wire.FrameType.SECTIONS, b"\0" * 64, nfds=1, length=wire.MAX_FRAME + 1),
+    return (raw_frame(wire.FrameType.PRECOPY, b"\0" * 64, nfds=1, length=wire.MAX_FRAME + 1),
             [connected_pair(attempt)])
 
 
 def a_frame_of_4_gib(attempt):
-    return raw_frame(wire.FrameType.SECTIONS, b"\0" * 64, nfds=1, length=0xFFFFFFFF), [connected_pair(attempt)]
+    return raw_frame(wire.FrameType.PRECOPY, b"\0" * 64, nfds=1, length=0xFFFFFFFF), [connected_pair(attempt)]
 
 
 FRAMING = {
-    more_fds_than_the_manifest_lists: "SECTIONS frame header claims 2 fds but its manifest lists 1",
+    more_fds_than_the_manifest_lists: "PRECOPY frame header claims 2 fds but its manifest lists 1",
     more_fds_than_the_header_counts: "2 fds arrived with no manifest entry",
-    fds_on_an_end_frame: "END frame claims 1 fds; only SECTIONS frames carry fds",
-    fds_on_a_table_end_frame: "TABLE_END frame claims 1 fds; only SECTIONS frames carry fds",
+    fds_on_an_end_frame: "END frame claims 1 fds; only PRECOPY and SECTIONS frames carry fds",
+    fds_on_a_table_end_frame: "TABLE_END frame claims 1 fds; only PRECOPY and SECTIONS frames carry fds",
     a_frame_over_max_frame: f"frame of {wire.MAX_FRAME + 1} bytes exceeds the {wire.MAX_FRAME}-byte bound",
     a_frame_of_4_gib: f"frame of {0xFFFFFFFF} bytes exceeds the {wire.MAX_FRAME}-byte bound",
 }
@@ -312,17 +307,21 @@ def test_a_frame_that_breaks_the_fd_framing_is_refused_every_fd_closed_and_the_t
 
 
 # Regression: the codec counted stray fds only when it ran out of data, so one riding
-# on END slipped through and the target acknowledged.
-def test_an_uncounted_fd_riding_on_the_end_frame_is_refused_before_the_ack(hostile):
+# on END slipped through and the target acknowledged. The same holds for HELD.
+@pytest.mark.parametrize("end", [wire.FrameType.PRECOPY_END, wire.FrameType.END], ids=lambda t: t.name)
+def test_an_uncounted_fd_riding_on_an_end_frame_is_refused_before_the_answer(hostile, end):
     fake, codec = hostile.connect()
     hostile.accepted(fake, codec, {**CLIENT, "path": f"{hostile.short_dir}/p.sock"})
+    if end is wire.FrameType.END:
+        send_chunks(fake, codec.send(wire.Precopy([])))
+        assert isinstance(read_event(fake, codec), wire.Held)
     attempt = Attempt("1 fds arrived with no manifest entry")
     payload = json.dumps({"sections": 0, "fds": 0}).encode()
-    send_hostile(fake, [(raw_frame(wire.FrameType.END, payload, nfds=0), [connected_pair(attempt)])])
+    send_hostile(fake, [(raw_frame(end, payload, nfds=0), [connected_pair(attempt)])])
     attempt.sent()
     fake.settimeout(10)
     try:
-        first = fake.recv(wire.HEADER.size, socket.MSG_PEEK)  # an ACK here is the commit
+        first = fake.recv(wire.HEADER.size, socket.MSG_PEEK)  # an ACK here would be the commit
     except ConnectionResetError:
         first = b""
     if len(first) == wire.HEADER.size:

@@ -13,7 +13,9 @@ import pytest
 
 from fdmig.demo import Peer
 from fdmig.migration import wire
-from tests.helpers import connect_unix, connect_when_bound, read_event, recv_exactly, run, send_chunks
+from fdmig import paths, qmp
+from fdmig.errors import QMPError
+from tests.helpers import connect_unix, connect_when_bound, echoes, read_event, recv_exactly, run, send_chunks
 
 ECHO = "socket,id=app,path={path},server=on,frontend=echo,support-local-migration=on"
 
@@ -238,6 +240,63 @@ def test_hung_target_times_out_and_source_rolls_back(daemons, echo_instance):
     stream_is_intact(peer)
 
 
+def stopped(daemon) -> None:
+    """Until the process has stopped itself at an FDMIG_FAULT=POINT=stop."""
+    os.waitid(os.P_PID, daemon.pid, os.WSTOPPED | os.WNOWAIT)
+
+
+def test_the_source_serves_on_while_the_target_checks_the_precopy(daemons, echo_instance, short_dir):
+    source, path = echo_instance
+    first = connect_unix(path)
+    assert echoes(first)
+    target = daemons("migrate-in", "--name", "web", ready=False,
+                     env=dict(os.environ, FDMIG_FAULT="target-after-precopy=stop"))
+    with qmp.connect(os.path.join(short_dir, "rt", "web.sock")) as client:
+        client.execute("migrate", {"uri": f"unix:{short_dir}/rt/web.migrate.sock", "x-fdmig-timeout": 60})
+        stopped(target)  # it holds every fd, checked, and has not said HELD
+        assert echoes(first, b"still the source")
+        # The table is the target's plan: it cannot change under a migration.
+        for command, arguments in (("chardev-remove", {"id": "app"}),
+                                   ("chardev-add", {"id": "x", "backend": {"type": "null", "data": {}}})):
+            with pytest.raises(QMPError, match="migration process in progress"):
+                client.execute(command, arguments)
+        # The connection the precopy carried goes; another comes, to the source.
+        first.close()
+        second = connect_unix(path)
+        assert echoes(second, b"new since the precopy")
+        os.kill(target.pid, signal.SIGCONT)
+        target.wait_ready()
+    state = status("--name", "web")
+    assert state["pid"] == target.pid and chardev(state, "app")["state"] == "connected"
+    assert echoes(second, b"moved")
+    assert source.proc.wait(10) == 0
+
+
+def test_a_connection_lost_after_the_precopy_is_opened_afresh_by_the_target(daemons, short_dir):
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(os.path.join(short_dir, "peer.sock"))
+    server.listen(4)
+    server.settimeout(10)
+    source = daemons("serve", "--name", "web", "--capability", "local-char-socket", "--chardev",
+                     f"socket,id=app,path={short_dir}/peer.sock,reconnect-ms=600000,support-local-migration=on")
+    first, _ = server.accept()
+    target = daemons("migrate-in", "--name", "web", ready=False,
+                     env=dict(os.environ, FDMIG_FAULT="target-after-precopy=stop"))
+    with qmp.connect(os.path.join(short_dir, "rt", "web.sock")) as client:
+        client.execute("migrate", {"uri": f"unix:{short_dir}/rt/web.migrate.sock", "x-fdmig-timeout": 60})
+        stopped(target)
+        first.close()  # the target holds a copy from the precopy; the source sees the loss
+        assert run("status", "--name", "web", "--wait", "app=connecting", "--timeout", "10").returncode == 0
+        os.kill(target.pid, signal.SIGCONT)
+        target.wait_ready()
+    second, _ = server.accept()  # the chardev, opened afresh, connects from the target
+    assert paths.peercred(second)[0] == target.pid
+    assert chardev(status("--name", "web"), "app")["state"] == "connected"
+    assert source.proc.wait(10) == 0
+    second.close()
+    server.close()
+
+
 def test_source_killed_right_after_the_ack_leaves_target_serving(daemons, short_dir):
     path = os.path.join(short_dir, "app.sock")
     source = daemons("serve", "--name", "web", "--capability", "local-char-socket",
@@ -293,7 +352,7 @@ def test_target_refuses_a_tcp_fd_where_the_spec_says_unix(daemons, short_dir):
     send_chunks(fake, codec.send(wire.Hello("web", os.getpid(), "0")))
     send_chunks(fake, codec.send(wire.Table({"local-char-socket": True}, [spec])))
     assert isinstance(read_event(fake, codec), wire.Accept)
-    send_chunks(fake, codec.send(wire.Transfer([wire.Section("app", {}, b"", {"conn": tcp.fileno()})])))
+    send_chunks(fake, codec.send(wire.Precopy([wire.Section("app", {}, b"", {"conn": tcp.fileno()})])))
     reply = read_event(fake, codec)
     assert isinstance(reply, wire.Abort)
     assert "AF_INET socket" in reply.reason and "unix:" in reply.reason

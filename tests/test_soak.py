@@ -91,6 +91,8 @@ def aborting_target(path: str, rounds: int, done: threading.Event) -> threading.
                             codec.receive_data(data, len(fds))
                         elif isinstance(event, wire.Table):
                             conn.sendall(b"".join(c.data for c in codec.send(wire.Accept())))
+                        elif isinstance(event, wire.Precopy):
+                            conn.sendall(b"".join(c.data for c in codec.send(wire.Held())))
                         elif isinstance(event, wire.Transfer):
                             break
                     fdpass.close_fds(received)

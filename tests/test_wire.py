@@ -22,9 +22,11 @@ from fdmig.migration.wire import (
     Chunk,
     ConnectionClosed,
     FrameType,
+    Held,
     Hello,
     LocalProtocolError,
     MigrationCodec,
+    Precopy,
     ProtocolError,
     Released,
     RemoteProtocolError,
@@ -92,20 +94,26 @@ TRANSFER = Transfer(
         Section(label="c2", meta={"nested": {"a": [1, 2.5, None]}}, outbuf=b"\xff" * 10, fds={}),
     )
 )
+# While the source still serves: the fds of its moved chardevs, with no state.
+PRECOPY = Precopy(sections=(Section(label="c0", meta={}, fds={"conn": 5, "listener": 6}),))
+
+# A whole conversation: (state both sides reach, who sends, what).
+SCRIPT = [
+    (State.HELLO, "source", HELLO),
+    (State.TABLE_DONE, "source", TABLE),
+    (State.ACCEPTED, "target", Accept()),
+    (State.PRECOPY_DONE, "source", PRECOPY),
+    (State.HELD, "target", Held()),
+    (State.TRANSFER_DONE, "source", TRANSFER),
+    (State.COMMITTED, "target", Ack()),
+    (State.RELEASED, "source", Released()),
+]
 
 
 def pair_at(state):
     """A CodecPair whose conversation has reached `state`."""
-    steps = [
-        (State.HELLO, "source", HELLO),
-        (State.TABLE_DONE, "source", TABLE),
-        (State.ACCEPTED, "target", Accept()),
-        (State.TRANSFER_DONE, "source", TRANSFER),
-        (State.COMMITTED, "target", Ack()),
-        (State.RELEASED, "source", Released()),
-    ]
     pair = CodecPair()
-    for reached, side, event in steps:
+    for reached, side, event in SCRIPT:
         if pair.source.state is state:
             break
         pair.send(getattr(pair, side), event)
@@ -136,35 +144,82 @@ def test_full_conversation_round_trips_every_event():
     assert pair.target.state is State.TABLE_DONE
     assert pair.send(pair.target, Accept({"pid": 77, "version": "0.1.0"})) == [Accept({"pid": 77, "version": "0.1.0"})]
 
+    [precopy] = pair.send(pair.source, PRECOPY)
+    assert type(precopy) is Precopy and precopy.sections[0].fds == {"conn": 0, "listener": 1}
+    assert pair.send(pair.target, Held()) == [Held()]
+
     [transfer] = pair.send(pair.source, TRANSFER)
+    assert type(transfer) is Transfer
     assert [s.label for s in transfer.sections] == ["c0", "c1", "c2"]
     for sent, got in zip(TRANSFER.sections, transfer.sections):
         assert (got.label, got.meta, got.outbuf) == (sent.label, sent.meta, sent.outbuf)
-        # Decoded fds are indices into what the target received, and name the
-        # source's fds, role by role.
+        # Decoded fds are indices into what the target received on this channel,
+        # PRECOPY's first, and name the source's fds, role by role.
         assert pair.fds_of(Role.TARGET, got) == dict(sent.fds)
-    assert transfer.sections[0].fds == {"conn": 0, "listener": 1}
-    assert transfer.sections[1].fds == {"listener": 2}
-    assert pair.received_fds[Role.TARGET] == [7, 8, 9]
+    assert transfer.sections[0].fds == {"conn": 2, "listener": 3}
+    assert transfer.sections[1].fds == {"listener": 4}
+    assert pair.received_fds[Role.TARGET] == [5, 6, 7, 8, 9]
 
     assert pair.send(pair.target, Ack()) == [Ack()]
     assert pair.source.state is pair.target.state is State.COMMITTED
     assert pair.send(pair.source, Released({"downtime-ms": 1.5})) == [Released({"downtime-ms": 1.5})]
     assert pair.source.state is pair.target.state is State.RELEASED
-    assert pair.target.fds_received == pair.target.fds_claimed == 3
+    assert pair.target.fds_received == pair.target.fds_claimed == 5
 
     pair.target.receive_data(b"")
     assert pair.target.next_event() == ConnectionClosed()
     assert pair.target.next_event() == ConnectionClosed()
 
 
-def test_fds_travel_only_with_the_chunk_that_starts_their_frame():
-    pair = pair_at(State.ACCEPTED)
-    chunks = pair.source.send(TRANSFER)
+@pytest.mark.parametrize("state, event", [(State.ACCEPTED, Precopy(TRANSFER.sections)), (State.HELD, TRANSFER)])
+def test_fds_travel_only_with_the_chunk_that_starts_their_frame(state, event):
+    pair = pair_at(state)
+    chunks = pair.source.send(event)
     assert [c.fds for c in chunks] == [(7, 8, 9), ()]
     for chunk in chunks:
         magic, _version, ftype, length, nfds = HEADER.unpack_from(chunk.data)
         assert magic == MAGIC and nfds == len(chunk.fds) and length == len(chunk.data) - HEADER.size
+
+
+def test_sections_sent_in_parts_arrive_as_one_event_counted_whole():
+    pair = pair_at(State.ACCEPTED)
+    parts = [(Section("a", {}, b"", {"conn": 3}),), (), (Section("b", {"x": 1}, b"", {"conn": 4, "listener": 5}),)]
+    assert pair.send(pair.source, Precopy(parts[0], more=True)) == []
+    assert pair.send(pair.source, Precopy(parts[1], more=True)) == []
+    with pytest.raises(LocalProtocolError):  # a bad part changes nothing, the counts included
+        pair.source.send(Precopy((Section("bad", {}, b"", {"conn": -1}),), more=True))
+    [precopy] = pair.send(pair.source, Precopy(parts[2]))
+    assert [(s.label, s.meta) for s in precopy.sections] == [("a", {}), ("b", {"x": 1})]
+    assert [pair.fds_of(Role.TARGET, s) for s in precopy.sections] == [{"conn": 3}, {"conn": 4, "listener": 5}]
+    assert pair.target.state is State.PRECOPY_DONE
+    assert json.loads(pair.chunks[-1].data[HEADER.size:]) == {"sections": 2, "fds": 3}
+    # The counts start afresh for the state.
+    pair.send(pair.target, Held())
+    assert pair.send(pair.source, Transfer((Section("a", {}),))) == [Transfer((Section("a", {}),))]
+    assert json.loads(pair.chunks[-1].data[HEADER.size:]) == {"sections": 1, "fds": 0}
+
+
+def test_the_state_waits_until_the_target_holds_the_precopied_fds():
+    pair = pair_at(State.PRECOPY_DONE)
+    with pytest.raises(LocalProtocolError, match="cannot send SECTIONS in state PRECOPY_DONE"):
+        pair.source.send(TRANSFER)
+    pair.target.receive_data(frame(FrameType.END, {"sections": 0, "fds": 0}))
+    with pytest.raises(RemoteProtocolError, match="END not allowed in state PRECOPY_DONE"):
+        pair.target.next_event()
+
+
+def test_only_the_target_says_held():
+    pair = pair_at(State.PRECOPY_DONE)
+    pair.target.receive_data(frame(FrameType.HELD))
+    with pytest.raises(RemoteProtocolError, match="a source never sends HELD"):
+        pair.target.next_event()
+
+
+def test_a_second_precopy_after_held_is_a_protocol_error():
+    pair = pair_at(State.HELD)
+    pair.target.receive_data(frame(FrameType.PRECOPY_END, {"sections": 0, "fds": 0}))
+    with pytest.raises(RemoteProtocolError, match="PRECOPY_END not allowed in state HELD"):
+        pair.target.next_event()
 
 
 def test_empty_table_and_empty_transfer_round_trip():
@@ -172,6 +227,8 @@ def test_empty_table_and_empty_transfer_round_trip():
     empty_table = Table(capabilities={}, chardevs=())
     assert pair.send(pair.source, empty_table) == [empty_table]
     pair.send(pair.target, Accept())
+    assert pair.send(pair.source, Precopy(sections=())) == [Precopy(sections=())]
+    pair.send(pair.target, Held())
     assert pair.send(pair.source, Transfer(sections=())) == [Transfer(sections=())]
     assert pair.target.state is State.TRANSFER_DONE
 
@@ -182,7 +239,8 @@ def test_lists_given_to_events_become_tuples():
 
 
 def test_ten_thousand_sections_with_two_fds_each_split_into_bounded_frames():
-    pair = pair_at(State.ACCEPTED)
+    pair = pair_at(State.HELD)
+    base = pair.target.fds_received
     sections = tuple(
         Section(label=f"chardev-{i}", meta={"index": i, "connected": True}, outbuf=b"x" * (i % 50),
                 fds={"conn": 10_000 + 2 * i, "listener": 10_001 + 2 * i})
@@ -200,7 +258,7 @@ def test_ten_thousand_sections_with_two_fds_each_split_into_bounded_frames():
     assert elapsed < 0.5, f"decoding took {elapsed:.2f}s"
 
     assert len(transfer.sections) == 10_000
-    assert pair.target.fds_claimed == pair.target.fds_received == 20_000
+    assert pair.target.fds_claimed == pair.target.fds_received == base + 20_000
     for sent, got in zip(sections, transfer.sections):
         assert (got.label, got.meta, got.outbuf) == (sent.label, sent.meta, sent.outbuf)
         assert pair.fds_of(Role.TARGET, got) == sent.fds
@@ -211,6 +269,8 @@ def test_outbufs_fill_frames_up_to_the_byte_bound():
     pair.send(pair.source, HELLO)
     pair.send(pair.source, Table({}, ()))
     pair.send(pair.target, Accept())
+    pair.send(pair.source, Precopy(()))
+    pair.send(pair.target, Held())
     sections = tuple(Section(f"s{i}", {}, bytes([i]) * 1000) for i in range(20))
     chunks = pair.source.send(Transfer(sections))
     assert len(chunks) > 5
@@ -239,9 +299,7 @@ def test_ten_thousand_chardev_table_splits_into_frames_and_arrives_as_one_event(
 def test_byte_at_a_time_feeding_gives_the_same_events():
     whole = CodecPair()
     trickle = CodecPair()
-    script = [("source", HELLO), ("source", TABLE), ("target", Accept()), ("source", TRANSFER),
-              ("target", Ack()), ("source", Released())]
-    for side, event in script:
+    for _, side, event in SCRIPT:
         expected = whole.send(getattr(whole, side), event)
         sender = getattr(trickle, side)
         receiver = trickle.peer(sender)
@@ -256,7 +314,7 @@ def test_byte_at_a_time_feeding_gives_the_same_events():
 
 
 def test_fds_reported_after_their_first_byte_are_accepted_until_the_frame_completes():
-    pair = pair_at(State.ACCEPTED)
+    pair = pair_at(State.HELD)
     [sections_chunk, end_chunk] = pair.source.send(TRANSFER)
     data = sections_chunk.data
     pair.target.receive_data(data[:10])
@@ -266,7 +324,7 @@ def test_fds_reported_after_their_first_byte_are_accepted_until_the_frame_comple
     pair.target.receive_data(data[-1:], 3)
     pair.target.receive_data(end_chunk.data)
     [transfer] = drain(pair.target)
-    assert [s.fds for s in transfer.sections] == [{"conn": 0, "listener": 1}, {"listener": 2}, {}]
+    assert [s.fds for s in transfer.sections] == [{"conn": 2, "listener": 3}, {"listener": 4}, {}]
 
 
 def test_fds_for_the_next_frame_may_arrive_in_a_read_that_ends_the_previous_one():
@@ -276,6 +334,8 @@ def test_fds_for_the_next_frame_may_arrive_in_a_read_that_ends_the_previous_one(
     pair.send(pair.source, HELLO)
     pair.send(pair.source, Table({}, ()))
     pair.send(pair.target, Accept())
+    pair.send(pair.source, Precopy(()))
+    pair.send(pair.target, Held())
     sections = tuple(Section(f"s{i}", {}, b"", {"conn": 100 + i}) for i in range(6))
     first, second, *rest = pair.source.send(Transfer(sections))
     assert len(first.fds) > 1 and len(second.fds) > 1
@@ -287,7 +347,7 @@ def test_fds_for_the_next_frame_may_arrive_in_a_read_that_ends_the_previous_one(
     for chunk in rest:
         pair.target.receive_data(chunk.data, len(chunk.fds))
     [transfer] = drain(pair.target)
-    assert [s.fds for s in transfer.sections] == [{"conn": i} for i in range(6)]
+    assert [s.fds for s in transfer.sections] == [{"conn": i} for i in range(6)]  # PRECOPY brought none
 
 
 # ---------------------------------------------------------------------------
@@ -340,13 +400,13 @@ def test_an_abort_from_the_source_after_released_is_a_protocol_error():
 
 def test_frames_in_flight_when_we_abort_are_dropped_and_the_peers_abort_passed_on():
     pair = pair_at(State.ACCEPTED)
-    # Both give up at once: the source had already sent its transfer.
-    in_flight = pair.source.send(TRANSFER)
+    in_flight_precopy = pair.source.send(PRECOPY)
+    # Both give up at once: the source had already sent its precopy.
     source_abort = pair.source.send(Abort("source gave up"))
     assert pair.send(pair.target, Abort("target gave up")) == [Abort("target gave up")]
-    assert pair.deliver(pair.source, in_flight + source_abort) == [Abort("source gave up")]
+    assert pair.deliver(pair.source, in_flight_precopy + source_abort) == [Abort("source gave up")]
     assert pair.target.state is State.FAILED
-    assert pair.target.fds_claimed == pair.target.fds_received == 3
+    assert pair.target.fds_claimed == pair.target.fds_received == 2
     # After the peer's own ABORT nothing more may come.
     pair.target.receive_data(frame(FrameType.TABLE, {"chardevs": []}))
     with pytest.raises(RemoteProtocolError, match="TABLE not allowed in state FAILED"):
@@ -461,14 +521,14 @@ def test_malformed_tables_are_local_protocol_errors(table):
     ],
 )
 def test_sections_that_cannot_be_sent_are_local_protocol_errors(section):
-    pair = pair_at(State.ACCEPTED)
+    pair = pair_at(State.HELD)
     with pytest.raises(LocalProtocolError):
         pair.source.send(Transfer((Section("ok", {}, b"", {"conn": 3}), section)))
-    assert pair.source.state is State.ACCEPTED
+    assert pair.source.state is State.HELD
 
 
 def test_a_section_with_exactly_the_fd_bound_fits_one_frame():
-    pair = pair_at(State.ACCEPTED)
+    pair = pair_at(State.HELD)
     fds = {f"fd{i}": 100 + i for i in range(MAX_FDS_PER_FRAME)}
     chunks = pair.source.send(Transfer((Section("one", {}, b"", {"a": 1}), Section("many", {}, b"", fds))))
     assert [len(c.fds) for c in chunks] == [1, MAX_FDS_PER_FRAME, 0]
@@ -528,12 +588,12 @@ def test_the_frame_bound_is_configurable():
 
 
 def test_too_many_fds_in_one_frame_is_rejected():
-    pair = pair_at(State.ACCEPTED)
+    pair = pair_at(State.HELD)
     fail_with(pair.target, HEADER.pack(MAGIC, VERSION, FrameType.SECTIONS, 10, 254), "254 fds; the bound is 253")
 
 
 def test_fds_on_a_frame_that_carries_none_are_rejected():
-    fail_with(MigrationCodec(Role.TARGET), frame(FrameType.HELLO, nfds=1), "only SECTIONS frames carry fds", nfds=1)
+    fail_with(MigrationCodec(Role.TARGET), frame(FrameType.HELLO, nfds=1), "only PRECOPY and SECTIONS frames carry fds", nfds=1)
 
 
 def test_a_frame_out_of_turn_is_rejected():
@@ -621,14 +681,14 @@ def test_table_end_must_count_what_arrived():
 
 
 def test_a_frame_claiming_more_fds_than_arrived_is_rejected():
-    pair = pair_at(State.ACCEPTED)
+    pair = pair_at(State.HELD)
     manifest = [{"label": "a", "meta": {}, "outbuf": 0, "fds": ["x", "y", "z"]}]
     fail_with(pair.target, frame(FrameType.SECTIONS, sections_payload(manifest), nfds=3),
               "SECTIONS frame claims 3 fds but 1 arrived", nfds=1)
 
 
 def test_fds_nobody_claims_are_rejected_once_the_buffer_is_consumed():
-    pair = pair_at(State.ACCEPTED)
+    pair = pair_at(State.HELD)
     manifest = [{"label": "a", "meta": {}, "outbuf": 0, "fds": ["x"]}]
     fail_with(pair.target, frame(FrameType.SECTIONS, sections_payload(manifest), nfds=1),
               "2 fds arrived with no manifest entry", nfds=3)
@@ -668,16 +728,17 @@ def test_fds_with_eof_are_rejected():
         (sections_payload({"a": 1}), 0, "the manifest must be a list"),
         (struct.pack("!I", 100) + b"[]", 0, "manifest of 100 bytes overruns its 6-byte frame"),
         (b"\x00\x00", 0, "has no manifest length"),
-        (struct.pack("!I", 1) + b"[", 0, "bad JSON in SECTIONS frame"),
+        (struct.pack("!I", 1) + b"[", 0, "bad JSON in"),
     ],
 )
-def test_malformed_sections_are_rejected(payload, nfds, match):
-    pair = pair_at(State.ACCEPTED)
-    fail_with(pair.target, frame(FrameType.SECTIONS, payload, nfds=nfds), match, nfds=nfds)
+@pytest.mark.parametrize("state, ftype", [(State.ACCEPTED, FrameType.PRECOPY), (State.HELD, FrameType.SECTIONS)])
+def test_malformed_sections_are_rejected(payload, nfds, match, state, ftype):
+    pair = pair_at(state)
+    fail_with(pair.target, frame(ftype, payload, nfds=nfds), match, nfds=nfds)
 
 
 def test_end_must_count_what_arrived():
-    pair = pair_at(State.ACCEPTED)
+    pair = pair_at(State.HELD)
     manifest = [{"label": "a", "meta": {}, "outbuf": 0, "fds": ["x"]}]
     data = frame(FrameType.SECTIONS, sections_payload(manifest), nfds=1)
     data += frame(FrameType.END, {"sections": 1, "fds": 2})
@@ -726,6 +787,8 @@ def _answer(codec):
     """Play the target's part so that fuzzed input can reach the later states."""
     if codec.state is State.TABLE_DONE:
         codec.send(Accept())
+    elif codec.state is State.PRECOPY_DONE:
+        codec.send(Held())
     elif codec.state is State.TRANSFER_DONE:
         codec.send(Ack())
 
@@ -747,8 +810,7 @@ def _valid_source_bytes():
     """Everything a source sends in a whole conversation."""
     pair = CodecPair()
     data = b""
-    for side, event in [("source", HELLO), ("source", TABLE), ("target", Accept()), ("source", TRANSFER),
-                        ("target", Ack()), ("source", Released())]:
+    for _, side, event in SCRIPT:
         pair.send(getattr(pair, side), event)
         if side == "source":
             data += b"".join(chunk.data for chunk in pair.chunks)
@@ -788,7 +850,7 @@ def test_garbage_after_a_valid_prefix_yields_events_or_remote_protocol_errors(cu
 def test_a_corrupted_byte_yields_events_or_remote_protocol_errors(position, value, extra_fds):
     data = bytearray(VALID_SOURCE_BYTES)
     data[position] = value
-    _feed_expecting_only_remote_errors(MigrationCodec(Role.TARGET), [(bytes(data), 3 + extra_fds)])
+    _feed_expecting_only_remote_errors(MigrationCodec(Role.TARGET), [(bytes(data), 5 + extra_fds)])
 
 
 json_values = st.recursive(
@@ -821,6 +883,11 @@ def test_random_tables_and_sections_round_trip(max_frame, capabilities, chardev_
     table = Table(capabilities=capabilities, chardevs=tuple(chardev_list))
     assert pair.send(pair.source, table) == [table]
     pair.send(pair.target, Accept())
+    [precopy] = pair.send(pair.source, Precopy(tuple(section_list)))
+    assert precopy == Precopy(tuple(Section(s.label, s.meta, s.outbuf, dict(zip(s.fds, range(n, n + len(s.fds)))))
+                                    for s, n in zip(section_list, _starts(section_list))))
+    pair.send(pair.target, Held())
+    base = pair.target.fds_received
     [transfer] = pair.send(pair.source, Transfer(tuple(section_list)))
     assert all(len(c.data) - HEADER.size <= max_frame for c in pair.chunks)
     assert len(transfer.sections) == len(section_list)
@@ -828,4 +895,13 @@ def test_random_tables_and_sections_round_trip(max_frame, capabilities, chardev_
         assert (got.label, got.meta, got.outbuf) == (sent.label, sent.meta, sent.outbuf)
         assert pair.fds_of(Role.TARGET, got) == sent.fds
         assert list(got.fds) == list(sent.fds)  # role order survives
-    assert pair.target.fds_claimed == pair.target.fds_received == sum(len(s.fds) for s in section_list)
+    assert pair.target.fds_claimed == pair.target.fds_received == base + sum(len(s.fds) for s in section_list)
+
+
+def _starts(sections):
+    """The index of each section's first fd among those received."""
+    starts, n = [], 0
+    for section in sections:
+        starts.append(n)
+        n += len(section.fds)
+    return starts

@@ -1,6 +1,10 @@
 """The source side of a migration (QMP `migrate`), step by step as DESIGN's
-"Migration channel" lists them. Before the target's ACK any failure rolls back:
-every chardev resumes as if nothing happened. After it, nothing rolls back."""
+"Migration channel" lists them, with a precopy before the quiesce, as QEMU sends
+RAM before it stops the guest: the moved chardevs' fds and state go out while we
+still serve, and the target checks them meanwhile. Inside the downtime only the
+chardevs that changed since (bytes moved, a new connection) are sent again, with
+the fds of connections made since. Before the target's ACK any failure rolls
+back: every chardev resumes as if nothing happened. After it, nothing rolls back."""
 
 import asyncio
 import gc
@@ -53,6 +57,8 @@ async def migrate(instance, path: str, timeout: float | None) -> None:
                                    [table_entry(c, live) for c in instance.chardevs.values()]), deadline)
         faults.point("source-after-table")
         target_info = dict((await expect(chan, wire.Accept, "accepting the table", deadline)).info)
+        precopied = await _precopy(instance, chan, live, deadline)
+        await expect(chan, wire.Held, "holding the precopy", deadline)
         setup_ms = (time.monotonic() - started) * 1000
         instance.set_migration("active", setup_ms=round(setup_ms, 3))
 
@@ -69,10 +75,16 @@ async def migrate(instance, path: str, timeout: float | None) -> None:
         sections = []
         moved = 0
         for chardev in instance.chardevs.values():
-            move = live and chardev.spec.support_local_migration
-            meta, outbuf, fds = chardev.section(move)
-            moved += bool(fds)
-            sections.append(wire.Section(chardev.label, meta, outbuf, fds))
+            if not (live and chardev.spec.support_local_migration):
+                continue  # the target opens it afresh
+            fingerprint, sockets = precopied.get(chardev.label, (None, None))
+            if fingerprint == chardev.fingerprint() and not chardev.outbuf:
+                moved += 1  # the target has it all from the precopy
+                continue
+            meta, outbuf, fds = chardev.section(True, sockets)
+            if fds or sockets:
+                moved += bool(fds or meta.get("held"))
+                sections.append(wire.Section(chardev.label, meta, outbuf, fds))
         await chan.send(wire.Transfer(sections), deadline)
         faults.point("source-after-transfer")
         await expect(chan, wire.Ack, "acknowledging", deadline)
@@ -100,6 +112,38 @@ async def migrate(instance, path: str, timeout: float | None) -> None:
         raise
     faults.point("source-after-ack")
     await _hand_over(instance, chan, started, quiesce_at, moved, target_info, quiesced)
+
+
+async def _precopy(instance, chan, live: bool, deadline) -> dict:
+    """Send the moved chardevs' fds and state while every chardev still serves,
+    a frame's worth at a time with the loop running in between, so no peer
+    waits on the encoding of thousands. Returns, by label, the fingerprint and
+    sockets sent. Each chardev keeps the sockets it closes meanwhile open until
+    the end (Chardev.pin): a number in a frame not yet sent must not come to
+    name another socket."""
+    precopied, batch, pinned = {}, [], []
+    fds_in_batch = 0
+    try:
+        for chardev in list(instance.chardevs.values()):
+            sockets = chardev.sockets()
+            if not (live and chardev.spec.support_local_migration and sockets):
+                continue
+            chardev.pin()
+            pinned.append(chardev)
+            precopied[chardev.label] = chardev.fingerprint(), sockets
+            meta, _, fds = chardev.section(True)  # bytes to carry go at the quiesce
+            batch.append(wire.Section(chardev.label, meta, b"", fds))
+            fds_in_batch += len(fds)
+            if fds_in_batch >= wire.MAX_FDS_PER_FRAME - 1:
+                await chan.send(wire.Precopy(batch, more=True), deadline)
+                batch, fds_in_batch = [], 0
+                await asyncio.sleep(0)  # the chardevs' turn
+        await chan.send(wire.Precopy(batch), deadline)
+    finally:
+        for chardev in pinned:
+            chardev.unpin()
+    faults.point("source-after-precopy")
+    return precopied
 
 
 async def expect(chan, kind, step: str, deadline):

@@ -1,6 +1,7 @@
 """The target side of a migration (`migrate-in`): wait on the channel, check the
 source's table against our own `local-incoming` chardevs, check every fd received
-against its spec, acknowledge (the commit point), take over.
+against its spec (those of the precopy while the source still serves), take the
+state of what changed since, acknowledge (the commit point), take over.
 
 A source that is malformed, foreign or mismatched is refused with a log line and
 the target goes on waiting for the next one."""
@@ -21,6 +22,11 @@ from fdmig.migration import channel, wire
 
 log = logging.getLogger("fdmig")
 SESSION_TIMEOUT = 30.0  # a source that stalls longer than this is dropped
+
+
+def _show(value) -> str:
+    # Peer data in a log line: short, and never the repr of a deep structure.
+    return repr(value) if isinstance(value, str) and len(value) <= 40 else type(value).__name__
 
 
 class Refused(Exception):
@@ -72,9 +78,9 @@ def make_plan(own: list, table: wire.Table) -> Plan:
 
 
 def check_fd(fd: int, role: str, spec, label: str) -> socket.socket:
-    """Take ownership of `fd` (closed if refused). A received fd must be a stream
-    socket of the family the spec says, listening or connected as its role says,
-    at the spec's address."""
+    """Take ownership of `fd` (closed if refused) as a non-blocking socket. A
+    received fd must be a stream socket of the family the spec says, listening or
+    connected as its role says, at the spec's address."""
     try:
         sock = socket.socket(fileno=fd)
     except OSError as exc:
@@ -108,6 +114,7 @@ def check_fd(fd: int, role: str, spec, label: str) -> socket.socket:
     except OSError as exc:
         sock.close()
         raise Refused(f"chardev {label}: cannot inspect the {role} fd: {exc.strerror}") from None
+    sock.setblocking(False)
     return sock
 
 
@@ -162,24 +169,61 @@ async def session(instance, sock: socket.socket, own: list, info: dict) -> Recei
         chardevs = stage(instance, plan)
         gc.disable()  # no collection pause inside the downtime; on again at the resume
         await chan.send(wire.Accept(info), deadline)
-        sections = {}
+        sections = {}  # label -> the latest wire.Section
         fresh = {m.id for m in own if not m.local_incoming}  # we open these afresh
 
-        def take(batch):
-            # Check each fd as its frame arrives, while the source still encodes the rest.
+        def check(label: str, spec, fds, into: dict) -> None:
+            # Into a dict the failure path closes, as each fd passes.
+            for role, index in fds.items():
+                into[role] = check_fd(chan.take(index), role, spec, label)
+
+        def hold(batch):
+            # The precopy: each fd is checked and its chardev restored (not read) as
+            # its frame arrives, while the source still serves and encodes the rest.
             for section in batch:
                 spec = plan.specs.get(section.label)
                 if spec is None or section.label in sections:
-                    raise Refused(f"chardev {section.label}: a section for a chardev not in the table, "
-                                  "or twice")
-                sections[section.label] = section
-                if section.label in fresh or not section.fds:
+                    raise Refused(f"chardev {section.label}: a precopy for a chardev not in the table, or twice")
+                if section.label in fresh:
                     continue
+                sections[section.label] = section
                 by_role = sockets[section.label] = {}
-                for role, index in section.fds.items():
-                    by_role[role] = check_fd(chan.take(index), role, spec, section.label)
+                check(section.label, spec, section.fds, by_role)
+                chardevs[section.label].restore(section.meta, b"", by_role.get("conn"), by_role.get("listener"))
+            faults.point("target-after-batch")
+
+        precopy = await chan.next_event(deadline, progress=lambda: hold(chan.codec.take_sections()))
+        if not isinstance(precopy, wire.Precopy):
+            raise Refused("the source closed the channel before sending its precopy")
+        hold(precopy.sections)
+        faults.point("target-after-precopy")
+        await chan.send(wire.Held(), deadline)
+        changed = set()
+
+        def take(batch):
+            # The chardevs that changed since the precopy, quiesced: their state, the
+            # fds we hold that they keep, and the fds of connections made since.
+            for section in batch:
+                spec = plan.specs.get(section.label)
+                if spec is None or section.label in changed:
+                    raise Refused(f"chardev {section.label}: a section for a chardev not in the table, or twice")
+                changed.add(section.label)
+                if section.label in fresh:
+                    continue
+                sections[section.label] = section
+                by_role = sockets.setdefault(section.label, {})
+                keep = section.meta.get("held", [])
+                for role in keep if isinstance(keep, list) else [None]:
+                    if type(role) is not str or role not in by_role or role in section.fds:
+                        raise Refused(f"chardev {section.label}: the section names a held fd {_show(role)}, "
+                                      f"but the precopy brought {sorted(by_role) or 'none'} for it")
+                for role in [r for r in by_role if r not in keep]:
+                    by_role.pop(role).close()  # gone on the source since the precopy
+                check(section.label, spec, section.fds, by_role)
                 chardevs[section.label].restore(section.meta, section.outbuf, by_role.get("conn"),
                                                 by_role.get("listener"))
+                if not by_role:
+                    del sockets[section.label]  # nothing moves: opened afresh, as unmarked ones
             faults.point("target-after-batch")
 
         transfer = await chan.next_event(deadline, progress=lambda: take(chan.codec.take_sections()))

@@ -18,22 +18,29 @@ The conversation, source on the left:
 
     HELLO, TABLE..., TABLE_END  ->
                                 <-  ACCEPT
-    SECTIONS..., END            ->
+    PRECOPY..., PRECOPY_END     ->            (the source still serves)
+                                <-  HELD
+    SECTIONS..., END            ->            (the source has quiesced)
                                 <-  ACK       (the commit point, once the source reads it)
     RELEASED                    ->
                                 <-  TAKEN     (sent before the target reads anything)
 
-and ABORT from either side at any point before the commit. TAKEN tells the source
+and ABORT from either side at any point before the commit. PRECOPY carries the
+fds of the moved chardevs (dups, with no state) while the source still serves:
+the target checks them and says HELD, and only then does the source quiesce, so
+the fd checks stay out of the downtime. SECTIONS then carries each chardev's state,
+and fds only for the connections that changed since PRECOPY. TAKEN tells the source
 that the target lives and owns the connections: a target that dies after the
 commit but before TAKEN has read nothing, so the source may still resume them. Both codecs (the
 source's and the target's) track this same conversation state, applying our own
 sends and the peer's frames; every allowed step is in TRANSITIONS, and the one
 frame that may cross another in flight in CROSSED_TRANSITIONS.
 
-Fds travel with SECTIONS frames only: the frame's first byte carries them (one
-sendmsg per Chunk), so on the receiving side they show up in the read that
-delivers that byte. The decoder counts them into a pool and each SECTIONS frame,
-once complete, claims its share in order of arrival.
+Fds travel with PRECOPY and SECTIONS frames only (both have the same payload):
+the frame's first byte carries them (one sendmsg per Chunk), so on the receiving
+side they show up in the read that delivers that byte. The decoder counts them
+into a pool and each such frame, once complete, claims its share in order of
+arrival.
 """
 
 import enum
@@ -77,6 +84,9 @@ class FrameType(enum.IntEnum):
     RELEASED = 8
     ABORT = 9
     TAKEN = 10
+    PRECOPY = 11
+    PRECOPY_END = 12
+    HELD = 13
 
 
 class Role(enum.Enum):
@@ -90,6 +100,9 @@ class State(enum.Enum):
     TABLE = "TABLE"  # at least one TABLE frame, more may follow
     TABLE_DONE = "TABLE_DONE"  # TABLE_END seen: the target must now accept or abort
     ACCEPTED = "ACCEPTED"
+    PRECOPY = "PRECOPY"  # at least one PRECOPY frame, more may follow
+    PRECOPY_DONE = "PRECOPY_DONE"  # PRECOPY_END seen: the target must now say HELD or abort
+    HELD = "HELD"
     TRANSFER = "TRANSFER"  # at least one SECTIONS frame, more may follow
     TRANSFER_DONE = "TRANSFER_DONE"  # END seen: the target must now ack or abort
     COMMITTED = "COMMITTED"
@@ -114,9 +127,14 @@ TRANSITIONS: dict[tuple[State, Role, FrameType], State] = {
     (State.TABLE, _S, FrameType.TABLE): State.TABLE,
     (State.TABLE, _S, FrameType.TABLE_END): State.TABLE_DONE,
     (State.TABLE_DONE, _T, FrameType.ACCEPT): State.ACCEPTED,
-    (State.ACCEPTED, _S, FrameType.SECTIONS): State.TRANSFER,
+    (State.ACCEPTED, _S, FrameType.PRECOPY): State.PRECOPY,
+    (State.PRECOPY, _S, FrameType.PRECOPY): State.PRECOPY,
+    (State.ACCEPTED, _S, FrameType.PRECOPY_END): State.PRECOPY_DONE,
+    (State.PRECOPY, _S, FrameType.PRECOPY_END): State.PRECOPY_DONE,
+    (State.PRECOPY_DONE, _T, FrameType.HELD): State.HELD,
+    (State.HELD, _S, FrameType.SECTIONS): State.TRANSFER,
     (State.TRANSFER, _S, FrameType.SECTIONS): State.TRANSFER,
-    (State.ACCEPTED, _S, FrameType.END): State.TRANSFER_DONE,
+    (State.HELD, _S, FrameType.END): State.TRANSFER_DONE,
     (State.TRANSFER, _S, FrameType.END): State.TRANSFER_DONE,
     (State.TRANSFER_DONE, _T, FrameType.ACK): State.COMMITTED,
     (State.COMMITTED, _S, FrameType.RELEASED): State.RELEASED,
@@ -194,13 +212,33 @@ class Section:
 
 
 @dataclass(frozen=True)
-class Transfer:
-    """SOURCE: the state of every chardev, with its fds."""
+class _Sections:
+    """Sections, sent in as many events as the sender likes: with `more` the codec
+    sends only their frames, and the last event (`more` false) sends the rest and
+    the end frame, which counts them all. Received, it is one event at the end."""
 
     sections: tuple[Section, ...]
+    more: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "sections", tuple(self.sections))
+
+
+@dataclass(frozen=True)
+class Precopy(_Sections):
+    """SOURCE, still serving: the fds of the moved chardevs, with no state, for the
+    target to check and hold (never read) before the source quiesces."""
+
+
+@dataclass(frozen=True)
+class Transfer(_Sections):
+    """SOURCE, quiesced: the state of every chardev, with the fds PRECOPY did not
+    carry (connections made or changed since)."""
+
+
+@dataclass(frozen=True)
+class Held:
+    """TARGET: every PRECOPY fd is checked and held; the source may quiesce."""
 
 
 @dataclass(frozen=True)
@@ -234,7 +272,7 @@ class ConnectionClosed:
     """The peer closed the channel (receive_data(b"")) between frames."""
 
 
-Event = Union[Hello, Table, Accept, Transfer, Ack, Released, Taken, Abort, ConnectionClosed]
+Event = Union[Hello, Table, Accept, Precopy, Held, Transfer, Ack, Released, Taken, Abort, ConnectionClosed]
 
 
 @dataclass(frozen=True)
@@ -243,6 +281,11 @@ class Chunk:
 
     data: bytes
     fds: tuple[int, ...] = ()
+
+
+_FD_FRAMES = (FrameType.PRECOPY, FrameType.SECTIONS)
+_EMPTY_FRAMES = {Held: FrameType.HELD, Ack: FrameType.ACK, Taken: FrameType.TAKEN}
+_EMPTY_EVENTS = {ftype: kind for kind, ftype in _EMPTY_FRAMES.items()}
 
 
 # ---------------------------------------------------------------------------
@@ -356,6 +399,8 @@ class MigrationCodec:
         self._sections: list = []
         self._sections_taken = 0  # handed out early by take_sections()
         self._transfer_fds = 0
+        # (sections, fds) sent so far by events with `more`, for the end frame's counts.
+        self._sent = self._sending = (0, 0)
 
     @property
     def state(self) -> State:
@@ -383,6 +428,8 @@ class MigrationCodec:
                 )
             state = new_state
         self._state = state
+        if isinstance(event, _Sections):
+            self._sent = self._sending
         if isinstance(event, Abort):
             self._abort_sent = True
         return [Chunk(_header(ftype, payload, len(fds)) + payload, fds) for ftype, payload, fds in frames]
@@ -393,8 +440,10 @@ class MigrationCodec:
                 frames = [(FrameType.HELLO, self._encode_hello(event), ())]
             elif isinstance(event, Table):
                 frames = self._encode_table(event)
+            elif isinstance(event, Precopy):
+                frames = self._encode_transfer(event, FrameType.PRECOPY, FrameType.PRECOPY_END)
             elif isinstance(event, Transfer):
-                frames = self._encode_transfer(event)
+                frames = self._encode_transfer(event, FrameType.SECTIONS, FrameType.END)
             elif isinstance(event, Abort):
                 if not isinstance(event.reason, str):
                     raise LocalProtocolError("Abort.reason must be a string")
@@ -404,10 +453,8 @@ class MigrationCodec:
                     raise LocalProtocolError(f"{type(event).__name__}.info must be a mapping")
                 ftype = FrameType.ACCEPT if isinstance(event, Accept) else FrameType.RELEASED
                 frames = [(ftype, _dumps({"info": dict(event.info)}), ())]
-            elif isinstance(event, Ack):
-                frames = [(FrameType.ACK, b"{}", ())]
-            elif isinstance(event, Taken):
-                frames = [(FrameType.TAKEN, b"{}", ())]
+            elif isinstance(event, (Held, Ack, Taken)):
+                frames = [(_EMPTY_FRAMES[type(event)], b"{}", ())]
             else:
                 raise LocalProtocolError(f"cannot send {event!r}")
         except (TypeError, ValueError) as exc:
@@ -458,10 +505,11 @@ class MigrationCodec:
         frames.append((FrameType.TABLE_END, _dumps({"chardevs": len(table.chardevs)}), ()))
         return frames
 
-    def _encode_transfer(self, transfer: Transfer) -> list:
-        """SECTIONS frames of at most MAX_FDS_PER_FRAME fds and max_frame bytes, then
-        END. Each frame's manifest is encoded in one json call: with thousands of
-        sections, per-section encoding was most of a migration's downtime."""
+    def _encode_transfer(self, transfer: _Sections, ftype: FrameType, end: FrameType) -> list:
+        """`ftype` (SECTIONS or PRECOPY) frames of at most MAX_FDS_PER_FRAME fds and
+        max_frame bytes, then `end` unless more are to come. Each frame's manifest
+        is encoded in one json call: with thousands of sections, per-section
+        encoding was most of a migration's downtime."""
         frames: list = []
         group: list = []
         group_fds = group_bytes = total_fds = 0
@@ -472,18 +520,23 @@ class MigrationCodec:
             row = ({"label": section.label, "meta": meta, "outbuf": len(section.outbuf), "fds": roles},
                    section.outbuf, section_fds)
             if group and (group_fds + len(section_fds) > MAX_FDS_PER_FRAME or group_bytes + len(section.outbuf) > budget):
-                self._pack_sections(group, frames)
+                self._pack_sections(group, frames, ftype)
                 group, group_fds, group_bytes = [], 0, 0
             group.append(row)
             group_fds += len(section_fds)
             group_bytes += len(section.outbuf)
             total_fds += len(section_fds)
         if group:
-            self._pack_sections(group, frames)
-        frames.append((FrameType.END, _dumps({"sections": len(transfer.sections), "fds": total_fds}), ()))
+            self._pack_sections(group, frames, ftype)
+        sections, fds = self._sent[0] + len(transfer.sections), self._sent[1] + total_fds
+        if transfer.more:
+            self._sending = (sections, fds)  # committed by send() once the frames are allowed
+        else:
+            self._sending = (0, 0)
+            frames.append((end, _dumps({"sections": sections, "fds": fds}), ()))
         return frames
 
-    def _pack_sections(self, rows: list, frames: list) -> None:
+    def _pack_sections(self, rows: list, frames: list, ftype: FrameType) -> None:
         """One frame for `rows`, or two halves (recursively) if it would be too big."""
         try:
             manifest = _dumps([entry for entry, _, _ in rows])
@@ -494,15 +547,15 @@ class MigrationCodec:
         if payload_size > self.max_frame or len(fds) > MAX_FDS_PER_FRAME:
             if len(rows) == 1:
                 raise LocalProtocolError(
-                    f"section {rows[0][0]['label']!r} needs a SECTIONS frame of {payload_size} bytes and "
+                    f"section {rows[0][0]['label']!r} needs a {ftype.name} frame of {payload_size} bytes and "
                     f"{len(fds)} fds; the bounds are {self.max_frame} bytes and {MAX_FDS_PER_FRAME} fds"
                 )
             half = len(rows) // 2
-            self._pack_sections(rows[:half], frames)
-            self._pack_sections(rows[half:], frames)
+            self._pack_sections(rows[:half], frames, ftype)
+            self._pack_sections(rows[half:], frames, ftype)
             return
         payload = _MANIFEST_LEN.pack(len(manifest)) + manifest + b"".join(outbuf for _, outbuf, _ in rows)
-        frames.append((FrameType.SECTIONS, payload, tuple(fds)))
+        frames.append((ftype, payload, tuple(fds)))
 
     @staticmethod
     def _check_section(section: Any) -> tuple[list[str], list[int]]:
@@ -603,10 +656,11 @@ class MigrationCodec:
         # before we buffer it.
         if length > self.max_frame:
             raise RemoteProtocolError(f"frame of {length} bytes exceeds the {self.max_frame}-byte bound")
-        if nfds and ftype is not FrameType.SECTIONS:
-            raise RemoteProtocolError(f"{ftype.name} frame claims {nfds} fds; only SECTIONS frames carry fds")
+        if nfds and ftype not in _FD_FRAMES:
+            raise RemoteProtocolError(f"{ftype.name} frame claims {nfds} fds; only PRECOPY and SECTIONS "
+                                      "frames carry fds")
         if nfds > MAX_FDS_PER_FRAME:
-            raise RemoteProtocolError(f"SECTIONS frame claims {nfds} fds; the bound is {MAX_FDS_PER_FRAME}")
+            raise RemoteProtocolError(f"{ftype.name} frame claims {nfds} fds; the bound is {MAX_FDS_PER_FRAME}")
         if not self._late_frames_expected():
             self._peer_transition(ftype)
         end = HEADER.size + length
@@ -654,18 +708,15 @@ class MigrationCodec:
             event = self._decode_table(payload)
         elif ftype is FrameType.TABLE_END:
             event = self._decode_table_end(payload)
-        elif ftype is FrameType.SECTIONS:
-            event = self._decode_sections(payload, nfds, first_fd)
-        elif ftype is FrameType.END:
-            event = self._decode_end(payload)
+        elif ftype in _FD_FRAMES:
+            event = self._decode_sections(ftype, payload, nfds, first_fd)
+        elif ftype in (FrameType.END, FrameType.PRECOPY_END):
+            event = self._decode_end(ftype, payload)
         elif ftype is FrameType.ABORT:
             event = self._decode_abort(payload)
-        elif ftype is FrameType.ACK:
+        elif ftype in _EMPTY_EVENTS:
             _object(ftype, payload)  # nothing in it yet, but it must be well-formed
-            event = Ack()
-        elif ftype is FrameType.TAKEN:
-            _object(ftype, payload)
-            event = Taken()
+            event = _EMPTY_EVENTS[ftype]()
         else:
             event = self._decode_info(ftype, payload)
         # Only a frame that decoded cleanly takes its fds and moves the state.
@@ -720,18 +771,18 @@ class MigrationCodec:
         self._capabilities, self._chardevs = None, []
         return table
 
-    def _decode_sections(self, payload: bytes, nfds: int, first_fd: int) -> None:
+    def _decode_sections(self, ftype: FrameType, payload: bytes, nfds: int, first_fd: int) -> None:
         if len(payload) < _MANIFEST_LEN.size:
-            raise RemoteProtocolError(f"SECTIONS frame of {len(payload)} bytes has no manifest length")
+            raise RemoteProtocolError(f"{ftype.name} frame of {len(payload)} bytes has no manifest length")
         (manifest_len,) = _MANIFEST_LEN.unpack_from(payload)
         start = _MANIFEST_LEN.size + manifest_len
         if start > len(payload):
             raise RemoteProtocolError(
-                f"SECTIONS manifest of {manifest_len} bytes overruns its {len(payload)}-byte frame"
+                f"{ftype.name} manifest of {manifest_len} bytes overruns its {len(payload)}-byte frame"
             )
-        manifest = _loads(FrameType.SECTIONS, payload[_MANIFEST_LEN.size : start])
+        manifest = _loads(ftype, payload[_MANIFEST_LEN.size : start])
         if not isinstance(manifest, list):
-            raise RemoteProtocolError("SECTIONS frame: the manifest must be a list")
+            raise RemoteProtocolError(f"{ftype.name} frame: the manifest must be a list")
         offset, fd_index = start, first_fd
         sections = []
         for entry in manifest:
@@ -741,20 +792,20 @@ class MigrationCodec:
                 label, meta, size, roles = entry["label"], entry["meta"], entry["outbuf"], entry["fds"]
             else:
                 if not isinstance(entry, dict):
-                    raise RemoteProtocolError("SECTIONS frame: a manifest entry must be an object")
-                where = "SECTIONS manifest entry"
+                    raise RemoteProtocolError(f"{ftype.name} frame: a manifest entry must be an object")
+                where = f"{ftype.name} manifest entry"
                 label = _field(entry, "label", str, where, RemoteProtocolError)
-                where = f"SECTIONS manifest entry {_show(label)}"
+                where = f"{ftype.name} manifest entry {_show(label)}"
                 meta = _field(entry, "meta", dict, where, RemoteProtocolError)
                 size = _field(entry, "outbuf", int, where, RemoteProtocolError)
                 roles = _field(entry, "fds", list, where, RemoteProtocolError)
             if size < 0 or offset + size > len(payload):
-                raise RemoteProtocolError(f"SECTIONS manifest entry {_show(label)}: outbuf of {size} bytes "
+                raise RemoteProtocolError(f"{ftype.name} manifest entry {_show(label)}: outbuf of {size} bytes "
                                           "overruns the frame")
             fds = {}
             for role in roles:
                 if type(role) is not str or not role or role in fds:
-                    where = f"SECTIONS manifest entry {_show(label)}"
+                    where = f"{ftype.name} manifest entry {_show(label)}"
                     if not isinstance(role, str) or not role:
                         raise RemoteProtocolError(f"{where}: fd role {_show(role)} must be a non-empty string")
                     raise RemoteProtocolError(f"{where}: fd role {_show(role)} listed twice")
@@ -763,19 +814,20 @@ class MigrationCodec:
             sections.append(Section(label=label, meta=meta, outbuf=payload[offset : offset + size], fds=fds))
             offset += size
         if offset != len(payload):
-            raise RemoteProtocolError(f"SECTIONS frame: {len(payload) - offset} bytes after the last outbuf")
+            raise RemoteProtocolError(f"{ftype.name} frame: {len(payload) - offset} bytes after the last outbuf")
         if fd_index - first_fd != nfds:
             raise RemoteProtocolError(
-                f"SECTIONS frame header claims {nfds} fds but its manifest lists {fd_index - first_fd}"
+                f"{ftype.name} frame header claims {nfds} fds but its manifest lists {fd_index - first_fd}"
             )
         self._sections.extend(sections)
         self._transfer_fds += nfds
         return None
 
-    def _decode_end(self, payload: bytes) -> Transfer:
-        obj = _object(FrameType.END, payload)
-        count = _field(obj, "sections", int, "END frame", RemoteProtocolError)
-        nfds = _field(obj, "fds", int, "END frame", RemoteProtocolError)
+    def _decode_end(self, ftype: FrameType, payload: bytes) -> Precopy | Transfer:
+        obj = _object(ftype, payload)
+        where = f"{ftype.name} frame"
+        count = _field(obj, "sections", int, where, RemoteProtocolError)
+        nfds = _field(obj, "fds", int, where, RemoteProtocolError)
         stray = self.fds_received - self.fds_claimed
         if stray:
             # Checked here, not only once the buffer runs dry: the target acknowledges
@@ -784,10 +836,11 @@ class MigrationCodec:
         arrived = len(self._sections) + self._sections_taken
         if count != arrived or nfds != self._transfer_fds:
             raise RemoteProtocolError(
-                f"END counts {count} sections and {nfds} fds but "
+                f"{ftype.name} counts {count} sections and {nfds} fds but "
                 f"{arrived} and {self._transfer_fds} arrived"
             )
-        transfer = Transfer(sections=tuple(self._sections))
+        kind = Precopy if ftype is FrameType.PRECOPY_END else Transfer
+        transfer = kind(sections=tuple(self._sections))
         self._sections, self._transfer_fds, self._sections_taken = [], 0, 0
         return transfer
 

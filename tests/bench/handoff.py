@@ -181,10 +181,8 @@ def measure_handoff(n: int, repeats: int, workdir: str) -> dict:
                 # Over QMP from here, with the target already waiting: the window in
                 # which the probes time their pause holds the handoff and nothing else.
                 _wait_path(channel)
-                done = probes.window()
-                downtime = _migrate_over_qmp(control, channel, target.pid)
-                probes.wait_answers(2)
-                result["pause"].append(done())
+                downtime, pause = _migrate_over_qmp(control, channel, target.pid, probes)
+                result["pause"].append(pause)
                 result["downtime"].append(downtime)
         status = subprocess.run(FDMIG + ["status", "--name", "bench", "--json"], env=env,
                                 capture_output=True, text=True, timeout=60)
@@ -213,11 +211,14 @@ def _wait_path(path: str, timeout: float = 30.0) -> None:
         time.sleep(0.005)  # the target binds its channel as it starts
 
 
-def _migrate_over_qmp(control: str, channel: str, target_pid: int) -> float:
-    """Migrate, wait until the target answers on the control path; its downtime (s)."""
+def _migrate_over_qmp(control: str, channel: str, target_pid: int, probes: Probes) -> tuple[float, float]:
+    """Migrate, wait until the target answers on the control path. The target's
+    downtime and the probes' longest pause (s), timed around the migration alone:
+    a status query of thousands of chardevs is a pause of its own."""
     from fdmig import migrate_client, qmp
     with qmp.connect(control) as client:
         source_pid = client.execute("x-fdmig-status")["pid"]
+        done = probes.window()
         client.execute("migrate", {"uri": f"unix:{channel}", "x-fdmig-timeout": 60})
         while True:
             status = client.wait_event({"MIGRATION"}, time.monotonic() + 60)["data"]["status"]
@@ -225,9 +226,11 @@ def _migrate_over_qmp(control: str, channel: str, target_pid: int) -> float:
                 break
     if status != "completed":
         raise RuntimeError(f"migration {status}")
+    probes.wait_answers(2)  # served by the target
+    pause = done()
     state = migrate_client.wait_target(control, source_pid, time.monotonic() + 30)
     assert state["pid"] == target_pid
-    return state["migration"]["downtime-ms"] / 1000
+    return state["migration"]["downtime-ms"] / 1000, pause
 
 
 def measure_reconnect(repeats: int, workdir: str) -> list[float]:

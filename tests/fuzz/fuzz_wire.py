@@ -58,9 +58,11 @@ from fdmig.migration.wire import (  # noqa: E402 (the module is loaded above)
     Accept,
     Ack,
     ConnectionClosed,
+    Held,
     Hello,
     LocalProtocolError,
     MigrationCodec,
+    Precopy,
     Released,
     RemoteProtocolError,
     Role,
@@ -94,6 +96,7 @@ TRANSFER = Transfer(sections=(
     Section(label="c1", meta={}, outbuf=b"", fds={"listener": 9}),
     Section(label="c2", meta={"nested": {"a": [1, 2.5, None]}}, outbuf=b"\xff" * 5),
 ))
+PRECOPY = Precopy(sections=(Section(label="c0", meta={}, fds={"conn": 5, "listener": 6}),))
 ACCEPT = Accept({"pid": 77, "version": "0.1.0"})
 RELEASED = Released({"downtime-ms": 1.5})
 MAX_FRAMES = (wire.MAX_FRAME, 1024, 128)
@@ -121,7 +124,8 @@ def _run(script, sender_frame=wire.MAX_FRAME):
 
 def _prefixes():
     S, T = Role.SOURCE, Role.TARGET
-    full = [(S, HELLO), (S, TABLE), (T, ACCEPT), (S, TRANSFER), (T, Ack()), (S, RELEASED), (T, Taken())]
+    full = [(S, HELLO), (S, TABLE), (T, ACCEPT), (S, PRECOPY), (T, Held()), (S, TRANSFER), (T, Ack()),
+            (S, RELEASED), (T, Taken())]
 
     def upto(n, script=full, **kw):
         return _run(script[:n], **kw)
@@ -131,18 +135,22 @@ def _prefixes():
     to_target = [
         upto(1)[S],  # HELLO
         upto(2)[S],  # HELLO TABLE TABLE_END: the harness accepts
-        upto(4)[S],  # ... SECTIONS END: the harness acks
-        upto(6)[S],  # ... RELEASED: the harness sends TAKEN
+        upto(4)[S],  # ... PRECOPY PRECOPY_END: the harness says HELD
+        upto(6)[S],  # ... SECTIONS END: the harness acks
+        upto(8)[S],  # ... RELEASED: the harness sends TAKEN
         _run([(S, HELLO), (S, BIG_TABLE)], sender_frame=128)[S],  # a TABLE cut into frames
         _run([(S, HELLO), (S, TABLE), (S, Abort("source gave up"))])[S],
-        _run([(S, HELLO), (S, TABLE), (T, ACCEPT), (S, TRANSFER), (S, Abort("timed out"))])[S],
+        _run([(S, HELLO), (S, TABLE), (T, ACCEPT), (S, PRECOPY), (T, Held()), (S, TRANSFER),
+              (S, Abort("timed out"))])[S],
     ]
     to_source = [
-        upto(3)[T],  # ACCEPT: the harness sends the transfer
-        upto(5)[T],  # ACCEPT ACK: the harness sends RELEASED
-        upto(7)[T],  # ACCEPT ACK TAKEN
+        upto(3)[T],  # ACCEPT: the harness sends the precopy
+        upto(5)[T],  # ACCEPT HELD: the harness sends the transfer
+        upto(7)[T],  # ACCEPT HELD ACK: the harness sends RELEASED
+        upto(9)[T],  # ACCEPT HELD ACK TAKEN
         _run([(S, HELLO), (S, TABLE), (T, Abort("target refuses"))])[T],
-        _run([(S, HELLO), (S, TABLE), (T, ACCEPT), (S, TRANSFER), (T, Abort("no room"))])[T],
+        _run([(S, HELLO), (S, TABLE), (T, ACCEPT), (S, PRECOPY), (T, Held()), (S, TRANSFER),
+              (T, Abort("no room"))])[T],
     ]
     return {Role.TARGET: to_target, Role.SOURCE: to_source}
 
@@ -169,7 +177,7 @@ def _check_sections(codec: MigrationCodec, sections) -> None:
         raise Bug(f"{codec.fds_claimed} fds claimed but {codec.fds_received} received")
 
 
-_EVENTS = (wire.Hello, wire.Table, Accept, Transfer, Ack, Released, Taken, Abort, ConnectionClosed)
+_EVENTS = (wire.Hello, wire.Table, Accept, Precopy, Held, Transfer, Ack, Released, Taken, Abort, ConnectionClosed)
 
 
 def _drain(codec: MigrationCodec) -> bool:
@@ -180,7 +188,7 @@ def _drain(codec: MigrationCodec) -> bool:
             return True
         if not isinstance(event, _EVENTS):
             raise Bug(f"next_event() returned {event!r}")
-        if isinstance(event, Transfer):
+        if isinstance(event, (Precopy, Transfer)):
             _check_sections(codec, event.sections)
         if isinstance(event, ConnectionClosed):
             return False
@@ -190,9 +198,10 @@ def _our_turn(fdp, codec: MigrationCodec) -> None:
     """Reply as the real side would, abort, or wait: the fuzzer picks. A reply the
     protocol allows must be accepted."""
     if codec.role is Role.TARGET:
-        reply = {State.TABLE_DONE: ACCEPT, State.TRANSFER_DONE: Ack(), State.RELEASED: Taken()}
+        reply = {State.TABLE_DONE: ACCEPT, State.PRECOPY_DONE: Held(), State.TRANSFER_DONE: Ack(),
+                 State.RELEASED: Taken()}
     else:
-        reply = {State.ACCEPTED: TRANSFER, State.COMMITTED: RELEASED}
+        reply = {State.ACCEPTED: PRECOPY, State.HELD: TRANSFER, State.COMMITTED: RELEASED}
     event = reply.get(codec.state)
     if event is None:
         return
@@ -438,7 +447,8 @@ def seeds():
         run(rec)
         out.append((name, rec.encode(), rec.trace))
 
-    full = _run([(S, HELLO), (S, TABLE), (T, ACCEPT), (S, TRANSFER), (T, Ack()), (S, RELEASED), (T, Taken())])
+    full = _run([(S, HELLO), (S, TABLE), (T, ACCEPT), (S, PRECOPY), (T, Held()), (S, TRANSFER), (T, Ack()),
+                 (S, RELEASED), (T, Taken())])
     # Whole conversations as the fuzzer's own bytes, so that mutations reach every
     # frame: one read per frame, byte by byte, and with op 10 (the harness writes
     # the headers, so mutating a payload keeps its framing).
@@ -453,15 +463,16 @@ def seeds():
     for role, name in ((0, "target"), (1, "source")):
         for index in range(1, len(PREFIXES[(T, S)[role]]) + 1):
             seed(f"{name}-prefix{index}", role=role, prefix=index, eof=1)
-    seed("target-prefix4-reads-of-7", role=0, prefix=4, prefix_read=7)
-    seed("source-prefix3-reads-of-7", role=1, prefix=3, prefix_read=7)
+    seed("target-prefix5-reads-of-7", role=0, prefix=5, prefix_read=7)
+    seed("source-prefix4-reads-of-7", role=1, prefix=4, prefix_read=7)
     # Frames that cross: we abort while the peer's frames are in flight.
     seed("source-abort-crosses-accept", role=1, prefix=1, prefix_ops=[8], eof=1)
-    seed("source-abort-crosses-ack", role=1, prefix=2, prefix_read=16, prefix_ops=[0, 0, 0, 0, 8], eof=1)
-    seed("target-abort-then-late-transfer", role=0, prefix=3, reply=2, eof=1)
+    seed("source-abort-crosses-held", role=1, prefix=2, prefix_read=16, prefix_ops=[0, 0, 0, 0, 8], eof=1)
+    seed("source-abort-crosses-ack", role=1, prefix=3, prefix_read=16, prefix_ops=[0, 0, 0, 0, 0, 0, 8], eof=1)
+    seed("target-abort-then-late-transfer", role=0, prefix=4, reply=2, eof=1)
     seed("target-stray-fds", role=0, prefix=1, prefix_ops=[5], fds=[1])
     # Frames that are well-formed but wrong, with op 10, after prefix 0 (none),
-    # 1 (HELLO), 2 (... TABLE_END) or 3 (... END).
+    # 1 (HELLO), 2 (... TABLE_END), 3 (... PRECOPY_END) or 4 (... END).
     tab = F.TABLE
     framed = {
         "hello-name-int": (0, [(F.HELLO, b'{"name":1,"pid":1,"version":"1"}', 0)]),
@@ -472,21 +483,26 @@ def seeds():
         "table-end-miscount": (1, [(tab, b'{"capabilities":{"x":true},"chardevs":[{"id":"a"}]}', 0),
                                    (tab, b'{"chardevs":[{"id":"b","z":[null]}]}', 0),
                                    (F.TABLE_END, b'{"chardevs":3}', 0)]),
-        "sections-manifest-object": (2, [(F.SECTIONS, _manifest(b"{}"), 0)]),
-        "sections-entry-not-object": (2, [(F.SECTIONS, _manifest(b"[1]"), 0)]),
-        "sections-role-empty": (2, [(F.SECTIONS, _manifest(b'[{"label":"a","meta":{},"outbuf":0,"fds":[""]}]'), 1)]),
-        "sections-role-twice": (2, [(F.SECTIONS, _manifest(b'[{"label":"a","meta":{},"outbuf":0,"fds":["c","c"]}]'),
+        "sections-manifest-object": (3, [(F.SECTIONS, _manifest(b"{}"), 0)]),
+        "sections-entry-not-object": (3, [(F.SECTIONS, _manifest(b"[1]"), 0)]),
+        "sections-role-empty": (3, [(F.SECTIONS, _manifest(b'[{"label":"a","meta":{},"outbuf":0,"fds":[""]}]'), 1)]),
+        "sections-role-twice": (3, [(F.SECTIONS, _manifest(b'[{"label":"a","meta":{},"outbuf":0,"fds":["c","c"]}]'),
                                      2)]),
-        "sections-outbuf-overruns": (2, [(F.SECTIONS, _manifest(b'[{"label":"a","meta":{},"outbuf":9,"fds":[]}]',
+        "sections-outbuf-overruns": (3, [(F.SECTIONS, _manifest(b'[{"label":"a","meta":{},"outbuf":9,"fds":[]}]',
                                                                 b"xyz"), 0)]),
-        "sections-manifest-overruns": (2, [(F.SECTIONS, b"\x00\x00\x01\x00[]", 0)]),
-        "sections-two-frames": (2, [(F.SECTIONS, _manifest(b'[{"label":"a","meta":{},"outbuf":1,"fds":["c"]},'
+        "sections-manifest-overruns": (3, [(F.SECTIONS, b"\x00\x00\x01\x00[]", 0)]),
+        "sections-two-frames": (3, [(F.SECTIONS, _manifest(b'[{"label":"a","meta":{},"outbuf":1,"fds":["c"]},'
                                                           b'{"label":"b","meta":{},"outbuf":2,"fds":["c","d"]}]',
                                                           b"xyz"), 3),
                                     (F.SECTIONS, _manifest(b'[{"label":"c","meta":{"q":1},"outbuf":0,"fds":["c"]}]'), 1),
                                     (F.END, b'{"sections":3,"fds":4}', 0)]),
-        "end-miscount": (2, [(F.SECTIONS, _manifest(b"[]"), 0), (F.END, b'{"sections":1,"fds":0}', 0)]),
-        "released-info-list": (3, [(F.RELEASED, b'{"info":[]}', 0)]),
+        "end-miscount": (3, [(F.SECTIONS, _manifest(b"[]"), 0), (F.END, b'{"sections":1,"fds":0}', 0)]),
+        "precopy-role-twice": (2, [(F.PRECOPY, _manifest(b'[{"label":"a","meta":{},"outbuf":0,"fds":["c","c"]}]'),
+                                    2)]),
+        "precopy-end-miscount": (2, [(F.PRECOPY, _manifest(b'[{"label":"a","meta":{},"outbuf":0,"fds":["c"]}]'), 1),
+                                     (F.PRECOPY_END, b'{"sections":1,"fds":2}', 0)]),
+        "sections-before-held": (2, [(F.SECTIONS, _manifest(b"[]"), 0)]),
+        "released-info-list": (4, [(F.RELEASED, b'{"info":[]}', 0)]),
     }
     for name, (prefix, frames) in framed.items():
         seed(f"target-framed-{name}", role=0, prefix=prefix, eof=1, **_framed(frames))
