@@ -384,6 +384,12 @@ class Chardev:
             self._poller.watch(self.conn.fileno())
             self._reading = self._writing = self._hangup = False
 
+    def _stop_io(self) -> None:
+        self._stop_conn_io()
+        if self._accepting:
+            self._poller.watch(self.listener.fileno())
+            self._accepting = False
+
     def _set_state(self, state: State) -> None:
         self.state = state
         self.update_io()
@@ -461,6 +467,25 @@ class Chardev:
                 meta["held"] = held
         return meta, bytes(self.outbuf) if move else b"", fds
 
+    def prime(self) -> None:
+        """On the target, before the commit: register with the poller what resume()
+        will want, so that resuming thousands is a flag each. The poller is paused:
+        nothing is read until then."""
+        self.quiesced = False
+        self.update_io()
+        self.quiesced = True
+
+    def unprime(self) -> None:
+        """Undo prime() before the sockets change or close: a registration left
+        behind would outlive our fd while the source still holds the socket."""
+        self._stop_io()
+
+    def discard(self) -> None:
+        """A chardev staged by a migration that failed: unprimed, its log closed.
+        Its sockets are the migration's to close."""
+        self.unprime()
+        self._close_logfile()
+
     def release(self) -> None:
         """After the commit: close our copies. No shutdown(), which would end the
         connection for the target too, and no unlink: the path is the target's now."""
@@ -513,9 +538,7 @@ class Chardev:
             self._reconnect_task = None
         self._drop_conn()
         if self.listener is not None:
-            if self._accepting:
-                self._poller.watch(self.listener.fileno())
-                self._accepting = False
+            self._stop_io()
             self._close_socket(self.listener)
             self.listener = None
             if unlink and self._bound_inode is not None:

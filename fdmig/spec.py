@@ -6,6 +6,7 @@ every validation rule lives in one place.
 """
 
 import dataclasses
+import functools
 import re
 
 from fdmig.errors import SpecError
@@ -67,6 +68,12 @@ class ChardevSpec:
 
     def to_dict(self) -> dict:
         """The SPEC as kebab-case keys with only what differs from the defaults."""
+        return dict(self._dict)
+
+    # Computed once: a status or a migration table of thousands of chardevs is
+    # built inside the loop that serves them. The spec never changes.
+    @functools.cached_property
+    def _dict(self) -> dict:
         out = {}
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
@@ -77,8 +84,12 @@ class ChardevSpec:
         return out
 
     def to_spec_string(self) -> str:
+        return self._spec_string
+
+    @functools.cached_property
+    def _spec_string(self) -> str:
         parts = ["socket"]
-        for key, value in self.to_dict().items():
+        for key, value in self._dict.items():
             if isinstance(value, bool):
                 value = "on" if value else "off"
             parts.append(f"{key}={str(value).replace(',', ',,')}")  # QEMU's escape for ','

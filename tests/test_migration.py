@@ -101,6 +101,22 @@ def test_status_after_migration_shows_new_pid_and_counters(echo_instance):
     os.kill(target_pid, signal.SIGTERM)
 
 
+def test_a_moved_chardev_logs_on_into_the_same_logfile(daemons, short_dir, last_instance):
+    path, logfile = os.path.join(short_dir, "app.sock"), os.path.join(short_dir, "app.log")
+    daemons("serve", "--name", "web", "--capability", "local-char-socket",
+            "--chardev", ECHO.format(path=path) + f",logfile={logfile}")
+    sock = connect_unix(path)
+    assert echoes(sock, b"before;")
+    result = run("migrate-out", "--name", "web", "--spawn", "--json")
+    assert result.returncode == 0, result.stderr
+    assert echoes(sock, b"after;")
+    result = run("migrate-out", "--name", "web", "--spawn", "--json")  # and back, the log still one
+    assert result.returncode == 0, result.stderr
+    assert echoes(sock, b"again;")
+    with open(logfile, "rb") as f:
+        assert f.read() == b"before;after;again;"
+
+
 def test_migrate_in_and_out_as_two_commands(daemons, echo_instance):
     source, path = echo_instance
     sock = connect_unix(path)

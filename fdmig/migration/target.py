@@ -166,6 +166,7 @@ async def session(instance, sock: socket.socket, own: list, info: dict) -> Recei
         # Build the chardevs before accepting: the source still serves meanwhile,
         # so this work stays out of the downtime.
         instance.migrating = True
+        instance.poller.pause()  # until the takeover: a restored chardev is watched, never read
         chardevs = stage(instance, plan)
         gc.disable()  # no collection pause inside the downtime; on again at the resume
         await chan.send(wire.Accept(info), deadline)
@@ -189,7 +190,9 @@ async def session(instance, sock: socket.socket, own: list, info: dict) -> Recei
                 sections[section.label] = section
                 by_role = sockets[section.label] = {}
                 check(section.label, spec, section.fds, by_role)
-                chardevs[section.label].restore(section.meta, b"", by_role.get("conn"), by_role.get("listener"))
+                chardev = chardevs[section.label]
+                chardev.restore(section.meta, b"", by_role.get("conn"), by_role.get("listener"))
+                chardev.prime()
             faults.point("target-after-batch")
 
         precopy = await chan.next_event(deadline, progress=lambda: hold(chan.codec.take_sections()))
@@ -217,12 +220,15 @@ async def session(instance, sock: socket.socket, own: list, info: dict) -> Recei
                     if type(role) is not str or role not in by_role or role in section.fds:
                         raise Refused(f"chardev {section.label}: the section names a held fd {_show(role)}, "
                                       f"but the precopy brought {sorted(by_role) or 'none'} for it")
+                chardev = chardevs[section.label]
+                chardev.unprime()
                 for role in [r for r in by_role if r not in keep]:
                     by_role.pop(role).close()  # gone on the source since the precopy
                 check(section.label, spec, section.fds, by_role)
-                chardevs[section.label].restore(section.meta, section.outbuf, by_role.get("conn"),
-                                                by_role.get("listener"))
-                if not by_role:
+                chardev.restore(section.meta, section.outbuf, by_role.get("conn"), by_role.get("listener"))
+                if by_role:
+                    chardev.prime()
+                else:
                     del sockets[section.label]  # nothing moves: opened afresh, as unmarked ones
             faults.point("target-after-batch")
 
@@ -256,10 +262,13 @@ async def session(instance, sock: socket.socket, own: list, info: dict) -> Recei
         faults.point("target-after-released")
         return Received(hello, plan, sections, sockets, released, chan)
     except BaseException as exc:
+        for chardev in instance.chardevs.values():
+            chardev.discard()  # staged, never opened
         for by_role in sockets.values():
             for s in by_role.values():
                 s.close()
-        instance.chardevs.clear()  # staged, never opened
+        instance.chardevs.clear()
+        instance.poller.resume()
         instance.migrating = False
         gc.enable()
         if isinstance(exc, (Refused, wire.RemoteProtocolError)):

@@ -284,6 +284,7 @@ class Chunk:
 
 
 _FD_FRAMES = (FrameType.PRECOPY, FrameType.SECTIONS)
+_TABLE_SLICE = 512  # chardevs per json call when encoding a TABLE
 _EMPTY_FRAMES = {Held: FrameType.HELD, Ack: FrameType.ACK, Taken: FrameType.TAKEN}
 _EMPTY_EVENTS = {ftype: kind for kind, ftype in _EMPTY_FRAMES.items()}
 
@@ -477,33 +478,42 @@ class MigrationCodec:
 
     def _encode_table(self, table: Table) -> list:
         capabilities = _check_capabilities(table.capabilities, LocalProtocolError)
-        # The first frame carries the capabilities; then as many chardevs per frame
-        # as fit. The JSON is assembled from separately encoded chardevs so each
-        # frame's size is known before it is built.
-        first = b'{"capabilities":' + _dumps(capabilities) + b',"chardevs":['
-        rest = b'{"chardevs":['
-        tail = b"]}"
-        frames = []
-        prefix, batch, size = first, [], len(first) + len(tail)
-        for index, chardev in enumerate(table.chardevs):
+        chardevs = list(table.chardevs)
+        for index, chardev in enumerate(chardevs):
             _check_chardev(index, chardev, LocalProtocolError)
-            try:
-                item = _dumps(dict(chardev))
-            except (TypeError, ValueError) as exc:
-                raise LocalProtocolError(f"chardev {chardev['id']!r}: {exc}") from None
-            if size + len(item) + bool(batch) > self.max_frame and (batch or prefix is first):
-                frames.append((FrameType.TABLE, prefix + b",".join(batch) + tail, ()))
-                prefix, batch, size = rest, [], len(rest) + len(tail)
-            if size + len(item) > self.max_frame:
+        # The first frame carries the capabilities, then as many chardevs per frame
+        # as fit. One json call per frame, not per chardev: a table of thousands is
+        # encoded inside the loop that serves them.
+        frames: list = []
+        first = b'{"capabilities":' + _dumps(capabilities) + b',"chardevs":'
+        for start in range(0, max(len(chardevs), 1), _TABLE_SLICE):
+            self._pack_table(chardevs[start : start + _TABLE_SLICE], frames, first if start == 0 else None)
+        frames.append((FrameType.TABLE_END, _dumps({"chardevs": len(chardevs)}), ()))
+        return frames
+
+    def _pack_table(self, chardevs: list, frames: list, first: bytes | None) -> None:
+        """One TABLE frame for `chardevs`, or two halves (recursively) if too big."""
+        try:
+            body = _dumps([dict(chardev) for chardev in chardevs])
+        except (TypeError, ValueError):
+            for chardev in chardevs:  # name the one that cannot be encoded
+                try:
+                    _dumps(dict(chardev))
+                except (TypeError, ValueError) as exc:
+                    raise LocalProtocolError(f"chardev {chardev['id']!r}: {exc}") from None
+            raise
+        payload = (first or b'{"chardevs":') + body + b"}"
+        if len(payload) > self.max_frame:
+            if len(chardevs) <= 1:
                 raise LocalProtocolError(
-                    f"chardev {chardev['id']!r} needs a TABLE frame of {size + len(item)} bytes; "
+                    f"chardev {chardevs[0]['id']!r} needs a TABLE frame of {len(payload)} bytes; "
                     f"the bound is {self.max_frame}"
                 )
-            size += len(item) + bool(batch)
-            batch.append(item)
-        frames.append((FrameType.TABLE, prefix + b",".join(batch) + tail, ()))
-        frames.append((FrameType.TABLE_END, _dumps({"chardevs": len(table.chardevs)}), ()))
-        return frames
+            half = len(chardevs) // 2
+            self._pack_table(chardevs[:half], frames, first)
+            self._pack_table(chardevs[half:], frames, None)
+            return
+        frames.append((FrameType.TABLE, payload, ()))
 
     def _encode_transfer(self, transfer: _Sections, ftype: FrameType, end: FrameType) -> list:
         """`ftype` (SECTIONS or PRECOPY) frames of at most MAX_FDS_PER_FRAME fds and

@@ -28,8 +28,9 @@ def ratio(a, b) -> str:
     return f"{a / b:.1f}x" if a is not None and b else "-"
 
 
-def run(sizes, repeats, bridge_bytes, startup_repeats, workdir) -> dict:
-    results = {"machine": machine(), "handoff": [], "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+def run(sizes, busy_sizes, repeats, bridge_bytes, startup_repeats, workdir) -> dict:
+    results = {"machine": machine(), "handoff": [], "busy": [],
+               "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     for n in sizes:
         print(f"handoff n={n} ...", file=sys.stderr, flush=True)
         reps = repeats if n < 1000 else max(3, repeats // 2)
@@ -43,6 +44,15 @@ def run(sizes, repeats, bridge_bytes, startup_repeats, workdir) -> dict:
             row["s6-ms"] = median_ms(r["seconds"]) if r["ok"] else None
             row["s6-error"] = None if r["ok"] else r["error"]
         results["handoff"].append(row)
+    for n in busy_sizes:
+        print(f"handoff n={n}, every peer streaming ...", file=sys.stderr, flush=True)
+        reps = repeats if n < 1000 else max(3, repeats // 2)
+        h = handoff.measure_handoff(n, reps, tempfile.mkdtemp(dir=workdir), busy=True)
+        floor_ms = next((r["floor-ms"] for r in results["handoff"] if r["n"] == n), None)
+        if floor_ms is None:
+            floor_ms = median_ms(floor.measure_floor(n, max(reps, 10)))
+        results["busy"].append({"n": n, "downtime-ms": median_ms(h["downtime"]), "peer-pause-ms": median_ms(h["pause"]),
+                                "floor-ms": floor_ms, "repeats": reps})
     print("reconnect baseline ...", file=sys.stderr, flush=True)
     results["reconnect-ms"] = median_ms(handoff.measure_reconnect(repeats, tempfile.mkdtemp(dir=workdir)))
     print("bridge throughput ...", file=sys.stderr, flush=True)
@@ -82,6 +92,14 @@ def markdown(results: dict) -> str:
         lines.append(f"| {row['n']} | {row['downtime-ms']} ms | {row['peer-pause-ms']} ms | {row['migrate-out-ms']} ms | "
                      f"{row['floor-ms']} ms | {ratio(row['downtime-ms'], row['floor-ms'])} | {s6_cell} | "
                      f"{ratio(row['downtime-ms'], row.get('s6-ms'))} | {row['rss-bytes'] / 2**20:.1f} MiB |")
+    if results["busy"]:
+        lines += ["", "Every peer streaming, so every chardev has changed since the precopy and is sent again "
+                      "inside the downtime (the worst case):", "",
+                  "| chardevs | downtime (instance) | longest peer pause | kernel floor | downtime / floor |",
+                  "|---:|---:|---:|---:|---:|"]
+        for row in results["busy"]:
+            lines.append(f"| {row['n']} | {row['downtime-ms']} ms | {row['peer-pause-ms']} ms | {row['floor-ms']} ms | "
+                         f"{ratio(row['downtime-ms'], row['floor-ms'])} |")
     first = results["handoff"][0]
     lines += ["", f"Restart without handoff (peer: EOF to first echo from the new process): "
                   f"{results['reconnect-ms']} ms, {ratio(results['reconnect-ms'], first['peer-pause-ms'])} "
@@ -128,18 +146,20 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes and repeats, to prove it works")
     parser.add_argument("--sizes", default="1,10,100,1000,5000")
+    parser.add_argument("--busy-sizes", default="100,1000,5000", help="sizes where every peer streams")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--out", default="bench-results")
     args = parser.parse_args(argv)
     floor.raise_nofile()
     if args.quick:
-        sizes, repeats, bridge_bytes, startup_repeats = [1, 10], 2, 8 << 20, 3
+        sizes, busy_sizes, repeats, bridge_bytes, startup_repeats = [1, 10], [10], 2, 8 << 20, 3
     else:
         sizes = [int(n) for n in args.sizes.split(",")]
+        busy_sizes = [int(n) for n in args.busy_sizes.split(",") if n]
         repeats, bridge_bytes, startup_repeats = args.repeats, 1 << 30, 15
     workdir = tempfile.mkdtemp(prefix="fdmig-bench-", dir="/tmp")
     try:
-        results = run(sizes, repeats, bridge_bytes, startup_repeats, workdir)
+        results = run(sizes, busy_sizes, repeats, bridge_bytes, startup_repeats, workdir)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     os.makedirs(args.out, exist_ok=True)

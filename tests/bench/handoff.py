@@ -138,9 +138,10 @@ def start_instance(args, workdir, env):
     return proc
 
 
-def measure_handoff(n: int, repeats: int, workdir: str) -> dict:
+def measure_handoff(n: int, repeats: int, workdir: str, busy: bool = False) -> dict:
     """Median-ready samples: instance downtime, peer pause, migrate-out wall (seconds),
-    and the RSS of the instance holding the N chardevs."""
+    and the RSS of the instance holding the N chardevs. `busy`: every peer streams
+    (ping-pong), so every chardev has changed since the precopy: the worst case."""
     _raise_fd_limit()
     env = dict(os.environ, FDMIG_RUNTIME_DIR=os.path.join(workdir, "rt"))
     env.pop("FDMIG_FAULT", None)
@@ -158,7 +159,7 @@ def measure_handoff(n: int, repeats: int, workdir: str) -> dict:
     procs = [start_instance(args, workdir, env)]
     accepting.join(60)
     assert len(peers) == n, f"only {len(peers)} of {n} chardevs connected"
-    probes = Probes(peers[:: max(1, n // PROBES)][:PROBES])
+    probes = Probes(peers if busy else peers[:: max(1, n // PROBES)][:PROBES])
     result = {"n": n, "downtime": [], "pause": [], "wall": [], "rss": None}
     control = os.path.join(env["FDMIG_RUNTIME_DIR"], "bench.sock")
     channel = os.path.join(env["FDMIG_RUNTIME_DIR"], "bench.migrate.sock")
