@@ -475,6 +475,10 @@ class Chardev:
         self.update_io()
         self.quiesced = True
 
+    @property
+    def primed(self) -> bool:
+        return self._reading or self._writing or self._hangup or self._accepting
+
     def unprime(self) -> None:
         """Undo prime() before the sockets change or close: a registration left
         behind would outlive our fd while the source still holds the socket."""

@@ -221,15 +221,16 @@ async def session(instance, sock: socket.socket, own: list, info: dict) -> Recei
                         raise Refused(f"chardev {section.label}: the section names a held fd {_show(role)}, "
                                       f"but the precopy brought {sorted(by_role) or 'none'} for it")
                 chardev = chardevs[section.label]
-                chardev.unprime()
-                for role in [r for r in by_role if r not in keep]:
-                    by_role.pop(role).close()  # gone on the source since the precopy
-                check(section.label, spec, section.fds, by_role)
+                if section.fds or set(keep) != by_role.keys():
+                    chardev.unprime()  # its sockets change
+                    for role in [r for r in by_role if r not in keep]:
+                        by_role.pop(role).close()  # gone on the source since the precopy
+                    check(section.label, spec, section.fds, by_role)
                 chardev.restore(section.meta, section.outbuf, by_role.get("conn"), by_role.get("listener"))
-                if by_role:
-                    chardev.prime()
-                else:
+                if not by_role:
                     del sockets[section.label]  # nothing moves: opened afresh, as unmarked ones
+                elif not chardev.primed:
+                    chardev.prime()
             faults.point("target-after-batch")
 
         transfer = await chan.next_event(deadline, progress=lambda: take(chan.codec.take_sections()))
