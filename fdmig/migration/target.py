@@ -173,44 +173,16 @@ async def session(instance, sock: socket.socket, own: list, info: dict) -> Recei
         sections = {}  # label -> the latest wire.Section
         fresh = {m.id for m in own if not m.local_incoming}  # we open these afresh
 
-        def check(label: str, spec, fds, into: dict) -> None:
-            # Into a dict the failure path closes, as each fd passes.
-            for role, index in fds.items():
-                into[role] = check_fd(chan.take(index), role, spec, label)
-
-        def hold(batch):
-            # The precopy: each fd is checked and its chardev restored (not read) as
-            # its frame arrives, while the source still serves and encodes the rest.
+        def take(batch, seen: set):
+            # The precopy's sections (fds and state, the source still serving), then
+            # those of the chardevs that changed since (quiesced: their state, the
+            # held fds they keep, the fds of connections made since), each worked
+            # on as its frame arrives, while the source still encodes the rest.
             for section in batch:
                 spec = plan.specs.get(section.label)
-                if spec is None or section.label in sections:
-                    raise Refused(f"chardev {section.label}: a precopy for a chardev not in the table, or twice")
-                if section.label in fresh:
-                    continue
-                sections[section.label] = section
-                by_role = sockets[section.label] = {}
-                check(section.label, spec, section.fds, by_role)
-                chardev = chardevs[section.label]
-                chardev.restore(section.meta, b"", by_role.get("conn"), by_role.get("listener"))
-                chardev.prime()
-            faults.point("target-after-batch")
-
-        precopy = await chan.next_event(deadline, progress=lambda: hold(chan.codec.take_sections()))
-        if not isinstance(precopy, wire.Precopy):
-            raise Refused("the source closed the channel before sending its precopy")
-        hold(precopy.sections)
-        faults.point("target-after-precopy")
-        await chan.send(wire.Held(), deadline)
-        changed = set()
-
-        def take(batch):
-            # The chardevs that changed since the precopy, quiesced: their state, the
-            # fds we hold that they keep, and the fds of connections made since.
-            for section in batch:
-                spec = plan.specs.get(section.label)
-                if spec is None or section.label in changed:
+                if spec is None or section.label in seen:
                     raise Refused(f"chardev {section.label}: a section for a chardev not in the table, or twice")
-                changed.add(section.label)
+                seen.add(section.label)
                 if section.label in fresh:
                     continue
                 sections[section.label] = section
@@ -225,7 +197,8 @@ async def session(instance, sock: socket.socket, own: list, info: dict) -> Recei
                     chardev.unprime()  # its sockets change
                     for role in [r for r in by_role if r not in keep]:
                         by_role.pop(role).close()  # gone on the source since the precopy
-                    check(section.label, spec, section.fds, by_role)
+                    for role, index in section.fds.items():  # into what the failure path closes
+                        by_role[role] = check_fd(chan.take(index), role, spec, section.label)
                 chardev.restore(section.meta, section.outbuf, by_role.get("conn"), by_role.get("listener"))
                 if not by_role:
                     del sockets[section.label]  # nothing moves: opened afresh, as unmarked ones
@@ -233,10 +206,17 @@ async def session(instance, sock: socket.socket, own: list, info: dict) -> Recei
                     chardev.prime()
             faults.point("target-after-batch")
 
-        transfer = await chan.next_event(deadline, progress=lambda: take(chan.codec.take_sections()))
-        if not isinstance(transfer, wire.Transfer):
-            raise Refused("the source closed the channel before sending the state")
-        take(transfer.sections)
+        async def receive(kind, what: str) -> None:
+            seen: set = set()
+            event = await chan.next_event(deadline, progress=lambda: take(chan.codec.take_sections(), seen))
+            if not isinstance(event, kind):
+                raise Refused(f"the source closed the channel before sending {what}")
+            take(event.sections, seen)
+
+        await receive(wire.Precopy, "its precopy")
+        faults.point("target-after-precopy")
+        await chan.send(wire.Held(), deadline)
+        await receive(wire.Transfer, "the state")
         for mine in own:
             if mine.local_incoming and not sockets.get(mine.id):
                 raise Refused(f"chardev {mine.id}: local-incoming=on, but no fd arrived for it")

@@ -126,6 +126,10 @@ def plot(results: dict, path: str) -> bool:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.plot(ns, [r["downtime-ms"] for r in rows], "o-", label="fdmig downtime (instance)")
     ax.plot(ns, [r["peer-pause-ms"] for r in rows], "s--", label="fdmig longest peer pause")
+    busy = results.get("busy") or []
+    if busy:
+        ax.plot([r["n"] for r in busy], [r["downtime-ms"] for r in busy], "d:",
+                label="fdmig downtime, every peer streaming")
     ax.plot(ns, [r["floor-ms"] for r in rows], "^-", label="kernel floor (SCM_RIGHTS only)")
     s6_points = [(r["n"], r["s6-ms"]) for r in rows if r.get("s6-ms") is not None]
     if s6_points:
