@@ -444,9 +444,10 @@ class Chardev:
         return self._state_before_migration if self.quiesced else self.state
 
     def fingerprint(self) -> tuple:
-        """What a section depends on, bar the carried bytes: a chardev whose
-        fingerprint is the same at the quiesce as at the precopy needs no new one."""
-        return self._settled_state(), self.rx_bytes, self.tx_bytes, self.conn, self.listener
+        """What a section depends on, bar the counters and the carried bytes: a
+        chardev whose fingerprint is the same at the quiesce as at the precopy,
+        with nothing to carry, needs no new section."""
+        return self._settled_state(), self.conn, self.listener
 
     def section(self, move: bool, precopied: dict | None = None) -> tuple[dict, bytes, dict[str, int]]:
         """(meta, carried bytes, fds by role) for the migration; fds only if `move`.

@@ -288,6 +288,26 @@ def test_the_source_serves_on_while_the_target_checks_the_precopy(daemons, echo_
     assert source.proc.wait(10) == 0
 
 
+def test_bytes_moved_after_the_precopy_are_counted_on_the_target(daemons, echo_instance, short_dir):
+    source, path = echo_instance
+    sock = connect_unix(path)
+    assert echoes(sock, b"1234")
+    target = daemons("migrate-in", "--name", "web", ready=False,
+                     env=dict(os.environ, FDMIG_FAULT="target-after-precopy=stop"))
+    with qmp.connect(os.path.join(short_dir, "rt", "web.sock")) as client:
+        client.execute("migrate", {"uri": f"unix:{short_dir}/rt/web.migrate.sock", "x-fdmig-timeout": 60})
+        stopped(target)
+        assert echoes(sock, b"56789")  # the source's, after the precopy took the counts
+        os.kill(target.pid, signal.SIGCONT)
+        target.wait_ready()
+    app = chardev(status("--name", "web"), "app")
+    assert (app["rx-bytes"], app["tx-bytes"], app["migrations"]) == (9, 9, 1)
+    assert echoes(sock, b"0")
+    app = chardev(status("--name", "web"), "app")
+    assert (app["rx-bytes"], app["tx-bytes"]) == (10, 10)
+    os.kill(target.pid, signal.SIGTERM)
+
+
 def test_a_connection_lost_after_the_precopy_is_opened_afresh_by_the_target(daemons, short_dir):
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(os.path.join(short_dir, "peer.sock"))

@@ -73,13 +73,16 @@ async def migrate(instance, path: str, timeout: float | None) -> None:
             quiesced.append(chardev)
         faults.point("source-after-quiesce")
         sections = []
+        counters = []  # [label, rx-bytes, tx-bytes] of the rest that moved bytes: after the commit
         moved = 0
         for chardev in instance.chardevs.values():
             if not (live and chardev.spec.support_local_migration):
                 continue  # the target opens it afresh
-            fingerprint, sockets = precopied.get(chardev.label, (None, None))
+            fingerprint, sockets, counted = precopied.get(chardev.label, (None, None, None))
             if fingerprint == chardev.fingerprint() and not chardev.outbuf:
-                moved += 1  # the target has it all from the precopy
+                moved += 1  # the target has it from the precopy, bar the byte counts
+                if counted != (chardev.rx_bytes, chardev.tx_bytes):
+                    counters.append([chardev.label, chardev.rx_bytes, chardev.tx_bytes])
                 continue
             meta, outbuf, fds = chardev.section(True, sockets)
             if fds or sockets:
@@ -111,14 +114,14 @@ async def migrate(instance, path: str, timeout: float | None) -> None:
             return
         raise
     faults.point("source-after-ack")
-    await _hand_over(instance, chan, started, quiesce_at, moved, target_info, quiesced)
+    await _hand_over(instance, chan, started, quiesce_at, moved, target_info, quiesced, counters)
 
 
 async def _precopy(instance, chan, live: bool, deadline) -> dict:
     """Send the moved chardevs' fds and state while every chardev still serves,
     a frame's worth at a time with the loop running in between, so no peer
-    waits on the encoding of thousands. Returns, by label, the fingerprint and
-    sockets sent. Each chardev keeps the sockets it closes meanwhile open until
+    waits on the encoding of thousands. Returns, by label, the fingerprint,
+    sockets and byte counts sent. Each chardev keeps the sockets it closes meanwhile open until
     the end (Chardev.pin): a number in a frame not yet sent must not come to
     name another socket."""
     precopied, batch, pinned = {}, [], []
@@ -130,7 +133,7 @@ async def _precopy(instance, chan, live: bool, deadline) -> dict:
                 continue
             chardev.pin()
             pinned.append(chardev)
-            precopied[chardev.label] = chardev.fingerprint(), sockets
+            precopied[chardev.label] = chardev.fingerprint(), sockets, (chardev.rx_bytes, chardev.tx_bytes)
             meta, _, fds = chardev.section(True)  # bytes to carry go at the quiesce
             batch.append(wire.Section(chardev.label, meta, b"", fds))
             fds_in_batch += len(fds)
@@ -170,7 +173,7 @@ def _roll_back(instance, quiesced, chan, reason: str, timed_out: bool = False, s
     instance.set_migration(status, error=reason, error_class="timeout" if timed_out else None)
 
 
-async def _hand_over(instance, chan, started, quiesce_at, moved, target_info, quiesced) -> None:
+async def _hand_over(instance, chan, started, quiesce_at, moved, target_info, quiesced, counters) -> None:
     """After the commit: tell the target at once (its reading ends the downtime),
     wait for TAKEN, then close our copies, let go of the control path and exit.
     A target that dies before TAKEN has read nothing (it says TAKEN before its
@@ -180,7 +183,7 @@ async def _hand_over(instance, chan, started, quiesce_at, moved, target_info, qu
         # follows the handover even if we exit before the target has said so itself.
         systemd.notify(f"MAINPID={target_info['pid']}")
     try:
-        await chan.send(wire.Released({"quiesce-at": quiesce_at, "started-at": started,
+        await chan.send(wire.Released({"quiesce-at": quiesce_at, "started-at": started, "counters": counters,
                                        "setup-ms": instance.migration.get("setup-ms")}), None)
         released_at = time.monotonic()
         gc.enable()
