@@ -160,7 +160,12 @@ def measure_handoff(n: int, repeats: int, workdir: str, busy: bool = False) -> d
     accepting.join(60)
     assert len(peers) == n, f"only {len(peers)} of {n} chardevs connected"
     probes = Probes(peers if busy else peers[:: max(1, n // PROBES)][:PROBES])
-    result = {"n": n, "downtime": [], "pause": [], "wall": [], "rss": None}
+    result = {"n": n, "downtime": [], "pause": [], "wall": [], "rss": None, "quiet-pause": []}
+    for _ in range(3 if busy else 0):
+        # What the peers see with no handoff at all, over a window of a handoff's length.
+        done = probes.window()
+        time.sleep(0.3)  # the measuring interval itself
+        result["quiet-pause"].append(done())
     control = os.path.join(env["FDMIG_RUNTIME_DIR"], "bench.sock")
     channel = os.path.join(env["FDMIG_RUNTIME_DIR"], "bench.migrate.sock")
     try:
