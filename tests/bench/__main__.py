@@ -93,8 +93,9 @@ def markdown(results: dict) -> str:
                      f"{row['floor-ms']} ms | {ratio(row['downtime-ms'], row['floor-ms'])} | {s6_cell} | "
                      f"{ratio(row['downtime-ms'], row.get('s6-ms'))} | {row['rss-bytes'] / 2**20:.1f} MiB |")
     if results["busy"]:
-        lines += ["", "Every peer streaming, so every chardev has changed since the precopy and is sent again "
-                      "inside the downtime (the worst case):", "",
+        lines += ["", "Every peer streaming: every chardev has moved bytes since the precopy; their counts go "
+                      "with RELEASED, and only those with bytes still to carry are sent again inside the downtime.",
+                  "",
                   "| chardevs | downtime (instance) | longest peer pause | the same with no handoff | kernel floor "
                   "| downtime / floor |",
                   "|---:|---:|---:|---:|---:|---:|"]
