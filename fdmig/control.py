@@ -340,7 +340,7 @@ async def cmd_quit(conn, arguments):
 
 async def cmd_status(conn, arguments):
     _no_extra(arguments)
-    return conn.instance.status()
+    return await conn.instance.status()
 
 
 async def cmd_migrate_set_capabilities(conn, arguments):

@@ -17,6 +17,7 @@ from fdmig.errors import FdmigError
 
 log = logging.getLogger("fdmig")
 CAPABILITIES = ("local-char-socket",)
+STATUS_SLICE = 256  # chardev rows built per turn of the loop
 
 
 def raise_fd_limit() -> None:
@@ -189,9 +190,19 @@ class Instance:
             self._status_sent = summary
             systemd.notify(f"STATUS={summary}")
 
-    def status(self) -> dict:
+    async def status(self) -> dict:
         import psutil
         me = psutil.Process()
+        if self.run_state == "inmigrate":
+            rows = [pending_status(spec) for spec in self.incoming_specs]
+        else:
+            # In slices, the loop serving in between: the rows of thousands of
+            # chardevs take tens of milliseconds, a pause their peers would see.
+            rows, chardevs = [], list(self.chardevs.values())
+            for start in range(0, len(chardevs), STATUS_SLICE):
+                if start:
+                    await asyncio.sleep(0)
+                rows += [c.status() for c in chardevs[start : start + STATUS_SLICE]]
         return {
             "name": self.name,
             "pid": os.getpid(),
@@ -203,8 +214,7 @@ class Instance:
             "capabilities": dict(self.capabilities),
             "migration": dict(self.migration),
             "control": self.control_path,
-            "chardevs": [pending_status(spec) for spec in self.incoming_specs] if self.run_state == "inmigrate"
-            else [c.status() for c in self.chardevs.values()],
+            "chardevs": rows,
         }
 
     # ----- life cycle --------------------------------------------------------
