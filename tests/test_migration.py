@@ -270,6 +270,7 @@ def test_the_source_serves_on_while_the_target_checks_the_precopy(daemons, echo_
     with qmp.connect(os.path.join(short_dir, "rt", "web.sock")) as client:
         client.execute("migrate", {"uri": f"unix:{short_dir}/rt/web.migrate.sock", "x-fdmig-timeout": 60})
         stopped(target)  # it holds every fd, checked, and has not said HELD
+        assert client.execute("query-migrate")["status"] == "active"  # QEMU's name for the precopy
         assert echoes(first, b"still the source")
         # The table is the target's plan: it cannot change under a migration.
         for command, arguments in (("chardev-remove", {"id": "app"}),

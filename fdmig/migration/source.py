@@ -57,10 +57,11 @@ async def migrate(instance, path: str, timeout: float | None) -> None:
                                    [table_entry(c, live) for c in instance.chardevs.values()]), deadline)
         faults.point("source-after-table")
         target_info = dict((await expect(chan, wire.Accept, "accepting the table", deadline)).info)
-        precopied = await _precopy(instance, chan, live, deadline)
-        await expect(chan, wire.Held, "holding the precopy", deadline)
+        # QEMU's setup-time: until the precopy (its iterations) begins.
         setup_ms = (time.monotonic() - started) * 1000
         instance.set_migration("active", setup_ms=round(setup_ms, 3))
+        precopied = await _precopy(instance, chan, live, deadline)
+        await expect(chan, wire.Held, "holding the precopy", deadline)
 
         # Quiesce everything, moved or not: a chardev that stays behind must not
         # keep filling the out-buffer of one whose state has already been sent.
