@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 FDMIG = [sys.executable, "-m", "fdmig"]
@@ -108,6 +109,28 @@ def connect_unix(path: str, timeout: float = 10.0) -> socket.socket:
     sock.settimeout(timeout)
     sock.connect(path)
     return sock
+
+
+class Pump(threading.Thread):
+    """Sends or receives on a socket in a thread; errors surface in join()."""
+
+    def __init__(self, target, *args):
+        super().__init__(daemon=True)
+        self._target, self._args, self.result, self.error = target, args, None, None
+        self.start()
+
+    def run(self):
+        try:
+            self.result = self._target(*self._args)
+        except BaseException as exc:  # handed to the test thread
+            self.error = exc
+
+    def join(self, timeout=20):
+        super().join(timeout)
+        assert not self.is_alive(), "pump thread did not finish"
+        if self.error is not None:
+            raise self.error
+        return self.result
 
 
 def echoes(sock: socket.socket, data: bytes = b"ping") -> bool:

@@ -9,14 +9,13 @@ import signal
 import socket
 import stat
 import subprocess
-import threading
 import time
 
 import psutil
 import pytest
 
 from fdmig import qmp
-from tests.helpers import (FDMIG, as_uid, connect_unix, free_port, listener, read_exactly_fd, recv_exactly, run,
+from tests.helpers import (FDMIG, Pump, as_uid, connect_unix, free_port, listener, read_exactly_fd, recv_exactly, run,
                            run_many, status_of, wait_state, wait_states)
 
 
@@ -44,28 +43,6 @@ def chardevs_in(client) -> dict:
 
 def echo_server(path: str, label: str = "app", extra: str = "") -> str:
     return f"socket,id={label},path={path},server=on,frontend=echo{extra}"
-
-
-class Pump(threading.Thread):
-    """Sends or receives on a socket in a thread; errors surface in join()."""
-
-    def __init__(self, target, *args):
-        super().__init__(daemon=True)
-        self._target, self._args, self.result, self.error = target, args, None, None
-        self.start()
-
-    def run(self):
-        try:
-            self.result = self._target(*self._args)
-        except BaseException as exc:  # handed to the test thread
-            self.error = exc
-
-    def join(self, timeout=20):
-        super().join(timeout)
-        assert not self.is_alive(), "pump thread did not finish"
-        if self.error is not None:
-            raise self.error
-        return self.result
 
 
 # ----- echo, peers, status ---------------------------------------------------------------

@@ -3,6 +3,7 @@ peer of a moved connection sees, rollback at each step, and the target's checks.
 
 import json
 import os
+import select
 import signal
 import socket
 import threading
@@ -15,7 +16,8 @@ from fdmig.demo import Peer
 from fdmig.migration import wire
 from fdmig import paths, qmp
 from fdmig.errors import QMPError
-from tests.helpers import connect_unix, connect_when_bound, echoes, read_event, recv_exactly, run, send_chunks
+from tests.helpers import (Pump, connect_unix, connect_when_bound, echoes, read_event, recv_exactly, run,
+                           send_chunks)
 
 ECHO = "socket,id=app,path={path},server=on,frontend=echo,support-local-migration=on"
 
@@ -115,6 +117,36 @@ def test_a_moved_chardev_logs_on_into_the_same_logfile(daemons, short_dir, last_
     assert echoes(sock, b"again;")
     with open(logfile, "rb") as f:
         assert f.read() == b"before;after;again;"
+
+
+def test_bytes_a_stalled_bridge_holds_move_with_it_and_arrive_once_in_order(daemons, short_dir, last_instance):
+    a_path, b_path = f"{short_dir}/a.sock", f"{short_dir}/b.sock"
+    flags = "server=on,support-local-migration=on"
+    daemons("serve", "--name", "web", "--capability", "local-char-socket",
+            "--chardev", f"socket,id=a,path={a_path},{flags},bridge=b", "--chardev", f"socket,id=b,path={b_path},{flags}")
+    a, b = connect_unix(a_path), connect_unix(b_path)
+    assert run("status", "--name", "web", "--wait", "a=connected", "--wait", "b=connected").returncode == 0
+    data = os.urandom(8 << 20)
+    view, sent = memoryview(data), 0
+    b.setblocking(False)
+    while True:  # `a` reads nothing: b's peer stalls once the instance holds all it will
+        try:
+            sent += b.send(view[sent:sent + 65536])
+        except BlockingIOError:
+            _, writable, _ = select.select([], [b], [], 1.0)
+            if not writable:
+                break  # nothing drained for a second: the bridge's out-buffer is full
+    assert sent < len(data) // 2
+    result = run("migrate-out", "--name", "web", "--spawn", "--json")
+    assert result.returncode == 0, result.stderr
+    reader = Pump(recv_exactly, a, len(data))
+    b.setblocking(True)
+    b.settimeout(20)
+    b.sendall(view[sent:])
+    assert reader.join() == data  # what the source held came first, once, then the rest
+    state = status("--name", "web")
+    assert state["pid"] == json.loads(result.stdout)["target-pid"]
+    assert chardev(state, "a")["tx-bytes"] == chardev(state, "b")["rx-bytes"] == len(data)
 
 
 def test_migrate_in_and_out_as_two_commands(daemons, echo_instance):
