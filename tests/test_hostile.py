@@ -152,10 +152,6 @@ def connected_pair(attempt: Attempt, kind=socket.SOCK_STREAM) -> int:
     return ours.fileno()
 
 
-
-
-
-
 def raw_frame(ftype: wire.FrameType, payload: bytes = b"{}", nfds: int = 0, length: int | None = None) -> bytes:
     # As tests/test_wire.py builds frames by hand, to say what the codec would refuse to.
     return wire.HEADER.pack(wire.MAGIC, wire.VERSION, ftype, len(payload) if length is None else length,
@@ -251,6 +247,25 @@ def test_a_wrong_kind_of_fd_is_refused_closed_and_the_target_waits_on(hostile, m
     hostile.accepted(fake, codec, spec)
     send_hostile(fake, [(c.data, c.fds) for c in codec.send(wire.Precopy([wire.Section("app", {}, b"", fds)]))])
     attempt.sent()
+    hostile.refused(fake, codec, attempt, aborts=True)
+
+
+def test_a_state_naming_a_held_fd_the_precopy_did_not_bring_is_refused_and_every_fd_closed(hostile):
+    fake, codec = hostile.connect()
+    path = os.path.join(hostile.short_dir, "held.sock")
+    attempt = Attempt("names a held fd 'listener'")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    server.listen(1)
+    conn = connect_unix(path)  # what a client chardev at `path` holds: it passes every check
+    accepted, _ = server.accept()
+    attempt.to_close += [server, conn]
+    attempt.witnesses.append(lambda: sees_eof(accepted))
+    hostile.accepted(fake, codec, {**CLIENT, "path": path})
+    send_chunks(fake, codec.send(wire.Precopy([wire.Section("app", {}, b"", {"conn": conn.fileno()})])))
+    assert isinstance(read_event(fake, codec), wire.Held)
+    attempt.sent()
+    send_chunks(fake, codec.send(wire.Transfer([wire.Section("app", {"held": ["listener"]})])))
     hostile.refused(fake, codec, attempt, aborts=True)
 
 
