@@ -63,6 +63,16 @@ def socket_family(spec) -> int:
     return socket.AF_INET6 if ":" in (spec.host or "") else socket.AF_INET
 
 
+def _count(value) -> int:
+    return value if type(value) is int and value >= 0 else 0
+
+
+def _is_peer(value) -> bool:
+    """Whether a migrated `peer` is what peer_identity() makes: [address, pid, process]."""
+    return (isinstance(value, list) and len(value) == 3 and isinstance(value[0], str)
+            and (value[1] is None or type(value[1]) is int) and (value[2] is None or isinstance(value[2], str)))
+
+
 def peer_identity(conn: socket.socket) -> tuple[str, int | None, str | None]:
     """(peer address, pid, process name) of a connected socket."""
     if conn.family == socket.AF_UNIX:
@@ -509,9 +519,11 @@ class Chardev:
             self._close_logfile()
             self.state = State.CLOSED
             return
-        self.rx_bytes = meta.get("rx-bytes", 0)
-        self.tx_bytes = meta.get("tx-bytes", 0)
-        self.migrations = meta.get("migrations", 0) + 1
+        # The meta comes from another process: a value of the wrong type is
+        # dropped here rather than met later by the loop's arithmetic.
+        self.rx_bytes = _count(meta.get("rx-bytes"))
+        self.tx_bytes = _count(meta.get("tx-bytes"))
+        self.migrations = _count(meta.get("migrations")) + 1
         self.outbuf = bytearray(outbuf)
         if self.spec.logfile and self._logfile is None:
             self._open_logfile(append=True)  # the source's log goes on, never truncated
@@ -523,8 +535,9 @@ class Chardev:
         self.conn = conn
         if conn is not None:
             peer = meta.get("peer")
-            self.peer = tuple(peer) if peer else peer_identity(conn)
-            self.connected_since = meta.get("connected-since") or time.time()
+            self.peer = tuple(peer) if _is_peer(peer) else peer_identity(conn)
+            since = meta.get("connected-since")
+            self.connected_since = since if type(since) in (int, float) and 0 < since <= time.time() else time.time()
             self.first_peer.set()
             self._state_before_migration = State.CONNECTED
         else:

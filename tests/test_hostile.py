@@ -269,6 +269,31 @@ def test_a_state_naming_a_held_fd_the_precopy_did_not_bring_is_refused_and_every
     hostile.refused(fake, codec, attempt, aborts=True)
 
 
+def test_junk_in_a_sections_meta_is_dropped_on_the_way_into_the_target(hostile):
+    fake, codec = hostile.connect()
+    path = os.path.join(hostile.short_dir, "junk.sock")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    server.listen(1)
+    conn = connect_unix(path)
+    hostile.accepted(fake, codec, {**CLIENT, "path": path})
+    junk = {"rx-bytes": "lots", "tx-bytes": -5, "migrations": 2.5, "peer": [[1]], "connected-since": 1e300}
+    send_chunks(fake, codec.send(wire.Precopy([wire.Section("app", junk, b"", {"conn": conn.fileno()})])))
+    assert isinstance(read_event(fake, codec), wire.Held)
+    send_chunks(fake, codec.send(wire.Transfer([])))
+    assert isinstance(read_event(fake, codec), wire.Ack)
+    send_chunks(fake, codec.send(wire.Released({"counters": [["app", "x", 1], 7]})))
+    assert isinstance(read_event(fake, codec), wire.Taken)
+    hostile.target.wait_ready()
+    state = status_of(os.path.join(hostile.runtime_dir, "web.sock"))
+    [row] = state["chardevs"]
+    assert state["pid"] == hostile.target.pid and row["state"] == "connected"
+    assert (row["rx-bytes"], row["tx-bytes"], row["migrations"], row["peer-pid"]) == (0, 0, 1, os.getpid())
+    assert "ignored a malformed byte count" in hostile.target.stderr()
+    conn.close()
+    server.close()
+
+
 def more_fds_than_the_manifest_lists(attempt):
     manifest = [{"label": "app", "meta": {}, "outbuf": 0, "fds": ["conn"]}]
     fds = [connected_pair(attempt), connected_pair(attempt)]
