@@ -29,7 +29,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from fuzzcommon import PyDataProvider, Scripted, atheris, decide, provider  # noqa: E402,F401
+from fuzzcommon import PyDataProvider, atheris, decide, provider  # noqa: E402,F401
 import fuzzcommon  # noqa: E402
 
 if __name__ == "__main__" and atheris is not None and "--make-seeds" not in sys.argv:
@@ -130,44 +130,20 @@ def TestOneInput(data: bytes) -> None:
 # Seeds
 
 
-class Recorder(Scripted):
-    """Plays the provider for run() and builds the input that makes a real
-    provider take the same decisions: `data` in reads of `sizes` (the last one
-    repeats), other decisions fixed by keyword, else the range's minimum."""
+class Recorder(fuzzcommon.Recorder):
+    """Plays the provider for run() (see fuzzcommon.Recorder): `data` in reads of
+    `sizes` (the last one repeats), other decisions fixed by keyword, else the
+    range's minimum."""
 
     def __init__(self, data: bytes, sizes=(256,), **fixed):
-        self.data, self.sizes, self.fixed = data, list(sizes), fixed
-        self.front = 0
-        self.ints = []
-        self.trace = []
+        super().__init__(data, fixed)
+        self.sizes = list(sizes)
 
-    def remaining_bytes(self) -> int:
-        return len(self.data) - self.front
-
-    def choose(self, lo, hi, what, hint=None):
+    def pick(self, lo, hi, what, hint):
         if what == "size":
             value = self.sizes.pop(0) if len(self.sizes) > 1 else self.sizes[0]
-            value = max(lo, min(value, hi, self.remaining_bytes()))
-        else:
-            value = self.fixed.get(what.replace("-", "_"), lo)
-        if not lo <= value <= hi:
-            raise ValueError(f"{what}={value} outside {lo}..{hi}")
-        self.ints.append((lo, hi, value))
-        self.trace.append((what, value))
-        return value
-
-    def ConsumeBytes(self, count: int) -> bytes:
-        out = self.data[self.front:self.front + count]
-        self.front += len(out)
-        self.trace.append(("bytes", len(out)))
-        return out
-
-    def encode(self) -> bytes:
-        tail = bytearray()
-        for lo, hi, value in self.ints:
-            width = ((hi - lo).bit_length() + 7) // 8
-            tail += (value - lo).to_bytes(width, "big")
-        return self.data + bytes(reversed(tail))
+            return max(lo, min(value, hi, self.remaining_bytes()))
+        return self.fixed.get(what.replace("-", "_"), lo)
 
 
 SEEDS = {

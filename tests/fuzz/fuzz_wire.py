@@ -42,7 +42,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from fuzzcommon import PyDataProvider, Scripted, atheris, decide, provider  # noqa: E402,F401
+from fuzzcommon import PyDataProvider, atheris, decide, provider  # noqa: E402,F401
 import fuzzcommon  # noqa: E402
 
 if __name__ == "__main__" and atheris is not None and "--make-seeds" not in sys.argv:
@@ -322,63 +322,35 @@ def TestOneInput(data: bytes) -> None:
 # Seeds: inputs built from a script of decisions
 
 
-class Recorder(Scripted):
-    """Stands in for the provider while run() plays a script, and records every
-    decision so that encode() can build the input that makes a real provider
-    take the same ones. While the prefix is being fed it reads it in
-    `prefix_read`-byte chunks with `prefix_ops`, then 0 (plain reads); after it,
-    `data` in reads of `sizes` with `ops` and `fds`. Other decisions are fixed by
-    keyword (role=1, prefix=2, eof=1, ...; a list for one value per decision),
-    else the range's minimum."""
+class Recorder(fuzzcommon.Recorder):
+    """Plays the provider for run() (see fuzzcommon.Recorder). While the prefix
+    is being fed it reads it in `prefix_read`-byte chunks with `prefix_ops`,
+    then 0 (plain reads); after it, `data` in reads of `sizes` with `ops` and
+    `fds`. Other decisions are fixed by keyword (role=1, prefix=2, eof=1, ...; a
+    list for one value per decision), else the range's minimum."""
 
     def __init__(self, data=b"", sizes=(), ops=(), fds=(), prefix_read=256, prefix_ops=(), **fixed):
-        self.data = data
+        super().__init__(data, fixed)
         self.sizes, self.ops, self.fds, self.prefix_ops = list(sizes), list(ops), list(fds), list(prefix_ops)
-        self.prefix_read, self.fixed = prefix_read, fixed
-        self.ints: list[tuple[int, int, int]] = []
-        self.front = 0
-        self.trace: list = []
+        self.prefix_read = prefix_read
 
-    def remaining_bytes(self) -> int:
-        return len(self.data) - self.front
-
-    def choose(self, lo, hi, what, hint):
+    def pick(self, lo, hi, what, hint):
         in_prefix = bool(hint)
         if what == "size":
             if in_prefix:
                 value = min(self.prefix_read, hint)  # never straddle into the fuzzer's bytes
             else:
                 value = min(self.sizes.pop(0) if self.sizes else hi, self.remaining_bytes())
-        elif what == "op":
+            return max(lo, min(value, hi))
+        if what == "op":
             queue = self.prefix_ops if in_prefix else self.ops
-            value = queue.pop(0) if queue else 0
-        elif what == "fds":
-            value = self.fds.pop(0)
-        else:
-            value = self.fixed.get(what, lo)
-            if isinstance(value, list):
-                value = value.pop(0) if value else lo
-        value = max(lo, min(value, hi)) if what == "size" else value
-        if not lo <= value <= hi:
-            raise ValueError(f"{what}={value} outside {lo}..{hi}")
-        self.ints.append((lo, hi, value))
-        self.trace.append((what, value))
+            return queue.pop(0) if queue else 0
+        if what == "fds":
+            return self.fds.pop(0)
+        value = self.fixed.get(what, lo)
+        if isinstance(value, list):
+            value = value.pop(0) if value else lo
         return value
-
-    def ConsumeBytes(self, count: int) -> bytes:
-        if count > self.remaining_bytes() > 0:
-            raise ValueError("a seed script asked for more bytes than it has")
-        out = self.data[self.front:self.front + count]
-        self.front += len(out)
-        self.trace.append(("bytes", len(out)))
-        return out
-
-    def encode(self) -> bytes:
-        tail = bytearray()
-        for lo, hi, value in self.ints:
-            width = ((hi - lo).bit_length() + 7) // 8
-            tail += (value - lo).to_bytes(width, "big")
-        return self.data[:self.front] + bytes(reversed(tail))
 
 
 def _frame(ftype, payload=b"{}", nfds=0, length=None, magic=wire.MAGIC, version=wire.VERSION):

@@ -64,6 +64,48 @@ def decide(fdp, lo: int, hi: int, what: str, hint: int | None = None) -> int:
     return fdp.ConsumeIntInRange(lo, hi)
 
 
+class Recorder(Scripted):
+    """Stands in for the provider while a harness's run() plays a seed script,
+    and records every decision, so that encode() can build the input that makes
+    a real provider take the same ones: the bytes read from the front, the
+    decisions from the end. A harness's Recorder says how it picks each value."""
+
+    def __init__(self, data: bytes, fixed: dict):
+        self.data, self.fixed = data, fixed
+        self.front = 0
+        self.ints: list[tuple[int, int, int]] = []
+        self.trace: list = []
+
+    def remaining_bytes(self) -> int:
+        return len(self.data) - self.front
+
+    def pick(self, lo: int, hi: int, what: str, hint: int | None) -> int:
+        raise NotImplementedError
+
+    def choose(self, lo, hi, what, hint=None):
+        value = self.pick(lo, hi, what, hint)
+        if not lo <= value <= hi:
+            raise ValueError(f"{what}={value} outside {lo}..{hi}")
+        self.ints.append((lo, hi, value))
+        self.trace.append((what, value))
+        return value
+
+    def ConsumeBytes(self, count: int) -> bytes:
+        if count > self.remaining_bytes() > 0:
+            raise ValueError("a seed script asked for more bytes than it has")
+        out = self.data[self.front:self.front + count]
+        self.front += len(out)
+        self.trace.append(("bytes", len(out)))
+        return out
+
+    def encode(self) -> bytes:
+        tail = bytearray()
+        for lo, hi, value in self.ints:
+            width = ((hi - lo).bit_length() + 7) // 8
+            tail += (value - lo).to_bytes(width, "big")
+        return self.data[:self.front] + bytes(reversed(tail))
+
+
 class Tracer(Scripted):
     """Wraps a real provider and records its decisions, to check a seed."""
 
