@@ -486,13 +486,30 @@ class MigrationCodec:
         # encoded inside the loop that serves them.
         frames: list = []
         first = b'{"capabilities":' + _dumps(capabilities) + b',"chardevs":'
+
+        def table_frame(part: list):
+            return self._table_frame(part, b'{"chardevs":' if frames else first)
+
         for start in range(0, max(len(chardevs), 1), _TABLE_SLICE):
-            self._pack_table(chardevs[start : start + _TABLE_SLICE], frames, first if start == 0 else None)
+            self._fit(chardevs[start : start + _TABLE_SLICE], frames, table_frame)
         frames.append((FrameType.TABLE_END, _dumps({"chardevs": len(chardevs)}), ()))
         return frames
 
-    def _pack_table(self, chardevs: list, frames: list, first: bytes | None) -> None:
-        """One TABLE frame for `chardevs`, or two halves (recursively) if too big."""
+    @classmethod
+    def _fit(cls, items: list, frames: list, frame_of) -> None:
+        """Append the frame `frame_of(items)` makes, or, if it says the frame would
+        be too big (None), the frames of each half of `items`, recursively.
+        frame_of raises for a single item that cannot fit."""
+        frame = frame_of(items)
+        if frame is not None:
+            frames.append(frame)
+            return
+        half = len(items) // 2
+        cls._fit(items[:half], frames, frame_of)
+        cls._fit(items[half:], frames, frame_of)
+
+    def _table_frame(self, chardevs: list, prefix: bytes):
+        """A TABLE frame of `chardevs` after `prefix`, or None if too big."""
         try:
             body = _dumps([dict(chardev) for chardev in chardevs])
         except (TypeError, ValueError):
@@ -502,18 +519,14 @@ class MigrationCodec:
                 except (TypeError, ValueError) as exc:
                     raise LocalProtocolError(f"chardev {chardev['id']!r}: {exc}") from None
             raise
-        payload = (first or b'{"chardevs":') + body + b"}"
-        if len(payload) > self.max_frame:
-            if len(chardevs) <= 1:
-                raise LocalProtocolError(
-                    f"chardev {chardevs[0]['id']!r} needs a TABLE frame of {len(payload)} bytes; "
-                    f"the bound is {self.max_frame}"
-                )
-            half = len(chardevs) // 2
-            self._pack_table(chardevs[:half], frames, first)
-            self._pack_table(chardevs[half:], frames, None)
-            return
-        frames.append((FrameType.TABLE, payload, ()))
+        payload = prefix + body + b"}"
+        if len(payload) <= self.max_frame:
+            return FrameType.TABLE, payload, ()
+        if len(chardevs) > 1:
+            return None
+        raise LocalProtocolError(
+            f"chardev {chardevs[0]['id']!r} needs a TABLE frame of {len(payload)} bytes; the bound is {self.max_frame}"
+        )
 
     def _encode_transfer(self, transfer: _Sections, ftype: FrameType, end: FrameType) -> list:
         """`ftype` (SECTIONS or PRECOPY) frames of at most MAX_FDS_PER_FRAME fds and
@@ -523,6 +536,10 @@ class MigrationCodec:
         frames: list = []
         group: list = []
         group_fds = group_bytes = total_fds = 0
+
+        def sections_frame(rows: list):
+            return self._sections_frame(rows, ftype)
+
         budget = self.max_frame // 2  # outbuf bytes per frame; the manifest gets the rest
         for section in transfer.sections:
             roles, section_fds = self._check_section(section)
@@ -530,14 +547,14 @@ class MigrationCodec:
             row = ({"label": section.label, "meta": meta, "outbuf": len(section.outbuf), "fds": roles},
                    section.outbuf, section_fds)
             if group and (group_fds + len(section_fds) > MAX_FDS_PER_FRAME or group_bytes + len(section.outbuf) > budget):
-                self._pack_sections(group, frames, ftype)
+                self._fit(group, frames, sections_frame)
                 group, group_fds, group_bytes = [], 0, 0
             group.append(row)
             group_fds += len(section_fds)
             group_bytes += len(section.outbuf)
             total_fds += len(section_fds)
         if group:
-            self._pack_sections(group, frames, ftype)
+            self._fit(group, frames, sections_frame)
         sections, fds = self._sent[0] + len(transfer.sections), self._sent[1] + total_fds
         if transfer.more:
             self._sending = (sections, fds)  # committed by send() once the frames are allowed
@@ -546,26 +563,23 @@ class MigrationCodec:
             frames.append((end, _dumps({"sections": sections, "fds": fds}), ()))
         return frames
 
-    def _pack_sections(self, rows: list, frames: list, ftype: FrameType) -> None:
-        """One frame for `rows`, or two halves (recursively) if it would be too big."""
+    def _sections_frame(self, rows: list, ftype: FrameType):
+        """An `ftype` frame of `rows`, or None if too big."""
         try:
             manifest = _dumps([entry for entry, _, _ in rows])
         except (TypeError, ValueError) as exc:
             raise LocalProtocolError(f"sections {rows[0][0]['label']!r}...: {exc}") from None
         payload_size = _MANIFEST_LEN.size + len(manifest) + sum(len(outbuf) for _, outbuf, _ in rows)
         fds = [fd for _, _, section_fds in rows for fd in section_fds]
-        if payload_size > self.max_frame or len(fds) > MAX_FDS_PER_FRAME:
-            if len(rows) == 1:
-                raise LocalProtocolError(
-                    f"section {rows[0][0]['label']!r} needs a {ftype.name} frame of {payload_size} bytes and "
-                    f"{len(fds)} fds; the bounds are {self.max_frame} bytes and {MAX_FDS_PER_FRAME} fds"
-                )
-            half = len(rows) // 2
-            self._pack_sections(rows[:half], frames, ftype)
-            self._pack_sections(rows[half:], frames, ftype)
-            return
-        payload = _MANIFEST_LEN.pack(len(manifest)) + manifest + b"".join(outbuf for _, outbuf, _ in rows)
-        frames.append((ftype, payload, tuple(fds)))
+        if payload_size <= self.max_frame and len(fds) <= MAX_FDS_PER_FRAME:
+            payload = _MANIFEST_LEN.pack(len(manifest)) + manifest + b"".join(outbuf for _, outbuf, _ in rows)
+            return ftype, payload, tuple(fds)
+        if len(rows) > 1:
+            return None
+        raise LocalProtocolError(
+            f"section {rows[0][0]['label']!r} needs a {ftype.name} frame of {payload_size} bytes and "
+            f"{len(fds)} fds; the bounds are {self.max_frame} bytes and {MAX_FDS_PER_FRAME} fds"
+        )
 
     @staticmethod
     def _check_section(section: Any) -> tuple[list[str], list[int]]:
