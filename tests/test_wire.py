@@ -500,6 +500,7 @@ def test_malformed_events_are_local_protocol_errors(event):
         Table(capabilities={}, chardevs=({"id": "c", "bad": {1, 2}},)),
         Table(capabilities={}, chardevs=({"id": "c", "nan": float("nan")},)),
         Table(capabilities={}, chardevs=({"id": "huge", "blob": "x" * MAX_FRAME},)),
+        Table(capabilities={"x" * MAX_FRAME: True}, chardevs=()),
     ],
 )
 def test_malformed_tables_are_local_protocol_errors(table):

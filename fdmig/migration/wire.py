@@ -520,7 +520,8 @@ class MigrationCodec:
                     raise LocalProtocolError(f"chardev {chardev['id']!r}: {exc}") from None
             raise
         payload = prefix + body + b"}"
-        if len(payload) <= self.max_frame:
+        if len(payload) <= self.max_frame or not chardevs:
+            # No chardev to split off: _encode refuses a frame over the bound, as any.
             return FrameType.TABLE, payload, ()
         if len(chardevs) > 1:
             return None
