@@ -1,17 +1,7 @@
-function _fdmig_completion;
-    set -l response (env _FDMIG_COMPLETE=fish_complete COMP_WORDS=(commandline -cp) COMP_CWORD=(commandline -t) fdmig);
-
-    for completion in $response;
-        set -l metadata (string split "," $completion);
-
-        if test $metadata[1] = "dir";
-            __fish_complete_directories $metadata[2];
-        else if test $metadata[1] = "file";
-            __fish_complete_path $metadata[2];
-        else if test $metadata[1] = "plain";
-            echo $metadata[2];
-        end;
-    end;
-end;
-
-complete --no-files --command fdmig --arguments "(_fdmig_completion)";
+# fish completion for fdmig. The script itself comes from the installed fdmig
+# when fish loads this file, so it always matches the fdmig and click that run:
+# put this file in ~/.config/fish/completions/, or `fdmig completion fish |
+# source` in ~/.config/fish/config.fish.
+if command -q fdmig
+    fdmig completion fish | source
+end

@@ -12,28 +12,19 @@ import errno
 import logging
 import os
 import resource
+import select
 import socket
-import stat
 import time
 
-from fdmig import frontends, paths
+from fdmig import fdcheck, frontends, paths
 from fdmig.errors import FdmigError
+from fdmig.spec import STATES
 
 log = logging.getLogger("fdmig")
 
 
-class State(enum.Enum):
-    LISTENING = "listening"
-    CONNECTING = "connecting"
-    CONNECTED = "connected"
-    DISCONNECTED = "disconnected"
-    AWAITING_INCOMING = "awaiting-incoming"
-    MIGRATING = "migrating"
-    MIGRATED = "migrated"
-    CLOSED = "closed"
-
-
-STATES = tuple(s.value for s in State)
+# The names live in fdmig.spec, which `status --wait` can import without this module.
+State = enum.Enum("State", [(name.upper().replace("-", "_"), name) for name in STATES])
 
 
 # Descriptors kept free for control clients and a migration channel: an instance
@@ -116,6 +107,11 @@ class Chardev:
         self.frontend: frontends.Frontend = frontends.Hold(self)
         self.feeders: list[Chardev] = [self]  # chardevs whose frontend fills our outbuf
         self.quiesced = False
+        # The stream's end, for frontends that relay or answer (a bridge, echo):
+        self.eof_read = False  # the peer sent EOF; nothing more is read from it
+        self.eof_pending = False  # pass an EOF on to the peer once outbuf is written
+        self.eof_sent = False  # ... done: shutdown(SHUT_WR)
+        self.closing = False  # close once outbuf is written: the session is over
         # While a precopy is going out, sockets we close are kept here instead, open:
         # their numbers are in frames not yet sent and must not name another socket.
         self.pinned: list[socket.socket] | None = None
@@ -140,6 +136,11 @@ class Chardev:
                 self._adopt(adopted_fd)
             elif self.spec.server:
                 self._listen()
+            elif self.frontend.on_demand:
+                self._set_state(State.DISCONNECTED)  # until its partner has a peer
+                partner = self.frontend.partner
+                if partner.conn is not None and not partner.closing:
+                    self.connect_for_session()
             else:
                 await self._first_connect()
         except BaseException:
@@ -190,7 +191,16 @@ class Chardev:
                 raise FdmigError(f"chardev {self.label}: cannot connect to {self.spec.address}: "
                                  f"{exc.strerror or exc}") from None
             self._set_state(State.CONNECTING)
-            self._schedule_reconnect()
+            self._schedule_connect()
+
+    @property
+    def connecting(self) -> bool:
+        return self._reconnect_task is not None
+
+    def connect_for_session(self) -> None:
+        """A bridge's client side: connect afresh now, for the partner's new peer."""
+        self._set_state(State.CONNECTING)
+        self._schedule_connect(wait_first=False)
 
     async def _connect(self) -> socket.socket:
         spec = self.spec
@@ -213,18 +223,35 @@ class Chardev:
                 error = exc
         raise error
 
-    def _schedule_reconnect(self) -> None:
-        async def retry():
+    def _schedule_connect(self, wait_first: bool = True) -> None:
+        """Connect in the background: every reconnect-ms until it works or, with no
+        reconnect-ms, once, a failure then ending the session it was made for."""
+        async def attempt(wait: bool):
             while True:
-                await asyncio.sleep(self.spec.reconnect_ms / 1000)
+                if wait:
+                    await asyncio.sleep(self.spec.reconnect_ms / 1000)
                 try:
                     sock = await self._connect()
-                except OSError:
-                    continue
+                except OSError as exc:
+                    if self.spec.reconnect_ms:
+                        wait = True
+                        continue
+                    self._reconnect_task = None
+                    self._connect_failed(exc)
+                    return
                 self._reconnect_task = None
                 self._attach(sock)
                 return
-        self._reconnect_task = asyncio.ensure_future(retry())
+        self._reconnect_task = asyncio.ensure_future(attempt(wait_first))
+
+    def _connect_failed(self, exc: OSError) -> None:
+        reason = f"cannot connect to {self.spec.address}: {exc.strerror or exc}"
+        log.warning("chardev %s: %s", self.label, reason)
+        undelivered = len(self.outbuf)
+        self.outbuf.clear()
+        self._reset_stream()
+        self._set_state(State.DISCONNECTED)
+        self.frontend.ended(reason, undelivered, lost=True)
 
     def _attach(self, conn: socket.socket) -> None:
         conn.setblocking(False)
@@ -236,6 +263,9 @@ class Chardev:
         self._hold_unread = False
         self._set_state(State.CONNECTED)
         self.first_peer.set()
+        self.frontend.connected()
+        if self.eof_pending and not self.outbuf:
+            self._send_eof()  # the partner's peer closed its side before we connected
 
     # ----- I/O ---------------------------------------------------------------
 
@@ -246,7 +276,7 @@ class Chardev:
             return
         live = self.conn is not None
         if self.frontend.reads:
-            want_read = live and self.frontend.can_receive()
+            want_read = live and not (self.eof_read or self.closing) and self.frontend.can_receive()
         else:
             want_read = live and not self._hold_unread
         want_write = live and bool(self.outbuf)
@@ -257,7 +287,8 @@ class Chardev:
                                self._on_writable if want_write else None,
                                self._on_hangup if want_hangup else None)
             self._reading, self._writing, self._hangup = want_read, want_write, want_hangup
-        want_accept = self.listener is not None and not live and not self._accept_paused
+        want_accept = (self.listener is not None and not live and not self._accept_paused
+                       and self.frontend.may_accept())
         if want_accept != self._accepting:
             self._poller.watch(self.listener.fileno(), self._on_acceptable if want_accept else None)
             self._accepting = want_accept
@@ -306,13 +337,28 @@ class Chardev:
             self._lost(exc.strerror)
             return
         if not data:
-            self._lost("peer closed the connection")
+            self._on_eof()
             return
         self.rx_bytes += len(data)
         if self._logfile is not None:
             self._write_log(data)
         self.frontend.received(data)
         self.update_io()
+
+    def _on_eof(self) -> None:
+        if not self.eof_sent and self._peer_vanished():
+            self._lost("peer closed the connection")
+            return
+        self.eof_read = True
+        self.update_io()
+        self.frontend.eof()
+
+    def _peer_vanished(self) -> bool:
+        """EOF alone may be a half-close (shutdown(SHUT_WR)); a unix peer that has
+        closed its socket shows POLLHUP as well. TCP cannot tell before a write fails."""
+        probe = select.poll()
+        probe.register(self.conn.fileno(), select.POLLOUT)
+        return any(events & select.POLLHUP for _, events in probe.poll(0))
 
     def _peek_hold(self) -> None:
         # A held fd is never read; peeking only tells EOF from data waiting. Once
@@ -351,6 +397,14 @@ class Chardev:
             return
         self.tx_bytes += sent
         del self.outbuf[:sent]
+        if not self.outbuf:
+            if self.closing:
+                self._close_conn("session over, every byte delivered", lost=False)
+                return
+            if self.eof_pending and not self.eof_sent:
+                self._send_eof()
+                if self.conn is None:
+                    return
         self.update_io()
         if sent and len(self.outbuf) < frontends.LOW_WATER:
             for feeder in self.feeders:
@@ -364,19 +418,76 @@ class Chardev:
             log.warning("chardev %s: logfile %s: %s; logging stopped", self.label, self.spec.logfile, exc.strerror)
             self._close_logfile()
 
-    def _lost(self, reason: str) -> None:
-        log.info("chardev %s: connection lost: %s", self.label, reason)
-        self._drop_conn()
-        # Bytes for a peer that has gone cannot be delivered to anyone.
+    def _send_eof(self) -> None:
+        try:
+            self.conn.shutdown(socket.SHUT_WR)
+        except OSError as exc:
+            self._lost(exc.strerror)
+            return
+        self.eof_sent = True
+        self.frontend.eof_sent()
+
+    def pass_eof(self) -> None:
+        """A bridge partner's peer closed its side: pass that on once every byte
+        before it is written (at once if there is none, or when we connect)."""
+        self.eof_pending = True
+        if self.conn is not None and not self.outbuf and not self.eof_sent:
+            self._send_eof()
+
+    def finish(self, reason: str) -> None:
+        """Close the connection once every byte for the peer is written."""
+        if self.conn is None:
+            return
+        if not self.outbuf:
+            self._close_conn(reason, lost=False)
+            return
+        self.closing = True
+        self.update_io()
+
+    def end_session(self) -> None:
+        """A bridge partner's peer is gone: finish ours after what can still be
+        delivered; with no connection, what waits for one is dropped."""
+        if self.conn is not None:
+            self.finish("its bridge partner's session ended")
+            return
         self.outbuf.clear()
+        self._reset_stream()
+        if self.frontend.on_demand and self._reconnect_task is not None:
+            self._reconnect_task.cancel()  # that connection was for the session now over
+            self._reconnect_task = None
+            self._set_state(State.DISCONNECTED)
+
+    def _reset_stream(self) -> None:
+        self.eof_read = self.eof_pending = self.eof_sent = self.closing = False
+
+    def _lost(self, reason: str) -> None:
+        self._close_conn(reason, lost=True)
+
+    def _close_conn(self, reason: str, lost: bool) -> None:
+        """The connection is over. Bytes for a peer that has gone (`lost`) cannot be
+        delivered to anyone: they are dropped and counted."""
+        undelivered = len(self.outbuf) if lost else 0
+        if lost:
+            dropped = f" ({undelivered} byte(s) for it not delivered)" if undelivered else ""
+            log.info("chardev %s: connection lost: %s%s", self.label, reason, dropped)
+        else:
+            log.info("chardev %s: connection closed: %s", self.label, reason)
+        self._drop_conn()
+        self.outbuf.clear()
+        self._reset_stream()
+        # First the session's other side learns of it (a bridge partner starts to
+        # finish), so that a listener taking its next peer below sees that.
+        self.frontend.ended(reason, undelivered, lost)
         for feeder in self.feeders:
             if feeder is not self:
                 feeder.update_io()
         if self.listener is not None:
             self._set_state(State.LISTENING)
+        elif self.frontend.on_demand:
+            self._set_state(State.DISCONNECTED)  # the next session connects afresh
         elif self.spec.reconnect_ms and self.spec.kind in ("unix", "inet"):
             self._set_state(State.CONNECTING)
-            self._schedule_reconnect()
+            self._schedule_connect()
         else:
             self._set_state(State.DISCONNECTED)
 
@@ -423,7 +534,7 @@ class Chardev:
         """Carry on exactly as before the quiesce (a rollback, or a target taking over)."""
         self.quiesced = False
         if self._was_reconnecting:
-            self._schedule_reconnect()
+            self._schedule_connect(wait_first=not self.frontend.on_demand)
         self._set_state(self._state_before_migration)
 
     def _close_socket(self, sock: socket.socket) -> None:
@@ -457,7 +568,17 @@ class Chardev:
         """What a section depends on, bar the counters and the carried bytes: a
         chardev whose fingerprint is the same at the quiesce as at the precopy,
         with nothing to carry, needs no new section."""
-        return self._settled_state(), self.conn, self.listener
+        return self._settled_state(), self.conn, self.listener, self.stream_flags()
+
+    def stream_flags(self) -> list[str]:
+        """Where the stream's end stands (a half-close under way, a session ending)."""
+        return [name for name, on in (("eof-read", self.eof_read), ("eof-pending", self.eof_pending),
+                                      ("eof-sent", self.eof_sent), ("closing", self.closing)) if on]
+
+    def _restore_stream(self, flags) -> None:
+        flags = flags if isinstance(flags, list) else []
+        self.eof_read, self.eof_pending, self.eof_sent, self.closing = (
+            name in flags for name in ("eof-read", "eof-pending", "eof-sent", "closing"))
 
     def section(self, move: bool, precopied: dict | None = None) -> tuple[dict, bytes, dict[str, int]]:
         """(meta, carried bytes, fds by role) for the migration; fds only if `move`.
@@ -466,6 +587,8 @@ class Chardev:
         meta = {"state": self._settled_state().value, "rx-bytes": self.rx_bytes,
                 "tx-bytes": self.tx_bytes, "connected-since": self.connected_since,
                 "migrations": self.migrations, "peer": list(self.peer) if self.peer else None}
+        if self.stream_flags():
+            meta["stream"] = self.stream_flags()
         fds = {}
         if move:
             held = []
@@ -514,9 +637,14 @@ class Chardev:
         if its state changed before the quiesce. Carried bytes go out first. With
         no socket left, the chardev is as registered, to be opened afresh."""
         if conn is None and listener is None:
+            # Bytes (and an EOF) waiting for a connection to be made, as a bridge's
+            # client side holds them while it connects for its partner's peer.
             self.conn = self.listener = None
             self.quiesced = False
             self._close_logfile()
+            self.outbuf = bytearray(outbuf)
+            self._restore_stream(meta.get("stream"))
+            self.eof_read = self.eof_sent = self.closing = False  # no connection: none of these
             self.state = State.CLOSED
             return
         # The meta comes from another process: a value of the wrong type is
@@ -525,6 +653,7 @@ class Chardev:
         self.tx_bytes = _count(meta.get("tx-bytes"))
         self.migrations = _count(meta.get("migrations")) + 1
         self.outbuf = bytearray(outbuf)
+        self._restore_stream(meta.get("stream") if conn is not None else None)
         if self.spec.logfile and self._logfile is None:
             self._open_logfile(append=True)  # the source's log goes on, never truncated
         self.quiesced = True  # nothing is read until the source has let go (resume)
@@ -563,6 +692,7 @@ class Chardev:
                 paths.remove_own_socket(self.spec.path, self._bound_inode)
         self._close_logfile()
         self.outbuf.clear()
+        self._reset_stream()
         self._set_state(State.CLOSED)
 
     def _close_logfile(self) -> None:
@@ -609,22 +739,7 @@ def status_row(spec, state: str, frontend: str) -> dict:
 
 def adopt_socket(fd: int, spec, label: str) -> socket.socket:
     """Wrap an inherited or passed fd, checking it is what the SPEC says."""
-    try:
-        mode = os.fstat(fd).st_mode
-    except OSError:
-        raise FdmigError(f"chardev {label}: fd {fd} is not open") from None
-    if not stat.S_ISSOCK(mode):
-        raise FdmigError(f"chardev {label}: fd {fd} is not a socket; accepted: a stream socket")
-    sock = socket.socket(fileno=fd)
-    if sock.type != socket.SOCK_STREAM:
-        sock.detach()
-        raise FdmigError(f"chardev {label}: fd {fd} is not a stream socket; accepted: SOCK_STREAM")
-    listening = bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
-    if listening != spec.server:
-        sock.detach()
-        have = "a listening" if listening else "a connected"
-        want = "server=on" if listening else "server=off"
-        raise FdmigError(f"chardev {label}: fd {fd} is {have} socket; accepted with {want}")
+    sock = fdcheck.stream_socket(fd, spec.server, label)
     os.set_inheritable(fd, False)
     sock.setblocking(False)
     return sock

@@ -5,6 +5,7 @@ them, so `fdmig --version` and `fdmig status` start fast.
 """
 
 import os
+import re
 import sys
 import time
 
@@ -12,7 +13,7 @@ import click
 
 from fdmig import __version__, paths, qmp
 from fdmig.errors import FdmigError, NoInstanceError, SpecError, TimeoutExpired
-from fdmig.spec import ChardevSpec, check_incoming, check_label, check_set, parse_spec
+from fdmig.spec import STATES, ChardevSpec, FieldError, check_incoming, check_label, check_set, parse_spec
 
 
 class CliError(click.ClickException):
@@ -24,14 +25,76 @@ class CliError(click.ClickException):
         click.echo(f"fdmig: {self.format_message()}", err=True)
 
 
-class Group(click.Group):
+class OneLineUsage:
+    """click's own usage errors (a bad option value, an unknown option) as one line
+    on stderr in fdmig's form, exit 2, without click's usage block."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.UsageError as exc:
+            raise _usage_error(exc, f"{parent.command_path} {info_name}" if parent else info_name) from None
+
+
+class Command(OneLineUsage, click.Command):
+    pass
+
+
+class Group(OneLineUsage, click.Group):
     """Turns fdmig's exceptions into one line on stderr and their exit code."""
+
+    command_class = Command
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except FdmigError as exc:
             raise CliError(str(exc), exc.exit_code) from None
+        except click.UsageError as exc:  # an unknown command
+            raise _usage_error(exc, ctx.command_path) from None
+
+
+def _usage_error(exc: click.UsageError, where: str) -> click.ClickException:
+    """`--timeout: 0 is out of range; accepted: a number greater than 0`; where
+    click's message cannot say what is accepted, it and where to look."""
+    if isinstance(exc, CliError) or type(exc).__name__ == "NoArgsIsHelpError":
+        return exc  # made already; or bare `fdmig`, which prints the help
+    if isinstance(exc, click.BadParameter) and not isinstance(exc, click.MissingParameter) \
+            and exc.param is not None:
+        param = exc.param
+        name = max(param.opts, key=len) if isinstance(param, click.Option) else param.human_readable_name
+        return CliError(f"{name}: {_bad_value(exc.message, param.type)}", exc.exit_code)
+    message = exc.format_message().rstrip(".")
+    if exc.ctx is not None:
+        where = exc.ctx.command_path
+    return CliError(f"{message[:1].lower()}{message[1:]}; see '{where} --help'", exc.exit_code)
+
+
+def _bad_value(message: str, kind) -> str:
+    """click's complaint about a value in the words of a SpecError: what is wrong
+    with it and what is accepted."""
+    given = re.match(r"(.*?) is not (?:in the range|a valid|one of|')", message)
+    value = given.group(1) if given else None
+    if isinstance(kind, click.Choice):
+        return f"{value or 'the value'} is not known; accepted: {', '.join(map(str, kind.choices))}"
+    if isinstance(kind, (click.IntRange, click.FloatRange)):
+        number = "a whole number" if isinstance(kind, click.IntRange) else "a number"
+        if kind.min is not None and kind.max is not None and not (kind.min_open or kind.max_open):
+            accepted = f"{kind.min} to {kind.max}"
+        elif kind.max is None and kind.min is not None:
+            accepted = f"{number} greater than {kind.min:g}" if kind.min_open else f"{number}, {kind.min:g} or more"
+        else:
+            accepted = kind._describe_range()
+        if value is None:
+            return f"{message.rstrip('.')}; accepted: {accepted}"
+        if "is not in the range" not in message:
+            return f"{value} is not {number}; accepted: {accepted}"
+        try:
+            value = f"{float(value):g}"  # click says 0.0 for the 0 given
+        except ValueError:
+            pass
+        return f"{value} is out of range; accepted: {accepted}"
+    return message.rstrip(".")
 
 
 def _complete_names(ctx, param, incomplete):
@@ -45,7 +108,6 @@ def _complete_labels(ctx, param, incomplete):
     except Exception:
         return []
     if param.name == "wait":
-        from fdmig.chardev import STATES
         if "=" in incomplete:
             label, _, part = incomplete.partition("=")
             return [f"{label}={s}" for s in STATES if s.startswith(part)]
@@ -91,7 +153,14 @@ def _prepare_control(control_path: str) -> None:
 
 
 def _parse_specs(texts) -> list[ChardevSpec]:
-    chardevs = [parse_spec(text) for text in texts]
+    """The --chardev SPECs; an error names its chardev: by id=, or by its place
+    among several when it has no valid id."""
+    chardevs = []
+    for number, text in enumerate(texts, 1):
+        try:
+            chardevs.append(parse_spec(text))
+        except FieldError as exc:
+            raise exc.naming(f"#{number}" if len(texts) > 1 else None) from None
     check_set(chardevs)
     return chardevs
 
@@ -144,10 +213,7 @@ def attach(name, control, spec):
         _check_against(chardev, client.execute("x-fdmig-status"))
         if chardev.fd_is_number:
             fd = int(chardev.fd)
-            try:
-                os.fstat(fd)
-            except OSError:
-                raise SpecError(f"chardev fd: {fd} is not an open descriptor of this command") from None
+            _check_own_fd(fd, chardev)
             passed_name = f"attach-{chardev.id}"
             client.execute("getfd", {"fdname": passed_name}, fds=(fd,))
             chardev = ChardevSpec(**{**chardev.__dict__, "fd": passed_name})
@@ -159,6 +225,9 @@ def attach(name, control, spec):
                     client.execute("closefd", {"fdname": chardev.fd})  # do not leave our fd behind
                 except FdmigError:
                     pass  # the instance had taken it already, and closed it
+            # Another client may have taken the label or the address since we
+            # looked: that is still a SPEC that does not fit (exit 2), not a failure.
+            _check_against(chardev, client.execute("x-fdmig-status"))
             raise
         state = next((c["state"] for c in client.execute("x-fdmig-status")["chardevs"]
                       if c["label"] == chardev.id), "?")
@@ -168,9 +237,27 @@ def attach(name, control, spec):
 def _check_against(chardev: ChardevSpec, status: dict) -> None:
     """The SPEC rules that depend on what the instance holds, checked here so that
     a bad SPEC exits 2 whether the mistake is in it alone or in how it fits."""
-    from fdmig.spec import check_fits
+    from fdmig.spec import Addresses, check_fits
     held = {c["label"]: parse_spec(c["spec"]) for c in status["chardevs"]}
-    check_fits(chardev, held, incoming=status["state"] == "inmigrate")
+    try:  # relative paths are the instance's, relative to its working directory
+        cwd = os.readlink(f"/proc/{status['pid']}/cwd")
+    except OSError:
+        cwd = ""  # unknown: relative paths are compared as written
+    addresses = Addresses(cwd)
+    for other in held.values():
+        addresses.add(other)
+    check_fits(chardev, held, incoming=status["state"] == "inmigrate", addresses=addresses)
+
+
+def _check_own_fd(fd: int, chardev: ChardevSpec) -> None:
+    """fd=N is this command's descriptor N, checked here as the instance would
+    check it, so that a message names N and not the number the instance gets."""
+    from fdmig import fdcheck
+    try:
+        os.fstat(fd)
+    except OSError:
+        raise FieldError("fd", f"{fd} is not an open descriptor of this command", chardev.id) from None
+    fdcheck.stream_socket(fd, chardev.server, chardev.id).detach()
 
 
 @main.command()
@@ -184,7 +271,6 @@ def detach(name, control, label):
 
 
 def _parse_wait(value: str) -> tuple[str, str]:
-    from fdmig.chardev import STATES
     label, eq, state = value.partition("=")
     if not eq or not label:
         raise SpecError(f"--wait '{value}': expected LABEL=STATE")
@@ -213,9 +299,22 @@ def status(name, control, as_json, watch, wait, timeout):
     if watch:
         _watch(control_path, as_json)
         return
-    with qmp.connect(control_path) as client:
-        data = client.execute("x-fdmig-status")
-    _print_status(data, as_json)
+    _print_status(_fetch_status(control_path), as_json)
+
+
+def _fetch_status(control_path: str) -> dict:
+    """x-fdmig-status of the instance at `control_path`; while no instance serves
+    there but a migration target waits to take it (migrate-in), the target's
+    (state inmigrate), from where it answers meanwhile: <name>.incoming.sock."""
+    try:
+        with qmp.connect(control_path) as client:
+            return client.execute("x-fdmig-status")
+    except NoInstanceError as exc:
+        try:
+            with qmp.connect(paths.incoming_beside(control_path)) as client:
+                return client.execute("x-fdmig-status")
+        except FdmigError:
+            raise exc from None
 
 
 def _print_status(data: dict, as_json: bool) -> None:
@@ -226,7 +325,7 @@ def _print_status(data: dict, as_json: bool) -> None:
         from rich.console import Console
         Console().print(render.rich_table(data))
     else:
-        click.echo(render.plain(data))
+        click.echo(render.plain(data))  # in a pipe one row per line, for grep and awk
 
 
 def _watch(control_path: str, as_json: bool) -> None:
@@ -241,8 +340,7 @@ def _watch(control_path: str, as_json: bool) -> None:
     try:
         while True:
             try:
-                with qmp.connect(control_path) as client:
-                    data = client.execute("x-fdmig-status")
+                data = _fetch_status(control_path)
             except FdmigError as exc:  # NoInstanceError included
                 note = f"{render.timestamp()} {exc}"
                 if live is None:
@@ -256,6 +354,8 @@ def _watch(control_path: str, as_json: bool) -> None:
                 else:
                     live.update(render.rich_table(data), refresh=True)
             time.sleep(1)
+    except KeyboardInterrupt:
+        pass  # Ctrl-C is how a watch ends, as watch(1) and top(1) end: exit 0, quietly
     finally:
         if live is not None:
             live.stop()
@@ -293,9 +393,8 @@ def _channel_path(control_path: str, channel: str | None, defer: bool = False) -
         return None
     if channel is None:
         return paths.channel_beside(control_path)
-    from fdmig.migration.channel import parse_uri
     try:
-        return parse_uri(channel)
+        return paths.parse_channel_uri(channel)
     except ValueError as exc:
         raise SpecError(f"--channel: {exc}") from None
 
@@ -348,9 +447,10 @@ def migrate_out(name, control, channel, capabilities, timeout, spawn, as_json):
     control_path = _control_path(name, control)
     channel_path = _channel_path(control_path, channel)
     from fdmig import migrate_client
+    announce = (lambda line: click.echo(f"fdmig: {line}", err=True)) if sys.stderr.isatty() else None
     outcome = migrate_client.migrate_out(control_path, channel_path, capabilities, timeout or 60.0,
                                          spawn, (["--name", name] if name else []) +
-                                         (["--control", control] if control else []))
+                                         (["--control", control] if control else []), announce)
     if as_json:
         import json
         click.echo(json.dumps(outcome, indent=2))
@@ -368,6 +468,64 @@ def demo(migrations):
     records, and several migrations to fresh processes. Exit 1 if anything was lost."""
     from fdmig import demo as demo_module
     sys.exit(demo_module.run(migrations))
+
+
+_FISH_SOURCE = """\
+function %(complete_func)s;
+    set -l response (env %(complete_var)s=fish_complete COMP_WORDS=(commandline -cp) \
+COMP_CWORD=(commandline -t) %(prog_name)s);
+
+    for completion in $response;
+        set -l metadata (string split "," $completion);
+
+        if test $metadata[1] = "dir";
+            __fish_complete_directories $metadata[2];
+        else if test $metadata[1] = "file";
+            __fish_complete_path $metadata[2];
+        else if test $metadata[1] = "plain";
+            echo $metadata[2];
+        end;
+    end;
+end;
+
+complete --no-files --command %(prog_name)s --arguments "(%(complete_func)s)";
+"""
+
+
+def _mend_fish_completion() -> None:
+    """click 8.4.0 and 8.4.1 write a fish script that fish cannot parse (an unquoted
+    `string split \\n`) and answer in three lines per item, which fish's command
+    substitution cannot tell apart (pallets/click#3502). With those, fdmig speaks
+    what click 8.4.2 went back to: its script, and `TYPE,VALUE<TAB>HELP` per item."""
+    from click.shell_completion import FishComplete, add_completion_class
+
+    if "string split \n" not in FishComplete.source_template:
+        return
+
+    class MendedFishComplete(FishComplete):
+        source_template = _FISH_SOURCE
+
+        def format_completion(self, item) -> str:
+            if item.help:
+                return f"{item.type},{item.value}\t{' '.join(item.help.split())}"
+            return f"{item.type},{item.value}"
+
+    add_completion_class(MendedFishComplete, "fish")
+
+
+_mend_fish_completion()
+
+
+@main.command()
+@click.argument("shell", type=click.Choice(["bash", "zsh", "fish"]))
+def completion(shell):
+    """Print the shell completion script for this fdmig and the click it runs on.
+    Load it at shell start: eval "$(fdmig completion bash)" in ~/.bashrc, the
+    same with zsh in ~/.zshrc (after compinit), fdmig completion fish | source
+    in fish's config.fish."""
+    from click.shell_completion import get_completion_class
+    script = get_completion_class(shell)(main, {}, "fdmig", "_FDMIG_COMPLETE").source()
+    click.echo(script, nl=not script.endswith("\n"))
 
 
 if __name__ == "__main__":

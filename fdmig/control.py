@@ -116,6 +116,7 @@ class ControlConnection:
         self._closing_after_flush = False
         self._loop = server._loop
         self._worker: asyncio.Task | None = None
+        self.gone = asyncio.Event()  # set once the connection is closed
 
     def start(self) -> None:
         self.send(qmp.ServerCodec.greeting(__version__))
@@ -247,6 +248,7 @@ class ControlConnection:
             self._loop.remove_writer(self.sock.fileno())
             self._writing = False
         self.closed = True
+        self.gone.set()
         self.sock.close()
         self._drop_fds()
         self.server.connections.discard(self)
@@ -382,7 +384,12 @@ async def cmd_migrate(conn, arguments):
         path = channel.parse_uri(uri)
     except ValueError as exc:
         raise QMPError("GenericError", str(exc)) from None
-    instance.migration_task = asyncio.ensure_future(source.migrate(instance, path, timeout))
+    blocked = source.blockers(instance)
+    if blocked:
+        raise QMPError("GenericError", "migration refused, it would lose chardevs: " + "; ".join(blocked))
+    # The wait for a target to listen is fdmig's own (QEMU's migrate fails at once):
+    # it lasts only while the client that asked for it is there.
+    instance.migration_task = asyncio.ensure_future(source.migrate(instance, path, timeout, abandoned=conn.gone))
     return {}
 
 

@@ -32,7 +32,7 @@ class Instance:
         self.control_path = control_path
         self.capabilities = {cap: cap in capabilities for cap in CAPABILITIES}
         self.run_state = "inmigrate" if incoming else "running"
-        self.chardevs: dict[str, Chardev] = {}
+        self.chardevs: dict[str, Chardev] = specs.Held()  # keeps the index of their addresses
         self.named_fds: dict[str, int] = {}  # getfd store, as QEMU's monitor keeps one
         self.listen_fds: dict[str, list[int]] = {}
         self.started = time.time()
@@ -58,7 +58,7 @@ class Instance:
         # Specs by label only when a bridge needs them: building the map for every
         # add would make a start with thousands of chardevs quadratic.
         held = {label: c.spec for label, c in self.chardevs.items()} if spec.bridge else self.chardevs
-        specs.check_fits(spec, held, incoming=self.run_state == "inmigrate")
+        specs.check_fits(spec, held, incoming=self.run_state == "inmigrate", addresses=self.chardevs.addresses)
 
     async def add_chardev(self, spec) -> Chardev:
         self.check_new(spec)
@@ -240,8 +240,14 @@ class Instance:
         self.prepare()
         self.control = ControlServer(self)
         self.control.bind(self.control_path)
+        # All wired before any opens: a bridge's client side must know it is one
+        # (it then connects only for a peer of its partner).
+        registered = []
         for spec in specs.partners_first(chardev_specs):
-            await self.add_chardev(spec)
+            self.check_new(spec)
+            registered.append(self.register(spec))
+        for chardev in registered:
+            await self.open_registered(chardev)
         self.control.start()
         waiting = [c.first_peer.wait() for c in self.chardevs.values() if c.spec.wait]
         if waiting:
@@ -307,6 +313,7 @@ async def run_target(instance: Instance, channel_path: str | None, own_specs, ti
     `channel_path` None is QEMU's `-incoming defer`: QMP migrate-incoming names it."""
     from fdmig.control import ControlServer
     from fdmig.migration import target
+    stderr_after_commit = _spawn_stderr()
     instance.prepare()
     instance.incoming_specs = list(own_specs)
     instance.incoming_channel = asyncio.get_running_loop().create_future()
@@ -338,6 +345,9 @@ async def run_target(instance: Instance, channel_path: str | None, own_specs, ti
     finally:
         instance.control.close()
         instance.control = None
+    if stderr_after_commit is not None:
+        os.dup2(stderr_after_commit, 2)  # the migrate-out that spawned us may go now
+        os.close(stderr_after_commit)
     if exec_argv:
         target.exec_handover(received, exec_argv)  # does not return
     try:
@@ -347,6 +357,20 @@ async def run_target(instance: Instance, channel_path: str | None, own_specs, ti
     finally:
         await instance.finish_migration()
         instance.shutdown()
+
+
+def _spawn_stderr() -> int | None:
+    """The stderr to write to from the commit on, if `migrate-out --spawn` started us
+    (paths.SPAWN_STDERR_ENV); taken out of the environment a service or --exec gets."""
+    value = os.environ.pop(paths.SPAWN_STDERR_ENV, None)
+    try:
+        fd = int(value) if value is not None else -1
+        if fd <= 2:
+            return None
+        os.set_inheritable(fd, False)
+    except (ValueError, OSError):
+        return None
+    return fd
 
 
 def run(instance: Instance, chardev_specs) -> int:

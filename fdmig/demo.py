@@ -21,10 +21,11 @@ class Peer:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.connect(path)
         self.pid = os.getpid()
-        self.sent = 0
+        self.sent = 0  # records handed to sendall(): counted before, so echoed <= sent always
         self.echoed = 0
         self.bad: str | None = None
-        self.longest_pause = 0.0
+        self.longest_pause = 0.0  # of the whole run
+        self._window_pause = 0.0  # since the last take_pause()
         self.eof = False
         self._room = threading.Semaphore(WINDOW)
         self._stop = threading.Event()
@@ -41,12 +42,13 @@ class Peer:
         while not self._stop.is_set():
             if not self._room.acquire(timeout=0.1):
                 continue
+            record = self.sent
+            self.sent = record + 1  # before sendall: the echo may be back before it returns
             try:
-                self.sock.sendall(b"%015d\n" % self.sent)
+                self.sock.sendall(b"%015d\n" % record)
             except OSError as exc:
                 self.bad = self.bad or f"send failed: {exc}"
                 return
-            self.sent += 1
 
     def _receive(self):
         buf = b""
@@ -62,7 +64,9 @@ class Peer:
                 self._ended(eof=True)
                 return
             if not self._stop.is_set() or self.echoed < self.sent:
-                self.longest_pause = max(self.longest_pause, now - last)
+                with self._progress:
+                    self._window_pause = max(self._window_pause, now - last)
+                    self.longest_pause = max(self.longest_pause, now - last)
             last = now
             buf += data
             while len(buf) >= RECORD:
@@ -74,6 +78,28 @@ class Peer:
                 self._room.release()
             with self._progress:
                 self._progress.notify_all()
+
+    def counts(self) -> tuple[int, int]:
+        """(sent, echoed) as one moment's view: echoed read first, since it never
+        passes sent and sent only grows."""
+        echoed = self.echoed
+        return self.sent, echoed
+
+    def reset_pauses(self) -> None:
+        with self._progress:
+            self.longest_pause = self._window_pause = 0.0
+
+    def take_pause(self) -> float:
+        """The longest pause since the last call (or reset_pauses), in seconds."""
+        with self._progress:
+            pause, self._window_pause = self._window_pause, 0.0
+            return pause
+
+    def wait_echo(self, beyond: int, timeout: float) -> None:
+        """Until a record after the first `beyond` has come back (the stream runs
+        again), the stream has broken, or `timeout`."""
+        with self._progress:
+            self._progress.wait_for(lambda: self.echoed > beyond or self.bad is not None or self.eof, timeout)
 
     def _ended(self, bad: str | None = None, eof: bool = False) -> None:
         with self._progress:
@@ -137,8 +163,9 @@ def run(migrations: int) -> int:
             t.add_column(column, justify="right")
         for row in rows:
             t.add_row(*row)
-        now = Text(f"peer pid {os.getpid()} streaming to pid {serving['pid']}: {peer.sent} records sent, "
-                   f"{peer.echoed} echoed, longest pause {peer.longest_pause * 1000:.2f} ms", style="dim")
+        sent, echoed = peer.counts()
+        now = Text(f"peer pid {os.getpid()} streaming to pid {serving['pid']}: {sent} records sent, "
+                   f"{echoed} echoed, longest pause so far {peer.longest_pause * 1000:.2f} ms", style="dim")
         return Group(t, now)
 
     peer = None
@@ -151,8 +178,8 @@ def run(migrations: int) -> int:
         with qmp.connect(control) as client:
             pid = serving["pid"] = client.execute("x-fdmig-status")["pid"]
         time.sleep(0.2)  # warm up, then count pauses only from a running stream
-        peer.longest_pause = 0.0
-        rows.append(("0", "-", str(pid), "-", str(peer.sent), str(peer.echoed), "-"))
+        peer.reset_pauses()
+        rows.append(("0", "-", str(pid), "-", *map(str, peer.counts()), "-"))
         downtimes = []
         with Live(table(), console=console, auto_refresh=False, transient=False) as live:
             for n in range(1, migrations + 1):
@@ -160,12 +187,16 @@ def run(migrations: int) -> int:
                     time.sleep(0.1)
                     live.update(table(), refresh=True)
                 start("migrate-in", "--name", "demo")
+                peer.take_pause()  # this row's pause is this migration's, not the run's so far
                 outcome = migrate_client.migrate_out(control, channel, (), 30.0, False, ["--name", "demo"])
+                # The pause ends with the first echo from the target, which may
+                # come after migrate-out has returned.
+                peer.wait_echo(peer.counts()[1], 5.0)
                 downtimes.append(outcome["downtime-ms"])
                 serving["pid"] = outcome["target-pid"]
                 rows.append((str(n), str(outcome["source-pid"]), str(outcome["target-pid"]),
-                             f"{outcome['downtime-ms']:.2f}", str(peer.sent), str(peer.echoed),
-                             f"{peer.longest_pause * 1000:.2f}"))
+                             f"{outcome['downtime-ms']:.2f}", *map(str, peer.counts()),
+                             f"{peer.take_pause() * 1000:.2f}"))
                 live.update(table(), refresh=True)
                 if peer.bad or peer.eof:
                     break

@@ -1,10 +1,15 @@
 """What an instance does with the bytes a chardev receives (QEMU's frontends).
 
-A frontend answers two questions for its chardev, as QEMU's chr_can_read and
-chr_read do: may the chardev read now (backpressure), and where do bytes go.
-Bytes only ever wait in one place: the out-buffer of the chardev they are for, so a
-migration carries exactly those buffers and nothing else.
+A frontend answers, for its chardev, what QEMU's chr_can_read and chr_read do: may
+the chardev read now (backpressure), and where do bytes go; and what the end of
+a peer's stream means (its EOF, or its loss). Bytes only ever wait in one place:
+the out-buffer of the chardev they are for, so a migration carries exactly those
+buffers and nothing else.
 """
+
+import logging
+
+log = logging.getLogger("fdmig")
 
 # Stop reading a chardev while the buffer it feeds holds this much; resume once the
 # buffer drains below the low mark. A read adds at most READ_SIZE, so a buffer
@@ -17,6 +22,7 @@ READ_SIZE = 64 * 1024
 class Frontend:
     name = "hold"
     reads = False
+    on_demand = False  # connects only for a session (a bridge's client side)
 
     def __init__(self, chardev):
         self.chardev = chardev
@@ -29,8 +35,26 @@ class Frontend:
         target = self.target()
         return target is None or len(target.outbuf) < HIGH_WATER
 
+    def may_accept(self) -> bool:
+        """Whether a server chardev may take its next peer now."""
+        return True
+
     def received(self, data: bytes) -> None:
         pass
+
+    def connected(self) -> None:
+        """The chardev has a new peer."""
+
+    def eof(self) -> None:
+        """The peer sent EOF (and may still read): the chardev has stopped reading it."""
+        self.chardev.finish("peer closed the connection")
+
+    def eof_sent(self) -> None:
+        """An EOF the chardev was asked to pass on has reached its peer."""
+
+    def ended(self, reason: str, undelivered: int, lost: bool) -> None:
+        """The chardev's connection is over, `lost` if the peer went away (reset, a
+        failed write, a vanished peer): `undelivered` bytes for it were dropped."""
 
 
 class Hold(Frontend):
@@ -43,6 +67,9 @@ class Sink(Frontend):
 
 
 class Echo(Frontend):
+    """Write back what is read; at the peer's EOF, the echoes still owed go out
+    first, then the connection closes."""
+
     name = "echo"
     reads = True
 
@@ -54,7 +81,14 @@ class Echo(Frontend):
 
 
 class Bridge(Frontend):
-    """Relay to the partner chardev; each side of a bridge holds one of these."""
+    """One side of a proxy: each side of a bridge holds one of these, and the two
+    connections they relay between are one session (DESIGN "Bridges are proxies").
+
+    A client side whose partner is a server connects afresh for each peer of the
+    partner (`on_demand`) and is closed when that peer's session ends. A half-close
+    crosses over once every byte before it is written; the session ends when both
+    directions are done, or at once when one side is lost, the other side then
+    closed after what can still be delivered to it."""
 
     name = "bridge"
     reads = True
@@ -63,11 +97,50 @@ class Bridge(Frontend):
         super().__init__(chardev)
         self.partner = partner
 
+    @property
+    def on_demand(self) -> bool:
+        return not self.chardev.spec.server and self.partner.spec.server
+
     def target(self):
         return self.partner
 
+    def may_accept(self) -> bool:
+        # A new peer is a new session: not while the last one's partner still drains.
+        return not self.partner.closing
+
     def received(self, data: bytes) -> None:
         self.partner.write(data)
+
+    def connected(self) -> None:
+        partner = self.partner
+        if partner.frontend.on_demand and partner.conn is None and not partner.connecting:
+            partner.connect_for_session()
+
+    def eof(self) -> None:
+        self.partner.pass_eof()
+        self._end_if_done()
+
+    def eof_sent(self) -> None:
+        self._end_if_done()
+
+    def _end_if_done(self) -> None:
+        mine, partner = self.chardev, self.partner
+        if mine.eof_read and mine.eof_sent and partner.eof_read and partner.eof_sent:
+            mine.finish("session ended (both directions closed)")
+            partner.finish("session ended (both directions closed)")
+
+    def ended(self, reason: str, undelivered: int, lost: bool) -> None:
+        partner = self.partner
+        if partner.closing:
+            return  # the session's end is under way already
+        had_session = partner.conn is not None
+        dropped = undelivered + (0 if had_session else len(partner.outbuf))
+        if lost and (had_session or dropped):
+            # Said before the other side closes: whoever sees that close can read why.
+            log.warning("bridge %s-%s: %s lost (%s); %s closed after what could still be delivered; "
+                        "%d byte(s) could not be delivered", self.chardev.label, partner.label,
+                        self.chardev.label, reason, partner.label, dropped)
+        partner.end_session()
 
 
 def make(chardev, partner=None) -> Frontend:

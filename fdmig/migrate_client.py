@@ -1,32 +1,127 @@
 """migrate-out as a control client: set capabilities, optionally spawn the target,
-ask the source to migrate, and wait until the target serves and the source is gone."""
+ask the source to migrate, and wait until the target serves and the source is gone.
+SIGINT and SIGTERM cancel the migration (QMP migrate_cancel) and wait until the
+source serves on; a spawned target that exits first fails it at once."""
 
+import contextlib
 import os
-import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 
+import fdmig
 from fdmig import paths, qmp
 from fdmig.errors import FdmigError, NoInstanceError, TimeoutExpired
 
 # Beyond the source's own timeout, how long we wait for it to exit and for the
 # target to answer on the control path.
 HANDOVER_GRACE = 10.0
+TERMINAL = ("completed", "failed", "cancelled")
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM arrived while migrate-out waited."""
 
 
 def fdmig_command() -> list[str]:
-    """The fdmig found on PATH (a freshly installed version takes over), else ours."""
-    found = shutil.which("fdmig")
-    return [found] if found else [sys.executable, "-m", "fdmig"]
+    """This very fdmig: our interpreter, and the package this code was imported
+    from (not whichever `fdmig` is first on PATH, nor one in the working directory)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(fdmig.__file__)))
+    return [sys.executable, "-P", "-c",
+            "import sys; sys.path.insert(0, sys.argv.pop(1)); from fdmig.cli import main; main(prog_name='fdmig')",
+            root]
 
 
-def spawn_target(instance_args: list[str], channel_path: str) -> subprocess.Popen:
-    argv = fdmig_command() + ["migrate-in", *instance_args, "--channel", f"unix:{channel_path}"]
-    # Its own session, our stderr: under systemd its log reaches the journal. Its
-    # stdout is our stderr too (it prints nothing there), so that a script's
-    # $(fdmig migrate-out --spawn --json) returns when we do, not when it exits.
-    return subprocess.Popen(argv, start_new_session=True, stdin=subprocess.DEVNULL, stdout=sys.stderr.fileno())
+class Spawned:
+    """A target started by `--spawn`: its own session, its stderr copied to ours
+    (and its last line kept) until it commits, its exit seen through a pidfd."""
+
+    def __init__(self, argv: list[str]):
+        stderr_copy = os.dup(2)
+        reader, writer = os.pipe()
+        try:
+            # Its stdout is our stderr (it prints nothing there), so that a script's
+            # $(fdmig migrate-out --spawn --json) returns when we do, not when it exits.
+            self.proc = subprocess.Popen(argv, start_new_session=True, stdin=subprocess.DEVNULL, stdout=2,
+                                         stderr=writer, pass_fds=(stderr_copy,),
+                                         env=dict(os.environ, **{paths.SPAWN_STDERR_ENV: str(stderr_copy)}))
+        finally:
+            os.close(writer)
+            os.close(stderr_copy)
+        self.pidfd = os.pidfd_open(self.proc.pid)
+        self.last_line = ""
+        self._reader = reader
+        self._copier = threading.Thread(target=self._copy, daemon=True)
+        self._copier.start()
+
+    def _copy(self) -> None:
+        pending = b""
+        while True:
+            try:
+                data = os.read(self._reader, 65536)
+            except OSError:
+                break
+            if not data:
+                break
+            try:
+                os.write(2, data)
+            except OSError:
+                pass
+            lines = (pending + data).split(b"\n")
+            pending = lines.pop()
+            for line in lines:
+                if line.strip():
+                    self.last_line = line.decode(errors="replace").strip()
+        if pending.strip():
+            self.last_line = pending.decode(errors="replace").strip()
+        os.close(self._reader)
+
+    def fileno(self) -> int:
+        return self.pidfd
+
+    def exit_reason(self) -> str:
+        code = self.proc.wait()
+        self._copier.join(2)
+        status = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}"
+        line = f": {self.last_line}" if self.last_line else ""
+        return f"the target (pid {self.proc.pid}) {status} before the commit{line}"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.close()
+
+    def close(self) -> None:
+        if self.pidfd >= 0:
+            os.close(self.pidfd)
+            self.pidfd = -1
+
+
+def spawn_target(instance_args: list[str], channel_path: str) -> Spawned:
+    return Spawned(fdmig_command() + ["migrate-in", *instance_args, "--channel", f"unix:{channel_path}"])
+
+
+@contextlib.contextmanager
+def interruptible():
+    """SIGINT and SIGTERM raise Interrupted in the wait, once; while the
+    cancellation runs, more of them are ignored."""
+    def raise_interrupted(signum, frame):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
+        raise Interrupted(signal.Signals(signum).name)
+    old = {sig: signal.signal(sig, raise_interrupted) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
 
 
 def wait_exit(pid: int, deadline: float) -> bool:
@@ -56,10 +151,11 @@ def wait_target(control_path: str, source_pid: int, deadline: float) -> dict:
         time.sleep(0.02)  # the target binds the path right after it resumes
 
 
-def migrate_out(control_path, channel_path, capabilities, timeout, spawn, instance_args) -> dict:
+def migrate_out(control_path, channel_path, capabilities, timeout, spawn, instance_args, announce=None) -> dict:
+    """`announce(line)` is told, on a terminal, what the migration waits for."""
     notes = []
-    target_proc = None
-    with qmp.connect(control_path) as client:
+    target = None
+    with qmp.connect(control_path) as client, interruptible():
         before = client.execute("x-fdmig-status")
         source_pid = before["pid"]
         if capabilities:
@@ -71,39 +167,25 @@ def migrate_out(control_path, channel_path, capabilities, timeout, spawn, instan
             notes.append(f"capability local-char-socket is off: {len(marked)} marked chardev(s) "
                          f"({', '.join(marked[:5])}{', ...' if len(marked) > 5 else ''}) will reconnect "
                          "instead of moving live")
-        if spawn:
-            target_proc = spawn_target(instance_args, channel_path)
         try:
-            client.execute("migrate", {"uri": f"unix:{channel_path}", "x-fdmig-timeout": timeout})
-            deadline = time.monotonic() + timeout + HANDOVER_GRACE
-            while True:
-                try:
-                    event = client.wait_event({"MIGRATION"}, deadline)
-                except EOFError:
-                    # The source died. If it had sent everything, the target took over.
-                    data = _after_source_died(control_path, source_pid)
-                    notes.append(f"the source (pid {source_pid}) died during the migration; "
-                                 "the target took over what it had sent")
-                    break
-                data = event.get("data", {})
-                if data.get("status") in ("completed", "failed", "cancelled"):
-                    break
+            if spawn:
+                target = spawn_target(instance_args, channel_path)
+            data = _migrate(client, {"uri": f"unix:{channel_path}", "x-fdmig-timeout": timeout}, control_path,
+                            source_pid, time.monotonic() + timeout + HANDOVER_GRACE, target, announce, notes)
         except BaseException:
-            _stop(target_proc)
+            if target is not None:
+                target.stop()
             raise
-    if data["status"] != "completed":
-        _stop(target_proc)
-        reason = data.get("x-fdmig-error") or data["status"]
-        message = f"migration {data['status']}: {reason}; the source still serves every chardev"
-        raise (TimeoutExpired if data.get("x-fdmig-timed-out") else FdmigError)(message)
-    target = data.get("x-fdmig-target", {})
+    if target is not None:
+        target.close()
+    target_info = data.get("x-fdmig-target") or {}
     deadline = time.monotonic() + HANDOVER_GRACE
     if not wait_exit(source_pid, deadline):
         raise TimeoutExpired(f"the source (pid {source_pid}) committed but has not exited")
-    outcome = {"status": "completed", "source-pid": source_pid, "target-pid": target.get("pid"),
+    outcome = {"status": "completed", "source-pid": source_pid, "target-pid": target_info.get("pid"),
                "chardevs": data.get("x-fdmig-chardevs"), "downtime-ms": None, "total-ms": None,
                "notes": notes}
-    if target.get("control", True):
+    if target_info.get("control", True):
         status = wait_target(control_path, source_pid, deadline)
         mig = status["migration"]
         outcome.update({"target-pid": status["pid"], "chardevs": mig["chardevs"],
@@ -112,8 +194,72 @@ def migrate_out(control_path, channel_path, capabilities, timeout, spawn, instan
                               f"{status['pid']}: downtime {mig['downtime-ms']} ms, total {mig['total-ms']} ms")
     else:
         outcome["summary"] = (f"migrated {outcome['chardevs']} chardev(s) live from pid {source_pid} "
-                              f"to pid {target.get('pid')}, which runs its own program now")
+                              f"to pid {target_info.get('pid')}, which runs its own program now")
     return outcome
+
+
+def _migrate(client, arguments, control_path, source_pid, deadline, target, announce, notes) -> dict:
+    """Start the migration; the MIGRATION event's data once it completed. FdmigError
+    (the source serving on) if it failed, was cancelled, or the spawned target
+    exited first."""
+    wake = [target] if target is not None else []
+    failure = None
+    try:
+        client.execute("migrate", arguments)
+        while True:
+            try:
+                event = client.wait_event({"MIGRATION", "X_FDMIG_MIGRATION_WAITING"}, deadline, wake=wake)
+            except EOFError:
+                # The source died. If it had sent everything, the target took over.
+                data = _after_source_died(control_path, source_pid)
+                notes.append(f"the source (pid {source_pid}) died during the migration; "
+                             "the target took over what it had sent")
+                return data
+            if event is None:  # the spawned target exited
+                failure = target.exit_reason()
+                data = _cancel(client)
+                break
+            data = event.get("data", {})
+            if event["event"] == "X_FDMIG_MIGRATION_WAITING":
+                if announce is not None:
+                    who = f"the target (pid {target.proc.pid})" if target is not None else "a target"
+                    how = "" if target is not None else " (start one with: fdmig migrate-in)"
+                    announce(f"waiting for {who} to listen on {data.get('channel')}{how}")
+                continue
+            if data.get("status") in TERMINAL:
+                break
+    except Interrupted as exc:
+        failure = f"interrupted by {exc}"
+        data = _cancel(client)
+    if data["status"] == "completed":
+        if failure is not None:
+            notes.append(f"{failure}, but too late: the migration had committed")
+        return data
+    reason = failure or data.get("x-fdmig-error") or data["status"]
+    message = f"migration {data['status']}: {reason}; the source still serves every chardev"
+    raise (TimeoutExpired if data.get("x-fdmig-timed-out") and failure is None else FdmigError)(message)
+
+
+def _cancel(client) -> dict:
+    """migrate_cancel, then the MIGRATION event that says how it ended: the source
+    rolls back unless it had committed already."""
+    deadline = time.monotonic() + HANDOVER_GRACE
+    try:
+        client.execute("migrate_cancel")
+        status = client.execute("query-migrate").get("status", "none")
+        if status not in ("setup", "active"):
+            # It had ended (or never begun); its MIGRATION event, if any, came before our reply.
+            ended = [e.get("data", {}) for e in client.events if e["event"] == "MIGRATION"]
+            if ended and ended[-1].get("status") in TERMINAL:
+                return ended[-1]
+            return {"status": "cancelled"}
+        while True:
+            data = client.wait_event({"MIGRATION"}, deadline).get("data", {})
+            if data.get("status") in TERMINAL:
+                return data
+    except (EOFError, FdmigError):
+        raise FdmigError("the migration was being cancelled when the source closed its control "
+                         "connection; see its log") from None
 
 
 def _after_source_died(control_path: str, source_pid: int) -> dict:
@@ -142,12 +288,3 @@ def _refused(incoming_path: str, source_pid: int) -> bool:
     except (NoInstanceError, FdmigError, OSError):
         return False
     return migration.get("status") == "failed" and migration.get("source-pid") == source_pid
-
-
-def _stop(proc: subprocess.Popen | None) -> None:
-    if proc is not None and proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()

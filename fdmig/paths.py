@@ -44,6 +44,24 @@ def incoming_beside(control: str) -> str:
     return _stem(control) + ".incoming.sock"
 
 
+def parse_channel_uri(uri: str) -> str:
+    """The path of a `unix:PATH` migration channel; anything else is refused with the
+    reason. Here, not with the channel's asyncio code: the CLI parses `--channel`."""
+    scheme, _, rest = uri.partition(":")
+    if scheme == "unix" and rest:
+        return rest
+    if scheme in ("tcp", "inet"):
+        raise ValueError(f"channel {uri}: local-char-socket passes fds with SCM_RIGHTS, so a unix "
+                         "channel is needed; accepted: unix:PATH")
+    raise ValueError(f"channel '{uri}' is not understood; accepted: unix:PATH")
+
+
+# A target that `migrate-out --spawn` starts writes its stderr to migrate-out (which
+# keeps its last line, should it fail) until the commit, then to this inherited fd:
+# migrate-out's own stderr, so its log goes on where migrate-out's went.
+SPAWN_STDERR_ENV = "FDMIG_SPAWN_STDERR_FD"
+
+
 def ensure_private_dir(path: str) -> str:
     """Create `path` 0700 (parents as needed) or check that an existing one is ours
     and closed to others: a socket bound inside it is then private from the first

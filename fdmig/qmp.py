@@ -9,6 +9,7 @@ import dataclasses
 import enum
 import json
 import os
+import select
 import socket
 import time
 
@@ -336,13 +337,21 @@ class Client:
         except (EOFError, ConnectionResetError, BrokenPipeError) as exc:
             raise FdmigError(f"{command}: the instance closed the control connection ({exc})") from None
 
-    def wait_event(self, names: set[str], deadline: float | None) -> dict:
-        """The next event named in `names` (earlier ones first); TimeoutExpired at deadline."""
+    def wait_event(self, names: set[str], deadline: float | None, wake=()) -> dict | None:
+        """The next event named in `names` (earlier ones first); TimeoutExpired at
+        deadline; None if one of `wake` (objects with fileno()) is readable first."""
         while True:
             for i, event in enumerate(self.events):
                 if event["event"] in names:
                     return self.events.pop(i)
             self.events.clear()
+            if wake and not self._pending:
+                timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+                ready = select.select([self.sock, *wake], [], [], timeout)[0]
+                if not ready:
+                    raise TimeoutExpired("timed out waiting for the instance")
+                if self.sock not in ready:
+                    return None
             msg = self._read_message(deadline)
             if "event" in msg:
                 self.events.append(msg)

@@ -1,11 +1,27 @@
 """Rendering of status: one data path (the x-fdmig-status object) feeds the rich
-table on a terminal, plain text in a pipe, and --json."""
+table on a terminal, plain text in a pipe, and --json.
 
+Both tables come from one layout, fitted to a width as `ps` and `ss` fit theirs:
+no cell is squeezed into an ellipsis or wrapped inside itself. When the rows are
+wider than the screen the long cells take their short forms (SINCE a time of
+day, PEER `process[pid]`, byte counts `1.5M`); when they still are, the columns
+that do not fit go on a continuation line, indented, as `ss` does; a single cell
+wider than the screen is cut at its edge, as `ps` cuts its last column. Without
+a width (a pipe, for grep and awk) every row is one line.
+"""
+
+import calendar
 import json
+import textwrap
 import time
 
 COLUMNS = ("label", "address", "role", "state", "marks", "frontend", "fd", "peer",
            "rx", "tx", "since")
+STATE_COLUMN = COLUMNS.index("state")
+GAP = "  "
+INDENT = "  "  # of a continuation line
+_STATE_STYLES = {"connected": "green", "listening": "cyan", "connecting": "yellow",
+                 "disconnected": "red", "migrating": "magenta", "awaiting-incoming": "yellow"}
 
 
 def _marks(chardev: dict) -> str:
@@ -28,25 +44,61 @@ def _peer(chardev: dict) -> str:
     return peer
 
 
-def _bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+def _short_peer(chardev: dict) -> str:
+    """`socat[977]`, as the journal names a process; the address only when it says
+    more than `unix:` (an unnamed unix client)."""
+    peer = chardev.get("peer")
+    if not peer:
+        return "-"
+    pid = chardev.get("peer-pid")
+    if not pid:
+        return peer
+    who = f"{chardev['peer-process']}[{pid}]" if chardev.get("peer-process") else f"pid {pid}"
+    return who if peer == "unix:" else f"{peer} {who}"
+
+
+def _bytes(n: int, units=("B", "KiB", "MiB", "GiB"), sep: str = " ") -> str:
+    for unit in units:
+        if n < 1024 or unit == units[-1]:
+            return f"{n}{sep}{unit}" if unit == units[0] else f"{n:.1f}{sep}{unit}"
         n /= 1024
     return str(n)
 
 
-def rows(status: dict) -> list[tuple[str, ...]]:
+def _short_bytes(n: int) -> str:
+    """`ls -h`'s form: 512B, 1.5K, 3.0M."""
+    return _bytes(n, ("B", "K", "M", "G"), "")
+
+
+def _short_since(since: str | None, now: float) -> str:
+    """`ps`'s STIME: the local time of day within the last day, else the date."""
+    if not since:
+        return "-"
+    try:
+        when = calendar.timegm(time.strptime(since, "%Y-%m-%dT%H:%M:%SZ"))
+    except ValueError:
+        return since
+    return time.strftime("%H:%M:%S" if now - when < 86400 else "%b%d", time.localtime(when))
+
+
+def rows(status: dict, compact: bool = False) -> list[tuple[str, ...]]:
+    """One tuple of cells per chardev; `compact`: the short forms of the long cells."""
     out = []
+    now = time.time()
     for c in status["chardevs"]:
-        since = c.get("connected-since") or "-"
+        if compact:
+            peer, rx, tx = _short_peer(c), _short_bytes(c["rx-bytes"]), _short_bytes(c["tx-bytes"])
+            since = _short_since(c.get("connected-since"), now)
+        else:
+            peer, rx, tx = _peer(c), _bytes(c["rx-bytes"]), _bytes(c["tx-bytes"])
+            since = c.get("connected-since") or "-"
         out.append((c["label"], c["address"], c["role"], c["state"], _marks(c), c["frontend"],
-                    str(c["fd"]) if c["fd"] is not None else "-", _peer(c), _bytes(c["rx-bytes"]),
-                    _bytes(c["tx-bytes"]), since))
+                    str(c["fd"]) if c["fd"] is not None else "-", peer, rx, tx, since))
     return out
 
 
-def header(status: dict) -> list[str]:
+def _header_fields(status: dict) -> list[tuple[list[str], str]]:
+    """The header's two lines, as (fields, separator)."""
     caps = ", ".join(k for k, v in status["capabilities"].items() if v) or "none"
     mig = status["migration"]
     if mig["status"] == "none":
@@ -57,37 +109,124 @@ def header(status: dict) -> list[str]:
             last += f", downtime {mig['downtime-ms']:.1f} ms"
         if mig.get("error"):
             last += f": {mig['error']}"
+    state = status["state"]
+    if state == "inmigrate":
+        state += " (a migration target, waiting)"
     return [
-        f"instance {status['name']}  pid {status['pid']}  state {status['state']}  "
-        f"uptime {status['uptime-s']:.1f} s  rss {_bytes(status['rss-bytes'])}  open fds {status['open-fds']}",
-        f"capabilities: {caps}   last migration: {last}",
+        ([f"instance {status['name']}", f"pid {status['pid']}", f"state {state}",
+          f"uptime {status['uptime-s']:.1f} s", f"rss {_bytes(status['rss-bytes'])}",
+          f"open fds {status['open-fds']}"], "  "),
+        ([f"capabilities: {caps}", f"last migration: {last}"], "   "),
     ]
 
 
-def plain(status: dict) -> str:
-    lines = header(status)
-    table = [tuple(c.upper() for c in COLUMNS)] + rows(status)
+def header(status: dict) -> list[str]:
+    return [sep.join(fields) for fields, sep in _header_fields(status)]
+
+
+def _fill(fields: list[str], sep: str, width: int | None) -> list[str]:
+    """Fields joined by `sep`, as many to a line as fit `width`; the lines after
+    the first indented; a field longer than a line wrapped at its spaces."""
+    if width is None:
+        return [sep.join(fields)]
+    lines: list[str] = []
+    for field in fields:
+        room = width - (len(INDENT) if lines else 0)
+        if lines and len(lines[-1]) + len(sep) + len(field) <= width:
+            lines[-1] += sep + field
+        elif len(field) <= room:
+            lines.append((INDENT if lines else "") + field)
+        else:
+            for part in textwrap.wrap(field, max(room, 10), break_on_hyphens=False) or [field]:
+                lines.append((INDENT if lines else "") + part)
+    return lines
+
+
+def _groups(widths: list[int], width: int | None) -> list[list[int]]:
+    """The columns of each line of a row: all on one when they fit; otherwise as
+    many as fit on the first line, the rest on continuation lines."""
+    if width is None or sum(widths) + len(GAP) * (len(widths) - 1) <= width:
+        return [list(range(len(widths)))]
+    groups: list[list[int]] = []
+    used = 0
+    for column, w in enumerate(widths):
+        if groups and used + len(GAP) + w <= width:
+            groups[-1].append(column)
+            used += len(GAP) + w
+        else:
+            groups.append([column])
+            used = (len(INDENT) if len(groups) > 1 else 0) + w
+    return groups
+
+
+Line = list[tuple[str, str]]  # (text, rich style) segments
+
+
+def _cut(line: Line, width: int | None) -> Line:
+    """The line without trailing blanks and no wider than `width`: cut at the edge
+    with '…' if it must be."""
+    text = "".join(part for part, _ in line).rstrip()
+    keep = len(text) if width is None or len(text) <= width else max(width - 1, 0)
+    out, left = [], keep
+    for part, style in line:
+        if left <= 0:
+            break
+        out.append((part[:left], style))
+        left -= len(part)
+    if keep < len(text):
+        out.append(("…", ""))
+    return out
+
+
+def layout(status: dict, width: int | None = None) -> list[Line]:
+    """The status as lines of styled segments, fitted to `width` (None: unlimited)."""
+    lines: list[Line] = []
+    for n, (fields, sep) in enumerate(_header_fields(status)):
+        for text in _fill(fields, sep, width):
+            lines.append(_cut([(text, "bold" if n == 0 else "")], width))
+    heading = tuple(column.upper() for column in COLUMNS)
+    table = [heading] + rows(status)
     widths = [max(len(row[i]) for row in table) for i in range(len(COLUMNS))]
-    for row in table:
-        lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
-    return "\n".join(lines)
+    if width is not None and sum(widths) + len(GAP) * (len(widths) - 1) > width:
+        table = [heading] + rows(status, compact=True)
+        widths = [max(len(row[i]) for row in table) for i in range(len(COLUMNS))]
+    groups = _groups(widths, width)
+    for r, row in enumerate(table):
+        for g, columns in enumerate(groups):
+            line: Line = [(INDENT, "")] if g else []
+            for k, column in enumerate(columns):
+                cell = row[column] if k == len(columns) - 1 else row[column].ljust(widths[column])
+                if r == 0:
+                    style = "bold"
+                else:
+                    style = _STATE_STYLES.get(row[column], "") if column == STATE_COLUMN else ""
+                if k:
+                    line.append((GAP, ""))
+                line.append((cell, style))
+            lines.append(_cut(line, width))
+    return lines
 
 
-def rich_table(status: dict):
-    from rich.console import Group
-    from rich.table import Table
-    from rich.text import Text
-    table = Table(box=None, header_style="bold", pad_edge=False)
-    for column in COLUMNS:
-        table.add_column(column.upper(), no_wrap=column in ("label", "state", "fd"))
-    colours = {"connected": "green", "listening": "cyan", "connecting": "yellow",
-               "disconnected": "red", "migrating": "magenta", "awaiting-incoming": "yellow"}
-    for row in rows(status):
-        cells = list(row)
-        cells[3] = Text(row[3], style=colours.get(row[3], ""))
-        table.add_row(*cells)
-    head = [Text(line, style="bold" if i == 0 else "") for i, line in enumerate(header(status))]
-    return Group(*head, table)
+def plain(status: dict, width: int | None = None) -> str:
+    """Plain text: a header and the table, fitted to `width` (None: one row per line)."""
+    return "\n".join("".join(part for part, _ in line) for line in layout(status, width))
+
+
+class StatusView:
+    """The status for rich, laid out for whatever width the console gives it (a
+    Live display lays it out again when the terminal is resized)."""
+
+    def __init__(self, status: dict):
+        self.status = status
+
+    def __rich_console__(self, console, options):
+        from rich.text import Text
+        for line in layout(self.status, options.max_width):
+            yield Text.assemble(*line, no_wrap=True, overflow="crop")
+
+
+def rich_table(status: dict) -> StatusView:
+    return StatusView(status)
 
 
 def as_json(status: dict) -> str:

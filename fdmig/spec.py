@@ -7,6 +7,7 @@ every validation rule lives in one place.
 
 import dataclasses
 import functools
+import os
 import re
 
 from fdmig.errors import SpecError
@@ -24,6 +25,10 @@ _KEYS = ("id", "path", "host", "port", "fd", "fdname", "server", "wait", "reconn
          "nodelay", "support-local-migration", "local-incoming", "frontend", "bridge",
          "logfile", "logappend")
 ADDRESS_KEYS = ("path", "host+port", "fd", "fdname")
+# A chardev's states (fdmig.chardev.State), here so that what only names them
+# (`status --wait`, completion) need not import the chardev machinery.
+STATES = ("listening", "connecting", "connected", "disconnected", "awaiting-incoming",
+          "migrating", "migrated", "closed")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,8 +117,27 @@ class ChardevSpec:
         return {"id": self.id, "backend": {"type": "socket", "data": data}}
 
 
-def _fail(field: str, problem: str) -> SpecError:
-    return SpecError(f"chardev {field}: {problem}")
+class FieldError(SpecError):
+    """A SpecError about one key of one chardev: `chardev LABEL: KEY: problem`, or
+    `chardev KEY: problem` while the chardev's label is not known."""
+
+    def __init__(self, field: str, problem: str, label: str | None = None):
+        self.field, self.problem, self.label = field, problem, label
+        super().__init__(f"chardev {label}: {field}: {problem}" if label else f"chardev {field}: {problem}")
+
+    def naming(self, label: str | None) -> "FieldError":
+        """The same error naming its chardev `label` (unless it names one already)."""
+        if self.label is not None or not label:
+            return self
+        return FieldError(self.field, self.problem, label)
+
+
+def _fail(field: str, problem: str, label: str | None = None) -> FieldError:
+    return FieldError(field, problem, label)
+
+
+def _valid_label(value) -> str | None:
+    return value if isinstance(value, str) and _ID_RE.match(value) and len(value) <= MAX_LABEL else None
 
 
 def parse_bool(key: str, value: str) -> bool:
@@ -136,8 +160,17 @@ def _parse_int(key: str, value, low: int, high: int) -> int:
 
 
 def parse_spec(text: str) -> ChardevSpec:
-    """Parse QEMU's `-chardev` syntax. `socket` in front may be left out."""
+    """Parse QEMU's `-chardev` syntax. `socket` in front may be left out. An error
+    names the chardev by its id= wherever in the SPEC that is."""
     items = _split_items(text)
+    try:
+        return _parse_items(text, items)
+    except FieldError as exc:
+        ids = [item[3:] for item in items if item.startswith("id=")]
+        raise exc.naming(_valid_label(ids[0]) if ids else None) from None
+
+
+def _parse_items(text: str, items: list[str]) -> ChardevSpec:
     if items and items[0] and "=" not in items[0]:
         backend = items.pop(0)
         if backend != "socket":
@@ -183,6 +216,13 @@ def _unknown_key(key: str) -> str:
 
 def build_spec(fields: dict) -> ChardevSpec:
     """Validate kebab-case fields (strings from a SPEC, or JSON values) into a spec."""
+    try:
+        return _build(fields)
+    except FieldError as exc:
+        raise exc.naming(_valid_label(fields.get("id"))) from None
+
+
+def _build(fields: dict) -> ChardevSpec:
     for key in fields:
         if key not in _KEYS:
             raise _fail(key, _unknown_key(key))
@@ -311,12 +351,16 @@ def from_qmp(arguments: dict) -> ChardevSpec:
     return build_spec({k: v for k, v in fields.items() if v is not None})
 
 
-def check_set(specs) -> None:
-    """Rules across chardevs: unique labels, bridge targets present and free."""
+def check_set(specs, cwd: str | None = None) -> None:
+    """Rules across chardevs: unique labels, no two on one address (Addresses),
+    bridge targets present and free. `cwd`: what relative paths are relative to."""
     seen: dict[str, ChardevSpec] = {}
+    addresses = Addresses(cwd)
     for spec in specs:
         if spec.id in seen:
             raise duplicate_label(spec.id)
+        addresses.check(spec)
+        addresses.add(spec)
         seen[spec.id] = spec
     bridged: set[str] = set()
     for spec in specs:
@@ -331,7 +375,7 @@ def partners_first(specs) -> list:
 
 
 def duplicate_label(label: str) -> SpecError:
-    return _fail("id", f"duplicate label '{label}'; each chardev needs its own id")
+    return _fail("id", f"duplicate label '{label}'; each chardev needs its own id", label)
 
 
 def check_bridge(spec: ChardevSpec, by_label, bridged) -> None:
@@ -341,26 +385,200 @@ def check_bridge(spec: ChardevSpec, by_label, bridged) -> None:
     if other is None:
         names = sorted(label for label in by_label if label != spec.id)
         raise _fail("bridge", f"'{spec.bridge}' names no chardev; accepted: one of "
-                              f"{', '.join(names[:20]) or '(none)'}")
+                              f"{', '.join(names[:20]) or '(none)'}", spec.id)
     if other.frontend not in ("hold", "bridge") or other.bridge not in (None, spec.id):
         raise _fail("bridge", f"'{spec.bridge}' already has frontend {other.frontend}; "
-                              "a bridge needs a chardev with frontend=hold")
+                              "a bridge needs a chardev with frontend=hold", spec.id)
     if spec.bridge in bridged:
-        raise _fail("bridge", f"'{spec.bridge}' is bridged by more than one chardev")
+        raise _fail("bridge", f"'{spec.bridge}' is bridged by more than one chardev", spec.id)
 
 
 def check_incoming(spec: ChardevSpec, incoming: bool) -> None:
     """local-incoming=on belongs to an instance that waits for a migration."""
     if spec.local_incoming and not incoming:
         raise _fail("local-incoming", "only an incoming instance (only migrate-in starts one) waits for a "
-                                      f"migrated fd; '{spec.id}' is for a running one")
+                                      "migrated fd; this instance is running", spec.id)
 
 
-def check_fits(spec: ChardevSpec, held: dict, incoming: bool) -> None:
+def check_fits(spec: ChardevSpec, held: dict, incoming: bool, addresses: "Addresses | None" = None) -> None:
     """Rules for adding `spec` to an instance holding `held` (label -> spec):
-    a new label, local-incoming only on an incoming instance, a free bridge partner."""
+    a new label, an address no held chardev uses, local-incoming only on an
+    incoming instance, a free bridge partner. `addresses`: the index of what
+    `held` uses, kept by the instance (else built here from `held`'s specs)."""
     if spec.id in held:
         raise duplicate_label(spec.id)
+    if addresses is None:
+        addresses = Addresses()
+        for other in held.values():
+            addresses.add(other)
+    addresses.check(spec)
     check_incoming(spec, incoming)
     if spec.bridge is not None:
         check_bridge(spec, held, {s.bridge for s in held.values() if s.bridge})
+
+
+# ----- addresses: what two chardevs of one instance may not share ----------------
+
+class Addresses:
+    """The unix paths and TCP listening addresses of an instance's chardevs, by
+    label, for the rule that two of them may not share one: a second listener
+    would leave the first listening where nobody reaches it, and its close would
+    unlink the first one's socket file. Conflicts, as the kernel sees them:
+    - a unix path a server listens on is that server's alone: neither a second
+      server nor a client of the same instance (which would take the server's one
+      peer) may use it. Clients may share a path: several connections to one
+      service, as QEMU allows.
+    - two servers on one TCP port whose hosts overlap: the same address (numeric
+      forms compared as addresses, `localhost` as the 127.0.0.1 an IPv4 socket
+      binds), or either the wildcard `0.0.0.0` (every IPv4 address, and every
+      host name: those bind IPv4) or `::` (every address, IPv4 too). Port 0 is a
+      fresh port each time and never conflicts. Clients are not checked: where a
+      TCP name leads is the resolver's business, not a rule of the SPEC.
+    An index, not a scan: an instance starting with thousands of chardevs checks
+    each one with a few dict lookups.
+    """
+
+    def __init__(self, cwd: str | None = None):
+        # Relative paths are relative to the process that binds them.
+        if cwd is None:
+            try:
+                cwd = os.getcwd()
+            except OSError:  # a working directory since removed: compare as written
+                cwd = ""
+        self._cwd = cwd
+        self._servers: dict[str, str] = {}  # unix path -> label
+        self._clients: dict[str, dict[str, None]] = {}  # unix path -> labels, in order
+        self._tcp: dict[int, dict[str, str]] = {}  # port -> host -> label
+
+    def _path(self, path: str) -> str:
+        path = os.path.normpath(os.path.join(self._cwd, path))
+        # POSIX lets '//' mean something else; on Linux it is '/'.
+        return "/" + path.lstrip("/") if path.startswith("//") else path
+
+    @staticmethod
+    def _spec(item) -> ChardevSpec:
+        return getattr(item, "spec", item)  # a ChardevSpec, or a chardev holding one
+
+    def conflict(self, spec: ChardevSpec) -> tuple[str, str] | None:
+        """(label, address) of a chardev held that `spec` may not share an address
+        with, or None."""
+        if spec.kind == "unix":
+            path = self._path(spec.path)
+            label = self._servers.get(path)
+            if label is None and spec.server:
+                label = next(iter(self._clients.get(path, ())), None)
+            return None if label is None else (label, f"unix:{spec.path}")
+        if spec.kind == "inet" and spec.server and spec.port:
+            bucket = self._tcp.get(spec.port)
+            if not bucket:
+                return None
+            host = _listening_host(spec.host)
+            label = bucket.get(host) or bucket.get("::")
+            if label is None and ":" not in host:
+                label = bucket.get("0.0.0.0")
+            if label is None and host in ("::", "0.0.0.0"):
+                label = next((other for h, other in bucket.items() if host == "::" or ":" not in h), None)
+            return None if label is None else (label, spec.address)
+        return None
+
+    def check(self, spec: ChardevSpec) -> None:
+        found = self.conflict(spec)
+        if found is None:
+            return
+        label, address = found
+        if spec.kind == "unix":
+            raise _fail("path", f"{address} is chardev {label}'s already; two chardevs of one instance share "
+                                "a unix path only if both are clients (server=off)", spec.id)
+        raise _fail("host+port", f"{address} overlaps the listening address of chardev {label}; accepted: "
+                                 "a host and port no other server of this instance listens on", spec.id)
+
+    def add(self, item) -> None:
+        spec = self._spec(item)
+        if spec.kind == "unix":
+            path = self._path(spec.path)
+            if spec.server:
+                self._servers.setdefault(path, spec.id)
+            else:
+                self._clients.setdefault(path, {})[spec.id] = None
+        elif spec.kind == "inet" and spec.server and spec.port:
+            self._tcp.setdefault(spec.port, {}).setdefault(_listening_host(spec.host), spec.id)
+
+    def remove(self, item) -> None:
+        spec = self._spec(item)
+        if spec.kind == "unix":
+            path = self._path(spec.path)
+            if spec.server:
+                if self._servers.get(path) == spec.id:
+                    del self._servers[path]
+            else:
+                labels = self._clients.get(path)
+                if labels is not None:
+                    labels.pop(spec.id, None)
+                    if not labels:
+                        del self._clients[path]
+        elif spec.kind == "inet" and spec.server and spec.port:
+            bucket = self._tcp.get(spec.port)
+            host = _listening_host(spec.host)
+            if bucket is not None and bucket.get(host) == spec.id:
+                del bucket[host]
+                if not bucket:
+                    del self._tcp[spec.port]
+
+
+def _listening_host(host: str) -> str:
+    """`host` in the form two equal listening addresses share (no name is resolved)."""
+    import ipaddress
+    host = host.lower()
+    if host == "localhost":
+        return "127.0.0.1"  # what an IPv4 socket (a host without ':') binds
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if address.version == 6 and address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return str(address)
+
+
+class Held(dict):
+    """label -> chardev (anything with a `.spec`), keeping `addresses`, the index
+    check_fits needs, in step with every change."""
+
+    def __init__(self):
+        super().__init__()
+        self.addresses = Addresses()
+
+    def __setitem__(self, label, chardev) -> None:
+        if label in self:
+            self.addresses.remove(self[label])
+        super().__setitem__(label, chardev)
+        self.addresses.add(chardev)
+
+    def __delitem__(self, label) -> None:
+        self.addresses.remove(self[label])
+        super().__delitem__(label)
+
+    _MISSING = object()
+
+    def pop(self, label, default=_MISSING):
+        if label in self:
+            self.addresses.remove(self[label])
+        return super().pop(label) if default is self._MISSING else super().pop(label, default)
+
+    def popitem(self):
+        label, chardev = super().popitem()
+        self.addresses.remove(chardev)
+        return label, chardev
+
+    def setdefault(self, label, chardev=None):
+        if label not in self:
+            self[label] = chardev
+        return self[label]
+
+    def update(self, *args, **kwargs) -> None:
+        for label, chardev in dict(*args, **kwargs).items():
+            self[label] = chardev
+
+    def clear(self) -> None:
+        super().clear()
+        self.addresses = Addresses()

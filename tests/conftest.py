@@ -1,12 +1,14 @@
 """Fixtures: a private runtime dir per test and a factory of fdmig daemons."""
 
+import json
 import os
 import shutil
+import signal
 import tempfile
 
 import pytest
 
-from tests.helpers import Daemon
+from tests.helpers import Daemon, run
 
 
 @pytest.fixture
@@ -39,3 +41,12 @@ def daemons(short_dir, runtime_dir):
     yield start
     for daemon in started:
         daemon.close()
+
+
+@pytest.fixture
+def last_instance():
+    """Stops whatever instance `web` ends up as (spawned targets are in their own session)."""
+    yield
+    result = run("status", "--json", "--name", "web")
+    if result.returncode == 0:
+        os.kill(json.loads(result.stdout)["pid"], signal.SIGTERM)

@@ -18,6 +18,9 @@ from fdmig import qmp
 from tests.helpers import (FDMIG, Pump, as_uid, connect_unix, free_port, listener, read_exactly_fd, recv_exactly, run,
                            run_many, status_of, wait_state, wait_states)
 
+# Also run against the lowest click, rich and psutil pyproject admits (.ci/floor.txt).
+pytestmark = pytest.mark.cli
+
 
 def control_of(runtime_dir: str, name: str = "default") -> str:
     return os.path.join(runtime_dir, f"{name}.sock")

@@ -40,15 +40,6 @@ def echo_instance(daemons, short_dir):
     return source, path
 
 
-@pytest.fixture
-def last_instance():
-    """Stops whatever instance `web` ends up as (spawned targets are in their own session)."""
-    yield
-    result = run("status", "--json", "--name", "web")
-    if result.returncode == 0:
-        os.kill(json.loads(result.stdout)["pid"], signal.SIGTERM)
-
-
 def stream_is_intact(peer: Peer) -> None:
     peer.finish()
     assert peer.bad is None

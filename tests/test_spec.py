@@ -1,12 +1,19 @@
 """SPEC parsing (QEMU's `-chardev socket,...` syntax and QEMU's chardev-add shape),
-without processes; then the CLI's exit 2 for every kind of mistake."""
+without processes; then the CLI's exit 2 for every kind of mistake, and a running
+instance holding the rule that no two chardevs share an address."""
+
+import os
 
 import pytest
 from hypothesis import example, given, settings, strategies as st
 
-from fdmig.errors import SpecError
-from fdmig.spec import (UNIX_PATH_MAX, ChardevSpec, check_set, from_dict, from_qmp, parse_spec)
-from tests.helpers import run_many
+from fdmig import qmp
+from fdmig.errors import FdmigError, SpecError
+from fdmig.spec import (UNIX_PATH_MAX, ChardevSpec, Held, check_fits, check_set, from_dict, from_qmp, parse_spec)
+from tests.helpers import connect_unix, echoes, free_port, listener, run, run_many
+
+# Also run against the lowest click, rich and psutil pyproject admits (.ci/floor.txt).
+pytestmark = pytest.mark.cli
 
 # ----- every key -------------------------------------------------------------
 
@@ -54,7 +61,7 @@ def test_fd_takes_a_number_or_a_getfd_name():
     assert parse_spec("id=a,fd=7").fd == "7"
     assert parse_spec("id=a,fd=mysock").fd == "mysock"
     assert parse_spec("id=a,fd=7").address == "fd:7"
-    with pytest.raises(SpecError, match="chardev fd:"):
+    with pytest.raises(SpecError, match="chardev a: fd:"):
         parse_spec("id=a,fd=-1")
 
 
@@ -191,7 +198,7 @@ def test_a_bad_number_is_refused_with_the_range(value):
 def test_fd_number_must_be_ascii_digits_and_a_c_int():
     # Regression: "²".isdigit() is true, and int("²") raised ValueError.
     for fd in ("²", "٣", "99999999999", "1" * 5000):
-        with pytest.raises(SpecError, match="chardev fd:"):
+        with pytest.raises(SpecError, match="chardev a: fd:"):
             parse_spec(f"id=a,fd={fd}")
     assert parse_spec("id=a,fd=2147483647").fd == "2147483647"
 
@@ -362,41 +369,179 @@ def test_from_qmp_raises_only_specerror(arguments):
         pass
 
 
+# ----- no two chardevs on one address (issue 9, part 5) -------------------------------
+
+# Issue 9: serve and attach took two servers on one unix path; the first stayed
+# `listening` where nobody reached it, and detaching the second unlinked the file.
+@pytest.mark.parametrize("first, second", [
+    ("id=a,path=/run/x.sock,server=on", "id=b,path=/run/x.sock,server=on"),
+    ("id=a,path=/run/x.sock,server=on", "id=b,path=/run/./y/../x.sock,server=on"),
+    ("id=a,path=/run/x.sock,server=on", "id=b,path=//run/x.sock"),  # a client would take its one peer
+    ("id=a,path=/run/x.sock", "id=b,path=/run/x.sock,server=on"),
+    ("id=a,host=127.0.0.1,port=80,server=on", "id=b,host=127.0.0.1,port=80,server=on"),
+    ("id=a,host=127.0.0.1,port=80,server=on", "id=b,host=localhost,port=80,server=on"),
+    ("id=a,host=127.0.0.1,port=80,server=on", "id=b,host=0.0.0.0,port=80,server=on"),
+    ("id=a,host=0.0.0.0,port=80,server=on", "id=b,host=example.org,port=80,server=on"),
+    ("id=a,host=::,port=80,server=on", "id=b,host=127.0.0.1,port=80,server=on"),
+    ("id=a,host=::1,port=80,server=on", "id=b,host=[0:0::1],port=80,server=on"),
+    ("id=a,host=::1,port=80,server=on", "id=b,host=::,port=80,server=on"),
+    ("id=a,host=::ffff:127.0.0.1,port=80,server=on", "id=b,host=127.0.0.1,port=80,server=on"),
+    ("id=a,host=Example.ORG,port=80,server=on", "id=b,host=example.org,port=80,server=on"),
+])
+def test_two_chardevs_on_one_address_are_refused_naming_both(first, second):
+    with pytest.raises(SpecError, match=r"^chardev b: (path|host\+port): .*chardev a\b"):
+        check_set([parse_spec(first), parse_spec(second)])
+    with pytest.raises(SpecError, match=r"^chardev b: .*chardev a\b"):
+        check_fits(parse_spec(second), {"a": parse_spec(first)}, incoming=False)
+
+
+@pytest.mark.parametrize("first, second", [
+    ("id=a,path=/run/x.sock", "id=b,path=/run/x.sock"),  # two connections to one service, as QEMU allows
+    ("id=a,path=/run/x.sock,server=on", "id=b,path=/run/y.sock,server=on"),
+    ("id=a,host=127.0.0.1,port=80,server=on", "id=b,host=127.0.0.1,port=81,server=on"),
+    ("id=a,host=127.0.0.1,port=80,server=on", "id=b,host=127.0.0.2,port=80,server=on"),
+    ("id=a,host=127.0.0.1,port=80,server=on", "id=b,host=::1,port=80,server=on"),
+    ("id=a,host=0.0.0.0,port=80,server=on", "id=b,host=::1,port=80,server=on"),
+    ("id=a,host=127.0.0.1,port=80,server=on", "id=b,host=127.0.0.1,port=80"),  # a client of it
+    ("id=a,host=127.0.0.1,port=80", "id=b,host=127.0.0.1,port=80"),
+    ("id=a,host=127.0.0.1,port=0,server=on", "id=b,host=127.0.0.1,port=0,server=on"),  # fresh ports
+    ("id=a,fd=3", "id=b,fdname=web"),
+])
+def test_chardevs_that_share_no_listening_address_fit(first, second):
+    check_set([parse_spec(first), parse_spec(second)])
+    check_fits(parse_spec(second), {"a": parse_spec(first)}, incoming=False)
+
+
+def test_relative_paths_are_compared_in_the_binders_working_directory():
+    relative, absolute = parse_spec("id=a,path=x.sock,server=on"), parse_spec("id=b,path=/srv/x.sock,server=on")
+    with pytest.raises(SpecError, match="chardev b: path: .*chardev a's"):
+        check_set([relative, absolute], cwd="/srv")
+    check_set([relative, absolute], cwd="/elsewhere")
+    check_set([relative, absolute], cwd="")  # unknown: only the same relative path conflicts
+    with pytest.raises(SpecError, match="chardev b: path:"):
+        check_set([relative, parse_spec("id=b,path=./x.sock,server=on")], cwd="")
+
+
+def test_the_held_index_follows_every_change():
+    held = Held()
+    a = parse_spec("id=a,path=/run/x.sock,server=on")
+    b = parse_spec("id=b,path=/run/x.sock,server=on")
+    held["a"] = a
+    with pytest.raises(SpecError, match="chardev b: path:"):
+        check_fits(b, held, incoming=False, addresses=held.addresses)
+    del held["a"]
+    check_fits(b, held, incoming=False, addresses=held.addresses)
+    held["a"] = a
+    held.clear()
+    check_fits(b, held, incoming=False, addresses=held.addresses)
+    held.update(a=a)
+    assert held.pop("a") is a and held.pop("a", None) is None
+    check_fits(b, held, incoming=False, addresses=held.addresses)
+
+
+def test_checking_thousands_of_chardevs_is_linear():
+    import time
+    def elapsed(n):
+        chardevs = [parse_spec(f"id=c{i},path=/run/c{i}.sock,server=on") for i in range(n)]
+        chardevs += [parse_spec(f"id=t{i},host=127.0.0.1,port={1 + i},server=on") for i in range(n)]
+        start = time.perf_counter()
+        check_set(chardevs)
+        return time.perf_counter() - start
+    elapsed(500)  # warm
+    small, large = elapsed(2000), elapsed(16000)
+    assert large < small * 8 * 3, f"{small:.3f} s for 4,000 chardevs, {large:.3f} s for 32,000"
+
+
+def test_a_running_instance_refuses_a_second_chardev_on_its_addresses_and_the_first_keeps_them(
+        daemons, short_dir, runtime_dir):
+    # Issue 9: attach took a second server on a path, the first stayed `listening`
+    # where nobody reached it, and detaching the second unlinked the socket file.
+    path, service = f"{short_dir}/app.sock", f"{short_dir}/service.sock"
+    port = free_port()
+    daemons("serve", "--chardev", "socket,id=app,path=app.sock,server=on,frontend=echo",
+            "--chardev", f"socket,id=web,host=127.0.0.1,port={port},server=on", cwd=short_dir)
+    with listener(service) as upstream:
+        results = run_many([
+            ["attach", f"id=again,path={path},server=on"],  # the instance's app.sock, from another cwd
+            ["attach", f"id=self,path={short_dir}/./app.sock"],
+            ["attach", f"id=any,host=0.0.0.0,port={port},server=on"],
+            ["attach", f"id=up1,path={service}"],
+        ])
+        again, itself, any_host, first_client = results
+        assert first_client.returncode == 0, first_client.stderr
+        second_client = run("attach", f"id=up2,path={service}")  # clients share a path, as in QEMU
+        assert second_client.returncode == 0, second_client.stderr
+        upstream.accept()[0].close()
+        upstream.accept()[0].close()
+    for result, which, other in ((again, "again: path", "app"), (itself, "self: path", "app"),
+                                 (any_host, "any: host+port", "web")):
+        assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+        assert result.stderr.startswith(f"fdmig: chardev {which}: ") and f"chardev {other}" in result.stderr
+    control = os.path.join(runtime_dir, "default.sock")
+    with qmp.connect(control) as client:  # past the CLI's check: the instance holds the rule itself
+        with pytest.raises(FdmigError, match="chardev again: path: .*chardev app's already"):
+            client.execute("chardev-add", parse_spec(f"id=again,path={path},server=on").to_qmp())
+        labels = {c["label"] for c in client.execute("query-chardev")}
+    assert labels == {"app", "web", "up1", "up2"}
+    with connect_unix(path) as peer:
+        assert echoes(peer)
+    # Once app is gone its path is free: the instance's index followed the detach.
+    assert run("detach", "app").returncode == 0
+    assert not os.path.exists(path)
+    result = run("attach", f"id=again,path={path},server=on")
+    assert result.returncode == 0, result.stderr
+
+
 # ----- the CLI: exit 2, one line naming the field and what is accepted ---------------------------
 
 LONG_PATH = "/tmp/" + "x" * 103  # 108 bytes
 
+# case: (serve's arguments, how the message names the chardev and the key, what is accepted)
 CLI_MISTAKES = {
-    "unknown key": (["--chardev", "socket,id=a,path=/tmp/p,colour=red"], "colour", "accepted: id, path"),
-    "missing id": (["--chardev", "socket,path=/tmp/p"], "id", "id=LABEL"),
-    "bad id": (["--chardev", "socket,id=9a,path=/tmp/p"], "id", "accepted: a letter"),
-    "bad number": (["--chardev", "socket,id=a,host=127.0.0.1,port=http"], "port", "accepted: 1 to 65535"),
-    "port out of range": (["--chardev", "socket,id=a,host=127.0.0.1,port=70000"], "port", "accepted: 1 to 65535"),
-    "two addresses": (["--chardev", "socket,id=a,path=/tmp/p,fd=3"], "address", "exactly one of path="),
+    "unknown key": (["--chardev", "socket,id=a,path=/tmp/p,colour=red"], "chardev a: colour:", "accepted: id, path"),
+    "missing id": (["--chardev", "socket,path=/tmp/p"], "chardev id:", "id=LABEL"),
+    "bad id": (["--chardev", "socket,id=9a,path=/tmp/p"], "chardev id:", "accepted: a letter"),
+    "bad number": (["--chardev", "socket,id=a,host=127.0.0.1,port=http"], "chardev a: port:", "accepted: 1 to 65535"),
+    "port out of range": (["--chardev", "socket,id=a,host=127.0.0.1,port=70000"], "chardev a: port:",
+                          "accepted: 1 to 65535"),
+    "two addresses": (["--chardev", "socket,id=a,path=/tmp/p,fd=3"], "chardev a: address:", "exactly one of path="),
     "reconnect on a server": (["--chardev", "socket,id=a,path=/tmp/p,server=on,reconnect-ms=10"],
-                              "reconnect-ms", "only a client"),
-    "unix path too long": (["--chardev", f"socket,id=a,path={LONG_PATH}"], "path", "at most 107 bytes"),
+                              "chardev a: reconnect-ms:", "only a client"),
+    "unix path too long": (["--chardev", f"socket,id=a,path={LONG_PATH}"], "chardev a: path:", "at most 107 bytes"),
     "duplicate label": (["--chardev", "socket,id=a,path=/tmp/p", "--chardev", "socket,id=a,path=/tmp/q"],
-                        "id", "duplicate label 'a'"),
+                        "chardev a: id:", "duplicate label 'a'"),
     "bridge to a missing label": (["--chardev", "socket,id=a,path=/tmp/p",
-                                   "--chardev", "socket,id=c,path=/tmp/q,bridge=b"], "bridge",
+                                   "--chardev", "socket,id=c,path=/tmp/q,bridge=b"], "chardev c: bridge:",
                                   "'b' names no chardev; accepted: one of a"),
-    "bad boolean": (["--chardev", "socket,id=a,path=/tmp/p,server=maybe"], "server",
+    "bad boolean": (["--chardev", "socket,id=a,path=/tmp/p,server=maybe"], "chardev a: server:",
                     "accepted: on/off, true/false, yes/no"),
-    "unknown frontend": (["--chardev", "socket,id=a,path=/tmp/p,frontend=cat"], "frontend",
+    "unknown frontend": (["--chardev", "socket,id=a,path=/tmp/p,frontend=cat"], "chardev a: frontend:",
                          "accepted: hold, echo, sink, bridge"),
-    "other backend": (["--chardev", "pty,id=a"], "backend", "accepted: socket"),
-    "local-incoming on serve": (["--chardev", "socket,id=a,path=/tmp/p,local-incoming=on"], "local-incoming",
-                                "only migrate-in"),
+    "other backend": (["--chardev", "pty,id=a"], "chardev a: backend:", "accepted: socket"),
+    "local-incoming on serve": (["--chardev", "socket,id=a,path=/tmp/p,local-incoming=on"],
+                                "chardev a: local-incoming:", "only migrate-in"),
+    # Issue 9: with several chardevs, the message said `chardev frontend:`, as if
+    # that were the chardev's name, and left the user to find which one.
+    "a key of the second chardev": (["--chardev", "socket,id=a,path=/tmp/p",
+                                     "--chardev", "socket,frontend=echoo,id=b,path=/tmp/q"],
+                                    "chardev b: frontend:", "'echoo' is not known; accepted: hold, echo"),
+    "the second chardev without an id": (["--chardev", "socket,id=a,path=/tmp/p", "--chardev", "socket,path=/tmp/q"],
+                                         "chardev #2: id:", "id=LABEL"),
+    "two servers on one path": (["--chardev", "socket,id=a,path=/tmp/fdmig-test-p,server=on",
+                                 "--chardev", "socket,id=b,path=/tmp/../tmp/fdmig-test-p,server=on"],
+                                "chardev b: path:", "is chardev a's already"),
+    "two servers on one TCP address": (["--chardev", "socket,id=a,host=0.0.0.0,port=5999,server=on",
+                                        "--chardev", "socket,id=b,host=localhost,port=5999,server=on"],
+                                       "chardev b: host+port:", "the listening address of chardev a"),
 }
 
 
 def test_every_spec_mistake_on_serve_exits_2_with_one_line(runtime_dir):
     results = run_many([["serve", *args] for args, _, _ in CLI_MISTAKES.values()])
     failures = []
-    for (case, (args, field, accepted)), result in zip(CLI_MISTAKES.items(), results):
+    for (case, (args, which, accepted)), result in zip(CLI_MISTAKES.items(), results):
         lines = result.stderr.splitlines()
-        ok = (result.returncode == 2 and len(lines) == 1 and f"chardev {field}:" in lines[0]
+        ok = (result.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"fdmig: {which} ")
               and accepted in lines[0] and not result.stdout)
         if not ok:
             failures.append(f"{case}: exit {result.returncode}, stderr {result.stderr!r}")

@@ -8,23 +8,13 @@ import time
 
 from fdmig import faults, fdpass
 from fdmig.migration import wire
+from fdmig.paths import parse_channel_uri as parse_uri  # noqa: F401  (in paths: the CLI parses it too)
 
 READ_SIZE = 1 << 20
 
 
 class ChannelTimeout(Exception):
     pass
-
-
-def parse_uri(uri: str) -> str:
-    """The path of a `unix:PATH` channel; anything else is refused with the reason."""
-    scheme, _, rest = uri.partition(":")
-    if scheme == "unix" and rest:
-        return rest
-    if scheme in ("tcp", "inet"):
-        raise ValueError(f"channel {uri}: local-char-socket passes fds with SCM_RIGHTS, so a unix "
-                         "channel is needed; accepted: unix:PATH")
-    raise ValueError(f"channel '{uri}' is not understood; accepted: unix:PATH")
 
 
 class Channel:
@@ -105,8 +95,11 @@ class Channel:
         self.sock.close()
 
 
-async def connect(path: str, deadline: float | None) -> socket.socket:
-    """Connect to a target's channel, waiting for it to listen until `deadline`."""
+async def connect(path: str, deadline: float | None, abandoned: asyncio.Event | None = None,
+                  on_wait=None) -> socket.socket:
+    """Connect to a target's channel, waiting for it to listen until `deadline`;
+    `on_wait()` once when it does not listen yet. Set `abandoned` ends the wait
+    (ConnectionAbortedError): whoever asked for it has gone."""
     loop = asyncio.get_running_loop()
     while True:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
@@ -119,7 +112,18 @@ async def connect(path: str, deadline: float | None) -> socket.socket:
                 raise ConnectionRefusedError(f"no target listens on unix:{path} ({exc.strerror})") from None
             if time.monotonic() >= deadline:
                 raise ChannelTimeout(f"no target listens on unix:{path}") from None
-            await asyncio.sleep(0.02)  # polling a path: the kernel has no event for "now bound"
+            if on_wait is not None:
+                on_wait()
+                on_wait = None
         except OSError:
             sock.close()
             raise
+        if abandoned is None:
+            await asyncio.sleep(0.02)  # polling a path: the kernel has no event for "now bound"
+            continue
+        try:
+            await asyncio.wait_for(abandoned.wait(), 0.02)
+        except asyncio.TimeoutError:
+            continue
+        raise ConnectionAbortedError(f"no target listened on unix:{path}, and the client that asked "
+                                     "for the migration has gone")

@@ -16,10 +16,42 @@ from fdmig import __version__, faults, paths, systemd
 from fdmig.migration import channel, wire
 
 log = logging.getLogger("fdmig")
+# After the commit: how long the target may take to say TAKEN, and how much longer
+# it is given once SIGTERM asks the source to stop.
+TAKEN_TIMEOUT = 10.0
+STOP_GRACE = 1.0
 
 
 class MigrationFailed(Exception):
     """The migration cannot go on; the message is the reason, for query-migrate."""
+
+
+class MigrationCancelled(MigrationFailed):
+    pass
+
+
+def blockers(instance) -> list[str]:
+    """Why a migration now would lose a chardev (QEMU's migration blockers): one
+    the target cannot reopen that would not move live, or a bridge one side of
+    which would move while the other reopened, splicing a live peer onto a new
+    session. Empty when nothing would be lost."""
+    live = instance.capabilities["local-char-socket"]
+    moves = {label: live and c.spec.support_local_migration for label, c in instance.chardevs.items()}
+    reasons = []
+    inherited = [c.label for c in instance.chardevs.values()
+                 if c.spec.kind in ("fd", "fdname") and not moves[c.label] and c.sockets()]
+    if inherited:
+        how = ("mark them support-local-migration=on" if live else
+               "enable capability local-char-socket (and mark them support-local-migration=on)")
+        reasons.append(f"chardev(s) {', '.join(inherited)} hold an inherited fd (fd=/fdname=) that the "
+                       f"target cannot reopen, and would not move live: {how}")
+    for chardev in instance.chardevs.values():
+        partner = chardev.spec.bridge
+        if partner and partner in moves and moves[chardev.label] != moves[partner]:
+            stays = partner if moves[chardev.label] else chardev.label
+            reasons.append(f"bridge {chardev.label}-{partner}: {stays} is not support-local-migration=on, "
+                           "so its side would reopen under a live peer's session; mark both or neither")
+    return reasons
 
 
 def table_entry(chardev, live: bool) -> dict:
@@ -31,9 +63,10 @@ def table_entry(chardev, live: bool) -> dict:
     return entry
 
 
-async def migrate(instance, path: str, timeout: float | None) -> None:
+async def migrate(instance, path: str, timeout: float | None, abandoned: asyncio.Event | None = None) -> None:
     """Run one migration to the target listening at `path`. Never raises: the
-    outcome is in instance.migration and the MIGRATION events."""
+    outcome is in instance.migration and the MIGRATION events. `abandoned` set
+    while no target listens yet cancels it: the client that asked has gone."""
     started = time.monotonic()
     deadline = started + timeout if timeout else None
     live = instance.capabilities["local-char-socket"]
@@ -42,8 +75,14 @@ async def migrate(instance, path: str, timeout: float | None) -> None:
     chan = None
     committed = instance.migration_committed = False
     try:
+        def waiting():
+            log.info("migration: waiting for a target to listen on unix:%s", path)
+            if instance.control is not None:
+                instance.control.broadcast("X_FDMIG_MIGRATION_WAITING", {"channel": f"unix:{path}"})
         try:
-            sock = await channel.connect(path, deadline)
+            sock = await channel.connect(path, deadline, abandoned, on_wait=waiting)
+        except ConnectionAbortedError as exc:
+            raise MigrationCancelled(str(exc)) from None
         except OSError as exc:
             raise MigrationFailed(str(exc) if isinstance(exc, ConnectionRefusedError) else
                                   f"cannot connect to unix:{path}: {exc.strerror}") from None
@@ -86,7 +125,9 @@ async def migrate(instance, path: str, timeout: float | None) -> None:
                     counters.append([chardev.label, chardev.rx_bytes, chardev.tx_bytes])
                 continue
             meta, outbuf, fds = chardev.section(True, sockets)
-            if fds or sockets:
+            # With no socket, a section still carries bytes (and an EOF) waiting for
+            # a connection the target makes afresh: a bridge's client side connecting.
+            if fds or sockets or outbuf or "stream" in meta:
                 moved += bool(fds or meta.get("held"))
                 sections.append(wire.Section(chardev.label, meta, outbuf, fds))
         await chan.send(wire.Transfer(sections), deadline)
@@ -96,6 +137,9 @@ async def migrate(instance, path: str, timeout: float | None) -> None:
     except channel.ChannelTimeout as exc:
         waiting = f": {exc}" if str(exc) else ""
         _roll_back(instance, quiesced, chan, f"timed out after {timeout:g} s{waiting}", timed_out=True)
+        return
+    except MigrationCancelled as exc:
+        _roll_back(instance, quiesced, chan, str(exc), status="cancelled")
         return
     except MigrationFailed as exc:
         _roll_back(instance, quiesced, chan, str(exc))
@@ -174,6 +218,36 @@ def _roll_back(instance, quiesced, chan, reason: str, timed_out: bool = False, s
     instance.set_migration(status, error=reason, error_class="timeout" if timed_out else None)
 
 
+async def _wait_taken(instance, chan) -> bool | None:
+    """Whether the target said TAKEN; None if it stayed silent for TAKEN_TIMEOUT, or
+    for STOP_GRACE once the instance is asked to stop. Every wait after the commit
+    has a deadline: a stopped target must not keep the source alive through SIGTERM."""
+    receive = asyncio.ensure_future(chan.next_event(None))
+    stop = asyncio.ensure_future(instance.stopping.wait())
+    try:
+        done, _ = await asyncio.wait({receive, stop}, timeout=TAKEN_TIMEOUT, return_when=asyncio.FIRST_COMPLETED)
+        if receive not in done and stop in done:
+            await asyncio.wait({receive}, timeout=STOP_GRACE)
+        if not receive.done():
+            return None
+        return isinstance(receive.result(), wire.Taken)
+    except (OSError, wire.ProtocolError):
+        return False
+    finally:
+        receive.cancel()
+        stop.cancel()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # it exists, as another uid
+    return True
+
+
 async def _hand_over(instance, chan, started, quiesce_at, moved, target_info, quiesced, counters) -> None:
     """After the commit: tell the target at once (its reading ends the downtime),
     wait for TAKEN, then close our copies, let go of the control path and exit.
@@ -189,9 +263,17 @@ async def _hand_over(instance, chan, started, quiesce_at, moved, target_info, qu
         released_at = time.monotonic()
         gc.enable()
         faults.point("source-after-released")
-        taken = isinstance(await chan.next_event(None), wire.Taken)
+        taken = await _wait_taken(instance, chan)
     except (OSError, wire.ProtocolError):
         taken = False
+    if taken is None:
+        pid = target_info.get("pid")
+        if type(pid) is int and pid > 0 and _alive(pid):
+            # Silent, but alive (stopped, say): it holds every connection, and has
+            # read nothing yet. Resuming here could make two readers; letting go cannot.
+            log.warning("the target (pid %d) has not said it took over; it holds every connection, "
+                        "so this source lets go of them", pid)
+            taken = True
     if not taken:
         if target_info.get("pid"):
             systemd.notify(f"MAINPID={os.getpid()}")

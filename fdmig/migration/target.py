@@ -22,6 +22,7 @@ from fdmig.migration import channel, wire
 
 log = logging.getLogger("fdmig")
 SESSION_TIMEOUT = 30.0  # a source that stalls longer than this is dropped
+RELEASE_TIMEOUT = 10.0  # after our ACK, a source silent this long is dropped (it rolls back)
 
 
 def _show(value) -> str:
@@ -226,7 +227,11 @@ async def session(instance, sock: socket.socket, own: list, info: dict) -> Recei
             faults.point("target-after-ack")
             # The commit point is the source reading our ACK; it may still roll back
             # if its timeout fires first, so nothing is read until it says RELEASED.
-            final = await chan.next_event(None)
+            final = await chan.next_event(time.monotonic() + RELEASE_TIMEOUT)
+        except channel.ChannelTimeout:
+            # Nothing read yet, and the channel closes: a source that wakes up finds
+            # it so and rolls back. Waiting on could keep this target forever.
+            raise Refused(f"the source did not let go within {RELEASE_TIMEOUT:g} s of our acknowledgement") from None
         except (OSError, wire.RemoteProtocolError) as exc:
             final = exc
         if isinstance(final, wire.Abort):
