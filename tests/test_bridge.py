@@ -86,7 +86,8 @@ def test_the_backend_side_connects_only_for_a_client_and_each_client_gets_its_ow
     assert len(seen) == 3
 
 
-def test_successive_clients_with_replies_in_flight_never_share_a_session(proxy):
+@pytest.mark.parametrize("migrating", [False, True], ids=["", "through-a-migration"])
+def test_successive_clients_with_replies_in_flight_never_share_a_session(proxy, migrating):
     _, front, backend = proxy
     first = connect_unix(front)
     first.sendall(b"first request")
@@ -100,6 +101,8 @@ def test_successive_clients_with_replies_in_flight_never_share_a_session(proxy):
     with pytest.raises(socket.timeout):
         backend.accept()  # no second backend session while the first one's reply is due
     backend.settimeout(10)
+    if migrating:
+        migrate()  # the first session half-closed, the second client in the backlog
     reply = os.urandom(3 << 20)
     writer = Pump(session_one.sendall, reply)
     assert sha(recv_exactly(first, len(reply))) == sha(reply)
