@@ -452,7 +452,7 @@ class Chardev:
             return
         self.outbuf.clear()
         self._reset_stream()
-        if self.frontend.on_demand and self._reconnect_task is not None:
+        if self.frontend.on_demand and self.connecting:
             self._reconnect_task.cancel()  # that connection was for the session now over
             self._reconnect_task = None
             self._set_state(State.DISCONNECTED)

@@ -513,7 +513,8 @@ def _mend_fish_completion() -> None:
     add_completion_class(MendedFishComplete, "fish")
 
 
-_mend_fish_completion()
+if os.environ.get("_FDMIG_COMPLETE", "").startswith("fish"):
+    _mend_fish_completion()  # a completion request from fish; no other start pays for it
 
 
 @main.command()
@@ -524,6 +525,8 @@ def completion(shell):
     same with zsh in ~/.zshrc (after compinit), fdmig completion fish | source
     in fish's config.fish."""
     from click.shell_completion import get_completion_class
+    if shell == "fish":
+        _mend_fish_completion()
     script = get_completion_class(shell)(main, {}, "fdmig", "_FDMIG_COMPLETE").source()
     click.echo(script, nl=not script.endswith("\n"))
 

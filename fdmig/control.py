@@ -370,7 +370,7 @@ async def cmd_query_migrate_capabilities(conn, arguments):
 
 
 async def cmd_migrate(conn, arguments):
-    from fdmig.migration import channel, source
+    from fdmig.migration import source
     uri = _arg(arguments, "uri", str)
     timeout = arguments.get("x-fdmig-timeout")
     if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
@@ -381,7 +381,7 @@ async def cmd_migrate(conn, arguments):
         raise QMPError("GenericError", f"cannot migrate an instance in state {instance.run_state}")
     _no_migration(instance)
     try:
-        path = channel.parse_uri(uri)
+        path = paths.parse_channel_uri(uri)
     except ValueError as exc:
         raise QMPError("GenericError", str(exc)) from None
     blocked = source.blockers(instance)
@@ -417,7 +417,6 @@ async def cmd_query_migrate(conn, arguments):
 
 
 async def cmd_migrate_incoming(conn, arguments):
-    from fdmig.migration import channel
     uri = _arg(arguments, "uri", str)
     _no_extra(arguments, "uri")
     instance = conn.instance
@@ -428,7 +427,7 @@ async def cmd_migrate_incoming(conn, arguments):
         raise QMPError("GenericError", f"already waiting for a migration on "
                                        f"unix:{instance.incoming_channel.result()}")
     try:
-        instance.incoming_channel.set_result(channel.parse_uri(uri))
+        instance.incoming_channel.set_result(paths.parse_channel_uri(uri))
     except ValueError as exc:
         raise QMPError("GenericError", str(exc)) from None
     return {}

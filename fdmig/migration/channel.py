@@ -8,7 +8,6 @@ import time
 
 from fdmig import faults, fdpass
 from fdmig.migration import wire
-from fdmig.paths import parse_channel_uri as parse_uri  # noqa: F401  (in paths: the CLI parses it too)
 
 READ_SIZE = 1 << 20
 
@@ -101,6 +100,7 @@ async def connect(path: str, deadline: float | None, abandoned: asyncio.Event | 
     `on_wait()` once when it does not listen yet. Set `abandoned` ends the wait
     (ConnectionAbortedError): whoever asked for it has gone."""
     loop = asyncio.get_running_loop()
+    abandoned = abandoned or asyncio.Event()
     while True:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
         try:
@@ -118,10 +118,7 @@ async def connect(path: str, deadline: float | None, abandoned: asyncio.Event | 
         except OSError:
             sock.close()
             raise
-        if abandoned is None:
-            await asyncio.sleep(0.02)  # polling a path: the kernel has no event for "now bound"
-            continue
-        try:
+        try:  # polling a path: the kernel has no event for "now bound"
             await asyncio.wait_for(abandoned.wait(), 0.02)
         except asyncio.TimeoutError:
             continue
