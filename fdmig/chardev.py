@@ -7,6 +7,7 @@ delivered.
 """
 
 import asyncio
+import dataclasses
 import enum
 import errno
 import logging
@@ -16,7 +17,7 @@ import select
 import socket
 import time
 
-from fdmig import fdcheck, frontends, paths
+from fdmig import fdcheck, frontends, paths, sendbuf
 from fdmig.errors import FdmigError
 from fdmig.spec import STATES
 
@@ -25,6 +26,35 @@ log = logging.getLogger("fdmig")
 
 # The names live in fdmig.spec, which `status --wait` can import without this module.
 State = enum.Enum("State", [(name.upper().replace("-", "_"), name) for name in STATES])
+
+_LIVE = {State.LISTENING, State.CONNECTING, State.CONNECTED, State.DISCONNECTED}
+# state -> the states that may follow it. Every chardev state change goes through
+# Chardev._set_state, which refuses any other (a bug in fdmig).
+TRANSITIONS: dict[State, frozenset] = {
+    State.CLOSED: frozenset(_LIVE | {State.CLOSED, State.MIGRATING}),
+    State.LISTENING: frozenset({State.LISTENING, State.CONNECTED, State.MIGRATING, State.CLOSED}),
+    State.CONNECTING: frozenset({State.CONNECTED, State.DISCONNECTED, State.MIGRATING, State.CLOSED}),
+    State.CONNECTED: frozenset({State.LISTENING, State.CONNECTING, State.DISCONNECTED, State.MIGRATING,
+                                State.CLOSED}),
+    State.DISCONNECTED: frozenset({State.CONNECTING, State.DISCONNECTED, State.MIGRATING, State.CLOSED}),
+    # Back to where the quiesce found it (or, on a target, to what moved in); a
+    # target restores a chardev again if it changed after the precopy.
+    State.MIGRATING: frozenset(_LIVE | {State.CLOSED, State.MIGRATING, State.MIGRATED}),
+    State.MIGRATED: frozenset({State.CLOSED}),
+}
+
+
+class TransitionError(Exception):
+    """A state change TRANSITIONS does not allow: a bug in fdmig, never the user's."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Paused:
+    """What a MIGRATING chardev resumes to: its state, and whether it was
+    reconnecting in the background (that attempt starts again)."""
+
+    state: State
+    reconnecting: bool
 
 
 # Descriptors kept free for control clients and a migration channel: an instance
@@ -42,26 +72,6 @@ def fd_limit_error(label: str) -> FdmigError:
     limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     return FdmigError(f"chardev {label}: the instance is at its fd limit ({limit} open files, RLIMIT_NOFILE, "
                       f"{FD_RESERVE} kept for control and migration); detach chardevs or raise the limit")
-
-
-def utc_iso(timestamp: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
-
-
-def socket_family(spec) -> int:
-    if spec.kind == "unix":
-        return socket.AF_UNIX
-    return socket.AF_INET6 if ":" in (spec.host or "") else socket.AF_INET
-
-
-def _count(value) -> int:
-    return value if type(value) is int and value >= 0 else 0
-
-
-def _is_peer(value) -> bool:
-    """Whether a migrated `peer` is what peer_identity() makes: [address, pid, process]."""
-    return (isinstance(value, list) and len(value) == 3 and isinstance(value[0], str)
-            and (value[1] is None or type(value[1]) is int) and (value[2] is None or isinstance(value[2], str)))
 
 
 def peer_identity(conn: socket.socket) -> tuple[str, int | None, str | None]:
@@ -106,7 +116,6 @@ class Chardev:
         self.migrations = 0
         self.frontend: frontends.Frontend = frontends.Hold(self)
         self.feeders: list[Chardev] = [self]  # chardevs whose frontend fills our outbuf
-        self.quiesced = False
         # The stream's end, for frontends that relay or answer (a bridge, echo):
         self.eof_read = False  # the peer sent EOF; nothing more is read from it
         self.eof_pending = False  # pass an EOF on to the peer once outbuf is written
@@ -121,8 +130,7 @@ class Chardev:
         self._bound_inode: int | None = None
         self._logfile = None
         self._reconnect_task: asyncio.Task | None = None
-        self._state_before_migration = State.CLOSED
-        self._was_reconnecting = False
+        self.paused_from: Paused | None = None  # while MIGRATING: what to resume
         self.first_peer = asyncio.Event()
 
     # ----- opening -----------------------------------------------------------
@@ -164,7 +172,7 @@ class Chardev:
 
     def _listen(self) -> None:
         spec = self.spec
-        sock = socket.socket(socket_family(spec), socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+        sock = socket.socket(fdcheck.family_of(spec), socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
         if near_fd_limit(sock.fileno()):
             sock.close()
             raise fd_limit_error(self.label)
@@ -269,10 +277,10 @@ class Chardev:
 
     # ----- I/O ---------------------------------------------------------------
 
-    def update_io(self) -> None:
+    def update_io(self, quiesced_too: bool = False) -> None:
         """Watch exactly what the current state calls for. While quiesced nothing
-        changes: the migration has paused the whole poller."""
-        if self.quiesced:
+        changes (the migration has paused the whole poller), unless `quiesced_too`."""
+        if self.quiesced and not quiesced_too:
             return
         live = self.conn is not None
         if self.frontend.reads:
@@ -325,16 +333,23 @@ class Chardev:
             self.update_io()
         self._loop.call_later(ACCEPT_PAUSE, resume)
 
+    def _recv(self, flags: int = 0) -> bytes | None:
+        """What the peer sent (b"" at its EOF), None if nothing is to be had now;
+        a failure has ended the connection."""
+        try:
+            return self.conn.recv(1 if flags else frontends.READ_SIZE, flags)
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError as exc:
+            self._lost(exc.strerror)
+            return None
+
     def _on_readable(self) -> None:
         if not self.frontend.reads:
             self._peek_hold()
             return
-        try:
-            data = self.conn.recv(frontends.READ_SIZE)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:
-            self._lost(exc.strerror)
+        data = self._recv()
+        if data is None:
             return
         if not data:
             self._on_eof()
@@ -363,12 +378,8 @@ class Chardev:
     def _peek_hold(self) -> None:
         # A held fd is never read; peeking only tells EOF from data waiting. Once
         # data waits, only the peer's hangup is watched (_on_hangup).
-        try:
-            data = self.conn.recv(1, socket.MSG_PEEK)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:
-            self._lost(exc.strerror)
+        data = self._recv(socket.MSG_PEEK)
+        if data is None:
             return
         if not data:
             self._lost("peer closed the connection")
@@ -389,14 +400,11 @@ class Chardev:
 
     def _flush(self) -> None:
         try:
-            sent = self.conn.send(self.outbuf)
-        except (BlockingIOError, InterruptedError):
-            sent = 0
+            sent = sendbuf.send_some(self.conn, self.outbuf)
         except OSError as exc:
             self._lost(exc.strerror)
             return
         self.tx_bytes += sent
-        del self.outbuf[:sent]
         if not self.outbuf:
             if self.closing:
                 self._close_conn("session over, every byte delivered", lost=False)
@@ -511,45 +519,65 @@ class Chardev:
             self._poller.watch(self.listener.fileno())
             self._accepting = False
 
-    def _set_state(self, state: State) -> None:
+    def _set_state(self, state: State, watch: bool = True) -> None:
+        """Every state change: checked against TRANSITIONS, then the watched events
+        follow it (unless `watch` is off: a quiesce touches no fd) and the instance
+        hears of it."""
+        if state not in TRANSITIONS[self.state]:
+            raise TransitionError(f"chardev {self.label}: {self.state.value} -> {state.value}")
         self.state = state
-        self.update_io()
+        if watch:
+            self.update_io()
         self._on_change(self)
 
-    # ----- migration ---------------------------------------------------------
+    @property
+    def quiesced(self) -> bool:
+        return self.state is State.MIGRATING
+
+    # ----- the downtime ------------------------------------------------------
 
     def quiesce(self) -> None:
         """Stop reading, writing, accepting and reconnecting. Bytes the peer sends
         meanwhile wait in the kernel's socket buffer, which moves with the fd."""
-        self._state_before_migration = self.state
-        self._was_reconnecting = self._reconnect_task is not None
+        self.paused_from = Paused(self.state, self._reconnect_task is not None)
         if self._reconnect_task is not None:
             self._reconnect_task.cancel()
             self._reconnect_task = None
-        self.quiesced = True  # the caller pauses the poller: no fd is touched here
-        self.state = State.MIGRATING
-        self._on_change(self)
+        self._set_state(State.MIGRATING, watch=False)  # the instance has paused the poller
 
     def resume(self) -> None:
         """Carry on exactly as before the quiesce (a rollback, or a target taking over)."""
-        self.quiesced = False
-        if self._was_reconnecting:
+        paused, self.paused_from = self.paused_from, None
+        if paused.reconnecting:
             self._schedule_connect(wait_first=not self.frontend.on_demand)
-        self._set_state(self._state_before_migration)
+        self._set_state(paused.state)
+
+    def settled_state(self) -> State:
+        """The state to carry on in: the one before the quiesce, while quiesced."""
+        return self.paused_from.state if self.quiesced else self.state
+
+    def watch_now(self) -> None:
+        """Register with the poller what this chardev will want once it resumes,
+        although it is quiesced (the poller is paused, so nothing is read yet)."""
+        self.update_io(quiesced_too=True)
+
+    @property
+    def watched(self) -> bool:
+        return self._reading or self._writing or self._hangup or self._accepting
+
+    def unwatch(self) -> None:
+        self._stop_io()
+
+    def discard(self) -> None:
+        """Staged by a migration that failed: unwatched, its log closed. Its
+        sockets are the migration's to close."""
+        self._stop_io()
+        self._close_logfile()
 
     def _close_socket(self, sock: socket.socket) -> None:
         if self.pinned is not None:
             self.pinned.append(sock)
         else:
-            sock.close()
-
-    def pin(self) -> None:
-        """Keep every socket this chardev closes open until unpin() (see `pinned`)."""
-        self.pinned = []
-
-    def unpin(self) -> None:
-        pinned, self.pinned = self.pinned or [], None
-        for sock in pinned:
             sock.close()
 
     def sockets(self) -> dict[str, socket.socket]:
@@ -561,123 +589,40 @@ class Chardev:
             found["conn"] = self.conn
         return found
 
-    def _settled_state(self) -> State:
-        return self._state_before_migration if self.quiesced else self.state
+    def released(self) -> None:
+        """After a migration's commit: close our copies. No shutdown(), which would
+        end the connection for the target too, and no unlink: the path is the target's."""
+        self.close(unlink=False, then=State.MIGRATED)
 
-    def fingerprint(self) -> tuple:
-        """What a section depends on, bar the counters and the carried bytes: a
-        chardev whose fingerprint is the same at the quiesce as at the precopy,
-        with nothing to carry, needs no new section."""
-        return self._settled_state(), self.conn, self.listener, self.stream_flags()
-
-    def stream_flags(self) -> list[str]:
-        """Where the stream's end stands (a half-close under way, a session ending)."""
-        return [name for name, on in (("eof-read", self.eof_read), ("eof-pending", self.eof_pending),
-                                      ("eof-sent", self.eof_sent), ("closing", self.closing)) if on]
-
-    def _restore_stream(self, flags) -> None:
-        flags = flags if isinstance(flags, list) else []
-        self.eof_read, self.eof_pending, self.eof_sent, self.closing = (
-            name in flags for name in ("eof-read", "eof-pending", "eof-sent", "closing"))
-
-    def section(self, move: bool, precopied: dict | None = None) -> tuple[dict, bytes, dict[str, int]]:
-        """(meta, carried bytes, fds by role) for the migration; fds only if `move`.
-        A socket the target already holds from the precopy is named in meta's
-        "held" instead of sent again; any other (a connection made since) is sent."""
-        meta = {"state": self._settled_state().value, "rx-bytes": self.rx_bytes,
-                "tx-bytes": self.tx_bytes, "connected-since": self.connected_since,
-                "migrations": self.migrations, "peer": list(self.peer) if self.peer else None}
-        if self.stream_flags():
-            meta["stream"] = self.stream_flags()
-        fds = {}
-        if move:
-            held = []
-            for role, sock in self.sockets().items():
-                if precopied and precopied.get(role) is sock:
-                    held.append(role)
-                else:
-                    fds[role] = sock.fileno()
-            if held:
-                meta["held"] = held
-        return meta, bytes(self.outbuf) if move else b"", fds
-
-    def prime(self) -> None:
-        """On the target, before the commit: register with the poller what resume()
-        will want, so that resuming thousands is a flag each. The poller is paused:
-        nothing is read until then."""
-        self.quiesced = False
-        self.update_io()
-        self.quiesced = True
-
-    @property
-    def primed(self) -> bool:
-        return self._reading or self._writing or self._hangup or self._accepting
-
-    def unprime(self) -> None:
-        """Undo prime() before the sockets change or close: a registration left
-        behind would outlive our fd while the source still holds the socket."""
-        self._stop_io()
-
-    def discard(self) -> None:
-        """A chardev staged by a migration that failed: unprimed, its log closed.
-        Its sockets are the migration's to close."""
-        self.unprime()
-        self._close_logfile()
-
-    def release(self) -> None:
-        """After the commit: close our copies. No shutdown(), which would end the
-        connection for the target too, and no unlink: the path is the target's now."""
-        self.close(unlink=False)
-        self.state = State.MIGRATED
-        self._on_change(self)
-
-    def restore(self, meta: dict, outbuf: bytes, conn: socket.socket | None,
-                listener: socket.socket | None) -> None:
-        """On the target: take over a moved chardev, from the precopy and then again
-        if its state changed before the quiesce. Carried bytes go out first. With
-        no socket left, the chardev is as registered, to be opened afresh."""
+    def take_moved(self, conn: socket.socket | None, listener: socket.socket | None, peer, since) -> None:
+        """On a target: hold the sockets that moved, quiesced until the source has
+        let go. With neither, the chardev is as registered, to be opened afresh.
+        The sockets are non-blocking already (fdcheck, at their arrival)."""
         if conn is None and listener is None:
-            # Bytes (and an EOF) waiting for a connection to be made, as a bridge's
-            # client side holds them while it connects for its partner's peer.
             self.conn = self.listener = None
-            self.quiesced = False
             self._close_logfile()
-            self.outbuf = bytearray(outbuf)
-            self._restore_stream(meta.get("stream"))
             self.eof_read = self.eof_sent = self.closing = False  # no connection: none of these
-            self.state = State.CLOSED
+            self.paused_from = None
+            self._set_state(State.CLOSED, watch=False)
             return
-        # The meta comes from another process: a value of the wrong type is
-        # dropped here rather than met later by the loop's arithmetic.
-        self.rx_bytes = _count(meta.get("rx-bytes"))
-        self.tx_bytes = _count(meta.get("tx-bytes"))
-        self.migrations = _count(meta.get("migrations")) + 1
-        self.outbuf = bytearray(outbuf)
-        self._restore_stream(meta.get("stream") if conn is not None else None)
         if self.spec.logfile and self._logfile is None:
             self._open_logfile(append=True)  # the source's log goes on, never truncated
-        self.quiesced = True  # nothing is read until the source has let go (resume)
-        # The sockets are non-blocking already (target.check_fd made them so).
         if listener is not None and listener is not self.listener and self.spec.kind == "unix":
             self._bound_inode = os.stat(self.spec.path).st_ino if os.path.exists(self.spec.path) else None
         self.listener = listener
         self.conn = conn
         if conn is not None:
-            peer = meta.get("peer")
-            self.peer = tuple(peer) if _is_peer(peer) else peer_identity(conn)
-            since = meta.get("connected-since")
-            self.connected_since = since if type(since) in (int, float) and 0 < since <= time.time() else time.time()
+            self.peer = peer or peer_identity(conn)
+            self.connected_since = since or time.time()
             self.first_peer.set()
-            self._state_before_migration = State.CONNECTED
         else:
             self.peer = self.connected_since = None
-            self._state_before_migration = State.LISTENING
-        self._was_reconnecting = False
+        self.paused_from = Paused(State.CONNECTED if conn is not None else State.LISTENING, False)
         self._set_state(State.MIGRATING)
 
     # ----- closing -----------------------------------------------------------
 
-    def close(self, unlink: bool = True) -> None:
+    def close(self, unlink: bool = True, then: State = State.CLOSED) -> None:
         """Close everything; the peer sees EOF if nobody else holds the fd.
         `unlink=False` after a migration: the path then belongs to the target."""
         if self._reconnect_task is not None:
@@ -693,53 +638,22 @@ class Chardev:
         self._close_logfile()
         self.outbuf.clear()
         self._reset_stream()
-        self._set_state(State.CLOSED)
+        self._set_state(then)
 
     def _close_logfile(self) -> None:
         if self._logfile is not None:
             self._logfile.close()
             self._logfile = None
 
-    # ----- reporting ---------------------------------------------------------
-
     @property
     def fd(self) -> int | None:
         sock = self.conn or self.listener
         return sock.fileno() if sock is not None else None
 
-    def status(self) -> dict:
-        peer, pid, process = self.peer or (None, None, None)
-        frontend = self.frontend.name if self.frontend.name != "bridge" else f"bridge={self.frontend.partner.label}"
-        row = status_row(self.spec, self.state.value, frontend)
-        row.update({"fd": self.fd, "peer": peer, "peer-pid": pid, "peer-process": process,
-                    "rx-bytes": self.rx_bytes, "tx-bytes": self.tx_bytes,
-                    "connected-since": utc_iso(self.connected_since) if self.connected_since else None,
-                    "migrations": self.migrations})
-        return row
-
-    def qmp_filename(self) -> str:
-        """QEMU's query-chardev filename: `unix:P,server=on`, `disconnected:...` when no peer."""
-        name = self.spec.address
-        if self.spec.server:
-            name += ",server=on"
-        if self.conn is None:
-            name = "disconnected:" + name
-        return name
-
-
-def status_row(spec, state: str, frontend: str) -> dict:
-    """A chardev's row in `status`, with nothing live in it yet (no fd, peer, bytes):
-    what a waiting target shows for the chardevs it will hold."""
-    return {"label": spec.id, "address": spec.address, "role": spec.role, "state": state,
-            "support-local-migration": spec.support_local_migration, "local-incoming": spec.local_incoming,
-            "frontend": frontend, "fd": None, "peer": None, "peer-pid": None, "peer-process": None,
-            "rx-bytes": 0, "tx-bytes": 0, "connected-since": None, "migrations": 0,
-            "spec": spec.to_spec_string()}
-
 
 def adopt_socket(fd: int, spec, label: str) -> socket.socket:
     """Wrap an inherited or passed fd, checking it is what the SPEC says."""
-    sock = fdcheck.stream_socket(fd, spec.server, label)
+    sock = fdcheck.stream_socket(fd, spec, label)
     os.set_inheritable(fd, False)
     sock.setblocking(False)
     return sock

@@ -257,7 +257,7 @@ def _check_own_fd(fd: int, chardev: ChardevSpec) -> None:
         os.fstat(fd)
     except OSError:
         raise FieldError("fd", f"{fd} is not an open descriptor of this command", chardev.id) from None
-    fdcheck.stream_socket(fd, chardev.server, chardev.id).detach()
+    fdcheck.stream_socket(fd, chardev, chardev.id).detach()
 
 
 @main.command()

@@ -7,8 +7,9 @@ import logging
 import os
 import socket
 
-from fdmig import __version__, fdpass, paths, qmp, spec as specs
+from fdmig import __version__, fdpass, paths, presentation, qmp, sendbuf, spec as specs
 from fdmig.errors import FdmigError, QMPError, SpecError
+from fdmig.lifecycle import MigrationStatus, RunState
 
 log = logging.getLogger("fdmig")
 MAX_QUEUED_REQUESTS = 32
@@ -29,7 +30,7 @@ class ControlServer:
         """Bind the control path; `take_over` after a migration's commit, when the
         source has let go and our socket is renamed over its file."""
         if not take_over:
-            claim_path(path)
+            paths.claim_path(path)
         self.sock = paths.bind_private(path)
         self.path = path
         self.inode = os.stat(path).st_ino
@@ -52,12 +53,13 @@ class ControlServer:
         # accept() does not carry the listener's O_NONBLOCK over: without this a
         # client that stops reading would block the whole loop in send().
         conn.setblocking(False)
-        _, uid = paths.peercred(conn)
-        if not paths.peer_allowed(uid):
-            log.warning("control: refused a client of uid %d (only uid %d or root are served)", uid, os.geteuid())
+        try:
+            paths.trusted_peer(conn)
+        except paths.Stranger as exc:
+            log.warning("control: refused a client of uid %d (only uid %d or root are served)", exc.uid, os.geteuid())
             try:
-                conn.send(qmp.ServerCodec.error(None, "GenericError",
-                                                f"permission denied: uid {uid} is not the instance's uid {os.geteuid()}"))
+                conn.send(qmp.ServerCodec.error(None, "GenericError", f"permission denied: uid {exc.uid} is not "
+                                                                      f"the instance's uid {os.geteuid()}"))
             except OSError:
                 pass
             conn.close()
@@ -88,17 +90,6 @@ class ControlServer:
                 connection.close_after_flush()
             else:
                 connection.close()
-
-
-def claim_path(path: str, what: str = "an instance") -> None:
-    """Refuse a path another live process answers at; replace a stale socket."""
-    if not os.path.lexists(path):
-        return
-    pid = qmp.socket_owner_pid(path)
-    if pid is not None:
-        raise FdmigError(f"{what} already answers at {path} (pid {pid}); "
-                         "stop it, or choose another --name or --control")
-    paths.remove_stale_socket(path, "control")
 
 
 class ControlConnection:
@@ -217,13 +208,10 @@ class ControlConnection:
 
     def _flush(self) -> None:
         try:
-            sent = self.sock.send(self.outbuf)
-        except (BlockingIOError, InterruptedError):
-            sent = 0
+            sendbuf.send_some(self.sock, self.outbuf)
         except OSError:
             self.close()
             return
-        del self.outbuf[:sent]
         want = bool(self.outbuf)
         if want != self._writing:
             if want:
@@ -296,14 +284,13 @@ async def cmd_chardev_remove(conn, arguments):
 
 async def cmd_query_chardev(conn, arguments):
     _no_extra(arguments)
-    return [{"label": c.label, "filename": c.qmp_filename(), "frontend-open": c.conn is not None}
-            for c in conn.instance.chardevs.values()]
+    return [presentation.qmp_chardev(c) for c in conn.instance.chardevs.values()]
 
 
 async def cmd_query_status(conn, arguments):
     _no_extra(arguments)
     state = conn.instance.run_state
-    return {"status": state, "running": state == "running", "singlestep": False}
+    return {"status": state.value, "running": state is RunState.RUNNING, "singlestep": False}
 
 
 async def cmd_getfd(conn, arguments):
@@ -370,43 +357,38 @@ async def cmd_query_migrate_capabilities(conn, arguments):
 
 
 async def cmd_migrate(conn, arguments):
-    from fdmig.migration import source
     uri = _arg(arguments, "uri", str)
     timeout = arguments.get("x-fdmig-timeout")
     if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
         raise QMPError("GenericError", "Invalid parameter type for 'x-fdmig-timeout', expected: positive number")
     _no_extra(arguments, "uri", "x-fdmig-timeout", "detach", "resume", "blk", "inc")
     instance = conn.instance
-    if instance.run_state != "running":
-        raise QMPError("GenericError", f"cannot migrate an instance in state {instance.run_state}")
+    if instance.run_state is not RunState.RUNNING:
+        raise QMPError("GenericError", f"cannot migrate an instance in state {instance.run_state.value}")
     _no_migration(instance)
     try:
         path = paths.parse_channel_uri(uri)
     except ValueError as exc:
         raise QMPError("GenericError", str(exc)) from None
-    blocked = source.blockers(instance)
-    if blocked:
-        raise QMPError("GenericError", "migration refused, it would lose chardevs: " + "; ".join(blocked))
     # The wait for a target to listen is fdmig's own (QEMU's migrate fails at once):
     # it lasts only while the client that asked for it is there.
-    instance.migration_task = asyncio.ensure_future(source.migrate(instance, path, timeout, abandoned=conn.gone))
+    instance.migrate(path, timeout, abandoned=conn.gone)
     return {}
 
 
 async def cmd_migrate_cancel(conn, arguments):
     _no_extra(arguments)
-    task = conn.instance.migration_task
-    if task is not None and not task.done() and not conn.instance.migration_committed:
-        task.cancel()
+    conn.instance.cancel_migration()
     return {}
 
 
 async def cmd_query_migrate(conn, arguments):
     _no_extra(arguments)
-    mig = conn.instance.migration
-    out = {"status": mig["status"]}
-    if mig["status"] == "none":
+    lifecycle = conn.instance.lifecycle
+    if lifecycle.status is MigrationStatus.NONE:
         return {}
+    mig = lifecycle.info()
+    out = {"status": mig["status"]}
     for ours, qemus in (("total-ms", "total-time"), ("downtime-ms", "downtime"), ("setup-ms", "setup-time")):
         if mig.get(ours) is not None:
             out[qemus] = int(round(mig[ours]))
@@ -420,7 +402,7 @@ async def cmd_migrate_incoming(conn, arguments):
     uri = _arg(arguments, "uri", str)
     _no_extra(arguments, "uri")
     instance = conn.instance
-    if instance.run_state != "inmigrate" or instance.incoming_channel is None:
+    if instance.run_state is not RunState.INMIGRATE or instance.incoming_channel is None:
         raise QMPError("GenericError", "this instance is running, not waiting for a migration; "
                                        "start a target with: fdmig migrate-in")
     if instance.incoming_channel.done():
@@ -434,16 +416,15 @@ async def cmd_migrate_incoming(conn, arguments):
 
 
 def _running(conn) -> None:
-    if conn.instance.run_state != "running":
-        raise QMPError("GenericError", f"the instance is {conn.instance.run_state}: "
+    if conn.instance.run_state is not RunState.RUNNING:
+        raise QMPError("GenericError", f"the instance is {conn.instance.run_state.value}: "
                                        "its chardevs cannot change now")
     # The source's table is the target's plan: it cannot change under a migration.
     _no_migration(conn.instance, "; chardevs cannot be added or removed until it ends")
 
 
 def _no_migration(instance, consequence: str = "") -> None:
-    task = instance.migration_task
-    if (task is not None and not task.done()) or instance.migration["status"] in ("setup", "active"):
+    if instance.lifecycle.migrating:
         raise QMPError("GenericError", "There's a migration process in progress" + consequence)
 
 

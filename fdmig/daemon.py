@@ -5,15 +5,17 @@ acts on it (gunicorn's and aiohttp's way of shutting down).
 """
 
 import asyncio
+import gc
 import logging
 import os
 import resource
 import signal
 import time
 
-from fdmig import __version__, frontends, paths, spec as specs, systemd
-from fdmig.chardev import Chardev, status_row
+from fdmig import __version__, frontends, paths, presentation, spec as specs, systemd
+from fdmig.chardev import Chardev
 from fdmig.errors import FdmigError
+from fdmig.lifecycle import Lifecycle, MigrationStatus, RunState
 
 log = logging.getLogger("fdmig")
 CAPABILITIES = ("local-char-socket",)
@@ -31,21 +33,19 @@ class Instance:
         self.name = name
         self.control_path = control_path
         self.capabilities = {cap: cap in capabilities for cap in CAPABILITIES}
-        self.run_state = "inmigrate" if incoming else "running"
+        self.lifecycle = Lifecycle(incoming, self.emit, systemd.notify)
         self.chardevs: dict[str, Chardev] = specs.Held()  # keeps the index of their addresses
         self.named_fds: dict[str, int] = {}  # getfd store, as QEMU's monitor keeps one
         self.listen_fds: dict[str, list[int]] = {}
         self.started = time.time()
-        self.migration = {"status": "none", "chardevs": 0, "downtime-ms": None, "total-ms": None,
-                          "setup-ms": None, "error": None}
         self.stopping = asyncio.Event()
         self.control = None  # control.ControlServer
         self.poller = None  # poller.Poller, made on the loop
         self.exit_code = 0
         self.handed_over = False  # after a migration's commit: our paths are the target's
-        self.migrating = False  # chardevs are quiesced or being taken over
-        self.migration_task: asyncio.Task | None = None
-        self.migration_committed = False
+        self.frozen = False  # inside a migration's downtime (freeze, thaw)
+        self.outgoing = None  # the source session of a migration, while it runs
+        self._outgoing_task: asyncio.Task | None = None
         self._status_scheduled = False
         self._status_sent = ""
         self.incoming_specs: list = []  # a target's own chardevs, until they exist
@@ -58,7 +58,7 @@ class Instance:
         # Specs by label only when a bridge needs them: building the map for every
         # add would make a start with thousands of chardevs quadratic.
         held = {label: c.spec for label, c in self.chardevs.items()} if spec.bridge else self.chardevs
-        specs.check_fits(spec, held, incoming=self.run_state == "inmigrate", addresses=self.chardevs.addresses)
+        specs.check_fits(spec, held, incoming=self.run_state is RunState.INMIGRATE, addresses=self.chardevs.addresses)
 
     async def add_chardev(self, spec) -> Chardev:
         self.check_new(spec)
@@ -145,26 +145,74 @@ class Instance:
         self.report_status()
 
     def _chardev_changed(self, chardev: Chardev) -> None:
-        if self.migrating:
+        if self.frozen:
             return  # thousands of chardevs change at once; MIGRATION events say it
-        if self.control is not None:
-            self.control.broadcast("X_FDMIG_CHARDEV_STATE", {"label": chardev.label, "state": chardev.state.value})
+        self.emit("X_FDMIG_CHARDEV_STATE", {"label": chardev.label, "state": chardev.state.value})
         self.report_status()
 
-    def set_migration(self, status: str, **fields) -> None:
-        self.migration["status"] = status
-        for key, value in fields.items():
-            self.migration[key.replace("_", "-")] = value
+    def emit(self, name: str, data: dict | None = None) -> None:
+        """A QMP event to every control client."""
         if self.control is not None:
-            data = {"status": status}
-            if status in ("completed", "failed", "cancelled"):
-                # fdmig's additions, for a migrate-out that cannot query afterwards.
-                data.update({"x-fdmig-error": self.migration.get("error"),
-                             "x-fdmig-timed-out": self.migration.get("error-class") == "timeout",
-                             "x-fdmig-chardevs": self.migration.get("chardevs"),
-                             "x-fdmig-target": self.migration.get("target")})
-            self.control.broadcast("MIGRATION", data)
-        systemd.notify(f"STATUS=migration {status}")
+            self.control.broadcast(name, data)
+
+    @property
+    def run_state(self) -> RunState:
+        return self.lifecycle.run_state
+
+    # ----- migration ---------------------------------------------------------
+
+    def freeze(self, quiesce: bool) -> None:
+        """The downtime begins: nothing is read, written or accepted (the poller
+        paused), no collection pause, no per-chardev event. `quiesce`: every
+        chardev remembers where it stands, to resume there."""
+        gc.disable()
+        self.frozen = True
+        self.poller.pause()
+        if quiesce:
+            for chardev in self.chardevs.values():
+                chardev.quiesce()
+
+    def thaw(self) -> None:
+        """The downtime ends: every quiesced chardev resumes, all at one instant."""
+        for chardev in self.chardevs.values():
+            if chardev.quiesced:
+                chardev.resume()
+        self.poller.resume()
+        self.frozen = False
+        gc.enable()
+        self.report_status()
+
+    def migrate(self, path: str, timeout: float | None, abandoned: asyncio.Event | None) -> None:
+        """Start a migration to the target at `path` (QMP `migrate`); its outcome
+        comes as MIGRATION events. Refused, as QEMU's blockers refuse, if it would
+        lose a chardev."""
+        from fdmig.migration import source
+        blocked = source.blockers(self)
+        if blocked:
+            raise FdmigError("migration refused, it would lose chardevs: " + "; ".join(blocked))
+        self.lifecycle.migration_to(MigrationStatus.SETUP, chardevs=0, error=None, downtime_ms=None,
+                                    total_ms=None, setup_ms=None)
+        self.outgoing = source.SourceSession(self, path, timeout, abandoned)
+        self._outgoing_task = asyncio.ensure_future(self._migrate(self.outgoing))
+
+    async def _migrate(self, session) -> None:
+        try:
+            handed_over = await session.run()
+        except Exception:
+            log.exception("migration: internal error after the commit")
+            handed_over = True  # the target holds every connection: never two readers
+        finally:
+            self.outgoing = None
+        if handed_over:
+            # Our paths are the target's now: let go of them, and stop.
+            self.control.close(unlink=False, flush=True)
+            self.handed_over = True
+            self.stopping.set()
+
+    def cancel_migration(self) -> None:
+        """QMP migrate_cancel: roll back, unless the commit has happened."""
+        if self.outgoing is not None and not self.outgoing.committed:
+            self._outgoing_task.cancel()
 
     # ----- reporting ---------------------------------------------------------
 
@@ -173,7 +221,7 @@ class Instance:
         for chardev in self.chardevs.values():
             counts[chardev.state.value] = counts.get(chardev.state.value, 0) + 1
         states = ", ".join(f"{n} {state}" for state, n in sorted(counts.items())) or "no chardevs"
-        return f"{self.run_state}: {states}"
+        return f"{self.run_state.value}: {states}"
 
     def report_status(self) -> None:
         """STATUS= for systemd, at most once per loop iteration and only on change:
@@ -193,8 +241,8 @@ class Instance:
     async def status(self) -> dict:
         import psutil
         me = psutil.Process()
-        if self.run_state == "inmigrate":
-            rows = [pending_status(spec) for spec in self.incoming_specs]
+        if self.run_state is RunState.INMIGRATE:
+            rows = [presentation.pending_row(spec) for spec in self.incoming_specs]
         else:
             # In slices, the loop serving in between: the rows of thousands of
             # chardevs take tens of milliseconds, a pause their peers would see.
@@ -202,17 +250,17 @@ class Instance:
             for start in range(0, len(chardevs), STATUS_SLICE):
                 if start:
                     await asyncio.sleep(0)
-                rows += [c.status() for c in chardevs[start : start + STATUS_SLICE]]
+                rows += [presentation.row(c) for c in chardevs[start : start + STATUS_SLICE]]
         return {
             "name": self.name,
             "pid": os.getpid(),
-            "state": self.run_state,
+            "state": self.run_state.value,
             "version": __version__,
             "uptime-s": round(time.time() - self.started, 3),
             "rss-bytes": me.memory_info().rss,
             "open-fds": me.num_fds(),
             "capabilities": dict(self.capabilities),
-            "migration": dict(self.migration),
+            "migration": self.lifecycle.info(),
             "control": self.control_path,
             "chardevs": rows,
         }
@@ -269,10 +317,9 @@ class Instance:
     async def finish_migration(self) -> None:
         """On SIGTERM mid-migration: before the commit it rolls back (cancel); after
         it, it runs to its end, so the target is never left without a source."""
-        task = self.migration_task
+        task = self._outgoing_task
         if task is not None and not task.done():
-            if not self.migration_committed:
-                task.cancel()
+            self.cancel_migration()
             await asyncio.gather(task, return_exceptions=True)
 
     def shutdown(self) -> None:
@@ -291,12 +338,6 @@ class Instance:
         for fd in self.named_fds.values():
             os.close(fd)
         self.named_fds.clear()
-
-
-def pending_status(spec) -> dict:
-    """A status row for a chardev a waiting target will hold."""
-    return status_row(spec, "awaiting-incoming" if spec.local_incoming else "closed",
-                      f"bridge={spec.bridge}" if spec.bridge else spec.frontend)
 
 
 async def run_instance(instance: Instance, chardev_specs) -> int:
@@ -352,6 +393,11 @@ async def run_target(instance: Instance, channel_path: str | None, own_specs, ti
         target.exec_handover(received, exec_argv)  # does not return
     try:
         await target.take_over(instance, received)
+        instance.control = ControlServer(instance)
+        instance.control.bind(instance.control_path, take_over=True)
+        instance.control.start()
+        log.info("migration completed: %d chardev(s) moved live from pid %d, downtime %s ms",
+                 len(received.sockets), received.hello.pid, instance.lifecycle.get("downtime-ms"))
         systemd.notify(f"MAINPID={os.getpid()}", "READY=1", f"STATUS={instance.summary()}")
         return await instance.serve_forever()
     finally:

@@ -128,111 +128,160 @@ class Peer:
 def run(migrations: int) -> int:
     from rich.console import Console
     from rich.live import Live
-    from rich.table import Table
-
-    from fdmig import migrate_client, qmp
 
     console = Console()
-    workdir = tempfile.mkdtemp(prefix="fdmig-demo-")
-    os.chmod(workdir, 0o700)
-    env = dict(os.environ, FDMIG_RUNTIME_DIR=os.path.join(workdir, "run"))
-    env.pop("NOTIFY_SOCKET", None)
-    control = os.path.join(workdir, "run", "demo.sock")
-    channel = os.path.join(workdir, "run", "demo.migrate.sock")
-    app = os.path.join(workdir, "app.sock")
-    log = open(os.path.join(workdir, "instances.log"), "w")
-    fdmig = migrate_client.fdmig_command()
-    procs = []
-
-    def start(*args):
-        proc = subprocess.Popen(fdmig + list(args), env=env, stdin=subprocess.DEVNULL,
-                                stdout=log, stderr=log, start_new_session=True)
-        procs.append(proc)
-        return proc
-
-    rows = []
-
-    serving = {"pid": None}
-
-    def table():
-        from rich.console import Group
-        from rich.text import Text
-        t = Table(title=f"fdmig demo: live handoff of chardev app (server unix:{app}, echo, "
-                        "support-local-migration)", title_justify="left")
-        for column in ("#", "from pid", "to pid", "downtime ms", "records sent", "echoed", "longest pause ms"):
-            t.add_column(column, justify="right")
-        for row in rows:
-            t.add_row(*row)
-        sent, echoed = peer.counts()
-        now = Text(f"peer pid {os.getpid()} streaming to pid {serving['pid']}: {sent} records sent, "
-                   f"{echoed} echoed, longest pause so far {peer.longest_pause * 1000:.2f} ms", style="dim")
-        return Group(t, now)
-
-    peer = None
+    instances = _Instances()
     try:
-        start("serve", "--name", "demo", "--capability", "local-char-socket", "--chardev",
-              f"socket,id=app,path={app},server=on,frontend=echo,support-local-migration=on")
-        _wait_for(lambda: os.path.exists(app) and _answers(control), 10)
-        peer = Peer(app)
-        peer.start()
-        with qmp.connect(control) as client:
-            pid = serving["pid"] = client.execute("x-fdmig-status")["pid"]
-        time.sleep(0.2)  # warm up, then count pauses only from a running stream
-        peer.reset_pauses()
-        rows.append(("0", "-", str(pid), "-", *map(str, peer.counts()), "-"))
+        peer, pid = _start_stream(instances)
+        view = _View(instances.app, peer)
+        view.add_start(pid)
         downtimes = []
-        with Live(table(), console=console, auto_refresh=False, transient=False) as live:
+        with Live(view.frame(), console=console, auto_refresh=False, transient=False) as live:
             for n in range(1, migrations + 1):
                 for _ in range(3):  # let the stream run between handoffs, so pauses show
                     time.sleep(0.1)
-                    live.update(table(), refresh=True)
-                start("migrate-in", "--name", "demo")
-                peer.take_pause()  # this row's pause is this migration's, not the run's so far
-                outcome = migrate_client.migrate_out(control, channel, (), 30.0, False, ["--name", "demo"])
-                # The pause ends with the first echo from the target, which may
-                # come after migrate-out has returned.
-                peer.wait_echo(peer.counts()[1], 5.0)
+                    live.update(view.frame(), refresh=True)
+                outcome = _migrate_once(instances, peer)
                 downtimes.append(outcome["downtime-ms"])
-                serving["pid"] = outcome["target-pid"]
-                rows.append((str(n), str(outcome["source-pid"]), str(outcome["target-pid"]),
-                             f"{outcome['downtime-ms']:.2f}", *map(str, peer.counts()),
-                             f"{peer.take_pause() * 1000:.2f}"))
-                live.update(table(), refresh=True)
+                view.add_migration(n, outcome)
+                live.update(view.frame(), refresh=True)
                 if peer.bad or peer.eof:
                     break
         peer.finish()
-        console.print()
-        lost = peer.sent - peer.echoed
-        ok = peer.bad is None and not peer.eof and lost == 0
-        console.print(
-            f"[bold]{'OK' if ok else 'FAILED'}[/bold]: {len(downtimes)} live migration(s); "
-            f"records sent {peer.sent}, echoed {peer.echoed}, lost {lost}; "
-            f"longest pause the peer saw {peer.longest_pause * 1000:.2f} ms; downtime per migration "
-            f"(ms): {', '.join(f'{d:.2f}' for d in downtimes)}")
-        if peer.bad:
-            console.print(f"[red]{peer.bad}[/red]")
-        if peer.eof:
-            console.print("[red]the peer saw EOF: its connection was dropped[/red]")
-        return 0 if ok else 1
+        return _print_summary(console, peer, downtimes)
     except Exception as exc:
-        console.print(f"[red]demo failed: {exc}[/red] (instance logs: {log.name})")
+        console.print(f"[red]demo failed: {exc}[/red] (instance logs: {instances.log.name})")
         return 1
     finally:
-        for proc in procs:
+        instances.close()
+
+
+class _Instances:
+    """A private working directory and the fdmig processes the demo starts in it.
+    close() ends them and removes the directory."""
+
+    def __init__(self):
+        from fdmig import migrate_client
+
+        self.workdir = tempfile.mkdtemp(prefix="fdmig-demo-")
+        os.chmod(self.workdir, 0o700)
+        self.env = dict(os.environ, FDMIG_RUNTIME_DIR=os.path.join(self.workdir, "run"))
+        # The instances are ours, not a service manager's: they must not notify it.
+        self.env.pop("NOTIFY_SOCKET", None)
+        self.control = os.path.join(self.workdir, "run", "demo.sock")
+        self.channel = os.path.join(self.workdir, "run", "demo.migrate.sock")
+        self.app = os.path.join(self.workdir, "app.sock")
+        self.log = open(os.path.join(self.workdir, "instances.log"), "w")
+        self._fdmig = migrate_client.fdmig_command()
+        self._procs = []
+
+    def start(self, *args) -> subprocess.Popen:
+        # A session of their own: a ^C at the terminal reaches only the demo,
+        # whose close() then ends them.
+        proc = subprocess.Popen(self._fdmig + list(args), env=self.env, stdin=subprocess.DEVNULL,
+                                stdout=self.log, stderr=self.log, start_new_session=True)
+        self._procs.append(proc)
+        return proc
+
+    def close(self) -> None:
+        for proc in self._procs:
             if proc.poll() is None:
                 proc.terminate()
-        for proc in procs:
+        for proc in self._procs:
             try:
                 proc.wait(5)
             except subprocess.TimeoutExpired:
                 proc.kill()
-        log.close()
-        shutil.rmtree(workdir, ignore_errors=True)
+        self.log.close()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def _start_stream(instances: _Instances) -> tuple[Peer, int]:
+    """Starts the first instance and a peer streaming through it: (peer, the instance's pid)."""
+    from fdmig import qmp
+
+    instances.start("serve", "--name", "demo", "--capability", "local-char-socket", "--chardev",
+                    f"socket,id=app,path={instances.app},server=on,frontend=echo,support-local-migration=on")
+    _wait_for(lambda: os.path.exists(instances.app) and _answers(instances.control), 10)
+    peer = Peer(instances.app)
+    peer.start()
+    with qmp.connect(instances.control) as client:
+        pid = client.execute("x-fdmig-status")["pid"]
+    time.sleep(0.2)  # warm up, then count pauses only from a running stream
+    peer.reset_pauses()
+    return peer, pid
+
+
+def _migrate_once(instances: _Instances, peer: Peer) -> dict:
+    """Hands the chardev to a fresh instance; migrate-out's outcome."""
+    from fdmig import migrate_client
+
+    instances.start("migrate-in", "--name", "demo")
+    peer.take_pause()  # this row's pause is this migration's, not the run's so far
+    outcome = migrate_client.migrate_out(instances.control, instances.channel, (), 30.0, False,
+                                         ["--name", "demo"])
+    # The pause ends with the first echo from the target, which may
+    # come after migrate-out has returned.
+    peer.wait_echo(peer.counts()[1], 5.0)
+    return outcome
+
+
+class _View:
+    """The live view: a row per handoff, under it the stream as it is now."""
+
+    def __init__(self, app: str, peer: Peer):
+        self._app = app
+        self._peer = peer
+        self._rows = []
+        self._serving_pid = None
+
+    def add_start(self, pid: int) -> None:
+        self._serving_pid = pid
+        self._rows.append(("0", "-", str(pid), "-", *map(str, self._peer.counts()), "-"))
+
+    def add_migration(self, n: int, outcome: dict) -> None:
+        self._serving_pid = outcome["target-pid"]
+        self._rows.append((str(n), str(outcome["source-pid"]), str(outcome["target-pid"]),
+                           f"{outcome['downtime-ms']:.2f}", *map(str, self._peer.counts()),
+                           f"{self._peer.take_pause() * 1000:.2f}"))
+
+    def frame(self):
+        from rich.console import Group
+        from rich.table import Table
+        from rich.text import Text
+
+        table = Table(title=f"fdmig demo: live handoff of chardev app (server unix:{self._app}, echo, "
+                            "support-local-migration)", title_justify="left")
+        for column in ("#", "from pid", "to pid", "downtime ms", "records sent", "echoed", "longest pause ms"):
+            table.add_column(column, justify="right")
+        for row in self._rows:
+            table.add_row(*row)
+        sent, echoed = self._peer.counts()
+        now = Text(f"peer pid {os.getpid()} streaming to pid {self._serving_pid}: {sent} records sent, "
+                   f"{echoed} echoed, longest pause so far {self._peer.longest_pause * 1000:.2f} ms", style="dim")
+        return Group(table, now)
+
+
+def _print_summary(console, peer: Peer, downtimes: list) -> int:
+    """Prints the verdict; the exit code: 1 if a record was lost or the stream broke."""
+    console.print()
+    lost = peer.sent - peer.echoed
+    ok = peer.bad is None and not peer.eof and lost == 0
+    console.print(
+        f"[bold]{'OK' if ok else 'FAILED'}[/bold]: {len(downtimes)} live migration(s); "
+        f"records sent {peer.sent}, echoed {peer.echoed}, lost {lost}; "
+        f"longest pause the peer saw {peer.longest_pause * 1000:.2f} ms; downtime per migration "
+        f"(ms): {', '.join(f'{d:.2f}' for d in downtimes)}")
+    if peer.bad:
+        console.print(f"[red]{peer.bad}[/red]")
+    if peer.eof:
+        console.print("[red]the peer saw EOF: its connection was dropped[/red]")
+    return 0 if ok else 1
 
 
 def _answers(path: str) -> bool:
-    from fdmig import qmp
-    return qmp.socket_owner_pid(path) is not None
+    from fdmig import paths
+    return paths.socket_owner_pid(path) is not None
 
 
 def _wait_for(predicate, timeout: float) -> None:

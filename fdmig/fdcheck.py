@@ -1,6 +1,7 @@
-"""A descriptor handed to fdmig (inherited, or passed by a control client) is
-checked against what its SPEC says before anything uses it. Light on imports:
-the CLI checks its own fd=N with this before passing it."""
+"""Every descriptor fdmig is handed (inherited, passed by a control client, or
+received in a migration) is checked against what its SPEC says before anything
+uses it. One checker for all three. Light on imports: the CLI checks its own
+fd=N with this before passing it."""
 
 import os
 import socket
@@ -9,23 +10,60 @@ import stat
 from fdmig.errors import FdmigError
 
 
-def stream_socket(fd: int, server: bool, label: str) -> socket.socket:
-    """`fd` wrapped as a socket if it is a stream socket, listening if and only if
-    `server`; otherwise FdmigError, `fd` left open (it is the caller's)."""
+def family_of(spec) -> int:
+    if spec.kind == "unix":
+        return socket.AF_UNIX
+    return socket.AF_INET6 if ":" in (spec.host or "") else socket.AF_INET
+
+
+def stream_socket(fd: int, spec, label: str, role: str | None = None) -> socket.socket:
+    """`fd` wrapped as a socket if it is what `spec` says; otherwise FdmigError,
+    `fd` left open (it is the caller's to close, or not: a bare fd=N may be anything).
+
+    `role` None is a descriptor handed over whole (fd=, fdname=): it must listen
+    if and only if the spec is a server. A migrated one has a role ("listener" or
+    "conn"), which says whether it listens, and must be at the spec's address."""
+    name = f"fd {fd}" if role is None else f"the {role} fd"
     try:
         mode = os.fstat(fd).st_mode
     except OSError:
-        raise FdmigError(f"chardev {label}: fd {fd} is not open") from None
+        raise FdmigError(f"chardev {label}: {name} is not open") from None
     if not stat.S_ISSOCK(mode):
-        raise FdmigError(f"chardev {label}: fd {fd} is not a socket; accepted: a stream socket")
+        raise FdmigError(f"chardev {label}: {name} is not a socket; accepted: a stream socket")
     sock = socket.socket(fileno=fd)
-    if sock.type != socket.SOCK_STREAM:
+    try:
+        _check(sock, spec, label, role, name)
+    except OSError as exc:
         sock.detach()
-        raise FdmigError(f"chardev {label}: fd {fd} is not a stream socket; accepted: SOCK_STREAM")
-    listening = bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
-    if listening != server:
+        raise FdmigError(f"chardev {label}: cannot inspect {name}: {exc.strerror}") from None
+    except FdmigError:
         sock.detach()
-        have = "a listening" if listening else "a connected"
-        want = "server=on" if listening else "server=off"
-        raise FdmigError(f"chardev {label}: fd {fd} is {have} socket; accepted with {want}")
+        raise
     return sock
+
+
+def _check(sock: socket.socket, spec, label: str, role: str | None, name: str) -> None:
+    if sock.type != socket.SOCK_STREAM:
+        raise FdmigError(f"chardev {label}: {name} is not a stream socket; accepted: SOCK_STREAM")
+    listening = bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
+    want = spec.server if role is None else role == "listener"
+    have = "a listening" if listening else "a connected"
+    if listening != want:
+        accepted = (f" with server={'on' if listening else 'off'}" if role is None else
+                    f": {'a listening' if want else 'a connected'} socket")
+        raise FdmigError(f"chardev {label}: {name} is {have} socket; accepted{accepted}")
+    if listening and not spec.server:
+        raise FdmigError(f"chardev {label}: a listening fd arrived for a client chardev")
+    if spec.kind not in ("unix", "inet"):
+        return  # fd=, fdname=: the descriptor is the address
+    families = (socket.AF_INET, socket.AF_INET6) if spec.kind == "inet" else (socket.AF_UNIX,)
+    if sock.family not in families:
+        raise FdmigError(f"chardev {label}: {name} is an {sock.family.name} socket, but the spec says {spec.address}")
+    if spec.kind == "unix":
+        bound = sock.getsockname() if spec.server else sock.getpeername()
+        if bound != spec.path:
+            raise FdmigError(f"chardev {label}: {name} is bound to '{bound}', not to {spec.path}")
+    else:
+        port = (sock.getsockname() if spec.server else sock.getpeername())[1]
+        if spec.port and port != spec.port:
+            raise FdmigError(f"chardev {label}: {name} is on port {port}, not {spec.port}")

@@ -12,7 +12,7 @@ import threading
 import time
 
 import fdmig
-from fdmig import paths, qmp
+from fdmig import paths, process, qmp
 from fdmig.errors import FdmigError, NoInstanceError, TimeoutExpired
 
 # Beyond the source's own timeout, how long we wait for it to exit and for the
@@ -124,18 +124,6 @@ def interruptible():
             signal.signal(sig, handler)
 
 
-def wait_exit(pid: int, deadline: float) -> bool:
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return True
-    try:
-        import select
-        return bool(select.select([fd], [], [], max(0.0, deadline - time.monotonic()))[0])
-    finally:
-        os.close(fd)
-
-
 def wait_target(control_path: str, source_pid: int, deadline: float) -> dict:
     """The target's status once it answers on the control path."""
     while True:
@@ -180,7 +168,7 @@ def migrate_out(control_path, channel_path, capabilities, timeout, spawn, instan
         target.close()
     target_info = data.get("x-fdmig-target") or {}
     deadline = time.monotonic() + HANDOVER_GRACE
-    if not wait_exit(source_pid, deadline):
+    if not process.wait_exit_blocking(source_pid, deadline - time.monotonic()):
         raise TimeoutExpired(f"the source (pid {source_pid}) committed but has not exited")
     outcome = {"status": "completed", "source-pid": source_pid, "target-pid": target_info.get("pid"),
                "chardevs": data.get("x-fdmig-chardevs"), "downtime-ms": None, "total-ms": None,
@@ -265,7 +253,7 @@ def _cancel(client) -> dict:
 def _after_source_died(control_path: str, source_pid: int) -> dict:
     """A MIGRATION event's data as if the source had said how it ended."""
     deadline = time.monotonic() + HANDOVER_GRACE
-    if not wait_exit(source_pid, deadline):
+    if not process.wait_exit_blocking(source_pid, deadline - time.monotonic()):
         raise FdmigError("the source closed its control connection before the migration ended")
     lost = FdmigError(f"the source (pid {source_pid}) died during the migration, before the target "
                       "had everything: its connections are lost")

@@ -98,9 +98,22 @@ def peercred(sock: socket.socket) -> tuple[int, int]:
     return int.from_bytes(cred[0:4], "little"), int.from_bytes(cred[4:8], "little")
 
 
-def peer_allowed(uid: int) -> bool:
-    """Our own uid, or root: whatever the file modes say."""
-    return uid in (os.geteuid(), 0)
+class Stranger(Exception):
+    """The process at the other end runs as neither our uid nor root."""
+
+    def __init__(self, pid: int, uid: int):
+        super().__init__(f"uid {uid} is not uid {os.geteuid()}")
+        self.pid, self.uid = pid, uid
+
+
+def trusted_peer(sock: socket.socket) -> int:
+    """The pid at the other end of a unix socket, if it runs as our own uid or as
+    root (whatever the file modes say); Stranger otherwise. Every socket fdmig
+    accepts or connects to is checked with this before a byte is read."""
+    pid, uid = peercred(sock)
+    if uid not in (os.geteuid(), 0):
+        raise Stranger(pid, uid)
+    return pid
 
 
 def bind_private(path: str) -> socket.socket:
@@ -144,3 +157,27 @@ def remove_own_socket(path: str, inode: int) -> None:
             os.unlink(path)
     except OSError:
         pass
+
+
+def socket_owner_pid(path: str) -> int | None:
+    """Pid of the process answering at a unix socket path, if any (SO_PEERCRED)."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    probe.settimeout(2)
+    try:
+        probe.connect(path)
+        return peercred(probe)[0] or None
+    except OSError:
+        return None
+    finally:
+        probe.close()
+
+
+def claim_path(path: str, what: str = "an instance") -> None:
+    """Refuse a path another live process answers at; replace a stale socket."""
+    if not os.path.lexists(path):
+        return
+    pid = socket_owner_pid(path)
+    if pid is not None:
+        raise FdmigError(f"{what} already answers at {path} (pid {pid}); "
+                         "stop it, or choose another --name or --control")
+    remove_stale_socket(path, "control")

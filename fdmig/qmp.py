@@ -271,11 +271,12 @@ class Client:
         except PermissionError:
             self.sock.close()
             raise NoInstanceError(f"no instance answers at {path}: permission denied") from None
-        _, uid = paths.peercred(self.sock)
-        if not paths.peer_allowed(uid):
+        try:
+            paths.trusted_peer(self.sock)
+        except paths.Stranger as exc:
             # Whoever answers is not an instance of ours: tell it nothing.
             self.sock.close()
-            raise NoInstanceError(f"no instance of uid {os.geteuid()} answers at {path} (uid {uid} does)")
+            raise NoInstanceError(f"no instance of uid {os.geteuid()} answers at {path} (uid {exc.uid} does)") from None
         try:
             greeting = self._read_message()
         except EOFError:
@@ -359,16 +360,3 @@ class Client:
 
 def connect(path: str, timeout: float = 10.0) -> Client:
     return Client(path, timeout)
-
-
-def socket_owner_pid(path: str) -> int | None:
-    """Pid of the process answering at a unix socket path, if any (SO_PEERCRED)."""
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    probe.settimeout(2)
-    try:
-        probe.connect(path)
-        return paths.peercred(probe)[0] or None
-    except OSError:
-        return None
-    finally:
-        probe.close()

@@ -223,84 +223,140 @@ def build_spec(fields: dict) -> ChardevSpec:
 
 
 def _build(fields: dict) -> ChardevSpec:
+    # The checks run in this order, so that a SPEC with several mistakes is
+    # always told about the same one first.
+    _check_keys(fields)
+    label = _label(fields)
+    kind = _address_kind(fields)
+    spec = dict(id=label, kind=kind, **_flags(fields))
+    spec.update(_address(kind, fields, spec["server"]))
+    spec.update(_reconnect_and_wait(fields, spec["server"], spec["wait"]))
+    spec.update(_frontend(fields, label))
+    spec.update(_logfile(fields, spec["logappend"]))
+    return ChardevSpec(**spec)
+
+
+def _check_keys(fields: dict) -> None:
     for key in fields:
         if key not in _KEYS:
             raise _fail(key, _unknown_key(key))
+
+
+def _label(fields: dict) -> str:
     label = fields.get("id")
     if label is None or label == "":
         raise _fail("id", "missing; every chardev needs id=LABEL")
     label = str(label)
     check_label(label)
+    return label
 
-    def flag(key):
-        value = fields.get(key, False)
-        if isinstance(value, bool):
-            return value
-        if not isinstance(value, str):
-            raise _fail(key, f"'{value}' is not a boolean; accepted: on/off, true/false, yes/no")
-        return parse_bool(key, value)
 
+def _address_kind(fields: dict) -> str:
+    """"unix", "inet", "fd" or "fdname": which one address key is given."""
     given = [k for k in ("path", "host", "fd", "fdname") if fields.get(k) not in (None, "")]
     if "port" in fields and "host" not in given:
         raise _fail("port", "given without host=; TCP needs host= and port=")
     if len(given) != 1:
         what = "none given" if not given else f"{' and '.join(given)} given"
         raise _fail("address", f"exactly one of path=, host=+port=, fd=, fdname= is needed; {what}")
-    kind = {"path": "unix", "host": "inet", "fd": "fd", "fdname": "fdname"}[given[0]]
-    spec = dict(id=label, kind=kind, server=flag("server"), wait=flag("wait"),
-                nodelay=flag("nodelay"), support_local_migration=flag("support-local-migration"),
-                local_incoming=flag("local-incoming"), logappend=flag("logappend"))
+    return {"path": "unix", "host": "inet", "fd": "fd", "fdname": "fdname"}[given[0]]
+
+
+def _flags(fields: dict) -> dict:
+    """The boolean keys as ChardevSpec arguments."""
+    return dict(server=_flag(fields, "server"), wait=_flag(fields, "wait"),
+                nodelay=_flag(fields, "nodelay"),
+                support_local_migration=_flag(fields, "support-local-migration"),
+                local_incoming=_flag(fields, "local-incoming"), logappend=_flag(fields, "logappend"))
+
+
+def _flag(fields: dict, key: str) -> bool:
+    # A bool from JSON, or a string from a SPEC; anything else is refused in
+    # parse_bool's words.
+    value = fields.get(key, False)
+    if isinstance(value, bool):
+        return value
+    if not isinstance(value, str):
+        raise _fail(key, f"'{value}' is not a boolean; accepted: on/off, true/false, yes/no")
+    return parse_bool(key, value)
+
+
+def _address(kind: str, fields: dict, server: bool) -> dict:
     if kind == "unix":
-        path = str(fields["path"])
-        if len(path.encode()) > UNIX_PATH_MAX:
-            raise _fail("path", f"{len(path.encode())} bytes is too long for a unix socket; "
-                                f"accepted: at most {UNIX_PATH_MAX} bytes")
-        if "\0" in path:
-            raise _fail("path", "contains a NUL byte")
-        spec["path"] = path
-    elif kind == "inet":
-        host = str(fields["host"])
-        if host.startswith("[") and host.endswith("]"):
-            host = host[1:-1]
-        if "port" not in fields:
-            raise _fail("port", "missing; TCP needs host= and port=")
-        spec["host"] = host
-        spec["port"] = _parse_int("port", fields["port"], 0 if spec["server"] else 1, 65535)
-    elif kind == "fd":
-        fd = str(fields["fd"])
-        if _DIGITS_RE.match(fd):
-            fd = str(_parse_int("fd", fd, 0, FD_MAX))
-        elif not _ID_RE.match(fd):
-            raise _fail("fd", f"'{fd}' is neither a descriptor number nor a getfd name")
-        spec["fd"] = fd
-    else:
-        spec["fdname"] = str(fields["fdname"])
+        return {"path": _unix_path(fields["path"])}
+    if kind == "inet":
+        return _inet_address(fields, server)
+    if kind == "fd":
+        return {"fd": _fd(fields["fd"])}
+    return {"fdname": str(fields["fdname"])}
+
+
+def _unix_path(value) -> str:
+    path = str(value)
+    if len(path.encode()) > UNIX_PATH_MAX:
+        raise _fail("path", f"{len(path.encode())} bytes is too long for a unix socket; "
+                            f"accepted: at most {UNIX_PATH_MAX} bytes")
+    if "\0" in path:
+        raise _fail("path", "contains a NUL byte")
+    return path
+
+
+def _inet_address(fields: dict, server: bool) -> dict:
+    host = str(fields["host"])
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if "port" not in fields:
+        raise _fail("port", "missing; TCP needs host= and port=")
+    # Port 0 asks the kernel for a fresh port: a listener can take one, a client cannot reach it.
+    return {"host": host, "port": _parse_int("port", fields["port"], 0 if server else 1, 65535)}
+
+
+def _fd(value) -> str:
+    fd = str(value)
+    if _DIGITS_RE.match(fd):
+        return str(_parse_int("fd", fd, 0, FD_MAX))
+    if not _ID_RE.match(fd):
+        raise _fail("fd", f"'{fd}' is neither a descriptor number nor a getfd name")
+    return fd
+
+
+def _reconnect_and_wait(fields: dict, server: bool, wait: bool) -> dict:
+    """reconnect-ms= and wait=, each of which belongs to one role only."""
+    out = {}
     if "reconnect-ms" in fields:
-        spec["reconnect_ms"] = _parse_int("reconnect-ms", fields["reconnect-ms"], 0, 86_400_000)
-        if spec["server"] and spec["reconnect_ms"]:
+        out["reconnect_ms"] = _parse_int("reconnect-ms", fields["reconnect-ms"], 0, 86_400_000)
+        if server and out["reconnect_ms"]:
             raise _fail("reconnect-ms", "only a client reconnects; not accepted with server=on")
-    if spec["wait"] and not spec["server"]:
+    if wait and not server:
         raise _fail("wait", "only a server waits for its first peer; accepted with server=on")
+    return out
+
+
+def _frontend(fields: dict, label: str) -> dict:
+    """frontend= and bridge=: bridge=LABEL alone implies frontend=bridge."""
     frontend = fields.get("frontend", "hold")
     bridge = fields.get("bridge")
     if frontend not in FRONTENDS:
         raise _fail("frontend", f"'{frontend}' is not known; accepted: {', '.join(FRONTENDS)}")
-    if bridge not in (None, ""):
-        bridge = str(bridge)
-        check_label(bridge, field="bridge")
-        if frontend not in ("hold", "bridge") or "frontend" in fields and frontend != "bridge":
-            raise _fail("bridge", f"bridge= relays to another chardev; not accepted with frontend={frontend}")
-        if bridge == label:
-            raise _fail("bridge", "a chardev cannot bridge to itself; accepted: another chardev's id")
-        spec["bridge"], frontend = bridge, "bridge"
-    elif frontend == "bridge":
-        raise _fail("frontend", "frontend=bridge needs bridge=LABEL")
-    spec["frontend"] = frontend
+    if bridge in (None, ""):
+        if frontend == "bridge":
+            raise _fail("frontend", "frontend=bridge needs bridge=LABEL")
+        return {"frontend": frontend}
+    bridge = str(bridge)
+    check_label(bridge, field="bridge")
+    if frontend not in ("hold", "bridge") or "frontend" in fields and frontend != "bridge":
+        raise _fail("bridge", f"bridge= relays to another chardev; not accepted with frontend={frontend}")
+    if bridge == label:
+        raise _fail("bridge", "a chardev cannot bridge to itself; accepted: another chardev's id")
+    return {"frontend": "bridge", "bridge": bridge}
+
+
+def _logfile(fields: dict, logappend: bool) -> dict:
     if fields.get("logfile") not in (None, ""):
-        spec["logfile"] = str(fields["logfile"])
-    elif spec["logappend"]:
+        return {"logfile": str(fields["logfile"])}
+    if logappend:
         raise _fail("logappend", "needs logfile=PATH")
-    return ChardevSpec(**spec)
+    return {}
 
 
 def check_label(label: str, field: str = "id") -> None:

@@ -7,13 +7,14 @@ the fds of connections made since. Before the target's ACK any failure rolls
 back: every chardev resumes as if nothing happened. After it, nothing rolls back."""
 
 import asyncio
-import gc
 import logging
 import os
 import time
 
-from fdmig import __version__, faults, paths, systemd
-from fdmig.migration import channel, wire
+from fdmig import __version__, faults, paths, process, systemd
+from fdmig.lifecycle import MigrationStatus
+from fdmig.migration import channel, form, wire
+from fdmig.migration.session import Session, drive
 
 log = logging.getLogger("fdmig")
 # After the commit: how long the target may take to say TAKEN, and how much longer
@@ -63,231 +64,248 @@ def table_entry(chardev, live: bool) -> dict:
     return entry
 
 
-async def migrate(instance, path: str, timeout: float | None, abandoned: asyncio.Event | None = None) -> None:
-    """Run one migration to the target listening at `path`. Never raises: the
-    outcome is in instance.migration and the MIGRATION events. `abandoned` set
-    while no target listens yet cancels it: the client that asked has gone."""
-    started = time.monotonic()
-    deadline = started + timeout if timeout else None
-    live = instance.capabilities["local-char-socket"]
-    instance.set_migration("setup", chardevs=0, error=None, downtime_ms=None, total_ms=None, setup_ms=None)
-    quiesced = []
-    chan = None
-    committed = instance.migration_committed = False
-    try:
-        def waiting():
-            log.info("migration: waiting for a target to listen on unix:%s", path)
-            if instance.control is not None:
-                instance.control.broadcast("X_FDMIG_MIGRATION_WAITING", {"channel": f"unix:{path}"})
+class SourceSession(Session):
+    """One migration to the target listening at `path`: connect, offer (HELLO and
+    TABLE), on ACCEPT the precopy, on HELD the quiesce and the transfer, on ACK the
+    commit; then the handover. Before the commit, any failure is `abort()`: every
+    chardev serves as before. `abandoned` set while no target listens yet cancels
+    it: the client that asked has gone."""
+
+    def __init__(self, instance, path: str, timeout: float | None, abandoned: asyncio.Event | None = None):
+        self.instance = instance
+        self.path = path
+        self.timeout = timeout
+        self.abandoned = abandoned
+        self.live = instance.capabilities["local-char-socket"]
+        self.committed = False
+        self.target = wire.TargetInfo()
+        self.precopied: dict = {}  # label -> (fingerprint, sockets, byte counts) as the precopy sent them
+        self.started = self.quiesce_at = 0.0
+        self.moved = 0
+        self.counters: list = []  # [label, rx-bytes, tx-bytes] of chardevs that moved bytes only
+
+    async def run(self) -> bool:
+        """Whether the chardevs are the target's now. Never raises but on cancel
+        after the commit: the outcome is in the lifecycle and the MIGRATION events."""
+        self.started = time.monotonic()
+        self.deadline = self.started + self.timeout if self.timeout else None
         try:
-            sock = await channel.connect(path, deadline, abandoned, on_wait=waiting)
+            self.chan = await self._connect()
+            await drive(self)
+        except BaseException as exc:
+            failure = _failure(exc, self)
+            if failure is None:
+                raise
+            self.abort(*failure)
+            return False
+        faults.point("source-after-ack")
+        return await self.hand_over()
+
+    async def _connect(self) -> channel.Channel:
+        def waiting():
+            log.info("migration: waiting for a target to listen on unix:%s", self.path)
+            self.instance.emit("X_FDMIG_MIGRATION_WAITING", {"channel": f"unix:{self.path}"})
+        try:
+            sock = await channel.connect(self.path, self.deadline, self.abandoned, on_wait=waiting)
         except ConnectionAbortedError as exc:
             raise MigrationCancelled(str(exc)) from None
         except OSError as exc:
             raise MigrationFailed(str(exc) if isinstance(exc, ConnectionRefusedError) else
-                                  f"cannot connect to unix:{path}: {exc.strerror}") from None
-        _, uid = paths.peercred(sock)
-        if not paths.peer_allowed(uid):
+                                  f"cannot connect to unix:{self.path}: {exc.strerror}") from None
+        try:
+            paths.trusted_peer(sock)
+        except paths.Stranger as exc:
             sock.close()
-            raise MigrationFailed(f"the target on unix:{path} runs as uid {uid}, not as uid {os.geteuid()}")
-        chan = channel.Channel(sock, wire.Role.SOURCE)
-        await chan.send(wire.Hello(instance.name, os.getpid(), __version__), deadline)
-        await chan.send(wire.Table(dict(instance.capabilities),
-                                   [table_entry(c, live) for c in instance.chardevs.values()]), deadline)
-        faults.point("source-after-table")
-        target_info = dict((await expect(chan, wire.Accept, "accepting the table", deadline)).info)
-        # QEMU's setup-time: until the precopy (its iterations) begins.
-        setup_ms = (time.monotonic() - started) * 1000
-        instance.set_migration("active", setup_ms=round(setup_ms, 3))
-        precopied = await _precopy(instance, chan, live, deadline)
-        await expect(chan, wire.Held, "holding the precopy", deadline)
+            raise MigrationFailed(f"the target on unix:{self.path} runs as uid {exc.uid}, "
+                                  f"not as uid {os.geteuid()}") from None
+        return channel.Channel(sock, wire.Role.SOURCE)
 
+    # ----- the steps ---------------------------------------------------------
+
+    async def begin(self) -> None:
+        instance = self.instance
+        await self.chan.send(wire.Hello(instance.name, os.getpid(), __version__), self.deadline)
+        await self.chan.send(wire.Table(dict(instance.capabilities),
+                                        [table_entry(c, self.live) for c in instance.chardevs.values()]),
+                             self.deadline)
+        faults.point("source-after-table")
+        self.expected = (wire.Accept, self.on_accept, "accepting the table")
+
+    async def on_accept(self, accept: wire.Accept) -> None:
+        self.target = accept.target
+        # QEMU's setup-time: until the precopy (its iterations) begins.
+        setup_ms = (time.monotonic() - self.started) * 1000
+        self.instance.lifecycle.migration_to(MigrationStatus.ACTIVE, setup_ms=round(setup_ms, 3))
+        await self._precopy()
+        self.expected = (wire.Held, self.on_held, "holding the precopy")
+
+    async def on_held(self, _held) -> None:
         # Quiesce everything, moved or not: a chardev that stays behind must not
         # keep filling the out-buffer of one whose state has already been sent.
-        quiesce_at = time.monotonic()
-        gc.disable()  # no collection pause inside the downtime; on again when it ends
-        instance.migrating = True
-        instance.poller.pause()
-        for chardev in instance.chardevs.values():
-            chardev.quiesce()
-            quiesced.append(chardev)
+        self.quiesce_at = time.monotonic()
+        self.instance.freeze(quiesce=True)
         faults.point("source-after-quiesce")
+        await self.chan.send(wire.Transfer(self._changed_sections()), self.deadline)
+        faults.point("source-after-transfer")
+        self.expected = (wire.Ack, self.on_ack, "acknowledging")
+
+    async def on_ack(self, _ack) -> bool:
+        self.committed = True  # from here on, the connections are the target's
+        return True
+
+    def refused(self, reason: str) -> Exception:
+        return MigrationFailed(f"the target refused: {reason}")
+
+    def closed_early(self, what: str) -> Exception:
+        return MigrationFailed(f"the target closed the channel before {what}")
+
+    # ----- the precopy and the transfer --------------------------------------
+
+    async def _precopy(self) -> None:
+        """Send the moved chardevs' fds and state while every chardev still serves,
+        a frame's worth at a time with the loop running in between, so no peer
+        waits on the encoding of thousands. Each chardev keeps the sockets it
+        closes meanwhile open until the end (form.pin)."""
+        batch, pinned = [], []
+        fds_in_batch = 0
+        try:
+            for chardev in list(self.instance.chardevs.values()):
+                sockets = chardev.sockets()
+                if not (self.live and chardev.spec.support_local_migration and sockets):
+                    continue
+                form.pin(chardev)
+                pinned.append(chardev)
+                self.precopied[chardev.label] = (form.fingerprint(chardev), sockets,
+                                                 (chardev.rx_bytes, chardev.tx_bytes))
+                section = form.section(chardev, carry=False)  # bytes to carry go at the quiesce
+                batch.append(section)
+                fds_in_batch += len(section.fds)
+                if fds_in_batch >= wire.MAX_FDS_PER_FRAME - 1:
+                    await self.chan.send(wire.Precopy(batch, more=True), self.deadline)
+                    batch, fds_in_batch = [], 0
+                    await asyncio.sleep(0)  # the chardevs' turn
+            await self.chan.send(wire.Precopy(batch), self.deadline)
+        finally:
+            for chardev in pinned:
+                form.unpin(chardev)
+        faults.point("source-after-precopy")
+
+    def _changed_sections(self) -> list:
+        """Inside the downtime: the sections of the moved chardevs that changed
+        since the precopy; the byte counts of those that only moved bytes go with
+        RELEASED, after the commit."""
         sections = []
-        counters = []  # [label, rx-bytes, tx-bytes] of the rest that moved bytes: after the commit
-        moved = 0
-        for chardev in instance.chardevs.values():
-            if not (live and chardev.spec.support_local_migration):
+        for chardev in self.instance.chardevs.values():
+            if not (self.live and chardev.spec.support_local_migration):
                 continue  # the target opens it afresh
-            fingerprint, sockets, counted = precopied.get(chardev.label, (None, None, None))
-            if fingerprint == chardev.fingerprint() and not chardev.outbuf:
-                moved += 1  # the target has it from the precopy, bar the byte counts
+            fingerprint, sockets, counted = self.precopied.get(chardev.label, (None, None, None))
+            if fingerprint == form.fingerprint(chardev) and not chardev.outbuf:
+                self.moved += 1  # the target has it from the precopy, bar the byte counts
                 if counted != (chardev.rx_bytes, chardev.tx_bytes):
-                    counters.append([chardev.label, chardev.rx_bytes, chardev.tx_bytes])
+                    self.counters.append([chardev.label, chardev.rx_bytes, chardev.tx_bytes])
                 continue
-            meta, outbuf, fds = chardev.section(True, sockets)
+            section = form.section(chardev, sockets)
             # With no socket, a section still carries bytes (and an EOF) waiting for
             # a connection the target makes afresh: a bridge's client side connecting.
-            if fds or sockets or outbuf or "stream" in meta:
-                moved += bool(fds or meta.get("held"))
-                sections.append(wire.Section(chardev.label, meta, outbuf, fds))
-        await chan.send(wire.Transfer(sections), deadline)
-        faults.point("source-after-transfer")
-        await expect(chan, wire.Ack, "acknowledging", deadline)
-        committed = instance.migration_committed = True  # from here on, the connections are the target's
-    except channel.ChannelTimeout as exc:
-        waiting = f": {exc}" if str(exc) else ""
-        _roll_back(instance, quiesced, chan, f"timed out after {timeout:g} s{waiting}", timed_out=True)
-        return
-    except MigrationCancelled as exc:
-        _roll_back(instance, quiesced, chan, str(exc), status="cancelled")
-        return
-    except MigrationFailed as exc:
-        _roll_back(instance, quiesced, chan, str(exc))
-        return
-    except wire.RemoteProtocolError as exc:
-        _roll_back(instance, quiesced, chan, f"the target broke the protocol: {exc}")
-        return
-    except (BrokenPipeError, ConnectionResetError):
-        _roll_back(instance, quiesced, chan, f"the target closed the channel during {chan.codec.state.name.lower()}")
-        return
-    except (OSError, wire.ProtocolError) as exc:
-        _roll_back(instance, quiesced, chan, f"channel error: {exc}")
-        return
-    except asyncio.CancelledError:
-        if not committed:
-            _roll_back(instance, quiesced, chan, "cancelled", status="cancelled")
-            return
-        raise
-    faults.point("source-after-ack")
-    await _hand_over(instance, chan, started, quiesce_at, moved, target_info, quiesced, counters)
+            if section.fds or sockets or section.outbuf or "stream" in section.meta:
+                self.moved += bool(section.fds or section.meta.get("held"))
+                sections.append(section)
+        return sections
 
+    # ----- the end -----------------------------------------------------------
 
-async def _precopy(instance, chan, live: bool, deadline) -> dict:
-    """Send the moved chardevs' fds and state while every chardev still serves,
-    a frame's worth at a time with the loop running in between, so no peer
-    waits on the encoding of thousands. Returns, by label, the fingerprint,
-    sockets and byte counts sent. Each chardev keeps the sockets it closes meanwhile open until
-    the end (Chardev.pin): a number in a frame not yet sent must not come to
-    name another socket."""
-    precopied, batch, pinned = {}, [], []
-    fds_in_batch = 0
-    try:
-        for chardev in list(instance.chardevs.values()):
-            sockets = chardev.sockets()
-            if not (live and chardev.spec.support_local_migration and sockets):
-                continue
-            chardev.pin()
-            pinned.append(chardev)
-            precopied[chardev.label] = chardev.fingerprint(), sockets, (chardev.rx_bytes, chardev.tx_bytes)
-            meta, _, fds = chardev.section(True)  # bytes to carry go at the quiesce
-            batch.append(wire.Section(chardev.label, meta, b"", fds))
-            fds_in_batch += len(fds)
-            if fds_in_batch >= wire.MAX_FDS_PER_FRAME - 1:
-                await chan.send(wire.Precopy(batch, more=True), deadline)
-                batch, fds_in_batch = [], 0
-                await asyncio.sleep(0)  # the chardevs' turn
-        await chan.send(wire.Precopy(batch), deadline)
-    finally:
-        for chardev in pinned:
-            chardev.unpin()
-    faults.point("source-after-precopy")
-    return precopied
+    def abort(self, reason: str, status: MigrationStatus = MigrationStatus.FAILED, timed_out: bool = False) -> None:
+        """Roll back: tell the target first (it holds dups of our fds and must drop
+        them), then every chardev resumes as if nothing had happened."""
+        if self.chan is not None:
+            self.chan.send_now(wire.Abort(reason))
+            self.chan.close()
+        self.instance.thaw()
+        log.warning("migration %s: %s; every chardev serves as before", status.value, reason)
+        self.instance.lifecycle.migration_to(status, error=reason, error_class="timeout" if timed_out else None)
 
-
-async def expect(chan, kind, step: str, deadline):
-    """The target's next event, which must be `kind`; anything else fails the migration."""
-    reply = await chan.next_event(deadline)
-    if isinstance(reply, wire.Abort):
-        raise MigrationFailed(f"the target refused: {reply.reason}")
-    if not isinstance(reply, kind):
-        raise MigrationFailed(f"the target closed the channel before {step}")
-    return reply
-
-
-def _roll_back(instance, quiesced, chan, reason: str, timed_out: bool = False, status: str = "failed") -> None:
-    if chan is not None:
-        chan.send_now(wire.Abort(reason))  # first: the target holds dups of our fds and must drop them
-        chan.close()
-    for chardev in quiesced:
-        chardev.resume()
-    instance.poller.resume()
-    instance.migrating = False
-    gc.enable()
-    instance.report_status()
-    log.warning("migration %s: %s; every chardev serves as before", status, reason)
-    instance.set_migration(status, error=reason, error_class="timeout" if timed_out else None)
-
-
-async def _wait_taken(instance, chan) -> bool | None:
-    """Whether the target said TAKEN; None if it stayed silent for TAKEN_TIMEOUT, or
-    for STOP_GRACE once the instance is asked to stop. Every wait after the commit
-    has a deadline: a stopped target must not keep the source alive through SIGTERM."""
-    receive = asyncio.ensure_future(chan.next_event(None))
-    stop = asyncio.ensure_future(instance.stopping.wait())
-    try:
-        done, _ = await asyncio.wait({receive, stop}, timeout=TAKEN_TIMEOUT, return_when=asyncio.FIRST_COMPLETED)
-        if receive not in done and stop in done:
-            await asyncio.wait({receive}, timeout=STOP_GRACE)
-        if not receive.done():
-            return None
-        return isinstance(receive.result(), wire.Taken)
-    except (OSError, wire.ProtocolError):
-        return False
-    finally:
-        receive.cancel()
-        stop.cancel()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # it exists, as another uid
-    return True
-
-
-async def _hand_over(instance, chan, started, quiesce_at, moved, target_info, quiesced, counters) -> None:
-    """After the commit: tell the target at once (its reading ends the downtime),
-    wait for TAKEN, then close our copies, let go of the control path and exit.
-    A target that dies before TAKEN has read nothing (it says TAKEN before its
-    first read), so then every chardev resumes here instead."""
-    if target_info.get("pid"):
-        # The main process may name its successor: systemd (NotifyAccess=all) then
-        # follows the handover even if we exit before the target has said so itself.
-        systemd.notify(f"MAINPID={target_info['pid']}")
-    try:
-        await chan.send(wire.Released({"quiesce-at": quiesce_at, "started-at": started, "counters": counters,
-                                       "setup-ms": instance.migration.get("setup-ms")}), None)
-        released_at = time.monotonic()
-        gc.enable()
-        faults.point("source-after-released")
-        taken = await _wait_taken(instance, chan)
-    except (OSError, wire.ProtocolError):
-        taken = False
-    if taken is None:
-        pid = target_info.get("pid")
-        if type(pid) is int and pid > 0 and _alive(pid):
+    async def hand_over(self) -> bool:
+        """After the commit: tell the target at once (its reading ends the downtime),
+        wait for TAKEN, then close our copies. A target that dies before TAKEN has
+        read nothing (it says TAKEN before its first read), so then every chardev
+        resumes here instead."""
+        if self.target.pid:
+            # The main process may name its successor: systemd (NotifyAccess=all) then
+            # follows the handover even if we exit before the target has said so itself.
+            systemd.notify(f"MAINPID={self.target.pid}")
+        released = wire.ReleaseInfo(quiesce_at=self.quiesce_at, started_at=self.started,
+                                    setup_ms=self.instance.lifecycle.get("setup-ms"),
+                                    counters=tuple(tuple(c) for c in self.counters))
+        try:
+            await self.chan.send(wire.Released(released.to_dict()), None)
+            released_at = time.monotonic()
+            faults.point("source-after-released")
+            taken = await self._wait_taken()
+        except (OSError, wire.ProtocolError):
+            taken = False
+        if taken is None and self.target.pid and process.alive(self.target.pid):
             # Silent, but alive (stopped, say): it holds every connection, and has
             # read nothing yet. Resuming here could make two readers; letting go cannot.
             log.warning("the target (pid %d) has not said it took over; it holds every connection, "
-                        "so this source lets go of them", pid)
+                        "so this source lets go of them", self.target.pid)
             taken = True
-    if not taken:
-        if target_info.get("pid"):
-            systemd.notify(f"MAINPID={os.getpid()}")
-        instance.migration_committed = False
-        _roll_back(instance, quiesced, chan, "the target died after the commit, before taking over "
-                                             "(it had read nothing)")
-        return
-    for chardev in instance.chardevs.values():
-        chardev.release()
-    instance.run_state = "postmigrate"
-    instance.set_migration("completed", chardevs=moved, downtime_ms=round((released_at - quiesce_at) * 1000, 3),
-                           total_ms=round((released_at - started) * 1000, 3), target=target_info)
-    log.info("migration completed: %d chardev(s) moved to pid %s", moved, target_info.get("pid"))
-    instance.control.close(unlink=False, flush=True)
-    chan.close()
-    instance.handed_over = True
-    instance.stopping.set()
+        if not taken:
+            if self.target.pid:
+                systemd.notify(f"MAINPID={os.getpid()}")
+            self.committed = False
+            self.abort("the target died after the commit, before taking over (it had read nothing)")
+            return False
+        for chardev in self.instance.chardevs.values():
+            chardev.released()
+        self.instance.lifecycle.migration_to(
+            MigrationStatus.COMPLETED, chardevs=self.moved,
+            downtime_ms=round((released_at - self.quiesce_at) * 1000, 3),
+            total_ms=round((released_at - self.started) * 1000, 3), target=self.target.to_dict())
+        log.info("migration completed: %d chardev(s) moved to pid %s", self.moved, self.target.pid)
+        self.chan.close()
+        return True
+
+    async def _wait_taken(self) -> bool | None:
+        """Whether the target said TAKEN; None if it stayed silent for TAKEN_TIMEOUT, or
+        for STOP_GRACE once the instance is asked to stop. Every wait after the commit
+        has a deadline: a stopped target must not keep the source alive through SIGTERM."""
+        receive = asyncio.ensure_future(self.chan.next_event(None))
+        stop = asyncio.ensure_future(self.instance.stopping.wait())
+        try:
+            done, _ = await asyncio.wait({receive, stop}, timeout=TAKEN_TIMEOUT, return_when=asyncio.FIRST_COMPLETED)
+            if receive not in done and stop in done:
+                await asyncio.wait({receive}, timeout=STOP_GRACE)
+            if not receive.done():
+                return None
+            return isinstance(receive.result(), wire.Taken)
+        except (OSError, wire.ProtocolError):
+            return False
+        finally:
+            receive.cancel()
+            stop.cancel()
+
+
+def _failure(exc: BaseException, session: SourceSession):
+    """(reason, status, timed out) for a failure before the commit; None for one
+    that must propagate (a cancel after the commit, a bug)."""
+    cancelled = MigrationStatus.CANCELLED
+    if isinstance(exc, asyncio.CancelledError):
+        return None if session.committed else ("cancelled", cancelled, False)
+    if isinstance(exc, channel.ChannelTimeout):
+        waiting = f": {exc}" if str(exc) else ""
+        return f"timed out after {session.timeout:g} s{waiting}", MigrationStatus.FAILED, True
+    if isinstance(exc, MigrationCancelled):
+        return str(exc), cancelled, False
+    if isinstance(exc, MigrationFailed):
+        return str(exc), MigrationStatus.FAILED, False
+    if isinstance(exc, wire.RemoteProtocolError):
+        return f"the target broke the protocol: {exc}", MigrationStatus.FAILED, False
+    if isinstance(exc, (BrokenPipeError, ConnectionResetError)):
+        step = session.chan.codec.state.name.lower()
+        return f"the target closed the channel during {step}", MigrationStatus.FAILED, False
+    if isinstance(exc, (OSError, wire.ProtocolError)):
+        return f"channel error: {exc}", MigrationStatus.FAILED, False
+    if isinstance(exc, Exception) and not session.committed:
+        log.error("migration: internal error", exc_info=exc)  # a bug; the chardevs serve on regardless
+        return f"internal error: {exc!r}", MigrationStatus.FAILED, False
+    return None

@@ -8,26 +8,22 @@ the target goes on waiting for the next one."""
 
 import asyncio
 import fcntl
-import gc
 import logging
 import os
 import resource
 import socket
 import time
 
-from fdmig import faults, paths, spec as specs
-from fdmig.chardev import FD_RESERVE, socket_family
+from fdmig import faults, fdcheck, paths, process, spec as specs
+from fdmig.chardev import FD_RESERVE
 from fdmig.errors import FdmigError, SpecError, TimeoutExpired
-from fdmig.migration import channel, wire
+from fdmig.lifecycle import MigrationStatus
+from fdmig.migration import channel, form, wire
+from fdmig.migration.session import Session, drive
 
 log = logging.getLogger("fdmig")
 SESSION_TIMEOUT = 30.0  # a source that stalls longer than this is dropped
 RELEASE_TIMEOUT = 10.0  # after our ACK, a source silent this long is dropped (it rolls back)
-
-
-def _show(value) -> str:
-    # Peer data in a log line: short, and never the repr of a deep structure.
-    return repr(value) if isinstance(value, str) and len(value) <= 40 else type(value).__name__
 
 
 class Refused(Exception):
@@ -79,42 +75,13 @@ def make_plan(own: list, table: wire.Table) -> Plan:
 
 
 def check_fd(fd: int, role: str, spec, label: str) -> socket.socket:
-    """Take ownership of `fd` (closed if refused) as a non-blocking socket. A
-    received fd must be a stream socket of the family the spec says, listening or
-    connected as its role says, at the spec's address."""
+    """Take ownership of `fd` (closed if refused) as a non-blocking socket, if it
+    is what `spec` says a `role` fd must be (fdcheck)."""
     try:
-        sock = socket.socket(fileno=fd)
-    except OSError as exc:
+        sock = fdcheck.stream_socket(fd, spec, label, role)
+    except FdmigError as exc:
         os.close(fd)
-        raise Refused(f"chardev {label}: the {role} fd is not a socket ({exc.strerror})") from None
-    try:
-        if sock.type != socket.SOCK_STREAM:
-            raise Refused(f"chardev {label}: the {role} fd is not a stream socket")
-        if spec.kind in ("unix", "inet"):
-            want = socket_family(spec)
-            families = (socket.AF_INET, socket.AF_INET6) if spec.kind == "inet" else (want,)
-            if sock.family not in families:
-                raise Refused(f"chardev {label}: the {role} fd is an {sock.family.name} socket, "
-                              f"but the spec says {spec.address}")
-        listening = bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
-        if listening != (role == "listener"):
-            raise Refused(f"chardev {label}: the {role} fd is {'a listening' if listening else 'a connected'} socket")
-        if role == "listener" and not spec.server:
-            raise Refused(f"chardev {label}: a listening fd arrived for a client chardev")
-        if spec.kind == "unix":
-            name = sock.getsockname() if spec.server else sock.getpeername()
-            if name != spec.path:
-                raise Refused(f"chardev {label}: the {role} fd is bound to '{name}', not to {spec.path}")
-        elif spec.kind == "inet":
-            port = (sock.getsockname() if spec.server else sock.getpeername())[1]
-            if spec.port and port != spec.port:
-                raise Refused(f"chardev {label}: the {role} fd is on port {port}, not {spec.port}")
-    except Refused:
-        sock.close()
-        raise
-    except OSError as exc:
-        sock.close()
-        raise Refused(f"chardev {label}: cannot inspect the {role} fd: {exc.strerror}") from None
+        raise Refused(str(exc)) from None
     sock.setblocking(False)
     return sock
 
@@ -132,102 +99,146 @@ def stage(instance, plan: Plan) -> dict:
 
 
 class Received:
-    def __init__(self, hello, plan, sections, sockets, released_info, chan):
+    def __init__(self, hello, plan, sections, sockets, released, chan):
         self.hello = hello
         self.plan = plan
         self.sections = sections  # label -> wire.Section
         self.sockets = sockets  # label -> {role: socket}
-        self.released_info = released_info
+        self.released = released  # wire.ReleaseInfo
         self.chan = chan
 
 
-async def session(instance, sock: socket.socket, own: list, info: dict) -> Received:
-    """One source's attempt. Returns what was received after the commit; raises
-    Refused (the source was told why) or a protocol/channel error."""
-    deadline = time.monotonic() + SESSION_TIMEOUT
-    chan = channel.Channel(sock, wire.Role.TARGET)
-    sockets: dict[str, dict[str, socket.socket]] = {}
-    try:
-        hello = await chan.next_event(deadline)
-        if not isinstance(hello, wire.Hello):
-            raise Refused("the source closed the channel before saying hello")
-        if hello.name != instance.name:
-            raise Refused(f"source instance '{hello.name}' is foreign: this target waits for '{instance.name}'")
+class TargetSession(Session):
+    """One source's attempt: on HELLO the name, on TABLE the plan (the chardevs
+    staged, unopened, while the source still serves), on PRECOPY and TRANSFER the
+    fds and state, each section worked on as its frame arrives; ACK, then RELEASED.
+    Refused raised from any step: the source is told why, and everything staged
+    or received is dropped (abort)."""
+
+    def __init__(self, instance, sock: socket.socket, own: list, info: dict):
+        self.instance = instance
+        self.own = own
+        self.info = info
+        self.chan = channel.Channel(sock, wire.Role.TARGET)
+        self.deadline = time.monotonic() + SESSION_TIMEOUT
+        self.hello = None
+        self.plan = None
+        self.chardevs: dict = {}  # label -> the staged Chardev
+        self.sections: dict = {}  # label -> the latest wire.Section
+        self.sockets: dict[str, dict[str, socket.socket]] = {}  # label -> role -> socket
+        self.fresh = {m.id for m in own if not m.local_incoming}  # we open these afresh
+        self.seen: set = set()  # labels with a section in the current PRECOPY or TRANSFER
+        self.taking = False  # sections are arriving: take them as they come
+
+    async def run(self) -> Received:
+        try:
+            return await drive(self)
+        except BaseException as exc:
+            await self.abort(exc)
+            raise
+
+    # ----- the steps ---------------------------------------------------------
+
+    async def begin(self) -> None:
+        self.expected = (wire.Hello, self.on_hello, "saying hello")
+
+    async def on_hello(self, hello: wire.Hello) -> None:
+        if hello.name != self.instance.name:
+            raise Refused(f"source instance '{hello.name}' is foreign: this target waits for '{self.instance.name}'")
+        self.hello = hello
         faults.point("target-after-hello")
-        table = await chan.next_event(deadline)
-        if not isinstance(table, wire.Table):
-            raise Refused("the source closed the channel before sending its table")
-        plan = make_plan(own, table)
-        coming = sum(min(int(e.get("x-fds", 0)), 2) for e in table.chardevs if isinstance(e.get("x-fds", 0), int))
+        self.expected = (wire.Table, self.on_table, "sending its table")
+
+    async def on_table(self, table: wire.Table) -> None:
+        self.plan = make_plan(self.own, table)
+        coming = sum(wire.entry_fds(entry) for entry in table.chardevs)
         headroom = fd_headroom()
         if coming > headroom:
             raise Refused(f"{coming} fds would come, more than the {headroom} this target "
                           "can still open (RLIMIT_NOFILE)")
         faults.point("target-after-table")
-        # Build the chardevs before accepting: the source still serves meanwhile,
-        # so this work stays out of the downtime.
-        instance.migrating = True
-        instance.poller.pause()  # until the takeover: a restored chardev is watched, never read
-        chardevs = stage(instance, plan)
-        gc.disable()  # no collection pause inside the downtime; on again at the resume
-        await chan.send(wire.Accept(info), deadline)
-        sections = {}  # label -> the latest wire.Section
-        fresh = {m.id for m in own if not m.local_incoming}  # we open these afresh
+        # Built before accepting: the source still serves meanwhile, so this work
+        # stays out of the downtime. Nothing is read until the takeover: a restored
+        # chardev is watched, never read.
+        self.instance.freeze(quiesce=False)
+        self.chardevs = stage(self.instance, self.plan)
+        await self.chan.send(wire.Accept(self.info), self.deadline)
+        self.taking = True
+        self.expected = (wire.Precopy, self.on_precopy, "its precopy")
 
-        def take(batch, seen: set):
-            # The precopy's sections (fds and state, the source still serving), then
-            # those of the chardevs that changed since (quiesced: their state, the
-            # held fds they keep, the fds of connections made since), each worked
-            # on as its frame arrives, while the source still encodes the rest.
-            for section in batch:
-                spec = plan.specs.get(section.label)
-                if spec is None or section.label in seen:
-                    raise Refused(f"chardev {section.label}: a section for a chardev not in the table, or twice")
-                seen.add(section.label)
-                if section.label in fresh:
-                    continue
-                sections[section.label] = section
-                by_role = sockets.setdefault(section.label, {})
-                keep = section.meta.get("held", [])
-                for role in keep if isinstance(keep, list) else [None]:
-                    if type(role) is not str or role not in by_role or role in section.fds:
-                        raise Refused(f"chardev {section.label}: the section names a held fd {_show(role)}, "
-                                      f"but the precopy brought {sorted(by_role) or 'none'} for it")
-                chardev = chardevs[section.label]
-                if section.fds or set(keep) != by_role.keys():
-                    chardev.unprime()  # its sockets change
-                    for role in [r for r in by_role if r not in keep]:
-                        by_role.pop(role).close()  # gone on the source since the precopy
-                    for role, index in section.fds.items():  # into what the failure path closes
-                        by_role[role] = check_fd(chan.take(index), role, spec, section.label)
-                chardev.restore(section.meta, section.outbuf, by_role.get("conn"), by_role.get("listener"))
-                if not by_role:
-                    del sockets[section.label]  # nothing moves: opened afresh, as unmarked ones
-                elif not chardev.primed:
-                    chardev.prime()
-            faults.point("target-after-batch")
+    def progress(self) -> None:
+        if self.taking:
+            self._take(self.chan.codec.take_sections())
 
-        async def receive(kind, what: str) -> None:
-            seen: set = set()
-            event = await chan.next_event(deadline, progress=lambda: take(chan.codec.take_sections(), seen))
-            if not isinstance(event, kind):
-                raise Refused(f"the source closed the channel before sending {what}")
-            take(event.sections, seen)
-
-        await receive(wire.Precopy, "its precopy")
+    async def on_precopy(self, precopy: wire.Precopy) -> None:
+        self._take(precopy.sections)
+        self.seen = set()
         faults.point("target-after-precopy")
-        await chan.send(wire.Held(), deadline)
-        await receive(wire.Transfer, "the state")
-        for mine in own:
-            if mine.local_incoming and not sockets.get(mine.id):
+        await self.chan.send(wire.Held(), self.deadline)
+        self.expected = (wire.Transfer, self.on_transfer, "the state")
+
+    async def on_transfer(self, transfer: wire.Transfer) -> Received:
+        self._take(transfer.sections)
+        self.taking = False
+        for mine in self.own:
+            if mine.local_incoming and not self.sockets.get(mine.id):
                 raise Refused(f"chardev {mine.id}: local-incoming=on, but no fd arrived for it")
         faults.point("target-before-ack")
+        released = await self._acknowledge()
+        faults.point("target-after-released")
+        return Received(self.hello, self.plan, self.sections, self.sockets, released, self.chan)
+
+    def refused(self, reason: str) -> Exception:
+        return Refused(f"the source gave up: {reason}")
+
+    def closed_early(self, what: str) -> Exception:
+        return Refused(f"the source closed the channel before {what}")
+
+    # ----- sections ----------------------------------------------------------
+
+    def _take(self, batch) -> None:
+        """The precopy's sections (fds and state, the source still serving), then
+        those of the chardevs that changed since (quiesced: their state, the held
+        fds they keep, the fds of connections made since)."""
+        now = time.time()
+        for section in batch:
+            spec = self.plan.specs.get(section.label)
+            if spec is None or section.label in self.seen:
+                raise Refused(f"chardev {section.label}: a section for a chardev not in the table, or twice")
+            self.seen.add(section.label)
+            if section.label in self.fresh:
+                continue
+            self.sections[section.label] = section
+            state = section.state(now)
+            by_role = self.sockets.setdefault(section.label, {})
+            for role in state.held:
+                if role not in by_role or role in section.fds:
+                    raise Refused(f"chardev {section.label}: the section names a held fd {wire.show(role)}, "
+                                  f"but the precopy brought {sorted(by_role) or 'none'} for it")
+            chardev = self.chardevs[section.label]
+            if section.fds or set(state.held) != by_role.keys():
+                chardev.unwatch()  # its sockets change
+                for role in [r for r in by_role if r not in state.held]:
+                    by_role.pop(role).close()  # gone on the source since the precopy
+                for role, index in section.fds.items():  # into what abort() closes
+                    by_role[role] = check_fd(self.chan.take(index), role, spec, section.label)
+            form.restore(chardev, state, section.outbuf, by_role.get("conn"), by_role.get("listener"))
+            if not by_role:
+                del self.sockets[section.label]  # nothing moves: opened afresh, as unmarked ones
+            elif not chardev.watched:
+                chardev.watch_now()  # so that resuming thousands is a flag each
+        faults.point("target-after-batch")
+
+    # ----- the commit --------------------------------------------------------
+
+    async def _acknowledge(self) -> wire.ReleaseInfo:
+        """ACK, then the source's RELEASED: what it sent with it."""
         try:
-            await chan.send(wire.Ack(), deadline)
+            await self.chan.send(wire.Ack(), self.deadline)
             faults.point("target-after-ack")
             # The commit point is the source reading our ACK; it may still roll back
             # if its timeout fires first, so nothing is read until it says RELEASED.
-            final = await chan.next_event(time.monotonic() + RELEASE_TIMEOUT)
+            final = await self.chan.next_event(time.monotonic() + RELEASE_TIMEOUT)
         except channel.ChannelTimeout:
             # Nothing read yet, and the channel closes: a source that wakes up finds
             # it so and rolls back. Waiting on could keep this target forever.
@@ -237,59 +248,35 @@ async def session(instance, sock: socket.socket, own: list, info: dict) -> Recei
         if isinstance(final, wire.Abort):
             raise Refused(f"the source rolled back after our acknowledgement: {final.reason}")
         if isinstance(final, wire.Released):
-            released = dict(final.info)
-        elif await wait_exit(hello.pid, timeout=10.0):
+            return final.release
+        if await process.wait_exit(self.hello.pid, timeout=10.0):
             # It died with everything sent: nobody else can read these fds any more,
             # and taking them over keeps every connection alive.
-            log.warning("source pid %d died before letting go; taking over what it sent", hello.pid)
-            released = {}
-        else:
-            raise Refused("the source closed the channel before letting go, and lives on")
-        faults.point("target-after-released")
-        return Received(hello, plan, sections, sockets, released, chan)
-    except BaseException as exc:
-        for chardev in instance.chardevs.values():
+            log.warning("source pid %d died before letting go; taking over what it sent", self.hello.pid)
+            return wire.ReleaseInfo()
+        raise Refused("the source closed the channel before letting go, and lives on")
+
+    async def abort(self, exc: BaseException) -> None:
+        """Drop everything staged or received; tell the source why, if it is to hear."""
+        for chardev in self.instance.chardevs.values():
             chardev.discard()  # staged, never opened
-        for by_role in sockets.values():
-            for s in by_role.values():
-                s.close()
-        instance.chardevs.clear()
-        instance.poller.resume()
-        instance.migrating = False
-        gc.enable()
+        for by_role in self.sockets.values():
+            for sock in by_role.values():
+                sock.close()
+        self.instance.chardevs.clear()
+        self.instance.thaw()
         if isinstance(exc, (Refused, wire.RemoteProtocolError)):
             try:
-                if chan.codec.state not in (wire.State.FAILED, wire.State.RELEASED):
-                    await chan.send(wire.Abort(str(exc)), time.monotonic() + 1)
+                if self.chan.codec.state not in (wire.State.FAILED, wire.State.RELEASED):
+                    await self.chan.send(wire.Abort(str(exc)), time.monotonic() + 1)
             except (OSError, wire.ProtocolError, channel.ChannelTimeout):
                 pass
-        chan.close()
-        raise
-
-
-async def wait_exit(pid: int, timeout: float | None = None) -> bool:
-    """Whether process `pid` has exited within `timeout` (its pidfd readable)."""
-    try:
-        pidfd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return True
-    loop = asyncio.get_running_loop()
-    done = loop.create_future()
-    loop.add_reader(pidfd, lambda: done.done() or done.set_result(None))
-    try:
-        await asyncio.wait_for(done, timeout)
-        return True
-    except asyncio.TimeoutError:
-        return False
-    finally:
-        loop.remove_reader(pidfd)
-        os.close(pidfd)
+        self.chan.close()
 
 
 async def receive(instance, path: str, own: list, timeout: float | None, info: dict) -> Received:
     """Listen at `path` until one source migrates successfully."""
-    from fdmig.control import claim_path
-    claim_path(path, what="a migration target")
+    paths.claim_path(path, what="a migration target")
     listener = paths.bind_private(path)
     inode = os.stat(path).st_ino
     loop = asyncio.get_running_loop()
@@ -304,15 +291,16 @@ async def receive(instance, path: str, own: list, timeout: float | None, info: d
                 sock, _ = await asyncio.wait_for(loop.sock_accept(listener), remaining)
             except asyncio.TimeoutError:
                 continue
-            pid, uid = paths.peercred(sock)
-            if not paths.peer_allowed(uid):
+            try:
+                pid = paths.trusted_peer(sock)
+            except paths.Stranger as exc:
                 log.warning("refused a source of uid %d (pid %d): only uid %d or root may migrate here",
-                            uid, pid, os.geteuid())
+                            exc.uid, exc.pid, os.geteuid())
                 sock.close()
                 continue
-            instance.set_migration("active", error=None, source_pid=pid)
+            instance.lifecycle.migration_to(MigrationStatus.ACTIVE, error=None, source_pid=pid)
             try:
-                return await session(instance, sock, own, info)
+                return await TargetSession(instance, sock, own, info).run()
             except (Refused, wire.RemoteProtocolError) as exc:
                 reason = f"refused source pid {pid}: {exc}"
             except channel.ChannelTimeout:
@@ -321,7 +309,7 @@ async def receive(instance, path: str, own: list, timeout: float | None, info: d
                 reason = f"lost source pid {pid}: {exc}"
             log.warning("%s; still waiting", reason)
             # What query-migrate says on <name>.incoming.sock until the next source.
-            instance.set_migration("failed", error=reason)
+            instance.lifecycle.migration_to(MigrationStatus.FAILED, error=reason)
     finally:
         listener.close()
         paths.remove_own_socket(path, inode)
@@ -329,35 +317,25 @@ async def receive(instance, path: str, own: list, timeout: float | None, info: d
 
 async def take_over(instance, received: Received) -> None:
     """After RELEASED: the moved chardevs resume first (that ends the downtime),
-    then the rest are opened afresh and the control path is ours."""
-    from fdmig.control import ControlServer
-    plan = received.plan
-    instance.migrating = True
-    instance.poller.pause()  # every moved chardev starts reading at the same instant
+    then the rest are opened afresh."""
     moved = [instance.chardevs[label] for label in received.sockets]
-    for chardev in moved:
-        chardev.resume()
-    instance.poller.resume()
+    instance.thaw()  # every moved chardev starts reading at the same instant
     resumed_at = time.monotonic()
-    gc.enable()
     # TAKEN before the first read (the loop has not run since the resume): a source
     # that never hears it knows we read nothing and may serve on.
     received.chan.send_now(wire.Taken())
     received.chan.close()
-    instance.migrating = False
-    instance.run_state = "running"
-    for name, state in plan.capabilities.items():
+    for name, state in received.plan.capabilities.items():
         if name in instance.capabilities:
             instance.capabilities[name] = state
-    info = received.released_info
-    apply_counters(instance, received.sockets, info.get("counters"))
-    quiesce_at = info.get("quiesce-at")
-    started_at = info.get("started-at")
-    instance.set_migration(
-        "completed", chardevs=len(moved), error=None,
-        downtime_ms=round((resumed_at - quiesce_at) * 1000, 3) if isinstance(quiesce_at, float) else None,
-        total_ms=round((resumed_at - started_at) * 1000, 3) if isinstance(started_at, float) else None,
-        setup_ms=info.get("setup-ms"), source_pid=received.hello.pid)
+    released = received.released
+    apply_counters(instance, received.sockets, released)
+    quiesce_at, started_at = released.quiesce_at, released.started_at
+    instance.lifecycle.migration_to(
+        MigrationStatus.COMPLETED, chardevs=len(moved), error=None,
+        downtime_ms=round((resumed_at - quiesce_at) * 1000, 3) if quiesce_at is not None else None,
+        total_ms=round((resumed_at - started_at) * 1000, 3) if started_at is not None else None,
+        setup_ms=released.setup_ms, source_pid=received.hello.pid)
     for label, chardev in list(instance.chardevs.items()):
         if label in received.sockets:
             continue
@@ -365,26 +343,20 @@ async def take_over(instance, received: Received) -> None:
             await instance.open_registered(chardev)
         except FdmigError as exc:
             log.warning("chardev %s: not moved and cannot be opened afresh: %s", label, exc)
-    instance.control = ControlServer(instance)
-    instance.control.bind(instance.control_path, take_over=True)
-    instance.control.start()
-    log.info("migration completed: %d chardev(s) moved live from pid %d, downtime %s ms",
-             len(moved), received.hello.pid, instance.migration.get("downtime-ms"))
 
 
-def apply_counters(instance, moved, counters) -> None:
+def apply_counters(instance, moved, released: wire.ReleaseInfo) -> None:
     """The byte counts of chardevs that moved bytes, but nothing else, since the
     precopy: the source sends them with RELEASED, out of the downtime's way. The
     loop has not run since the resume, so no byte has been counted here yet."""
-    if not isinstance(counters, list):
-        return
-    for entry in counters:
-        if (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], str) and entry[0] in moved
-                and all(type(n) is int and n >= 0 for n in entry[1:])):
-            chardev = instance.chardevs[entry[0]]
-            chardev.rx_bytes, chardev.tx_bytes = entry[1], entry[2]
+    for entry in released.ignored:
+        log.warning("ignored a malformed byte count from the source: %s", entry)
+    for label, rx_bytes, tx_bytes in released.counters:
+        if label in moved:
+            chardev = instance.chardevs[label]
+            chardev.rx_bytes, chardev.tx_bytes = rx_bytes, tx_bytes
         else:
-            log.warning("ignored a malformed byte count from the source: %s", _show(entry))
+            log.warning("ignored a malformed byte count from the source: %s", wire.show(label))
 
 
 def exec_handover(received: Received, argv: list[str]) -> None:

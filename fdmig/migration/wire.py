@@ -198,6 +198,12 @@ class Accept:
 
     info: Mapping[str, Any] = field(default_factory=dict)
 
+    @property
+    def target(self) -> "TargetInfo":
+        """`info`, checked and typed (RemoteProtocolError if malformed; the codec
+        has checked a received one already)."""
+        return TargetInfo.decode(self.info)
+
 
 @dataclass(frozen=True)
 class Section:
@@ -209,6 +215,10 @@ class Section:
     meta: Mapping[str, Any]
     outbuf: bytes = b""
     fds: Mapping[str, int] = field(default_factory=dict)
+
+    def state(self, now: float) -> "SectionState":
+        """`meta`, checked and typed; `now` (time.time()) bounds connected-since."""
+        return SectionState.decode(self.meta, now, self.label)
 
 
 @dataclass(frozen=True)
@@ -253,6 +263,11 @@ class Released:
     `info` is a JSON object (timings, ...) for the target's status and log."""
 
     info: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def release(self) -> "ReleaseInfo":
+        """`info`, typed; junk is dropped, never raised (see ReleaseInfo)."""
+        return ReleaseInfo.decode(self.info)
 
 
 @dataclass(frozen=True)
@@ -320,9 +335,10 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _show(value: Any) -> str:
-    # Peer data in an error message: short, and never a repr() of a structure a
-    # peer may have nested deep enough to blow the stack.
+def show(value: Any) -> str:
+    """Peer data in an error message or a log line: a short string's repr, else
+    the type's name; never the repr() of a structure a peer may have nested deep
+    enough to blow the stack."""
     if isinstance(value, str):
         return repr(value) if len(value) <= 60 else repr(value[:57]) + "..."
     return type(value).__name__
@@ -353,7 +369,7 @@ def _check_capabilities(caps: Any, error: type[ProtocolError]) -> dict:
         raise error("capabilities must be a mapping of str to bool")
     for key, value in caps.items():
         if not isinstance(key, str) or not isinstance(value, bool):
-            raise error(f"capability {_show(key)}: must map a str to a bool, not to {_show(value)}")
+            raise error(f"capability {show(key)}: must map a str to a bool, not to {show(value)}")
     return dict(caps)
 
 
@@ -362,6 +378,217 @@ def _check_chardev(index: int, chardev: Any, error: type[ProtocolError]) -> None
         raise error(f"chardev #{index} must be a mapping, not {type(chardev).__name__}")
     if not isinstance(chardev.get("id"), str):
         raise error(f"chardev #{index}: 'id' must be a string")
+    if "x-fds" in chardev:
+        # Checked here, for every chardev of a TABLE either way, so that the
+        # target may count the fds to come without checking each entry again.
+        entry_fds(chardev, error)
+
+
+# ---------------------------------------------------------------------------
+# Payloads: what Accept.info, Released.info and Section.meta hold, typed. The
+# events keep the raw mappings (they compare and round-trip as sent); these are
+# what the code above reads from them, each field checked once, here.
+
+STREAM_FLAGS = ("eof-read", "eof-pending", "eof-sent", "closing")
+_ABSENT = object()
+
+
+def _show_number(value: Any) -> str:
+    # A number in a message as itself (a bad pid of 0 reads better than "int"),
+    # unless it is too long to be worth printing, or to be printed at all: str()
+    # of an int past sys.get_int_max_str_digits() raises.
+    if isinstance(value, (int, float)) and -1e18 < value < 1e18:
+        return repr(value)
+    return show(value)
+
+
+@dataclass(frozen=True)
+class TargetInfo:
+    """Accept.info: who the target is. `pid` is None if it did not say (the source
+    then tells systemd nothing); `exec`, it hands the fds on to a program instead
+    of serving them; `control`, it serves a control socket afterwards."""
+
+    pid: int | None = None
+    exec: bool = False
+    control: bool = True
+
+    @classmethod
+    def decode(cls, info: Mapping, error: type[ProtocolError] = RemoteProtocolError) -> "TargetInfo":
+        """Raises `error` for a field of the wrong type. Unknown keys are ignored:
+        a newer target may say more."""
+        if not isinstance(info, Mapping):
+            raise error(f"ACCEPT info must be an object, not {type(info).__name__}")
+        pid = info.get("pid")
+        if pid is not None and not (_is_int(pid) and pid > 0):
+            # The source hands this pid to systemd as MAINPID: never 0, -1 or junk.
+            raise error(f"ACCEPT info: pid {_show_number(pid)} is not a process id")
+        flags = []
+        for key, default in (("exec", False), ("control", True)):
+            value = info.get(key, default)
+            if not isinstance(value, bool):
+                raise error(f"ACCEPT info: {key!r} must be a bool, not {type(value).__name__}")
+            flags.append(value)
+        return cls(pid, *flags)
+
+    def to_dict(self) -> dict:
+        return {"pid": self.pid, "exec": self.exec, "control": self.control}
+
+
+@dataclass(frozen=True)
+class ReleaseInfo:
+    """Released.info: the source's timings (time.monotonic() values, meaningful to
+    a target on the same host) and the byte counts of chardevs that moved bytes
+    and nothing else since the precopy: counters are (label, rx, tx)."""
+
+    quiesce_at: float | None = None
+    started_at: float | None = None
+    setup_ms: float | None = None
+    counters: tuple[tuple[str, int, int], ...] = ()
+    ignored: tuple[str, ...] = ()  # show() of each malformed counter, for the log
+
+    @classmethod
+    def decode(cls, info: Mapping) -> "ReleaseInfo":
+        """Never raises: RELEASED comes after the commit, when refusing would lose
+        the migration for the sake of a statistic. A malformed field is dropped, a
+        malformed counter too and named in `ignored`."""
+        if not isinstance(info, Mapping):
+            return cls()
+        quiesce_at, started_at, setup_ms = info.get("quiesce-at"), info.get("started-at"), info.get("setup-ms")
+        counters, ignored = [], []
+        entries = info.get("counters")
+        for entry in entries if isinstance(entries, list) else ():
+            if (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], str)
+                    and _is_int(entry[1]) and _is_int(entry[2]) and entry[1] >= 0 and entry[2] >= 0):
+                counters.append((entry[0], entry[1], entry[2]))
+            else:
+                ignored.append(show(entry))
+        return cls(
+            quiesce_at=quiesce_at if type(quiesce_at) is float else None,
+            started_at=started_at if type(started_at) is float else None,
+            setup_ms=setup_ms if isinstance(setup_ms, (int, float)) and not isinstance(setup_ms, bool) else None,
+            counters=tuple(counters),
+            ignored=tuple(ignored),
+        )
+
+    def to_dict(self) -> dict:
+        return {"quiesce-at": self.quiesce_at, "started-at": self.started_at,
+                "counters": [list(counter) for counter in self.counters], "setup-ms": self.setup_ms}
+
+
+def _count(value: Any) -> int:
+    return value if _is_int(value) and value >= 0 else 0
+
+
+def _since(value: Any, now: float) -> float | None:
+    # A time in the future (another clock, or junk) is no better than none.
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= now:
+        return float(value)
+    return None
+
+
+def _peer(value: Any) -> tuple | None:
+    if (isinstance(value, list) and len(value) == 3 and isinstance(value[0], str)
+            and (value[1] is None or _is_int(value[1])) and (value[2] is None or isinstance(value[2], str))):
+        return tuple(value)
+    return None
+
+
+def _roles_ok(roles: Any) -> bool:
+    if not isinstance(roles, list):
+        return False
+    for role in roles:
+        if not isinstance(role, str) or not role:
+            return False
+    # Most lists here hold one role: no set to build for those.
+    return len(roles) < 2 or len(set(roles)) == len(roles)
+
+
+def _section(label: Any) -> str:
+    return f"section {show(label)}" if label is not None else "section"
+
+
+def _check_held(label: Any, held: Any, error: type[ProtocolError] = RemoteProtocolError) -> tuple[str, ...]:
+    if not _roles_ok(held):
+        raise error(f"{_section(label)}: 'held' must be a list of distinct fd roles")
+    return tuple(held)
+
+
+@dataclass(frozen=True, slots=True)
+class SectionState:
+    """Section.meta: one chardev's state as it travels. `peer` is (address, pid or
+    None, process name or None); `stream`, which of STREAM_FLAGS are set (in that
+    order); `held`, the roles of the sockets the target holds from the precopy,
+    which this section keeps instead of sending again."""
+
+    rx_bytes: int = 0
+    tx_bytes: int = 0
+    migrations: int = 0
+    connected_since: float | None = None
+    peer: tuple | None = None
+    stream: tuple[str, ...] = ()
+    held: tuple[str, ...] = ()
+
+    @classmethod
+    def decode(cls, meta: Mapping, now: float, label: str | None = None) -> "SectionState":
+        """Lenient but for `held`: a count, time or peer of the wrong type becomes
+        the default (the chardev moves on without it), a stream flag it does not
+        know is dropped. `held` decides which fds the target keeps, so junk there
+        is a RemoteProtocolError (naming `label`, if given)."""
+        # Called for every section inside a migration's downtime: each field is
+        # taken in a type check or two, and only junk goes the slow way.
+        if type(meta) is not dict and not isinstance(meta, Mapping):
+            raise RemoteProtocolError(f"{_section(label)}: meta must be an object, not {type(meta).__name__}")
+        get = meta.get
+        rx, tx, migrations = get("rx-bytes", 0), get("tx-bytes", 0), get("migrations", 0)
+        if not (type(rx) is int and type(tx) is int and type(migrations) is int
+                and rx >= 0 and tx >= 0 and migrations >= 0):
+            rx, tx, migrations = _count(rx), _count(tx), _count(migrations)
+        since = get("connected-since")
+        if since is not None and not (type(since) is float and 0.0 < since <= now):
+            since = _since(since, now)
+        peer = get("peer")
+        if peer is not None:
+            if (type(peer) is list and len(peer) == 3 and type(peer[0]) is str
+                    and (type(peer[1]) is int or peer[1] is None) and (type(peer[2]) is str or peer[2] is None)):
+                peer = (peer[0], peer[1], peer[2])
+            else:
+                peer = _peer(peer)
+        stream = get("stream")
+        stream = tuple(flag for flag in STREAM_FLAGS if flag in stream) if isinstance(stream, list) else ()
+        held = get("held", _ABSENT)
+        held = () if held is _ABSENT else _check_held(label, held)
+        return cls(rx, tx, migrations, since, peer, stream, held)
+
+    def to_meta(self) -> dict:
+        meta = {"rx-bytes": self.rx_bytes, "tx-bytes": self.tx_bytes, "connected-since": self.connected_since,
+                "migrations": self.migrations, "peer": list(self.peer) if self.peer is not None else None}
+        if self.stream:
+            meta["stream"] = list(self.stream)
+        if self.held:
+            meta["held"] = list(self.held)
+        return meta
+
+
+def entry_fds(entry: Mapping, error: type[ProtocolError] = RemoteProtocolError) -> int:
+    """How many fds a TABLE chardev entry says will come for it ("x-fds": 0 for a
+    chardev that moves none, up to a listener and a connection). The codec has
+    checked every received entry, so this raises only for one it has not seen."""
+    count = entry.get("x-fds", 0)
+    if type(count) is int and 0 <= count <= 2:
+        return count
+    if _is_int(count) and 0 <= count <= 2:
+        return int(count)
+    raise error(f"chardev {show(entry.get('id'))}: 'x-fds' is {_show_number(count)}, not 0, 1 or 2")
+
+
+def _describe(exc: BaseException) -> str:
+    # repr() of an exception, for a message: its args may hold peer data, so
+    # bounded, and a repr that fails is no reason to lose the original error.
+    try:
+        text = repr(exc)
+    except Exception:
+        text = type(exc).__name__ + "(...)"
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def _header(ftype: FrameType, payload: bytes, nfds: int) -> bytes:
@@ -452,6 +679,8 @@ class MigrationCodec:
             elif isinstance(event, (Accept, Released)):
                 if not isinstance(event.info, Mapping):
                     raise LocalProtocolError(f"{type(event).__name__}.info must be a mapping")
+                if isinstance(event, Accept):
+                    TargetInfo.decode(event.info, LocalProtocolError)  # what the source will check
                 ftype = FrameType.ACCEPT if isinstance(event, Accept) else FrameType.RELEASED
                 frames = [(ftype, _dumps({"info": dict(event.info)}), ())]
             elif isinstance(event, (Held, Ack, Taken)):
@@ -592,6 +821,8 @@ class MigrationCodec:
             raise LocalProtocolError(f"section {section.label!r}: meta must be a mapping")
         if not isinstance(section.outbuf, (bytes, bytearray)):
             raise LocalProtocolError(f"section {section.label!r}: outbuf must be bytes")
+        if "held" in section.meta:
+            _check_held(section.label, section.meta["held"], LocalProtocolError)  # what the target will check
         roles, fds = [], []
         for role, fd in section.fds.items():
             if not isinstance(role, str) or not role:
@@ -650,11 +881,21 @@ class MigrationCodec:
             if stray:
                 raise RemoteProtocolError(f"{stray} fds arrived with no manifest entry")
         except RemoteProtocolError as exc:
-            self._error = str(exc)
-            self._state_at_error = self._state
-            self._state = State.FAILED
+            self._fail(str(exc))
+            raise
+        except BaseException as exc:
+            # A bug of ours while decoding (as h11 does): the frame may be half
+            # applied, so the codec cannot go on. The caller sees the original
+            # exception now, and a RemoteProtocolError (it fails the migration as
+            # any other) from every later call.
+            self._fail(f"the codec failed earlier: {_describe(exc)}")
             raise
         return ConnectionClosed() if self._eof else NEED_DATA
+
+    def _fail(self, message: str) -> None:
+        self._error = message
+        self._state_at_error = self._state
+        self._state = State.FAILED
 
     def _next_frame(self) -> tuple[FrameType, int, bytes] | None:
         buf, pos = self._buf, self._pos
@@ -820,20 +1061,25 @@ class MigrationCodec:
                     raise RemoteProtocolError(f"{ftype.name} frame: a manifest entry must be an object")
                 where = f"{ftype.name} manifest entry"
                 label = _field(entry, "label", str, where, RemoteProtocolError)
-                where = f"{ftype.name} manifest entry {_show(label)}"
+                where = f"{ftype.name} manifest entry {show(label)}"
                 meta = _field(entry, "meta", dict, where, RemoteProtocolError)
                 size = _field(entry, "outbuf", int, where, RemoteProtocolError)
                 roles = _field(entry, "fds", list, where, RemoteProtocolError)
             if size < 0 or offset + size > len(payload):
-                raise RemoteProtocolError(f"{ftype.name} manifest entry {_show(label)}: outbuf of {size} bytes "
+                raise RemoteProtocolError(f"{ftype.name} manifest entry {show(label)}: outbuf of {size} bytes "
                                           "overruns the frame")
+            if "held" in meta and not _roles_ok(meta["held"]):
+                # Which fds the target keeps from the precopy: checked strictly,
+                # here. The rest of meta is the target's to read (SectionState),
+                # for only the sections it uses, and leniently.
+                _check_held(label, meta["held"])  # raises
             fds = {}
             for role in roles:
                 if type(role) is not str or not role or role in fds:
-                    where = f"{ftype.name} manifest entry {_show(label)}"
+                    where = f"{ftype.name} manifest entry {show(label)}"
                     if not isinstance(role, str) or not role:
-                        raise RemoteProtocolError(f"{where}: fd role {_show(role)} must be a non-empty string")
-                    raise RemoteProtocolError(f"{where}: fd role {_show(role)} listed twice")
+                        raise RemoteProtocolError(f"{where}: fd role {show(role)} must be a non-empty string")
+                    raise RemoteProtocolError(f"{where}: fd role {show(role)} listed twice")
                 fds[role] = fd_index
                 fd_index += 1
             sections.append(Section(label=label, meta=meta, outbuf=payload[offset : offset + size], fds=fds))
@@ -883,7 +1129,12 @@ class MigrationCodec:
         info = obj.get("info", {})
         if not isinstance(info, dict):
             raise RemoteProtocolError(f"{ftype.name} frame: 'info' must be an object, not {type(info).__name__}")
-        return Accept(info) if ftype is FrameType.ACCEPT else Released(info)
+        if ftype is FrameType.ACCEPT:
+            # Checked before the source acts on it (a pid for systemd, say). Not
+            # RELEASED's: it comes after the commit, and ReleaseInfo takes what it can.
+            TargetInfo.decode(info)
+            return Accept(info)
+        return Released(info)
 
     @staticmethod
     def _decode_abort(payload: bytes) -> Abort:

@@ -38,6 +38,7 @@ TestOneInput is importable without atheris: tests/test_fuzz.py replays the corpu
 in-process with the pure-Python provider below, which matches atheris'.
 """
 
+import dataclasses
 import os
 import sys
 
@@ -64,12 +65,15 @@ from fdmig.migration.wire import (  # noqa: E402 (the module is loaded above)
     MigrationCodec,
     Precopy,
     Released,
+    ReleaseInfo,
     RemoteProtocolError,
     Role,
     Section,
+    SectionState,
     State,
     Table,
     Taken,
+    TargetInfo,
     Transfer,
 )
 
@@ -100,6 +104,7 @@ PRECOPY = Precopy(sections=(Section(label="c0", meta={}, fds={"conn": 5, "listen
 ACCEPT = Accept({"pid": 77, "version": "0.1.0"})
 RELEASED = Released({"downtime-ms": 1.5})
 MAX_FRAMES = (wire.MAX_FRAME, 1024, 128)
+NOW = 2e9  # the `now` of Section.state(): fixed, so that a replay decides as the run did
 
 
 def _run(script, sender_frame=wire.MAX_FRAME):
@@ -166,6 +171,28 @@ class Bug(AssertionError):
     """The codec broke one of its documented promises (not just raised)."""
 
 
+def _typed(what: str, decode):
+    """decode() of a payload the codec passed: it checked what the decoder is
+    strict about, so even a RemoteProtocolError here is a bug (they disagree)."""
+    try:
+        return decode()
+    except RemoteProtocolError as exc:
+        raise Bug(f"the codec passed {what}, but its decoder refuses it: {exc}") from None
+
+
+def _check_payload(event) -> None:
+    # The typed views of what the codec passed, and their round trips.
+    if isinstance(event, Accept):
+        target = _typed("ACCEPT's info", lambda: event.target)
+        if TargetInfo.decode(target.to_dict()) != target:
+            raise Bug(f"{target} does not round-trip")
+    elif isinstance(event, Released):
+        release = _typed("RELEASED's info", lambda: event.release)
+        again = ReleaseInfo.decode(release.to_dict())
+        if again != dataclasses.replace(release, ignored=()):
+            raise Bug(f"{release} does not round-trip")
+
+
 def _check_sections(codec: MigrationCodec, sections) -> None:
     for section in sections:
         if not isinstance(section, Section):
@@ -173,6 +200,9 @@ def _check_sections(codec: MigrationCodec, sections) -> None:
         for index in section.fds.values():
             if not 0 <= index < codec.fds_received:
                 raise Bug(f"section {section.label!r}: fd index {index} but {codec.fds_received} fds arrived")
+        state = _typed(f"section {wire.show(section.label)}", lambda: section.state(NOW))
+        if SectionState.decode(state.to_meta(), NOW) != state:
+            raise Bug(f"{state} does not round-trip")
     if codec.fds_claimed > codec.fds_received:
         raise Bug(f"{codec.fds_claimed} fds claimed but {codec.fds_received} received")
 
@@ -190,6 +220,7 @@ def _drain(codec: MigrationCodec) -> bool:
             raise Bug(f"next_event() returned {event!r}")
         if isinstance(event, (Precopy, Transfer)):
             _check_sections(codec, event.sections)
+        _check_payload(event)
         if isinstance(event, ConnectionClosed):
             return False
 
@@ -499,4 +530,4 @@ def write_seeds(directory: str) -> None:
 
 if __name__ == "__main__":
     fuzzcommon.main(sys.argv, __file__, TestOneInput, write_seeds,
-                    (run, _drain, _our_turn, _after_error, _check_sections))
+                    (run, _drain, _our_turn, _after_error, _check_sections, _check_payload))

@@ -1,0 +1,68 @@
+"""A chardev's migration form: the section that carries it, the fingerprint that
+says whether it changed since the precopy, and how a target takes a section in.
+The chardev itself only quiesces, resumes and holds sockets that moved."""
+
+from fdmig.migration import wire
+
+
+def pin(chardev) -> None:
+    """Keep every socket the chardev closes open until unpin(): while a precopy is
+    going out, their numbers are in frames not yet sent and must not come to name
+    another socket."""
+    chardev.pinned = []
+
+
+def unpin(chardev) -> None:
+    pinned, chardev.pinned = chardev.pinned or [], None
+    for sock in pinned:
+        sock.close()
+
+
+def stream_flags(chardev) -> tuple[str, ...]:
+    """Where the stream's end stands (a half-close under way, a session ending)."""
+    on = (chardev.eof_read, chardev.eof_pending, chardev.eof_sent, chardev.closing)
+    return tuple(name for name, flag in zip(wire.STREAM_FLAGS, on) if flag)
+
+
+def _set_stream_flags(chardev, flags) -> None:
+    chardev.eof_read, chardev.eof_pending, chardev.eof_sent, chardev.closing = (
+        name in flags for name in wire.STREAM_FLAGS)
+
+
+def fingerprint(chardev) -> tuple:
+    """What a section depends on, bar the counters and the carried bytes: a
+    chardev whose fingerprint is the same at the quiesce as at the precopy,
+    with nothing to carry, needs no new section."""
+    return chardev.settled_state(), chardev.conn, chardev.listener, stream_flags(chardev)
+
+
+def section(chardev, precopied: dict | None = None, carry: bool = True) -> wire.Section:
+    """The chardev's section, with its fds by role and, if `carry`, the bytes it
+    holds for its peer. A socket the target already holds from the precopy
+    (`precopied`, by role) is named in the state's `held` instead of sent again."""
+    fds, held = {}, []
+    for role, sock in chardev.sockets().items():
+        if precopied and precopied.get(role) is sock:
+            held.append(role)
+        else:
+            fds[role] = sock.fileno()
+    state = wire.SectionState(chardev.rx_bytes, chardev.tx_bytes, chardev.migrations, chardev.connected_since,
+                              chardev.peer, stream_flags(chardev), tuple(held))
+    return wire.Section(chardev.label, state.to_meta(), bytes(chardev.outbuf) if carry else b"", fds)
+
+
+def restore(chardev, state: wire.SectionState, outbuf: bytes, conn, listener) -> None:
+    """On the target: take over a moved chardev, from the precopy and then again
+    if its state changed before the quiesce. Carried bytes go out first. With no
+    socket, the bytes (and an EOF) wait for a connection the target makes afresh,
+    as a bridge's client side holds them while it connects for its partner's peer."""
+    chardev.outbuf = bytearray(outbuf)
+    if conn is None and listener is None:
+        _set_stream_flags(chardev, state.stream)
+        chardev.take_moved(None, None, None, None)
+        return
+    chardev.rx_bytes, chardev.tx_bytes = state.rx_bytes, state.tx_bytes
+    chardev.migrations = state.migrations + 1
+    _set_stream_flags(chardev, state.stream if conn is not None else ())
+    chardev.take_moved(conn, listener, state.peer, state.connected_since)
+
