@@ -17,7 +17,7 @@ import select
 import socket
 import time
 
-from fdmig import fdcheck, frontends, paths, sendbuf
+from fdmig import fdcheck, frontends, nbio, paths
 from fdmig.errors import FdmigError
 from fdmig.spec import STATES
 
@@ -60,7 +60,6 @@ class Paused:
 # Descriptors kept free for control clients and a migration channel: an instance
 # at its limit still answers `status` and can still migrate away.
 FD_RESERVE = 32
-ACCEPT_PAUSE = 0.25  # seconds without accepting after running out of fds
 
 
 def near_fd_limit(fd: int) -> bool:
@@ -302,15 +301,8 @@ class Chardev:
             self._accepting = want_accept
 
     def _on_acceptable(self) -> None:
-        try:
-            conn, _ = self.listener.accept()
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:
-            if exc.errno in (errno.EMFILE, errno.ENFILE):
-                self._pause_accepting()
-            else:
-                log.warning("chardev %s: accept failed: %s", self.label, exc)
+        conn = nbio.accept(self.listener, f"chardev {self.label}", self._pause_accepting)
+        if conn is None:
             return
         if near_fd_limit(conn.fileno()):
             conn.close()  # the peer sees EOF and may retry; better than starving control
@@ -322,7 +314,7 @@ class Chardev:
     def _pause_accepting(self) -> None:
         """Out of fds: the listener stays readable (level-triggered), so stop
         watching it for a moment instead of spinning on accept()."""
-        log.warning("chardev %s: %s; not accepting for %g s", self.label, fd_limit_error(self.label), ACCEPT_PAUSE)
+        log.warning("chardev %s: %s; not accepting for %g s", self.label, fd_limit_error(self.label), nbio.ACCEPT_PAUSE)
         if self._accepting:
             self._poller.watch(self.listener.fileno())
             self._accepting = False
@@ -331,7 +323,7 @@ class Chardev:
         def resume():
             self._accept_paused = False
             self.update_io()
-        self._loop.call_later(ACCEPT_PAUSE, resume)
+        self._loop.call_later(nbio.ACCEPT_PAUSE, resume)
 
     def _recv(self, flags: int = 0) -> bytes | None:
         """What the peer sent (b"" at its EOF), None if nothing is to be had now;
@@ -400,7 +392,7 @@ class Chardev:
 
     def _flush(self) -> None:
         try:
-            sent = sendbuf.send_some(self.conn, self.outbuf)
+            sent = nbio.send_some(self.conn, self.outbuf)
         except OSError as exc:
             self._lost(exc.strerror)
             return

@@ -13,6 +13,7 @@ import click
 
 from fdmig import __version__, paths, qmp
 from fdmig.errors import FdmigError, NoInstanceError, SpecError, TimeoutExpired
+from fdmig.lifecycle import RunState
 from fdmig.spec import STATES, ChardevSpec, FieldError, check_incoming, check_label, check_set, parse_spec
 
 
@@ -246,7 +247,7 @@ def _check_against(chardev: ChardevSpec, status: dict) -> None:
     addresses = Addresses(cwd)
     for other in held.values():
         addresses.add(other)
-    check_fits(chardev, held, incoming=status["state"] == "inmigrate", addresses=addresses)
+    check_fits(chardev, held, incoming=status["state"] == RunState.INMIGRATE.value, addresses=addresses)
 
 
 def _check_own_fd(fd: int, chardev: ChardevSpec) -> None:

@@ -2,12 +2,11 @@
 command table. The protocol rules live in qmp.py; this is plumbing and dispatch."""
 
 import asyncio
-import errno
 import logging
 import os
 import socket
 
-from fdmig import __version__, fdpass, paths, presentation, qmp, sendbuf, spec as specs
+from fdmig import __version__, fdpass, nbio, paths, presentation, qmp, spec as specs
 from fdmig.errors import FdmigError, QMPError, SpecError
 from fdmig.lifecycle import MigrationStatus, RunState
 
@@ -39,16 +38,8 @@ class ControlServer:
         self._loop.add_reader(self.sock.fileno(), self._on_acceptable)
 
     def _on_acceptable(self) -> None:
-        try:
-            conn, _ = self.sock.accept()
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:
-            log.warning("control: accept failed: %s", exc)
-            if exc.errno in (errno.EMFILE, errno.ENFILE):
-                # Level-triggered: pause rather than spin until an fd is free.
-                self._loop.remove_reader(self.sock.fileno())
-                self._loop.call_later(0.25, lambda: self.sock and self.start())
+        conn = nbio.accept(self.sock, "control", self._pause_accepting)
+        if conn is None:
             return
         # accept() does not carry the listener's O_NONBLOCK over: without this a
         # client that stops reading would block the whole loop in send().
@@ -67,6 +58,11 @@ class ControlServer:
         connection = ControlConnection(self, conn)
         self.connections.add(connection)
         connection.start()
+
+    def _pause_accepting(self) -> None:
+        log.warning("control: out of fds; not accepting for %g s", nbio.ACCEPT_PAUSE)
+        self._loop.remove_reader(self.sock.fileno())
+        self._loop.call_later(nbio.ACCEPT_PAUSE, lambda: self.sock and self.start())
 
     def broadcast(self, name: str, data: dict | None = None) -> None:
         if not self.connections:
@@ -208,7 +204,7 @@ class ControlConnection:
 
     def _flush(self) -> None:
         try:
-            sendbuf.send_some(self.sock, self.outbuf)
+            nbio.send_some(self.sock, self.outbuf)
         except OSError:
             self.close()
             return

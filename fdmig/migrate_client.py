@@ -12,13 +12,17 @@ import threading
 import time
 
 import fdmig
-from fdmig import paths, process, qmp
+from fdmig import lifecycle, paths, process, qmp
+from fdmig.lifecycle import MigrationStatus
 from fdmig.errors import FdmigError, NoInstanceError, TimeoutExpired
 
 # Beyond the source's own timeout, how long we wait for it to exit and for the
 # target to answer on the control path.
 HANDOVER_GRACE = 10.0
-TERMINAL = ("completed", "failed", "cancelled")
+# The statuses as the MIGRATION event and query-migrate spell them.
+TERMINAL = {status.value for status in lifecycle.TERMINAL}
+IN_PROGRESS = {status.value for status in lifecycle.IN_PROGRESS}
+COMPLETED = MigrationStatus.COMPLETED.value
 
 
 class Interrupted(Exception):
@@ -170,7 +174,7 @@ def migrate_out(control_path, channel_path, capabilities, timeout, spawn, instan
     deadline = time.monotonic() + HANDOVER_GRACE
     if not process.wait_exit_blocking(source_pid, deadline - time.monotonic()):
         raise TimeoutExpired(f"the source (pid {source_pid}) committed but has not exited")
-    outcome = {"status": "completed", "source-pid": source_pid, "target-pid": target_info.get("pid"),
+    outcome = {"status": COMPLETED, "source-pid": source_pid, "target-pid": target_info.get("pid"),
                "chardevs": data.get("x-fdmig-chardevs"), "downtime-ms": None, "total-ms": None,
                "notes": notes}
     if target_info.get("control", True):
@@ -219,7 +223,7 @@ def _migrate(client, arguments, control_path, source_pid, deadline, target, anno
     except Interrupted as exc:
         failure = f"interrupted by {exc}"
         data = _cancel(client)
-    if data["status"] == "completed":
+    if data["status"] == COMPLETED:
         if failure is not None:
             notes.append(f"{failure}, but too late: the migration had committed")
         return data
@@ -234,13 +238,13 @@ def _cancel(client) -> dict:
     deadline = time.monotonic() + HANDOVER_GRACE
     try:
         client.execute("migrate_cancel")
-        status = client.execute("query-migrate").get("status", "none")
-        if status not in ("setup", "active"):
+        status = client.execute("query-migrate").get("status", MigrationStatus.NONE.value)
+        if status not in IN_PROGRESS:
             # It had ended (or never begun); its MIGRATION event, if any, came before our reply.
             ended = [e.get("data", {}) for e in client.events if e["event"] == "MIGRATION"]
             if ended and ended[-1].get("status") in TERMINAL:
                 return ended[-1]
-            return {"status": "cancelled"}
+            return {"status": MigrationStatus.CANCELLED.value}
         while True:
             data = client.wait_event({"MIGRATION"}, deadline).get("data", {})
             if data.get("status") in TERMINAL:
@@ -264,7 +268,7 @@ def _after_source_died(control_path: str, source_pid: int) -> dict:
         except TimeoutExpired:
             if time.monotonic() >= deadline or _refused(paths.incoming_beside(control_path), source_pid):
                 raise lost from None
-    return {"status": "completed", "x-fdmig-chardevs": status["migration"]["chardevs"],
+    return {"status": COMPLETED, "x-fdmig-chardevs": status["migration"]["chardevs"],
             "x-fdmig-target": {"pid": status["pid"], "control": True}}
 
 
@@ -275,4 +279,4 @@ def _refused(incoming_path: str, source_pid: int) -> bool:
             migration = client.execute("x-fdmig-status")["migration"]
     except (NoInstanceError, FdmigError, OSError):
         return False
-    return migration.get("status") == "failed" and migration.get("source-pid") == source_pid
+    return migration.get("status") == MigrationStatus.FAILED.value and migration.get("source-pid") == source_pid

@@ -15,6 +15,8 @@ import json
 import textwrap
 import time
 
+from fdmig.lifecycle import MigrationStatus, RunState
+
 COLUMNS = ("label", "address", "role", "state", "marks", "frontend", "fd", "peer",
            "rx", "tx", "since")
 STATE_COLUMN = COLUMNS.index("state")
@@ -101,7 +103,7 @@ def _header_fields(status: dict) -> list[tuple[list[str], str]]:
     """The header's two lines, as (fields, separator)."""
     caps = ", ".join(k for k, v in status["capabilities"].items() if v) or "none"
     mig = status["migration"]
-    if mig["status"] == "none":
+    if mig["status"] == MigrationStatus.NONE.value:
         last = "none"
     else:
         last = f"{mig['status']}, {mig['chardevs']} chardev(s) moved"
@@ -110,7 +112,7 @@ def _header_fields(status: dict) -> list[tuple[list[str], str]]:
         if mig.get("error"):
             last += f": {mig['error']}"
     state = status["state"]
-    if state == "inmigrate":
+    if state == RunState.INMIGRATE.value:
         state += " (a migration target, waiting)"
     return [
         ([f"instance {status['name']}", f"pid {status['pid']}", f"state {state}",
