@@ -7,7 +7,6 @@ delivered.
 """
 
 import asyncio
-import dataclasses
 import enum
 import errno
 import logging
@@ -16,6 +15,7 @@ import resource
 import select
 import socket
 import time
+import typing
 
 from fdmig import fdcheck, frontends, nbio, paths
 from fdmig.errors import FdmigError
@@ -27,34 +27,42 @@ log = logging.getLogger("fdmig")
 # The names live in fdmig.spec, which `status --wait` can import without this module.
 State = enum.Enum("State", [(name.upper().replace("-", "_"), name) for name in STATES])
 
-_LIVE = {State.LISTENING, State.CONNECTING, State.CONNECTED, State.DISCONNECTED}
+_LIVE = (State.LISTENING, State.CONNECTING, State.CONNECTED, State.DISCONNECTED)
 # state -> the states that may follow it. Every chardev state change goes through
 # Chardev._set_state, which refuses any other (a bug in fdmig).
-TRANSITIONS: dict[State, frozenset] = {
-    State.CLOSED: frozenset(_LIVE | {State.CLOSED, State.MIGRATING}),
-    State.LISTENING: frozenset({State.LISTENING, State.CONNECTED, State.MIGRATING, State.CLOSED}),
-    State.CONNECTING: frozenset({State.CONNECTED, State.DISCONNECTED, State.MIGRATING, State.CLOSED}),
-    State.CONNECTED: frozenset({State.LISTENING, State.CONNECTING, State.DISCONNECTED, State.MIGRATING,
-                                State.CLOSED}),
-    State.DISCONNECTED: frozenset({State.CONNECTING, State.DISCONNECTED, State.MIGRATING, State.CLOSED}),
+TRANSITIONS: dict[State, tuple] = {
+    State.CLOSED: (*_LIVE, State.CLOSED, State.MIGRATING),
+    State.LISTENING: (State.LISTENING, State.CONNECTED, State.MIGRATING, State.CLOSED),
+    State.CONNECTING: (State.CONNECTED, State.DISCONNECTED, State.MIGRATING, State.CLOSED),
+    State.CONNECTED: (State.LISTENING, State.CONNECTING, State.DISCONNECTED, State.MIGRATING, State.CLOSED),
+    State.DISCONNECTED: (State.CONNECTING, State.DISCONNECTED, State.MIGRATING, State.CLOSED),
     # Back to where the quiesce found it (or, on a target, to what moved in); a
     # target restores a chardev again if it changed after the precopy.
-    State.MIGRATING: frozenset(_LIVE | {State.CLOSED, State.MIGRATING, State.MIGRATED}),
-    State.MIGRATED: frozenset({State.CLOSED}),
+    State.MIGRATING: (*_LIVE, State.CLOSED, State.MIGRATING, State.MIGRATED),
+    State.MIGRATED: (State.CLOSED,),
 }
+_MIGRATING = State.MIGRATING
 
 
 class TransitionError(Exception):
     """A state change TRANSITIONS does not allow: a bug in fdmig, never the user's."""
 
 
-@dataclasses.dataclass(frozen=True)
-class Paused:
+class Paused(typing.NamedTuple):
     """What a MIGRATING chardev resumes to: its state, and whether it was
-    reconnecting in the background (that attempt starts again)."""
+    reconnecting in the background (that attempt starts again). Two per state,
+    made once (below), not one per quiesce."""
 
     state: State
     reconnecting: bool
+
+
+# Each member carries its successors, a tuple searched by identity, and its two
+# Paused forms, made once: thousands of chardevs change state inside a migration's
+# downtime, and an Enum member's hash is Python code, too slow to run twice per change.
+for _state, _successors in TRANSITIONS.items():
+    _state.successors = _successors
+    _state.paused = (Paused(_state, False), Paused(_state, True))
 
 
 # Descriptors kept free for control clients and a migration channel: an instance
@@ -123,9 +131,12 @@ class Chardev:
         # While a precopy is going out, sockets we close are kept here instead, open:
         # their numbers are in frames not yet sent and must not name another socket.
         self.pinned: list[socket.socket] | None = None
+        # What the poller watches, and two reasons to watch less; none of these is
+        # a lifecycle state (none shows in status, none moves with a migration):
+        # update_io derives the watch from them and the state.
         self._reading = self._writing = self._accepting = self._hangup = False
-        self._hold_unread = False
-        self._accept_paused = False
+        self._hold_unread = False  # a held fd's peer has sent bytes: watch only its hangup
+        self._accept_paused = False  # out of fds: not accepting for nbio.ACCEPT_PAUSE
         self._bound_inode: int | None = None
         self._logfile = None
         self._reconnect_task: asyncio.Task | None = None
@@ -279,7 +290,7 @@ class Chardev:
     def update_io(self, quiesced_too: bool = False) -> None:
         """Watch exactly what the current state calls for. While quiesced nothing
         changes (the migration has paused the whole poller), unless `quiesced_too`."""
-        if self.quiesced and not quiesced_too:
+        if self.state is _MIGRATING and not quiesced_too:
             return
         live = self.conn is not None
         if self.frontend.reads:
@@ -515,7 +526,7 @@ class Chardev:
         """Every state change: checked against TRANSITIONS, then the watched events
         follow it (unless `watch` is off: a quiesce touches no fd) and the instance
         hears of it."""
-        if state not in TRANSITIONS[self.state]:
+        if state not in self.state.successors:
             raise TransitionError(f"chardev {self.label}: {self.state.value} -> {state.value}")
         self.state = state
         if watch:
@@ -524,18 +535,18 @@ class Chardev:
 
     @property
     def quiesced(self) -> bool:
-        return self.state is State.MIGRATING
+        return self.state is _MIGRATING
 
     # ----- the downtime ------------------------------------------------------
 
     def quiesce(self) -> None:
         """Stop reading, writing, accepting and reconnecting. Bytes the peer sends
         meanwhile wait in the kernel's socket buffer, which moves with the fd."""
-        self.paused_from = Paused(self.state, self._reconnect_task is not None)
+        self.paused_from = self.state.paused[self._reconnect_task is not None]
         if self._reconnect_task is not None:
             self._reconnect_task.cancel()
             self._reconnect_task = None
-        self._set_state(State.MIGRATING, watch=False)  # the instance has paused the poller
+        self._set_state(_MIGRATING, watch=False)  # the instance has paused the poller
 
     def resume(self) -> None:
         """Carry on exactly as before the quiesce (a rollback, or a target taking over)."""
@@ -609,7 +620,7 @@ class Chardev:
             self.first_peer.set()
         else:
             self.peer = self.connected_since = None
-        self.paused_from = Paused(State.CONNECTED if conn is not None else State.LISTENING, False)
+        self.paused_from = (State.CONNECTED if conn is not None else State.LISTENING).paused[False]
         self._set_state(State.MIGRATING)
 
     # ----- closing -----------------------------------------------------------

@@ -172,15 +172,19 @@ class Instance:
             for chardev in self.chardevs.values():
                 chardev.quiesce()
 
-    def thaw(self) -> None:
-        """The downtime ends: every quiesced chardev resumes, all at one instant."""
+    def thaw(self) -> float:
+        """The downtime ends: every quiesced chardev resumes, all at one instant,
+        which this returns (time.monotonic()). Taken before the collector is on
+        again: its first collection comes at the next allocation."""
         for chardev in self.chardevs.values():
             if chardev.quiesced:
                 chardev.resume()
         self.poller.resume()
         self.frozen = False
+        resumed_at = time.monotonic()
         gc.enable()
         self.report_status()
+        return resumed_at
 
     def migrate(self, path: str, timeout: float | None, abandoned: asyncio.Event | None) -> None:
         """Start a migration to the target at `path` (QMP `migrate`); its outcome

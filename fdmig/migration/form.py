@@ -21,6 +21,8 @@ def unpin(chardev) -> None:
 def stream_flags(chardev) -> tuple[str, ...]:
     """Where the stream's end stands (a half-close under way, a session ending)."""
     on = (chardev.eof_read, chardev.eof_pending, chardev.eof_sent, chardev.closing)
+    if not any(on):
+        return ()  # the common case, and inside the downtime once per chardev
     return tuple(name for name, flag in zip(wire.STREAM_FLAGS, on) if flag)
 
 

@@ -8,6 +8,7 @@ the target goes on waiting for the next one."""
 
 import asyncio
 import fcntl
+import gc
 import logging
 import os
 import resource
@@ -158,10 +159,11 @@ class TargetSession(Session):
                           "can still open (RLIMIT_NOFILE)")
         faults.point("target-after-table")
         # Built before accepting: the source still serves meanwhile, so this work
-        # stays out of the downtime. Nothing is read until the takeover: a restored
-        # chardev is watched, never read.
-        self.instance.freeze(quiesce=False)
+        # stays out of the downtime. Frozen after it, not before: the collector must
+        # take the staging's garbage now, not at the first allocation after the thaw.
+        # Nothing is read until the takeover: a restored chardev is watched, never read.
         self.chardevs = stage(self.instance, self.plan)
+        self.instance.freeze(quiesce=False)
         await self.chan.send(wire.Accept(self.info), self.deadline)
         self.taking = True
         self.expected = (wire.Precopy, self.on_precopy, "its precopy")
@@ -174,6 +176,10 @@ class TargetSession(Session):
         self._take(precopy.sections)
         self.seen = set()
         faults.point("target-after-precopy")
+        # Collect now, while the source still serves: what staging and the precopy
+        # built would otherwise make the first collection after the takeover a full
+        # one (tens of ms at 5000 chardevs), every peer waiting on it.
+        gc.collect()
         await self.chan.send(wire.Held(), self.deadline)
         self.expected = (wire.Transfer, self.on_transfer, "the state")
 
@@ -319,8 +325,7 @@ async def take_over(instance, received: Received) -> None:
     """After RELEASED: the moved chardevs resume first (that ends the downtime),
     then the rest are opened afresh."""
     moved = [instance.chardevs[label] for label in received.sockets]
-    instance.thaw()  # every moved chardev starts reading at the same instant
-    resumed_at = time.monotonic()
+    resumed_at = instance.thaw()  # every moved chardev starts reading at the same instant
     # TAKEN before the first read (the loop has not run since the resume): a source
     # that never hears it knows we read nothing and may serve on.
     received.chan.send_now(wire.Taken())
