@@ -145,15 +145,23 @@ class Chardev:
 
     # ----- opening -----------------------------------------------------------
 
-    async def open(self, adopted_fd: int | None = None) -> None:
-        """Open the endpoint. Raises FdmigError if it cannot be opened at all."""
+    async def open(self, adopted_fd: int | None = None, saved: tuple = (None, None)) -> None:
+        """Open the endpoint. Raises FdmigError if it cannot be opened at all.
+        `saved`: the (listener, connection) fds an earlier life of this instance
+        kept in its manager's fd store (--fdstore), taken up again if they pass
+        the checks a migrated fd passes."""
         if self.spec.logfile:
             self._open_logfile(append=self.spec.logappend)
+        listener, conn = (self._saved_socket(fd, role) for fd, role in zip(saved, ("listener", "conn")))
         try:
             if adopted_fd is not None:
                 self._adopt(adopted_fd)
+            elif listener is not None:
+                self._hold_listener(listener)
             elif self.spec.server:
                 self._listen()
+            elif conn is not None:
+                pass  # connected already
             elif self.frontend.on_demand:
                 self._set_state(State.DISCONNECTED)  # until its partner has a peer
                 partner = self.frontend.partner
@@ -161,9 +169,32 @@ class Chardev:
                     self.connect_for_session()
             else:
                 await self._first_connect()
+            if conn is not None:
+                self._attach(conn)
+                log.info("chardev %s: took up its connection to %s again", self.label, self.peer[0])
         except BaseException:
             self._close_logfile()
             raise
+
+    def _saved_socket(self, fd: int | None, role: str) -> socket.socket | None:
+        if fd is None:
+            return None
+        try:
+            sock = fdcheck.stream_socket(fd, self.spec, self.label, role)
+        except FdmigError as exc:
+            os.close(fd)
+            log.warning("%s; opened afresh instead", exc)
+            return None
+        os.set_inheritable(fd, False)
+        return sock
+
+    def _hold_listener(self, sock: socket.socket) -> None:
+        sock.setblocking(not self.frontend.watched)
+        if self.spec.kind == "unix":
+            self._bound_inode = os.stat(self.spec.path).st_ino
+        self.listener = sock
+        self._set_state(State.LISTENING)
+        log.info("chardev %s: took up its listening socket again", self.label)
 
     def _open_logfile(self, append: bool) -> None:
         try:
@@ -174,6 +205,7 @@ class Chardev:
 
     def _adopt(self, fd: int) -> None:
         sock = adopt_socket(fd, self.spec, self.label)
+        sock.setblocking(not self.frontend.watched)
         if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
             self.listener = sock
             self._set_state(State.LISTENING)
@@ -194,7 +226,13 @@ class Chardev:
             else:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 sock.bind((spec.host, spec.port))
-            sock.listen(16)
+            if self.frontend.watched:
+                sock.listen(16)
+            else:
+                # The service's, blocking as socket activation hands it, and with the
+                # kernel's longest backlog: while it restarts, connections wait there.
+                sock.listen(socket.SOMAXCONN)
+                sock.setblocking(True)
         except OSError as exc:
             sock.close()
             raise FdmigError(f"chardev {self.label}: cannot listen on {spec.address}: {exc.strerror}") from None
@@ -272,7 +310,7 @@ class Chardev:
         self.frontend.ended(reason, undelivered, lost=True)
 
     def _attach(self, conn: socket.socket) -> None:
-        conn.setblocking(False)
+        conn.setblocking(not self.frontend.watched)  # a service's fd is blocking, as systemd's
         if conn.family in (socket.AF_INET, socket.AF_INET6) and self.spec.nodelay:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.conn = conn
@@ -290,7 +328,7 @@ class Chardev:
     def update_io(self, quiesced_too: bool = False) -> None:
         """Watch exactly what the current state calls for. While quiesced nothing
         changes (the migration has paused the whole poller), unless `quiesced_too`."""
-        if self.state is _MIGRATING and not quiesced_too:
+        if self.state is _MIGRATING and not quiesced_too or not self.frontend.watched:
             return
         live = self.conn is not None
         if self.frontend.reads:

@@ -166,6 +166,14 @@ def _parse_specs(texts) -> list[ChardevSpec]:
     return chardevs
 
 
+def _no_service(chardevs, command: str) -> None:
+    """frontend=service belongs to `fdmig run`, whose service the fd is passed to."""
+    for spec in chardevs:
+        if spec.frontend == "service":
+            raise FieldError("frontend", f"frontend=service passes the fd to the service of fdmig run; "
+                                         f"not accepted by {command} (accepted: hold, echo, sink, bridge)", spec.id)
+
+
 def _setup_logging(name: str) -> None:
     import logging
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format=f"fdmig[{name}]: %(message)s")
@@ -188,18 +196,94 @@ def main():
               help="A chardev: socket,id=LABEL,path=P|host=H,port=N|fd=N|fdname=NAME[,server=on]...")
 @click.option("--capability", "capabilities", multiple=True, type=click.Choice(["local-char-socket"]),
               help="Enable a migration capability.")
-def serve(name, control, chardev_specs, capabilities):
+@click.option("--fdstore", "fdstore", is_flag=True,
+              help="Keep each chardev's fds in this instance's own manager's fd store, and adopt them back at start.")
+def serve(name, control, chardev_specs, capabilities, fdstore):
     """Run an instance holding the given chardevs until SIGTERM or QMP quit."""
     control_path = _control_path(name, control)
     chardevs = _parse_specs(chardev_specs)
+    _no_service(chardevs, "fdmig serve")
     for spec in chardevs:
         check_incoming(spec, incoming=False)
     _prepare_control(control_path)
     instance_name = _instance_name(name, control)
     _setup_logging(instance_name)
     from fdmig.daemon import Instance, run
-    instance = Instance(instance_name, control_path, capabilities)
+    instance = Instance(instance_name, control_path, capabilities, fdstore=fdstore)
     sys.exit(run(instance, chardevs))
+
+
+@main.command(context_settings={"allow_interspersed_args": False})
+@instance_options
+@click.option("--chardev", "chardev_specs", multiple=True, metavar="SPEC",
+              help="A chardev; its fd goes to the service (frontend=service, the default here).")
+@click.option("--capability", "capabilities", multiple=True, type=click.Choice(["local-char-socket"]),
+              help="Enable a migration capability.")
+@click.option("--notify", "notify_ready", is_flag=True,
+              help="The service is ready when it sends READY=1 (systemd's Type=notify).")
+@click.option("--fdstore-max", type=click.IntRange(min=0), default=1024, show_default=True, metavar="N",
+              help="How many fds the service may store (FDSTORE=1); 0 turns the store off.")
+@click.option("--restart", "restart_policy", type=click.Choice(["no", "on-failure", "always"]), default="no",
+              show_default=True, help="Start the service again when it exits by itself.")
+@click.option("--stop-signal", default="SIGTERM", show_default=True, metavar="SIG",
+              help="The signal that stops the service (a name or a number).")
+@click.option("--timeout", "stop_timeout", type=click.FloatRange(min=0, min_open=True), default=90.0,
+              show_default=True, metavar="S", help="How long a stopping service has before SIGKILL.")
+@click.option("--fdstore", "fdstore", is_flag=True,
+              help="Keep each chardev's fds in this instance's own manager's fd store, and adopt them back at start.")
+@click.argument("command", nargs=-1, required=True, metavar="-- CMD [ARGS]...")
+def run(name, control, chardev_specs, capabilities, notify_ready, fdstore_max, restart_policy, stop_signal,
+        stop_timeout, fdstore, command):
+    """Run CMD as a service holding its sockets and its fd store (systemd's protocols):
+    it keeps its connections across its own restarts (fdmig restart)."""
+    import shutil
+    from fdmig.service import parse_signal
+    control_path = _control_path(name, control)
+    parsed = _parse_specs(chardev_specs)
+    bridged = {spec.bridge for spec in parsed if spec.bridge}
+    chardevs = [spec if spec.id in bridged else _service_by_default(spec, text)
+                for spec, text in zip(parsed, chardev_specs)]
+    for spec in chardevs:
+        check_incoming(spec, incoming=False)
+    try:
+        signum = parse_signal(stop_signal)
+    except ValueError as exc:
+        raise SpecError(f"--stop-signal: {exc}") from None
+    if shutil.which(command[0]) is None:
+        raise SpecError(f"command '{command[0]}' not found; accepted: a program on PATH, or a path to one")
+    _prepare_control(control_path)
+    instance_name = _instance_name(name, control)
+    _setup_logging(instance_name)
+    from fdmig.daemon import Instance, run_with_service
+    instance = Instance(instance_name, control_path, capabilities, fdstore=fdstore)
+    options = {"notify": notify_ready, "fdstore_max": fdstore_max, "restart": restart_policy,
+               "stop_signal": signum, "stop_timeout": stop_timeout}
+    sys.exit(run_with_service(instance, chardevs, list(command), options))
+
+
+def _service_by_default(spec: ChardevSpec, text: str) -> ChardevSpec:
+    """In `run`, a chardev's frontend is `service` unless its SPEC says otherwise
+    (or a bridge relays to it: then it is the bridge's)."""
+    if spec.frontend != "hold" or re.search(r"(^|,)frontend=", text):
+        return spec
+    return ChardevSpec(**{**spec.__dict__, "frontend": "service"})
+
+
+@main.command()
+@instance_options
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=90.0, show_default=True,
+              metavar="S", help="How long the new service may take to be ready (exit 4 after).")
+def restart(name, control, timeout):
+    """Restart a `run` instance's service, every listening socket and stored fd kept."""
+    # The instance bounds the stop itself (run --timeout), then the start by ours.
+    with qmp.connect(_control_path(name, control), timeout=timeout + 600) as client:
+        outcome = client.execute("x-fdmig-restart", {"timeout": timeout})
+    if outcome["status"] == "ready":
+        click.echo(f"service restarted: pid {outcome['pid']}, ready")
+        return
+    error = TimeoutExpired if outcome["status"] == "timeout" else FdmigError
+    raise error(f"the service did not come back: {outcome['error']}; its listening sockets and fd store "
+                "stay held: fix it and run fdmig restart again")
 
 
 @main.command()
@@ -210,6 +294,7 @@ def attach(name, control, spec):
 
     With fd=N, this command's own descriptor N is passed to the instance."""
     chardev = parse_spec(spec)
+    _no_service([chardev], "fdmig attach")
     with qmp.connect(_control_path(name, control)) as client:
         _check_against(chardev, client.execute("x-fdmig-status"))
         if chardev.fd_is_number:
@@ -410,12 +495,15 @@ def _channel_path(control_path: str, channel: str | None, defer: bool = False) -
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), metavar="S",
               help="Give up (exit 4) if no migration has arrived after S seconds.")
 @click.option("--exec", "exec_", is_flag=True, help="After the migration, exec CMD with the fds (systemd socket activation).")
+@click.option("--fdstore", "fdstore", is_flag=True,
+              help="Keep each chardev's fds in this instance's own manager's fd store, and adopt them back at start.")
 @click.argument("command", nargs=-1, metavar="[-- CMD [ARGS]...]")
-def migrate_in(name, control, channel, chardev_specs, timeout, exec_, command):
+def migrate_in(name, control, channel, chardev_specs, timeout, exec_, fdstore, command):
     """Start a target instance that waits for a migration, then serves (or execs CMD)."""
     control_path = _control_path(name, control)
     channel_path = _channel_path(control_path, channel, defer=True)
     chardevs = _parse_specs(chardev_specs)
+    _no_service(chardevs, "fdmig migrate-in")
     if command and not exec_:
         raise SpecError(f"unexpected argument '{command[0]}'; a command goes after --exec --")
     if exec_:
@@ -430,7 +518,7 @@ def migrate_in(name, control, channel, chardev_specs, timeout, exec_, command):
     instance_name = _instance_name(name, control)
     _setup_logging(instance_name)
     from fdmig.daemon import Instance, run_incoming
-    instance = Instance(instance_name, control_path, incoming=True)
+    instance = Instance(instance_name, control_path, incoming=True, fdstore=fdstore)
     sys.exit(run_incoming(instance, channel_path, chardevs, timeout, list(command) if exec_ else None))
 
 

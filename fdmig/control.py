@@ -424,6 +424,17 @@ def _no_migration(instance, consequence: str = "") -> None:
         raise QMPError("GenericError", "There's a migration process in progress" + consequence)
 
 
+async def cmd_restart(conn, arguments):
+    timeout = arguments.get("timeout")
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
+        raise QMPError("GenericError", "Invalid parameter type for 'timeout', expected: positive number")
+    _no_extra(arguments, "timeout")
+    service = conn.instance.service
+    if service is None:
+        raise QMPError("GenericError", "this instance runs no service; start one with: fdmig run ... -- CMD")
+    return await service.restart(timeout)
+
+
 COMMANDS = {
     "migrate": cmd_migrate,
     "migrate_cancel": cmd_migrate_cancel,
@@ -438,6 +449,7 @@ COMMANDS = {
     "closefd": cmd_closefd,
     "quit": cmd_quit,
     "x-fdmig-status": cmd_status,
+    "x-fdmig-restart": cmd_restart,
     "migrate-set-capabilities": cmd_migrate_set_capabilities,
     "query-migrate-capabilities": cmd_query_migrate_capabilities,
 }

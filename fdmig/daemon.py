@@ -12,7 +12,8 @@ import resource
 import signal
 import time
 
-from fdmig import __version__, frontends, paths, presentation, spec as specs, systemd
+from fdmig import __version__, frontends, keeper, paths, presentation, spec as specs, systemd
+from fdmig.keeper import Keeper
 from fdmig.chardev import Chardev
 from fdmig.errors import FdmigError
 from fdmig.lifecycle import Lifecycle, MigrationStatus, RunState
@@ -29,7 +30,8 @@ def raise_fd_limit() -> None:
 
 
 class Instance:
-    def __init__(self, name: str, control_path: str, capabilities=(), incoming: bool = False):
+    def __init__(self, name: str, control_path: str, capabilities=(), incoming: bool = False,
+                 fdstore: bool = False):
         self.name = name
         self.control_path = control_path
         self.capabilities = {cap: cap in capabilities for cap in CAPABILITIES}
@@ -45,6 +47,9 @@ class Instance:
         self.handed_over = False  # after a migration's commit: our paths are the target's
         self.frozen = False  # inside a migration's downtime (freeze, thaw)
         self.outgoing = None  # the source session of a migration, while it runs
+        self.keeper = Keeper() if fdstore else None  # --fdstore: our fds in our manager's store
+        self.service = None  # a `run` instance's fdmig.service.Service
+        self.store = None  # ... and its fdmig.fdstore.FdStore
         self._outgoing_task: asyncio.Task | None = None
         self._status_scheduled = False
         self._status_sent = ""
@@ -78,7 +83,7 @@ class Instance:
         try:
             if spec.kind in ("fd", "fdname"):
                 adopted_fd = self._take_fd(spec)
-            await chardev.open(adopted_fd)
+            await chardev.open(adopted_fd, self._saved_fds(spec.id))
         except BaseException:
             self._unwire(chardev)
             del self.chardevs[spec.id]
@@ -90,6 +95,13 @@ class Instance:
         log.info("chardev %s: %s %s (%s)", spec.id, spec.role, spec.address, chardev.state.value)
         self.report_status()
         return chardev
+
+    def _saved_fds(self, label: str) -> tuple:
+        """With --fdstore, the (listener, connection) fds of `label` that our manager
+        kept for us from an earlier life and passed back by LISTEN_FDNAMES."""
+        if self.keeper is None:
+            return None, None
+        return tuple((self.listen_fds.get(name) or [None]).pop(0) for name in keeper.names(label))
 
     def _take_fd(self, spec) -> int:
         if spec.kind == "fdname":
@@ -141,12 +153,16 @@ class Instance:
         self._unwire(chardev)
         del self.chardevs[label]
         chardev.close()
+        if self.keeper is not None:
+            self.keeper.forget(label)
         log.info("chardev %s: removed", label)
         self.report_status()
 
     def _chardev_changed(self, chardev: Chardev) -> None:
         if self.frozen:
             return  # thousands of chardevs change at once; MIGRATION events say it
+        if self.keeper is not None and chardev.label in self.chardevs:
+            self.keeper.sync(chardev)
         self.emit("X_FDMIG_CHARDEV_STATE", {"label": chardev.label, "state": chardev.state.value})
         self.report_status()
 
@@ -264,9 +280,11 @@ class Instance:
             "rss-bytes": me.memory_info().rss,
             "open-fds": me.num_fds(),
             "capabilities": dict(self.capabilities),
+            "fdstore": self.keeper is not None,
             "migration": self.lifecycle.info(),
             "control": self.control_path,
             "chardevs": rows,
+            **({"service": self.service.status(), "stored": self.store.rows()} if self.service else {}),
         }
 
     # ----- life cycle --------------------------------------------------------
@@ -286,8 +304,9 @@ class Instance:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
 
-    async def start(self, chardev_specs) -> None:
-        """Open the control socket and the chardevs; READY=1 once they are open."""
+    async def start(self, chardev_specs, announce: bool = True) -> None:
+        """Open the control socket and the chardevs; READY=1 once they are open
+        (unless not `announce`: a `run` instance is ready once its service is)."""
         from fdmig.control import ControlServer
         self.prepare()
         self.control = ControlServer(self)
@@ -310,9 +329,43 @@ class Instance:
                                return_when=asyncio.FIRST_COMPLETED)
             if not self.stopping.is_set():
                 await asyncio.gather(*[c.first_peer.wait() for c in self.chardevs.values() if c.spec.wait])
-        if not self.stopping.is_set():
-            systemd.notify("READY=1", f"STATUS={self.summary()}")
-            log.info("instance %s ready (pid %d, control %s)", self.name, os.getpid(), self.control_path)
+        if announce and not self.stopping.is_set():
+            self.announce_ready()
+
+    def announce_ready(self) -> None:
+        systemd.notify("READY=1", f"STATUS={self.summary()}")
+        log.info("instance %s ready (pid %d, control %s)", self.name, os.getpid(), self.control_path)
+
+    # ----- a `run` instance's service ----------------------------------------
+
+    def start_service(self, argv: list[str], options: dict) -> None:
+        """Hold an fd store and start `argv` as the service (fdmig run)."""
+        from fdmig.fdstore import FdStore
+        from fdmig.service import Service
+        self.store = FdStore(options["fdstore_max"], self.poller)
+        self.service = Service(argv, paths.notify_beside(self.control_path), self.store, self.service_fds,
+                               notify_ready=options["notify"], restart=options["restart"],
+                               stop_signal=options["stop_signal"], stop_timeout=options["stop_timeout"],
+                               on_change=self.report_status)
+        self.service.start()
+
+    def service_fds(self) -> list[tuple[str, int]]:
+        """The `service` chardevs' fds, in the order they were given, by label."""
+        found = []
+        for chardev in self.chardevs.values():
+            if chardev.spec.frontend == "service":
+                if chardev.fd is None:
+                    log.warning("chardev %s: no socket to pass to the service (%s)", chardev.label,
+                                chardev.state.value)
+                    continue
+                found.append((chardev.label, chardev.fd))
+        return found
+
+    async def stop_service(self) -> None:
+        if self.service is not None:
+            await self.service.stop()
+            self.service.close()
+            self.store.close()
 
     async def serve_forever(self) -> int:
         await self.stopping.wait()
@@ -397,6 +450,9 @@ async def run_target(instance: Instance, channel_path: str | None, own_specs, ti
         target.exec_handover(received, exec_argv)  # does not return
     try:
         await target.take_over(instance, received)
+        if instance.keeper is not None:
+            for chardev in instance.chardevs.values():
+                instance.keeper.sync(chardev)
         instance.control = ControlServer(instance)
         instance.control.bind(instance.control_path, take_over=True)
         instance.control.start()
@@ -423,8 +479,38 @@ def _spawn_stderr() -> int | None:
     return fd
 
 
+async def run_service(instance: Instance, chardev_specs, argv: list[str], options: dict) -> int:
+    """fdmig run: an instance whose chardevs and fd store serve `argv`, started
+    once they are open; READY=1 once the service is ready."""
+    try:
+        await instance.start(chardev_specs, announce=False)
+        if instance.stopping.is_set():
+            return 0
+        instance.start_service(argv, options)
+        ready = asyncio.ensure_future(instance.service.wait_ready(None))
+        stopping = asyncio.ensure_future(instance.stopping.wait())
+        await asyncio.wait({ready, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        if ready.done() and ready.result() == "ready":
+            instance.announce_ready()
+        else:
+            ready.cancel()
+            if not instance.stopping.is_set():
+                log.warning("service: exited before it was ready (%s); holding its fds for a restart",
+                            instance.service.exit_status)
+        return await instance.serve_forever()
+    finally:
+        await instance.stop_service()
+        await instance.finish_migration()
+        instance.shutdown()
+
+
 def run(instance: Instance, chardev_specs) -> int:
     return asyncio.run(run_instance(instance, chardev_specs))
+
+
+def run_with_service(instance: Instance, chardev_specs, argv: list[str], options: dict) -> int:
+    return asyncio.run(run_service(instance, chardev_specs, argv, options))
 
 
 def run_incoming(instance: Instance, channel_path: str, own_specs, timeout, exec_argv) -> int:

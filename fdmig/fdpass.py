@@ -1,4 +1,5 @@
-"""Sending and receiving file descriptors over a Unix stream socket (SCM_RIGHTS).
+"""Sending and receiving file descriptors over a Unix socket (SCM_RIGHTS, and the
+sender's SCM_CREDENTIALS on a datagram socket).
 
 This is the only module in fdmig that builds or parses ancillary data. The rest of
 the code sees fds as plain ints, and the migration codec (fdmig.migration.wire)
@@ -17,6 +18,7 @@ import array
 import errno
 import os
 import socket
+import struct
 from collections.abc import Iterable, Sequence
 
 # SCM_MAX_FD in include/net/scm.h: the kernel refuses (EINVAL) more fds than this
@@ -25,6 +27,7 @@ MAX_FDS_PER_MSG = 253
 
 # An fd in an SCM_RIGHTS payload is a C int.
 _INT_SIZE = array.array("i").itemsize
+_CREDS = struct.Struct("iII")  # struct ucred: pid, uid, gid
 
 
 class FdPassError(OSError):
@@ -106,3 +109,22 @@ def close_fds(fds: Iterable[int]) -> None:
                 first_error = exc
     if first_error is not None:
         raise first_error
+
+
+def recv_datagram(sock: socket.socket, bufsize: int, maxfds: int = MAX_FDS_PER_MSG):
+    """One datagram from a unix socket with SO_PASSCRED on: (data, fds, (pid, uid,
+    gid) or None, complete). `complete` is false when the datagram did not fit
+    `bufsize` or its fds did not fit `maxfds`: the caller refuses it (its fds, those
+    that arrived, are the caller's to close like any). BlockingIOError propagates."""
+    ancbufsize = socket.CMSG_SPACE(maxfds * _INT_SIZE) + socket.CMSG_SPACE(_CREDS.size)
+    data, ancdata, flags, _addr = sock.recvmsg(bufsize, ancbufsize, socket.MSG_CMSG_CLOEXEC)
+    fds: list[int] = []
+    creds = None
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            whole = len(payload) - len(payload) % _INT_SIZE
+            fds.extend(array.array("i", payload[:whole]))
+        elif level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS and len(payload) >= _CREDS.size:
+            creds = _CREDS.unpack_from(payload)
+    complete = not flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC)
+    return data, fds, creds, complete

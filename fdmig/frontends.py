@@ -22,6 +22,7 @@ READ_SIZE = 64 * 1024
 class Frontend:
     name = "hold"
     reads = False
+    watched = True  # the chardev watches its sockets at all
     on_demand = False  # connects only for a session (a bridge's client side)
 
     def __init__(self, chardev):
@@ -59,6 +60,17 @@ class Frontend:
 
 class Hold(Frontend):
     """Keep the fd, never read it: an fd store."""
+
+
+class Service(Frontend):
+    """A `run` instance's service owns the fd: fdmig passes it on and never
+    touches it (a server's listener is the service's to accept on)."""
+
+    name = "service"
+    watched = False
+
+    def may_accept(self) -> bool:
+        return False
 
 
 class Sink(Frontend):
@@ -146,4 +158,4 @@ class Bridge(Frontend):
 def make(chardev, partner=None) -> Frontend:
     if partner is not None:
         return Bridge(chardev, partner)
-    return {"hold": Hold, "echo": Echo, "sink": Sink}[chardev.spec.frontend](chardev)
+    return {"hold": Hold, "echo": Echo, "sink": Sink, "service": Service}[chardev.spec.frontend](chardev)

@@ -161,7 +161,9 @@ def migrate_out(control_path, channel_path, capabilities, timeout, spawn, instan
                          "instead of moving live")
         try:
             if spawn:
-                target = spawn_target(instance_args, channel_path)
+                # A holder that keeps its fds in its manager's store has a successor that does.
+                target = spawn_target(instance_args + (["--fdstore"] if before.get("fdstore") else []),
+                                      channel_path)
             data = _migrate(client, {"uri": f"unix:{channel_path}", "x-fdmig-timeout": timeout}, control_path,
                             source_pid, time.monotonic() + timeout + HANDOVER_GRACE, target, announce, notes)
         except BaseException:

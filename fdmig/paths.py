@@ -44,6 +44,11 @@ def incoming_beside(control: str) -> str:
     return _stem(control) + ".incoming.sock"
 
 
+def notify_beside(control: str) -> str:
+    """A `run` instance's NOTIFY_SOCKET for its service: <name>.notify.sock."""
+    return _stem(control) + ".notify.sock"
+
+
 def parse_channel_uri(uri: str) -> str:
     """The path of a `unix:PATH` migration channel; anything else is refused with the
     reason. Here, not with the channel's asyncio code: the CLI parses `--channel`."""
@@ -89,7 +94,7 @@ def instance_names() -> list[str]:
     except OSError:
         return []
     return sorted(e[:-5] for e in entries
-                  if e.endswith(".sock") and not e.endswith((".migrate.sock", ".incoming.sock")))
+                  if e.endswith(".sock") and not e.endswith((".migrate.sock", ".incoming.sock", ".notify.sock")))
 
 
 def peercred(sock: socket.socket) -> tuple[int, int]:

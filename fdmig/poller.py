@@ -39,6 +39,12 @@ class Poller:
         elif old[0] != mask:
             self._epoll.modify(fd, mask)
 
+    def watch_errors(self, fd: int, on_error) -> None:
+        """Watch fd only for POLLHUP and POLLERR, which epoll reports whatever the
+        mask (a stored fd, never read). OSError (EPERM) for a regular file."""
+        self._epoll.register(fd, 0)
+        self._handlers[fd] = (0, None, None, on_error)
+
     def pause(self) -> None:
         if not self.paused:
             self._loop.remove_reader(self._epoll.fileno())

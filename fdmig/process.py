@@ -51,3 +51,25 @@ async def wait_exit(pid: int, timeout: float | None = None) -> bool:
     finally:
         loop.remove_reader(fd)
         os.close(fd)
+
+
+def parent_of(pid: int) -> int | None:
+    """The parent pid of `pid` (/proc/PID/stat), None if it has gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    # The command name, in parentheses, may itself hold spaces and ')'.
+    return int(stat[stat.rindex(b")") + 2:].split()[1])
+
+
+def descends_from(pid: int, ancestor: int) -> bool:
+    """Whether `pid` is `ancestor` or one of its live descendants."""
+    for _ in range(256):  # deeper than any real process tree
+        if pid == ancestor:
+            return True
+        if pid is None or pid <= 1:
+            return False
+        pid = parent_of(pid)
+    return False

@@ -20,6 +20,7 @@ from fdmig.lifecycle import MigrationStatus, RunState
 COLUMNS = ("label", "address", "role", "state", "marks", "frontend", "fd", "peer",
            "rx", "tx", "since")
 STATE_COLUMN = COLUMNS.index("state")
+STORED_COLUMNS = ("stored", "kind", "fd", "address", "peer", "since")
 GAP = "  "
 INDENT = "  "  # of a continuation line
 _STATE_STYLES = {"connected": "green", "listening": "cyan", "connecting": "yellow",
@@ -119,7 +120,21 @@ def _header_fields(status: dict) -> list[tuple[list[str], str]]:
           f"uptime {status['uptime-s']:.1f} s", f"rss {_bytes(status['rss-bytes'])}",
           f"open fds {status['open-fds']}"], "  "),
         ([f"capabilities: {caps}", f"last migration: {last}"], "   "),
-    ]
+    ] + _service_fields(status)
+
+
+def _service_fields(status: dict) -> list[tuple[list[str], str]]:
+    """A `run` instance's third header line: its service and its fd store."""
+    service = status.get("service")
+    if service is None:
+        return []
+    fields = [f"service: {service['state']}" + (f", pid {service['pid']}" if service["pid"] else ""),
+              "ready" if service["ready"] else "not ready", f"restarts {service['restarts']}",
+              f"stored fds {len(status.get('stored', []))} of {service['fdstore-max']}",
+              f"refused {service['fdstore-refused']}"]
+    if service.get("status-text"):
+        fields.append(f"status: {service['status-text']}")
+    return [(fields, ", ")]
 
 
 def header(status: dict) -> list[str]:
@@ -186,27 +201,45 @@ def layout(status: dict, width: int | None = None) -> list[Line]:
     for n, (fields, sep) in enumerate(_header_fields(status)):
         for text in _fill(fields, sep, width):
             lines.append(_cut([(text, "bold" if n == 0 else "")], width))
-    heading = tuple(column.upper() for column in COLUMNS)
-    table = [heading] + rows(status)
-    widths = [max(len(row[i]) for row in table) for i in range(len(COLUMNS))]
-    if width is not None and sum(widths) + len(GAP) * (len(widths) - 1) > width:
-        table = [heading] + rows(status, compact=True)
-        widths = [max(len(row[i]) for row in table) for i in range(len(COLUMNS))]
-    groups = _groups(widths, width)
+    table = rows(status)
+    if width is not None and _table_width(COLUMNS, table) > width:
+        table = rows(status, compact=True)
+    lines += _table_lines(COLUMNS, table, width, STATE_COLUMN)
+    if status.get("stored"):
+        lines += _table_lines(STORED_COLUMNS, stored_rows(status), width)
+    return lines
+
+
+def _table_width(columns, table) -> int:
+    widths = [max([len(column)] + [len(row[i]) for row in table]) for i, column in enumerate(columns)]
+    return sum(widths) + len(GAP) * (len(widths) - 1)
+
+
+def _table_lines(columns, body, width: int | None, state_column: int | None = None) -> list[Line]:
+    """A heading and rows, each column as wide as its widest cell, the columns
+    split into groups of lines where `width` is too narrow for them all."""
+    table = [tuple(column.upper() for column in columns)] + body
+    widths = [max(len(row[i]) for row in table) for i in range(len(columns))]
+    lines: list[Line] = []
     for r, row in enumerate(table):
-        for g, columns in enumerate(groups):
+        for g, group in enumerate(_groups(widths, width)):
             line: Line = [(INDENT, "")] if g else []
-            for k, column in enumerate(columns):
-                cell = row[column] if k == len(columns) - 1 else row[column].ljust(widths[column])
+            for k, column in enumerate(group):
+                cell = row[column] if k == len(group) - 1 else row[column].ljust(widths[column])
                 if r == 0:
                     style = "bold"
                 else:
-                    style = _STATE_STYLES.get(row[column], "") if column == STATE_COLUMN else ""
+                    style = _STATE_STYLES.get(row[column], "") if column == state_column else ""
                 if k:
                     line.append((GAP, ""))
                 line.append((cell, style))
             lines.append(_cut(line, width))
     return lines
+
+
+def stored_rows(status: dict) -> list[tuple[str, ...]]:
+    return [(e["name"], e["kind"], str(e["fd"]), e.get("address") or "-", e.get("peer") or "-",
+             e.get("stored-at") or "-") for e in status.get("stored", [])]
 
 
 def plain(status: dict, width: int | None = None) -> str:

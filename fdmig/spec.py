@@ -15,7 +15,7 @@ from fdmig.errors import SpecError
 # sun_path is 108 bytes including the terminating NUL.
 UNIX_PATH_MAX = 107
 MAX_LABEL = 128
-FRONTENDS = ("hold", "echo", "sink", "bridge")
+FRONTENDS = ("hold", "echo", "sink", "bridge", "service")
 _ID_RE = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*\Z")
 _DIGITS_RE = re.compile(r"[0-9]+\Z")
 FD_MAX = 2**31 - 1  # a C int

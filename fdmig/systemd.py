@@ -2,6 +2,7 @@
 sd_notify (a datagram of newline-separated assignments to $NOTIFY_SOCKET) and
 socket activation ($LISTEN_FDS descriptors from fd 3 on)."""
 
+import array
 import logging
 import os
 import socket
@@ -10,8 +11,9 @@ log = logging.getLogger("fdmig")
 SD_LISTEN_FDS_START = 3
 
 
-def notify(*assignments: str) -> bool:
-    """Send e.g. notify("READY=1", "STATUS=serving 3 chardevs"). False when not under systemd."""
+def notify(*assignments: str, fds: tuple[int, ...] = ()) -> bool:
+    """Send e.g. notify("READY=1", "STATUS=serving 3 chardevs"), with `fds` (FDSTORE=1).
+    False when not under a service manager, or when the message could not go."""
     address = os.environ.get("NOTIFY_SOCKET")
     if not address:
         return False
@@ -21,7 +23,10 @@ def notify(*assignments: str) -> bool:
     try:
         # Never block the instance on a manager that does not read: drop instead.
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK) as sock:
-            sock.sendto(message, address)
+            if fds:
+                sock.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))], 0, address)
+            else:
+                sock.sendto(message, address)
     except BlockingIOError:
         log.debug("sd_notify to %s dropped: its queue is full", address)
         return False

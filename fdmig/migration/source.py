@@ -39,6 +39,10 @@ def blockers(instance) -> list[str]:
     live = instance.capabilities["local-char-socket"]
     moves = {label: live and c.spec.support_local_migration for label, c in instance.chardevs.items()}
     reasons = []
+    if instance.service is not None:
+        # Not yet: the service, its notify socket and its fd store would be left behind.
+        reasons.append("this is a `run` instance: its service and fd store do not move live yet; "
+                       "use fdmig restart to restart the service")
     inherited = [c.label for c in instance.chardevs.values()
                  if c.spec.kind in ("fd", "fdname") and not moves[c.label] and c.sockets()]
     if inherited:

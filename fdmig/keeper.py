@@ -1,0 +1,47 @@
+"""--fdstore: a copy of every chardev's fds in this instance's own service
+manager's fd store (sd_notify FDSTORE=1 to $NOTIFY_SOCKET: systemd's, or an outer
+`fdmig run`'s), named by label (a server's listener LABEL.listener), so that an
+instance killed outright and started again by its manager adopts them back
+(Chardev.open_saved) and every peer is served again. Bytes read and not yet
+delivered die with the instance; a `hold` chardev loses nothing."""
+
+import logging
+
+from fdmig import systemd
+
+log = logging.getLogger("fdmig")
+
+
+def names(label: str) -> tuple[str, str]:
+    """The store names of a chardev's (listener, connection)."""
+    return f"{label}.listener", label
+
+
+class Keeper:
+    def __init__(self):
+        self.kept: dict[str, object] = {}  # store name -> the socket object stored under it
+
+    def adopted(self, chardev) -> None:
+        """Sockets adopted from the manager's store at start: it holds them already."""
+        for name, sock in zip(names(chardev.label), (chardev.listener, chardev.conn)):
+            if sock is not None:
+                self.kept[name] = sock
+
+    def sync(self, chardev) -> None:
+        """After any change of the chardev: the store holds what it holds now."""
+        for name, sock in zip(names(chardev.label), (chardev.listener, chardev.conn)):
+            if self.kept.get(name) is sock:
+                continue
+            if name in self.kept:
+                del self.kept[name]
+                systemd.notify("FDSTOREREMOVE=1", f"FDNAME={name}")
+            if sock is not None:
+                if systemd.notify("FDSTORE=1", f"FDNAME={name}", fds=(sock.fileno(),)):
+                    self.kept[name] = sock
+                else:
+                    log.warning("chardev %s: its manager's fd store did not take %s", chardev.label, name)
+
+    def forget(self, label: str) -> None:
+        for name in names(label):
+            if self.kept.pop(name, None) is not None:
+                systemd.notify("FDSTOREREMOVE=1", f"FDNAME={name}")

@@ -1,0 +1,408 @@
+"""A `run` instance's service: the program fdmig starts, hears and restarts, with
+the `service` chardevs' fds and the fd store handed to it by systemd's own
+protocols (socket activation, sd_notify), so that any program written for
+systemd keeps its connections across its restarts, with no systemd as PID 1.
+
+States and what may follow each are in TRANSITIONS; every change goes through
+Service._to. The notify socket is a unix datagram socket with SO_PASSCRED: the
+kernel attaches every sender's credentials, and only the service's main process
+and its descendants are heard."""
+
+import asyncio
+import enum
+import fcntl
+import logging
+import os
+import shlex
+import shutil
+import signal
+import socket
+
+from fdmig import fdpass, notify, paths, process
+from fdmig.errors import FdmigError
+
+log = logging.getLogger("fdmig")
+BACKOFF_FIRST = 0.1  # --restart: the first delay, doubling while the service keeps failing
+BACKOFF_MAX = 10.0
+# sh execs CMD in its own process, so $$ is CMD's pid: LISTEN_PID must be the pid
+# of the process that reads it, known only once that process exists.
+_SHIM = 'if [ -n "${LISTEN_FDS-}" ]; then LISTEN_PID=$$; export LISTEN_PID; fi; exec "$@"'
+
+
+class State(enum.Enum):
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    RESTARTING = "restarting"
+    EXITED = "exited"
+    FAILED = "failed"
+
+
+S = State
+TRANSITIONS = {
+    S.STARTING: (S.RUNNING, S.STOPPING, S.EXITED, S.FAILED),
+    S.RUNNING: (S.RUNNING, S.STOPPING, S.EXITED, S.FAILED),
+    S.STOPPING: (S.STOPPING, S.RESTARTING, S.EXITED, S.FAILED),
+    S.RESTARTING: (S.STARTING, S.FAILED),
+    S.EXITED: (S.RESTARTING,),
+    S.FAILED: (S.RESTARTING,),
+}
+
+
+class Service:
+    """`chardev_fds()` gives the `service` chardevs' (name, fd) in command-line order;
+    `on_change()` is called at every state change (the instance reports it)."""
+
+    def __init__(self, argv: list[str], notify_path: str, store, chardev_fds, *, notify_ready: bool,
+                 restart: str, stop_signal: int, stop_timeout: float, on_change):
+        self.argv = argv
+        self.notify_path = notify_path
+        self.store = store
+        self.chardev_fds = chardev_fds
+        self.notify_ready = notify_ready
+        self.restart_policy = restart
+        self.stop_signal = stop_signal
+        self.stop_timeout = stop_timeout
+        self.on_change = on_change
+        self.state = State.STARTING
+        self.pid: int | None = None
+        self.main_pid: int | None = None  # MAINPID= may name another process than the one started
+        self.ready = False
+        self.status_text: str | None = None
+        self.restarts = 0
+        self.exit_status: str | None = None
+        self._spawned_pid: int | None = None  # our child, reaped with waitpid
+        self._pidfd: int | None = None
+        self._exited = asyncio.Event()
+        self._became_ready = asyncio.Event()
+        self._stopping_on_purpose = False
+        self._backoff = BACKOFF_FIRST
+        self._retry: asyncio.TimerHandle | None = None
+        self._loop = asyncio.get_running_loop()
+        self.sock = _bind_notify(notify_path)
+        self._notify_inode = os.stat(notify_path).st_ino
+        self._loop.add_reader(self.sock.fileno(), self._on_notify)
+
+    # ----- states ------------------------------------------------------------
+
+    def _to(self, state: State) -> None:
+        if state not in TRANSITIONS[self.state]:
+            raise RuntimeError(f"service: {self.state.value} -> {state.value}")  # a bug in fdmig
+        self.state = state
+        self.on_change()
+
+    @property
+    def alive(self) -> bool:
+        return self._pidfd is not None
+
+    # ----- starting ----------------------------------------------------------
+
+    def start(self) -> None:
+        """Start CMD with the chardevs' fds and the whole store. FdmigError if it
+        cannot be executed."""
+        if shutil.which(self.argv[0]) is None:
+            raise FdmigError(f"cannot execute {self.argv[0]}: command not found")
+        named = list(self.chardev_fds()) + self.store.named_fds()
+        first = 3
+        # Lifted above the range they go to, so no dup2 in the child clobbers one
+        # still to move; close-on-exec, so the lifted copies vanish at the exec.
+        lifted = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, first + len(named)) for _, fd in named]
+        actions = [(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0)]
+        actions += [(os.POSIX_SPAWN_DUP2, fd, first + i) for i, fd in enumerate(lifted)]
+        env = {k: v for k, v in os.environ.items() if k not in ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES")}
+        env["NOTIFY_SOCKET"] = self.notify_path
+        if named:
+            env["LISTEN_FDS"] = str(len(named))
+            env["LISTEN_FDNAMES"] = ":".join(name for name, _ in named)
+        try:
+            pid = os.posix_spawn("/bin/sh", ["/bin/sh", "-c", _SHIM, "fdmig-service", *self.argv], env,
+                                 file_actions=actions, setsid=True)
+        except OSError as exc:
+            raise FdmigError(f"cannot start {self.argv[0]}: {exc.strerror}") from None
+        finally:
+            for fd in lifted:
+                os.close(fd)
+        self.pid = self.main_pid = self._spawned_pid = pid
+        self.ready = False
+        self.status_text = None
+        self.exit_status = None
+        self._exited.clear()
+        self._became_ready.clear()
+        self._supervise(pid)
+        log.info("service: started %s (pid %d) with %d fd(s)", shlex.join(self.argv), pid, len(named))
+        if self.state is not State.STARTING:
+            self._to(State.STARTING)
+        if not self.notify_ready:
+            self._now_ready()
+
+    def _supervise(self, pid: int) -> None:
+        self._unsupervise()
+        fd = process.pidfd(pid)
+        if fd is None:
+            self._loop.call_soon(self._on_exit)
+            return
+        self._pidfd = fd
+        self._loop.add_reader(fd, self._on_exit)
+
+    def _unsupervise(self) -> None:
+        if self._pidfd is not None:
+            self._loop.remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = None
+
+    def _now_ready(self) -> None:
+        self.ready = True
+        self._backoff = BACKOFF_FIRST
+        if self.state is State.STARTING:
+            self._to(State.RUNNING)
+        self._became_ready.set()
+
+    async def wait_ready(self, timeout: float | None) -> str:
+        """"ready", "exited" (it exited first: why is in exit_status) or "timeout"."""
+        ready = asyncio.ensure_future(self._became_ready.wait())
+        exited = asyncio.ensure_future(self._exited.wait())
+        try:
+            await asyncio.wait({ready, exited}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            ready.cancel()
+            exited.cancel()
+        if self._became_ready.is_set() and self.alive:
+            return "ready"
+        return "exited" if self._exited.is_set() else "timeout"
+
+    # ----- exiting -----------------------------------------------------------
+
+    def _on_exit(self) -> None:
+        self._unsupervise()
+        self.exit_status = self._reap()
+        self._drain()  # what it sent before it exited is still queued: take it
+        on_purpose = self._stopping_on_purpose
+        # "exited": the main process was not our child, so how it ended is unknown.
+        failed = self.exit_status not in ("exit status 0", "exited") and not on_purpose
+        log.log(logging.INFO if on_purpose or not failed else logging.WARNING,
+                "service: pid %s ended (%s)", self.main_pid, self.exit_status)
+        self.pid = self.main_pid = None
+        self.ready = False
+        if self.state is not State.STOPPING or not on_purpose:
+            self._to(State.FAILED if failed else State.EXITED)
+        self._exited.set()
+        again = self.restart_policy == "always" or (self.restart_policy == "on-failure" and failed)
+        if again and not on_purpose:
+            delay, self._backoff = self._backoff, min(self._backoff * 2, BACKOFF_MAX)
+            log.info("service: starting again in %g s (--restart %s)", delay, self.restart_policy)
+            self._retry = self._loop.call_later(delay, self._restart_now)
+
+    def _reap(self) -> str:
+        """How our child ended; "exited" if the main process was not our child
+        (MAINPID= named another), whose status only its parent may read."""
+        status = "exited"
+        pid = self._spawned_pid
+        if pid is not None:
+            try:
+                _, code = os.waitpid(pid, os.WNOHANG)
+                status = _describe_status(code)
+            except ChildProcessError:
+                pass
+            self._spawned_pid = None
+        return status
+
+    def _restart_now(self) -> None:
+        self._retry = None
+        if self.state in (State.EXITED, State.FAILED):
+            self.restarts += 1
+            self._to(State.RESTARTING)
+            try:
+                self.start()
+            except FdmigError as exc:
+                log.error("service: %s", exc)
+                self._to(State.FAILED)
+
+    async def stop(self, then: State | None = None) -> None:
+        """Stop signal, then SIGKILL after the stop timeout; until it has exited."""
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
+        if not self.alive:
+            return
+        self._stopping_on_purpose = True
+        try:
+            if self.state is not State.STOPPING:
+                self._to(State.STOPPING)
+            self._signal(self.stop_signal)
+            try:
+                await asyncio.wait_for(self._exited.wait(), self.stop_timeout)
+            except asyncio.TimeoutError:
+                log.warning("service: pid %s did not stop within %g s; SIGKILL", self.main_pid, self.stop_timeout)
+                self._signal(signal.SIGKILL)
+                await self._exited.wait()
+        finally:
+            self._stopping_on_purpose = False
+
+    def _signal(self, signum: int) -> None:
+        try:
+            signal.pidfd_send_signal(self._pidfd, signum)
+        except (OSError, TypeError):
+            pass  # gone meanwhile: its exit is on its way
+
+    async def restart(self, timeout: float | None) -> dict:
+        """`fdmig restart`: stop, start again with the chardevs and the whole store,
+        wait until ready. The store and the listeners are held throughout."""
+        if self.state in (State.STOPPING, State.RESTARTING):
+            raise FdmigError(f"the service is {self.state.value} already")
+        await self.stop()
+        self.restarts += 1
+        self._to(State.RESTARTING)
+        try:
+            self.start()
+        except FdmigError as exc:
+            self._to(State.FAILED)
+            return {"status": "failed", "pid": None, "error": str(exc)}
+        outcome = await self.wait_ready(timeout)
+        error = {"ready": None, "timeout": f"not ready within {timeout:g} s" if timeout else "not ready",
+                 "exited": f"it exited before it was ready ({self.exit_status})"}[outcome]
+        return {"status": {"exited": "failed"}.get(outcome, outcome), "pid": self.main_pid, "error": error}
+
+    def close(self) -> None:
+        if self._retry is not None:
+            self._retry.cancel()
+        self._unsupervise()
+        self._loop.remove_reader(self.sock.fileno())
+        self.sock.close()
+        paths.remove_own_socket(self.notify_path, self._notify_inode)
+
+    # ----- the notify socket -------------------------------------------------
+
+    def _on_notify(self) -> None:
+        for _ in range(64):  # then the rest of the loop has its turn
+            if not self._receive_one():
+                return
+
+    def _drain(self) -> None:
+        while self._receive_one():
+            pass
+
+    def _receive_one(self) -> bool:
+        try:
+            data, fds, creds, complete = fdpass.recv_datagram(self.sock, notify.MAX_MESSAGE)
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError as exc:
+            log.warning("service: notify socket: %s", exc)
+            return False
+        pid = creds[0] if creds else None
+        reason = self._refusal(pid, complete)
+        if reason is not None:
+            self._refuse(pid, reason, fds)
+        else:
+            self._apply(pid, notify.parse(data), fds)
+        return True
+
+    def _refusal(self, pid: int | None, complete: bool) -> str | None:
+        if pid is None:
+            return "it carried no credentials"
+        if not complete:
+            return f"it was truncated (over {notify.MAX_MESSAGE} bytes, or too many fds)"
+        main = self.main_pid
+        # The main process itself even if it has exited since (its last words, an
+        # FDSTORE= just before it exits, are drained at its exit); anyone else must
+        # be its live descendant.
+        if main is not None and process.descends_from(pid, main):
+            return None
+        return f"pid {pid} is not the service (pid {main or 'none'}) or one of its descendants"
+
+    def _refuse(self, pid, reason: str, fds: list[int]) -> None:
+        for fd in fds:
+            os.close(fd)
+        self.store.refused += 1
+        log.warning("service: refused a notify message from pid %s: %s%s", pid, reason,
+                    f"; its {len(fds)} fd(s) closed" if fds else "")
+
+    def _apply(self, pid: int, message: notify.Message, fds: list[int]) -> None:
+        for what in message.ignored:
+            log.info("service: pid %d sent %s; ignored", pid, what)
+        if message.barrier:
+            for fd in fds:
+                os.close(fd)  # closing it is the answer the sender waits for
+            fds = []
+        if message.fdstore and fds:
+            reason = self.store.store(fds, message.fdname, message.fdpoll)
+            if reason is not None:
+                self._refuse(pid, reason, [])
+            fds = []
+        elif fds:
+            for fd in fds:
+                os.close(fd)
+            log.warning("service: pid %d sent %d fd(s) without FDSTORE=1; closed", pid, len(fds))
+        if message.fdstore_remove:
+            name = message.fdname or notify.DEFAULT_FDNAME
+            removed = self.store.remove(name)
+            if removed:
+                log.info("service: removed %d stored fd(s) named %s", removed, name)
+        if message.status is not None:
+            self.status_text = message.status
+        if message.mainpid is not None:
+            self._main_pid_is(message.mainpid)
+        if message.reloading:
+            self.ready = False
+        if message.stopping and self.state in (State.STARTING, State.RUNNING):
+            self._to(State.STOPPING)
+        if message.ready and self.alive:
+            self._now_ready()
+        self.on_change()
+
+    def _main_pid_is(self, pid: int) -> None:
+        if self.main_pid is not None and pid != self.main_pid and process.descends_from(pid, self.main_pid):
+            log.info("service: main pid is now %d (MAINPID=)", pid)
+            self.main_pid = self.pid = pid
+            self._supervise(pid)
+        elif pid != self.main_pid:
+            log.warning("service: MAINPID=%d ignored: not a descendant of pid %s", pid, self.main_pid)
+
+    # ----- reporting ---------------------------------------------------------
+
+    def status(self) -> dict:
+        return {"pid": self.main_pid, "state": self.state.value, "ready": self.ready,
+                "status-text": self.status_text, "restarts": self.restarts, "command": list(self.argv),
+                "fdstore-max": self.store.limit, "fdstore-refused": self.store.refused}
+
+
+def _describe_status(code: int) -> str:
+    if os.WIFSIGNALED(code):
+        sig = os.WTERMSIG(code)
+        try:
+            return f"killed by {signal.Signals(sig).name}"
+        except ValueError:
+            return f"killed by signal {sig}"
+    return f"exit status {os.WEXITSTATUS(code)}"
+
+
+def _bind_notify(path: str) -> socket.socket:
+    paths.remove_stale_socket(path, "notify socket")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+    old_umask = os.umask(0o177)
+    try:
+        sock.bind(path)
+    except OSError as exc:
+        sock.close()
+        raise FdmigError(f"cannot bind the notify socket {path}: {exc.strerror}") from None
+    finally:
+        os.umask(old_umask)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+    # Room for a burst of messages (a service storing thousands of connections).
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+    return sock
+
+
+def parse_signal(text: str) -> int:
+    """TERM, SIGTERM or 15."""
+    if text.isdigit():
+        number = int(text)
+        if 0 < number < signal.NSIG:
+            return number
+    else:
+        name = text.upper()
+        name = name if name.startswith("SIG") else "SIG" + name
+        if hasattr(signal.Signals, name):
+            return signal.Signals[name].value
+    raise ValueError(f"'{text}' is not a signal; accepted: a name (TERM, SIGINT, HUP...) or a number")
+
