@@ -342,12 +342,21 @@ class Instance:
         """Hold an fd store and start `argv` as the service (fdmig run)."""
         from fdmig.fdstore import FdStore
         from fdmig.service import Service
-        self.store = FdStore(options["fdstore_max"], self.poller)
+        self.store = FdStore(options["fdstore_max"], self.poller, on_change=self._service_changed)
         self.service = Service(argv, paths.notify_beside(self.control_path), self.store, self.service_fds,
                                notify_ready=options["notify"], restart=options["restart"],
                                stop_signal=options["stop_signal"], stop_timeout=options["stop_timeout"],
-                               on_change=self.report_status)
+                               on_change=self._service_changed)
         self.service.start()
+
+    def _service_changed(self) -> None:
+        """The service or its store changed: an event for control clients (what
+        `status --wait` and scripts await), and STATUS= for our own manager."""
+        service = self.service
+        if service is not None:
+            self.emit("X_FDMIG_SERVICE", {"state": service.state.value, "pid": service.main_pid,
+                                          "ready": service.ready, "stored": len(self.store)})
+        self.report_status()
 
     def service_fds(self) -> list[tuple[str, int]]:
         """The `service` chardevs' fds, in the order they were given, by label."""

@@ -34,9 +34,10 @@ class Stored:
 class FdStore:
     """`poller` watches the stored fds for POLLHUP/POLLERR."""
 
-    def __init__(self, limit: int, poller):
+    def __init__(self, limit: int, poller, on_change=lambda: None):
         self.limit = limit
         self.poller = poller
+        self.on_change = on_change  # called when a hangup removes a stored fd
         self.entries: list[Stored] = []
         self.refused = 0  # requests refused whole, for `status`
 
@@ -86,6 +87,7 @@ class FdStore:
             if entry in self.entries:
                 log.info("fd store: %s (fd %d) reported POLLHUP/POLLERR; removed", entry.name, entry.fd)
                 self._drop(entry)
+                self.on_change()
         try:
             self.poller.watch_errors(entry.fd, hung_up)
         except OSError:

@@ -6,6 +6,7 @@ instance killed outright and started again by its manager adopts them back
 delivered die with the instance; a `hold` chardev loses nothing."""
 
 import logging
+import os
 
 from fdmig import systemd
 
@@ -20,6 +21,11 @@ def names(label: str) -> tuple[str, str]:
 class Keeper:
     def __init__(self):
         self.kept: dict[str, object] = {}  # store name -> the socket object stored under it
+        # Without a manager there is no store to keep copies in; fds passed back at
+        # start are still taken up.
+        self.storing = bool(os.environ.get("NOTIFY_SOCKET"))
+        if not self.storing:
+            log.warning("--fdstore: no $NOTIFY_SOCKET, so no service manager keeps this instance's fds")
 
     def adopted(self, chardev) -> None:
         """Sockets adopted from the manager's store at start: it holds them already."""
@@ -29,6 +35,8 @@ class Keeper:
 
     def sync(self, chardev) -> None:
         """After any change of the chardev: the store holds what it holds now."""
+        if not self.storing:
+            return
         for name, sock in zip(names(chardev.label), (chardev.listener, chardev.conn)):
             if self.kept.get(name) is sock:
                 continue

@@ -103,6 +103,10 @@ class Service:
         if shutil.which(self.argv[0]) is None:
             raise FdmigError(f"cannot execute {self.argv[0]}: command not found")
         named = list(self.chardev_fds()) + self.store.named_fds()
+        for _, fd in named:
+            # Blocking, as socket activation hands them: O_NONBLOCK belongs to the open
+            # file, so a service that set it would otherwise leave it to the next one.
+            os.set_blocking(fd, True)
         first = 3
         # Lifted above the range they go to, so no dup2 in the child clobbers one
         # still to move; close-on-exec, so the lifted copies vanish at the exec.

@@ -2,6 +2,7 @@
 (never a sleep), and small socket utilities."""
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -294,3 +295,19 @@ def as_uid(uid: int, work) -> bytes:
         answer = pipe.read()
     os.waitpid(pid, 0)
     return answer
+
+
+def wait_status(control: str, condition, what: str, timeout: float = 15.0) -> dict:
+    """x-fdmig-status once `condition(status)` holds, re-read at each event the
+    instance sends (a chardev's or a service's change), never on a timer."""
+    from fdmig import qmp
+    deadline = time.monotonic() + timeout
+    with qmp.connect(control, timeout=timeout) as client:
+        while True:
+            status = client.execute("x-fdmig-status")
+            if condition(status):
+                return status
+            try:
+                client.wait_event({"X_FDMIG_SERVICE", "X_FDMIG_CHARDEV_STATE"}, deadline)
+            except Exception as exc:
+                raise AssertionError(f"waited for {what}; status: {json.dumps(status)[-2000:]}") from exc

@@ -17,7 +17,7 @@ import sys
 import tempfile
 import time
 
-from tests.bench import floor, handoff, s6, throughput
+from tests.bench import floor, handoff, s6, service, throughput
 
 
 def median_ms(samples) -> float | None:
@@ -28,8 +28,8 @@ def ratio(a, b) -> str:
     return f"{a / b:.1f}x" if a is not None and b else "-"
 
 
-def run(sizes, busy_sizes, repeats, bridge_bytes, startup_repeats, workdir) -> dict:
-    results = {"machine": machine(), "handoff": [], "busy": [],
+def run(sizes, busy_sizes, repeats, bridge_bytes, startup_repeats, workdir, service_sizes=()) -> dict:
+    results = {"machine": machine(), "handoff": [], "busy": [], "service": [],
                "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     for n in sizes:
         print(f"handoff n={n} ...", file=sys.stderr, flush=True)
@@ -53,6 +53,10 @@ def run(sizes, busy_sizes, repeats, bridge_bytes, startup_repeats, workdir) -> d
             floor_ms = median_ms(floor.measure_floor(n, max(reps, 10)))
         results["busy"].append({"n": n, "downtime-ms": median_ms(h["downtime"]), "peer-pause-ms": median_ms(h["pause"]),
                                 "quiet-pause-ms": median_ms(h["quiet-pause"]), "floor-ms": floor_ms, "repeats": reps})
+    for n in service_sizes:
+        print(f"service restart n={n} ...", file=sys.stderr, flush=True)
+        reps = repeats if n < 1000 else max(3, repeats // 2)
+        results["service"].append(service.measure(n, reps, tempfile.mkdtemp(dir=workdir)))
     print("reconnect baseline ...", file=sys.stderr, flush=True)
     results["reconnect-ms"] = median_ms(handoff.measure_reconnect(repeats, tempfile.mkdtemp(dir=workdir)))
     print("bridge throughput ...", file=sys.stderr, flush=True)
@@ -107,6 +111,8 @@ def markdown(results: dict) -> str:
     lines += ["", f"Restart without handoff (peer: EOF to first echo from the new process): "
                   f"{results['reconnect-ms']} ms, {ratio(results['reconnect-ms'], first['peer-pause-ms'])} "
                   f"the pause a live handoff of {first['n']} chardev(s) costs."]
+    if results.get("service"):
+        lines += ["", *service_markdown(results["service"])]
     b = results["bridge"]
     lines += ["", f"Bridge throughput, {b['bytes'] // 2**20} MiB over unix sockets: fdmig {b['fdmig-mib-s']} MiB/s"
                   + (f", socat {b['socat-mib-s']} MiB/s ({ratio(b['fdmig-mib-s'], b['socat-mib-s'])})"
@@ -115,6 +121,36 @@ def markdown(results: dict) -> str:
     base = s["python3 -c pass"]
     lines += ["", "Start-up: " + ", ".join(f"`{k}` {v} ms ({ratio(v, base)})" for k, v in s.items())]
     return "\n".join(lines) + "\n"
+
+
+def service_markdown(rows: list[dict]) -> list[str]:
+    """The "Service restart" section: one row per number of stored connections."""
+    lines = ["### Service restart", "",
+             "`fdmig restart` of an `fdmig run --notify` service (tests/bench/service.py: a Python echo "
+             "service written to systemd's conventions) holding N connections in fdmig's fd store, each "
+             "with a live peer; up to 50 of them stream ping-pong and time their longest pause. Service "
+             "start-up: the same program from spawn to its READY=1 with the listener and N connections "
+             "passed, no fdmig. Plain restart: the same program with no store, stopped and started again: "
+             "every peer sees EOF and reconnects (the longest EOF-to-first-echo). s6-fdholder: a setdump of "
+             "the N fds into an fd holder and a getdump of them back. The goal: the pause is the service's "
+             "own start-up plus at most 10 ms, zero reconnects.", "",
+             "| stored connections | longest peer pause | service start-up | pause - start-up | restart wall "
+             "| reconnects | plain restart: longest pause | plain restart: reconnects | plain / fdmig "
+             "| s6-fdholder store+retrieve | (pause - start-up) / s6 |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        if row.get("s6-ms") is not None:
+            s6_cell = f"{row['s6-ms']} ms"
+        elif row.get("s6-error"):
+            s6_cell = "fails (>253 fds per dump)" if row["n"] > 253 else "fails"
+        else:
+            s6_cell = "-"
+        lines.append(f"| {row['n']} | {row['peer-pause-ms']} ms | {row['startup-ms']} ms | "
+                     f"{row['pause-minus-startup-ms']} ms | {row['restart-wall-ms']} ms | {row['reconnects']} | "
+                     f"{row['plain-pause-ms']} ms | {row['plain-reconnects']} | "
+                     f"{ratio(row['plain-pause-ms'], row['peer-pause-ms'])} | {s6_cell} | "
+                     f"{ratio(row['pause-minus-startup-ms'], row.get('s6-ms'))} |")
+    return lines
 
 
 def plot(results: dict, path: str) -> bool:
@@ -154,19 +190,22 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny sizes and repeats, to prove it works")
     parser.add_argument("--sizes", default="1,10,100,1000,5000")
     parser.add_argument("--busy-sizes", default="100,1000,5000", help="sizes where every peer streams")
+    parser.add_argument("--service-sizes", default="1,100,1000", help="stored connections for the service restart")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--out", default="bench-results")
     args = parser.parse_args(argv)
     floor.raise_nofile()
     if args.quick:
         sizes, busy_sizes, repeats, bridge_bytes, startup_repeats = [1, 10], [10], 2, 8 << 20, 3
+        service_sizes = [1, 10]
     else:
         sizes = [int(n) for n in args.sizes.split(",")]
         busy_sizes = [int(n) for n in args.busy_sizes.split(",") if n]
+        service_sizes = [int(n) for n in args.service_sizes.split(",") if n]
         repeats, bridge_bytes, startup_repeats = args.repeats, 1 << 30, 15
     workdir = tempfile.mkdtemp(prefix="fdmig-bench-", dir="/tmp")
     try:
-        results = run(sizes, busy_sizes, repeats, bridge_bytes, startup_repeats, workdir)
+        results = run(sizes, busy_sizes, repeats, bridge_bytes, startup_repeats, workdir, service_sizes)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     os.makedirs(args.out, exist_ok=True)
