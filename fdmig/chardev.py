@@ -189,9 +189,17 @@ class Chardev:
         return sock
 
     def _hold_listener(self, sock: socket.socket) -> None:
-        sock.setblocking(not self.frontend.watched)
         if self.spec.kind == "unix":
-            self._bound_inode = os.stat(self.spec.path).st_ino
+            try:
+                self._bound_inode = os.stat(self.spec.path).st_ino
+            except FileNotFoundError:
+                # Its path was removed meanwhile (a RuntimeDirectory= emptied): nobody
+                # could reach it there, so a fresh one takes the path.
+                log.warning("chardev %s: %s is gone; listening there afresh", self.label, self.spec.path)
+                sock.close()
+                self._listen()
+                return
+        sock.setblocking(not self.frontend.watched)
         self.listener = sock
         self._set_state(State.LISTENING)
         log.info("chardev %s: took up its listening socket again", self.label)

@@ -184,6 +184,8 @@ class Instance:
         gc.disable()
         self.frozen = True
         self.poller.pause()
+        if self.service is not None:
+            self.service.hear(False)
         if quiesce:
             for chardev in self.chardevs.values():
                 chardev.quiesce()
@@ -196,6 +198,8 @@ class Instance:
             if chardev.quiesced:
                 chardev.resume()
         self.poller.resume()
+        if self.service is not None:
+            self.service.hear(True)
         self.frozen = False
         resumed_at = time.monotonic()
         gc.enable()
@@ -370,11 +374,34 @@ class Instance:
                 found.append((chardev.label, chardev.fd))
         return found
 
+    def adopt_service(self, state, sock, stored: list) -> None:
+        """A migration's target of a `run` instance: the service runs on (same pid),
+        supervised, heard and restarted from here, with the store that came."""
+        from fdmig.fdstore import FdStore
+        from fdmig.service import Service, State
+        self.store = FdStore(state.fdstore_max, self.poller, on_change=self._service_changed)
+        self.store.refused = state.fdstore_refused
+        for entry, fd in stored:
+            self.store.adopt(entry.name, fd, entry.poll, entry.stored_at)
+        self.service = Service(list(state.argv), paths.notify_beside(self.control_path), self.store,
+                               self.service_fds, notify_ready=state.notify_ready, restart=state.restart,
+                               stop_signal=state.stop_signal, stop_timeout=state.stop_timeout,
+                               on_change=self._service_changed, sock=sock)
+        service = self.service
+        service.state, service.ready = State(state.state), state.ready
+        service.status_text, service.restarts = state.status_text, state.restarts
+        service.supervise_running(state.pid)
+        log.info("service: pid %s taken over with %d stored fd(s)", state.pid, len(self.store))
+
     async def stop_service(self) -> None:
-        if self.service is not None:
+        """Stop the service and close its store; after a migration's commit, only
+        let go of them: they are the target's, and the service runs on."""
+        if self.service is None:
+            return
+        if not self.handed_over:
             await self.service.stop()
-            self.service.close()
-            self.store.close()
+        self.service.close(unlink=not self.handed_over)
+        self.store.close()
 
     async def serve_forever(self) -> int:
         await self.stopping.wait()
@@ -459,6 +486,8 @@ async def run_target(instance: Instance, channel_path: str | None, own_specs, ti
         target.exec_handover(received, exec_argv)  # does not return
     try:
         await target.take_over(instance, received)
+        if received.service is not None:
+            instance.adopt_service(*received.service, received.stored)
         if instance.keeper is not None:
             for chardev in instance.chardevs.values():
                 instance.keeper.sync(chardev)
@@ -470,6 +499,7 @@ async def run_target(instance: Instance, channel_path: str | None, own_specs, ti
         systemd.notify(f"MAINPID={os.getpid()}", "READY=1", f"STATUS={instance.summary()}")
         return await instance.serve_forever()
     finally:
+        await instance.stop_service()
         await instance.finish_migration()
         instance.shutdown()
 

@@ -61,6 +61,14 @@ class FdStore:
                 self._watch(entry)
         return None
 
+    def adopt(self, name: str, fd: int, poll: bool, stored_at: float) -> None:
+        """An fd a migration brought, stored on the source at `stored_at`."""
+        entry = Stored(name, fd, poll)
+        entry.stored_at = stored_at
+        self.entries.append(entry)
+        if poll:
+            self._watch(entry)
+
     def _refusal(self, fds: list[int], name: str) -> str | None:
         if self.limit == 0:
             return "the fd store is off (--fdstore-max 0)"

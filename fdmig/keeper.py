@@ -27,14 +27,10 @@ class Keeper:
         if not self.storing:
             log.warning("--fdstore: no $NOTIFY_SOCKET, so no service manager keeps this instance's fds")
 
-    def adopted(self, chardev) -> None:
-        """Sockets adopted from the manager's store at start: it holds them already."""
-        for name, sock in zip(names(chardev.label), (chardev.listener, chardev.conn)):
-            if sock is not None:
-                self.kept[name] = sock
-
     def sync(self, chardev) -> None:
-        """After any change of the chardev: the store holds what it holds now."""
+        """After any change of the chardev: the store holds what it holds now. What
+        was taken up at start is stored again, which both managers take as the
+        same open file, kept once."""
         if not self.storing:
             return
         for name, sock in zip(names(chardev.label), (chardev.listener, chardev.conn)):

@@ -54,7 +54,9 @@ class Service:
     `on_change()` is called at every state change (the instance reports it)."""
 
     def __init__(self, argv: list[str], notify_path: str, store, chardev_fds, *, notify_ready: bool,
-                 restart: str, stop_signal: int, stop_timeout: float, on_change):
+                 restart: str, stop_signal: int, stop_timeout: float, on_change, sock: socket.socket | None = None):
+        """`sock`: the notify socket, bound already (a migration brought it, with
+        whatever messages it holds); else one is bound at `notify_path`."""
         self.argv = argv
         self.notify_path = notify_path
         self.store = store
@@ -79,9 +81,25 @@ class Service:
         self._backoff = BACKOFF_FIRST
         self._retry: asyncio.TimerHandle | None = None
         self._loop = asyncio.get_running_loop()
-        self.sock = _bind_notify(notify_path)
+        self.sock = sock if sock is not None else _bind_notify(notify_path)
         self._notify_inode = os.stat(notify_path).st_ino
-        self._loop.add_reader(self.sock.fileno(), self._on_notify)
+        self._hearing = False
+        self.hear(True)
+
+    def hear(self, on: bool) -> None:
+        """Read the notify socket and watch the process's exit, or not: not inside
+        a migration's downtime, so that the store cannot change under a section
+        already built, and a source past its commit never starts a service again."""
+        if on != self._hearing:
+            if on:
+                self._loop.add_reader(self.sock.fileno(), self._on_notify)
+                if self._pidfd is not None:
+                    self._loop.add_reader(self._pidfd, self._on_exit)
+            else:
+                self._loop.remove_reader(self.sock.fileno())
+                if self._pidfd is not None:
+                    self._loop.remove_reader(self._pidfd)
+            self._hearing = on
 
     # ----- states ------------------------------------------------------------
 
@@ -146,11 +164,13 @@ class Service:
             self._loop.call_soon(self._on_exit)
             return
         self._pidfd = fd
-        self._loop.add_reader(fd, self._on_exit)
+        if self._hearing:
+            self._loop.add_reader(fd, self._on_exit)
 
     def _unsupervise(self) -> None:
         if self._pidfd is not None:
-            self._loop.remove_reader(self._pidfd)
+            if self._hearing:
+                self._loop.remove_reader(self._pidfd)
             os.close(self._pidfd)
             self._pidfd = None
 
@@ -181,8 +201,10 @@ class Service:
         self.exit_status = self._reap()
         self._drain()  # what it sent before it exited is still queued: take it
         on_purpose = self._stopping_on_purpose
-        # "exited": the main process was not our child, so how it ended is unknown.
-        failed = self.exit_status not in ("exit status 0", "exited") and not on_purpose
+        # A main process that was not our child (MAINPID=, or one a migration brought)
+        # ended in a way only its parent may read: that counts as a failure, so that
+        # --restart on-failure starts it again.
+        failed = self.exit_status != "exit status 0" and not on_purpose
         log.log(logging.INFO if on_purpose or not failed else logging.WARNING,
                 "service: pid %s ended (%s)", self.main_pid, self.exit_status)
         self.pid = self.main_pid = None
@@ -197,9 +219,9 @@ class Service:
             self._retry = self._loop.call_later(delay, self._restart_now)
 
     def _reap(self) -> str:
-        """How our child ended; "exited" if the main process was not our child
-        (MAINPID= named another), whose status only its parent may read."""
-        status = "exited"
+        """How our child ended, or that it is not known: the main process was not
+        our child (MAINPID= named another, or a migration brought it)."""
+        status = "status unknown: not fdmig's child"
         pid = self._spawned_pid
         if pid is not None:
             try:
@@ -266,13 +288,26 @@ class Service:
                  "exited": f"it exited before it was ready ({self.exit_status})"}[outcome]
         return {"status": {"exited": "failed"}.get(outcome, outcome), "pid": self.main_pid, "error": error}
 
-    def close(self) -> None:
+    def supervise_running(self, pid: int | None) -> None:
+        """A migration's target: the service runs already (not our child, so how
+        it ends is not ours to read); supervise it from here on."""
+        self.pid = self.main_pid = pid
+        self._spawned_pid = None
+        if pid is None:
+            return
+        self._exited.clear()
+        self._supervise(pid)
+
+    def close(self, unlink: bool = True) -> None:
+        """Stop hearing and supervising. `unlink=False` after a migration's commit:
+        the notify socket's path, and the socket itself, are the target's now."""
         if self._retry is not None:
             self._retry.cancel()
         self._unsupervise()
-        self._loop.remove_reader(self.sock.fileno())
+        self.hear(False)
         self.sock.close()
-        paths.remove_own_socket(self.notify_path, self._notify_inode)
+        if unlink:
+            paths.remove_own_socket(self.notify_path, self._notify_inode)
 
     # ----- the notify socket -------------------------------------------------
 

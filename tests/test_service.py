@@ -889,3 +889,53 @@ def test_gunicorn_serves_every_request_through_restarts_on_the_listener_fdmig_ho
         client.join(30)
     assert not client.failures, client.failures
     assert len(workers) == 3 and len(client.served_by) > 3
+
+
+# ----- live migration of a `run` instance ---------------------------------------------
+
+
+@pytest.mark.timeout(90)
+def test_a_run_instance_migrates_live_with_its_store_and_the_new_holder_supervises_and_restarts_the_service(
+        daemons, runtime_dir, short_dir, last_instance):
+    path = os.path.join(short_dir, "app.sock")
+    start_run(daemons, "--notify", "--restart", "on-failure", "--capability", "local-char-socket",
+              "--chardev", f"id=app,path={path},server=on", command=STORE_ECHO)
+    streams = [Stream(connect_unix(path)), Stream(connect_unix(path))]
+    for stream in streams:
+        stream.wait_echoed(1)
+    before = wait_status(runtime_dir, lambda s: len(s["stored"]) == 2, "both connections stored")
+    service_pid = before["service"]["pid"]
+
+    moved = run("migrate-out", "--name", "web", "--spawn", "--json", timeout=60)
+    assert moved.returncode == 0, moved.stderr
+    after = status_of(control_path(runtime_dir))
+    assert after["pid"] != before["pid"]  # a new holder ...
+    assert after["service"]["pid"] == service_pid and after["service"]["ready"]  # ... of the same running service
+    assert sorted(e["name"] for e in after["stored"]) == ["conn-1", "conn-2"]
+    assert [c["state"] for c in after["chardevs"]] == ["listening"]
+    for stream in streams:
+        stream.wait_echoed(stream.sent + 1)
+    late = Stream(connect_unix(path))  # the moved listener: the service still accepts on it
+    late.wait_echoed(1)
+    wait_status(runtime_dir, lambda s: len(s["stored"]) == 3, "the new connection stored on the new holder")
+
+    restarted = restart()  # on the new holder, with the store that moved
+    assert restarted.returncode == 0, restarted.stderr
+    for stream in streams + [late]:
+        stream.wait_echoed(stream.sent + 1)
+    os.kill(service_of(runtime_dir)["pid"], signal.SIGKILL)  # and its crash is seen there too
+    status = wait_status(runtime_dir, lambda s: s["service"]["restarts"] == 2 and s["service"]["ready"],
+                         "the service started again by the new holder")
+    assert len(status["stored"]) == 3
+    for stream in streams + [late]:
+        stream.wait_echoed(stream.sent + 1)
+    assert all(stream.finish() > 0 for stream in streams + [late])
+
+
+def test_a_run_instance_is_not_migrated_with_the_capability_off(daemons, runtime_dir, short_dir):
+    path = os.path.join(short_dir, "app.sock")
+    start_run(daemons, "--notify", "--chardev", f"id=app,path={path},server=on", command=STORE_ECHO)
+    refused = run("migrate-out", "--name", "web", "--timeout", "5")
+    assert refused.returncode == 1
+    assert "service, its notify socket and its fd store can only move live" in refused.stderr
+    assert service_of(runtime_dir)["state"] == "running"

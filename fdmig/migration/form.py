@@ -68,3 +68,23 @@ def restore(chardev, state: wire.SectionState, outbuf: bytes, conn, listener) ->
     _set_stream_flags(chardev, state.stream if conn is not None else ())
     chardev.take_moved(conn, listener, state.peer, state.connected_since)
 
+
+
+def moves_live(chardev, live: bool) -> bool:
+    """Whether a migration moves the chardev's sockets live: marked, or a `run`
+    instance's service chardev, whose service holds them and goes on using them."""
+    return live and (chardev.spec.support_local_migration or chardev.spec.frontend == "service")
+
+
+def service_sections(service, store) -> list[wire.Section]:
+    """A `run` instance's service: its state and notify socket, then each stored
+    fd in the order stored. Sent inside the downtime: the notify socket is not
+    read from the quiesce on, so the store cannot change after these are built."""
+    state = wire.ServiceState(tuple(service.argv), service.main_pid, service.state.value, service.ready,
+                              service.status_text, service.restarts, service.notify_ready, service.restart_policy,
+                              int(service.stop_signal), float(service.stop_timeout), store.limit, store.refused)
+    sections = [wire.Section(wire.SERVICE_SECTION, state.to_meta(), b"", {"notify": service.sock.fileno()})]
+    for index, entry in enumerate(store.entries):
+        stored = wire.StoredState(entry.name, entry.poll, entry.stored_at)
+        sections.append(wire.Section(f"{wire.STORED_SECTION}{index}", stored.to_meta(), b"", {"fd": entry.fd}))
+    return sections

@@ -37,12 +37,11 @@ def blockers(instance) -> list[str]:
     which would move while the other reopened, splicing a live peer onto a new
     session. Empty when nothing would be lost."""
     live = instance.capabilities["local-char-socket"]
-    moves = {label: live and c.spec.support_local_migration for label, c in instance.chardevs.items()}
+    moves = {label: form.moves_live(c, live) for label, c in instance.chardevs.items()}
     reasons = []
-    if instance.service is not None:
-        # Not yet: the service, its notify socket and its fd store would be left behind.
-        reasons.append("this is a `run` instance: its service and fd store do not move live yet; "
-                       "use fdmig restart to restart the service")
+    if instance.service is not None and not live:
+        reasons.append("this `run` instance's service, its notify socket and its fd store can only move live: "
+                       "enable capability local-char-socket")
     inherited = [c.label for c in instance.chardevs.values()
                  if c.spec.kind in ("fd", "fdname") and not moves[c.label] and c.sockets()]
     if inherited:
@@ -63,7 +62,7 @@ def table_entry(chardev, live: bool) -> dict:
     """The chardev's spec, and how many fds will come for it, so the target can
     refuse before the commit a migration that would exceed its fd limit."""
     entry = chardev.spec.to_dict()
-    if live and chardev.spec.support_local_migration:
+    if form.moves_live(chardev, live):
         entry["x-fds"] = (chardev.listener is not None) + (chardev.conn is not None)
     return entry
 
@@ -175,7 +174,7 @@ class SourceSession(Session):
         try:
             for chardev in list(self.instance.chardevs.values()):
                 sockets = chardev.sockets()
-                if not (self.live and chardev.spec.support_local_migration and sockets):
+                if not (sockets and form.moves_live(chardev, self.live)):
                     continue
                 form.pin(chardev)
                 pinned.append(chardev)
@@ -200,7 +199,7 @@ class SourceSession(Session):
         RELEASED, after the commit."""
         sections = []
         for chardev in self.instance.chardevs.values():
-            if not (self.live and chardev.spec.support_local_migration):
+            if not form.moves_live(chardev, self.live):
                 continue  # the target opens it afresh
             fingerprint, sockets, counted = self.precopied.get(chardev.label, (None, None, None))
             if fingerprint == form.fingerprint(chardev) and not chardev.outbuf:
@@ -214,6 +213,8 @@ class SourceSession(Session):
             if section.fds or sockets or section.outbuf or "stream" in section.meta:
                 self.moved += bool(section.fds or section.meta.get("held"))
                 sections.append(section)
+        if self.instance.service is not None:
+            sections += form.service_sections(self.instance.service, self.instance.store)
         return sections
 
     # ----- the end -----------------------------------------------------------

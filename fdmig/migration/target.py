@@ -83,6 +83,29 @@ def check_fd(fd: int, role: str, spec, label: str) -> socket.socket:
     except FdmigError as exc:
         os.close(fd)
         raise Refused(str(exc)) from None
+    if spec.frontend != "service":
+        # Not a service's: O_NONBLOCK belongs to the open file, which the running
+        # service shares and uses as it is.
+        sock.setblocking(False)
+    return sock
+
+
+def check_notify_socket(fd: int, path: str) -> socket.socket:
+    """A `run` instance's notify socket: a unix datagram socket bound at `path`."""
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError:
+        os.close(fd)
+        raise Refused("the service's notify fd is not a socket") from None
+    try:
+        if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_DGRAM or sock.getsockname() != path:
+            raise Refused(f"the service's notify fd is not a unix datagram socket bound at {path}")
+    except OSError as exc:
+        sock.close()
+        raise Refused(f"cannot inspect the service's notify fd: {exc.strerror}") from None
+    except Refused:
+        sock.close()
+        raise
     sock.setblocking(False)
     return sock
 
@@ -100,13 +123,15 @@ def stage(instance, plan: Plan) -> dict:
 
 
 class Received:
-    def __init__(self, hello, plan, sections, sockets, released, chan):
+    def __init__(self, hello, plan, sections, sockets, released, chan, service=None, stored=()):
         self.hello = hello
         self.plan = plan
         self.sections = sections  # label -> wire.Section
         self.sockets = sockets  # label -> {role: socket}
         self.released = released  # wire.ReleaseInfo
         self.chan = chan
+        self.service = service  # a `run` instance's (wire.ServiceState, notify socket), or None
+        self.stored = list(stored)  # its store: [(wire.StoredState, fd)] in the order stored
 
 
 class TargetSession(Session):
@@ -129,6 +154,8 @@ class TargetSession(Session):
         self.sockets: dict[str, dict[str, socket.socket]] = {}  # label -> role -> socket
         self.fresh = {m.id for m in own if not m.local_incoming}  # we open these afresh
         self.seen: set = set()  # labels with a section in the current PRECOPY or TRANSFER
+        self.service = None  # a `run` instance's (wire.ServiceState, notify socket)
+        self.stored: dict[int, tuple] = {}  # its store by index: (wire.StoredState, fd)
         self.taking = False  # sections are arriving: take them as they come
 
     async def run(self) -> Received:
@@ -192,7 +219,9 @@ class TargetSession(Session):
         faults.point("target-before-ack")
         released = await self._acknowledge()
         faults.point("target-after-released")
-        return Received(self.hello, self.plan, self.sections, self.sockets, released, self.chan)
+        service, stored = self.service, [self.stored[i] for i in sorted(self.stored)]
+        self.service, self.stored = None, {}  # the takeover's now, not abort()'s to close
+        return Received(self.hello, self.plan, self.sections, self.sockets, released, self.chan, service, stored)
 
     def refused(self, reason: str) -> Exception:
         return Refused(f"the source gave up: {reason}")
@@ -208,6 +237,9 @@ class TargetSession(Session):
         fds they keep, the fds of connections made since)."""
         now = time.time()
         for section in batch:
+            if section.label.startswith("#"):
+                self._take_service(section)
+                continue
             spec = self.plan.specs.get(section.label)
             if spec is None or section.label in self.seen:
                 raise Refused(f"chardev {section.label}: a section for a chardev not in the table, or twice")
@@ -234,6 +266,25 @@ class TargetSession(Session):
             elif not chardev.watched:
                 chardev.watch_now()  # so that resuming thousands is a flag each
         faults.point("target-after-batch")
+
+    def _take_service(self, section) -> None:
+        """A `run` instance's service (its state and notify socket) and its store,
+        one stored fd per section. Any kind of fd may be stored: none is checked."""
+        label = section.label
+        if label in self.seen:
+            raise Refused(f"{label}: a section twice")
+        self.seen.add(label)
+        if label == wire.SERVICE_SECTION and set(section.fds) == {"notify"}:
+            state = wire.ServiceState.decode(section.meta)
+            sock = check_notify_socket(self.chan.take(section.fds["notify"]),
+                                       paths.notify_beside(self.instance.control_path))
+            self.service = (state, sock)
+        elif label.startswith(wire.STORED_SECTION) and label[len(wire.STORED_SECTION):].isdigit() \
+                and set(section.fds) == {"fd"}:
+            stored = wire.StoredState.decode(section.meta)
+            self.stored[int(label[len(wire.STORED_SECTION):])] = (stored, self.chan.take(section.fds["fd"]))
+        else:
+            raise Refused(f"{wire.show(label)}: not a section this target knows")
 
     # ----- the commit --------------------------------------------------------
 
@@ -269,6 +320,10 @@ class TargetSession(Session):
         for by_role in self.sockets.values():
             for sock in by_role.values():
                 sock.close()
+        if self.service is not None:
+            self.service[1].close()
+        for _, fd in self.stored.values():
+            os.close(fd)
         self.instance.chardevs.clear()
         self.instance.thaw()
         if isinstance(exc, (Refused, wire.RemoteProtocolError)):

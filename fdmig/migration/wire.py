@@ -569,6 +569,96 @@ class SectionState:
         return meta
 
 
+# A `run` instance's service travels in sections of its own, after the chardevs'
+# in a TRANSFER: labels that cannot be chardev ids (those begin with a letter).
+SERVICE_SECTION = "#service"  # its state, and its notify socket as fd "notify"
+STORED_SECTION = "#stored-"  # + an index: one stored fd each, as fd "fd", in the order stored
+RESTART_POLICIES = ("no", "on-failure", "always")
+
+
+@dataclass(frozen=True)
+class ServiceState:
+    """A `run` instance's service: what the target needs to supervise the running
+    process, hear it and restart it. Strict: it arrives before the commit, so junk
+    fails the migration, rolled back."""
+
+    argv: tuple[str, ...]
+    pid: int | None
+    state: str
+    ready: bool
+    status_text: str | None
+    restarts: int
+    notify_ready: bool
+    restart: str
+    stop_signal: int
+    stop_timeout: float
+    fdstore_max: int
+    fdstore_refused: int
+
+    def to_meta(self) -> dict:
+        return {"argv": list(self.argv), "pid": self.pid, "state": self.state, "ready": self.ready,
+                "status-text": self.status_text, "restarts": self.restarts, "notify": self.notify_ready,
+                "restart": self.restart, "stop-signal": self.stop_signal, "stop-timeout": self.stop_timeout,
+                "fdstore-max": self.fdstore_max, "fdstore-refused": self.fdstore_refused}
+
+    @classmethod
+    def decode(cls, meta: Mapping) -> "ServiceState":
+        where = "the service's section"
+        argv = _field(meta, "argv", list, where, RemoteProtocolError)
+        if not argv or not all(isinstance(arg, str) for arg in argv):
+            raise RemoteProtocolError(f"{where}: 'argv' must be a non-empty list of strings")
+        pid = meta.get("pid")
+        if pid is not None and not (_is_int(pid) and pid > 0):
+            raise RemoteProtocolError(f"{where}: pid {_show_number(pid)} is not a process id")
+        status_text = meta.get("status-text")
+        if status_text is not None and not isinstance(status_text, str):
+            raise RemoteProtocolError(f"{where}: 'status-text' must be a string")
+        restart = _field(meta, "restart", str, where, RemoteProtocolError)
+        if restart not in RESTART_POLICIES:
+            raise RemoteProtocolError(f"{where}: restart policy {show(restart)} is not one of "
+                                      f"{', '.join(RESTART_POLICIES)}")
+        timeout = meta.get("stop-timeout")
+        if not (isinstance(timeout, (int, float)) and not isinstance(timeout, bool) and timeout > 0):
+            raise RemoteProtocolError(f"{where}: 'stop-timeout' must be a positive number")
+        flags = {}
+        for key in ("ready", "notify"):
+            flags[key] = meta.get(key)
+            if not isinstance(flags[key], bool):
+                raise RemoteProtocolError(f"{where}: {key!r} must be a bool")
+        counts = {}
+        for key in ("restarts", "stop-signal", "fdstore-max", "fdstore-refused"):
+            counts[key] = _field(meta, key, int, where, RemoteProtocolError)
+            if counts[key] < 0:
+                raise RemoteProtocolError(f"{where}: {key!r} must not be negative")
+        return cls(tuple(argv), pid, _field(meta, "state", str, where, RemoteProtocolError), flags["ready"],
+                   status_text, counts["restarts"], flags["notify"], restart, counts["stop-signal"], float(timeout),
+                   counts["fdstore-max"], counts["fdstore-refused"])
+
+
+@dataclass(frozen=True)
+class StoredState:
+    """One fd of a service's store: its name, whether it is watched for POLLHUP,
+    when it was stored."""
+
+    name: str
+    poll: bool
+    stored_at: float
+
+    def to_meta(self) -> dict:
+        return {"name": self.name, "poll": self.poll, "stored-at": self.stored_at}
+
+    @classmethod
+    def decode(cls, meta: Mapping) -> "StoredState":
+        where = "a stored fd's section"
+        name = _field(meta, "name", str, where, RemoteProtocolError)
+        poll, stored_at = meta.get("poll"), meta.get("stored-at")
+        if not isinstance(poll, bool):
+            raise RemoteProtocolError(f"{where}: 'poll' must be a bool")
+        if not (isinstance(stored_at, (int, float)) and not isinstance(stored_at, bool) and stored_at >= 0):
+            raise RemoteProtocolError(f"{where}: 'stored-at' must be a time")
+        return cls(name, poll, float(stored_at))
+
+
 def entry_fds(entry: Mapping, error: type[ProtocolError] = RemoteProtocolError) -> int:
     """How many fds a TABLE chardev entry says will come for it ("x-fds": 0 for a
     chardev that moves none, up to a listener and a connection). The codec has
