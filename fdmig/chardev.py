@@ -687,6 +687,7 @@ class Chardev:
         self._close_logfile()
         self.outbuf.clear()
         self._reset_stream()
+        self.paused_from = None  # closed, it resumes nothing
         self._set_state(then)
 
     def _close_logfile(self) -> None:

@@ -124,6 +124,13 @@ def instance_options(func):
     return func
 
 
+capability_option = click.option("--capability", "capabilities", multiple=True,
+                                 type=click.Choice(["local-char-socket"]), help="Enable a migration capability.")
+fdstore_option = click.option("--fdstore", "fdstore", is_flag=True,
+                              help="Keep each chardev's fds in this instance's own manager's fd store, "
+                                   "and adopt them back at start.")
+
+
 def _control_path(name: str | None, control: str | None) -> str:
     if name is not None and control is not None:
         raise SpecError("--name and --control both given; accepted: one of them")
@@ -194,10 +201,8 @@ def main():
 @instance_options
 @click.option("--chardev", "chardev_specs", multiple=True, metavar="SPEC",
               help="A chardev: socket,id=LABEL,path=P|host=H,port=N|fd=N|fdname=NAME[,server=on]...")
-@click.option("--capability", "capabilities", multiple=True, type=click.Choice(["local-char-socket"]),
-              help="Enable a migration capability.")
-@click.option("--fdstore", "fdstore", is_flag=True,
-              help="Keep each chardev's fds in this instance's own manager's fd store, and adopt them back at start.")
+@capability_option
+@fdstore_option
 def serve(name, control, chardev_specs, capabilities, fdstore):
     """Run an instance holding the given chardevs until SIGTERM or QMP quit."""
     control_path = _control_path(name, control)
@@ -217,8 +222,7 @@ def serve(name, control, chardev_specs, capabilities, fdstore):
 @instance_options
 @click.option("--chardev", "chardev_specs", multiple=True, metavar="SPEC",
               help="A chardev; its fd goes to the service (frontend=service, the default here).")
-@click.option("--capability", "capabilities", multiple=True, type=click.Choice(["local-char-socket"]),
-              help="Enable a migration capability.")
+@capability_option
 @click.option("--notify", "notify_ready", is_flag=True,
               help="The service is ready when it sends READY=1 (systemd's Type=notify).")
 @click.option("--fdstore-max", type=click.IntRange(min=0), default=1024, show_default=True, metavar="N",
@@ -229,8 +233,7 @@ def serve(name, control, chardev_specs, capabilities, fdstore):
               help="The signal that stops the service (a name or a number).")
 @click.option("--timeout", "stop_timeout", type=click.FloatRange(min=0, min_open=True), default=90.0,
               show_default=True, metavar="S", help="How long a stopping service has before SIGKILL.")
-@click.option("--fdstore", "fdstore", is_flag=True,
-              help="Keep each chardev's fds in this instance's own manager's fd store, and adopt them back at start.")
+@fdstore_option
 @click.argument("command", nargs=-1, required=True, metavar="-- CMD [ARGS]...")
 def run(name, control, chardev_specs, capabilities, notify_ready, fdstore_max, restart_policy, stop_signal,
         stop_timeout, fdstore, command):
@@ -495,8 +498,7 @@ def _channel_path(control_path: str, channel: str | None, defer: bool = False) -
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), metavar="S",
               help="Give up (exit 4) if no migration has arrived after S seconds.")
 @click.option("--exec", "exec_", is_flag=True, help="After the migration, exec CMD with the fds (systemd socket activation).")
-@click.option("--fdstore", "fdstore", is_flag=True,
-              help="Keep each chardev's fds in this instance's own manager's fd store, and adopt them back at start.")
+@fdstore_option
 @click.argument("command", nargs=-1, metavar="[-- CMD [ARGS]...]")
 def migrate_in(name, control, channel, chardev_specs, timeout, exec_, fdstore, command):
     """Start a target instance that waits for a migration, then serves (or execs CMD)."""

@@ -51,6 +51,7 @@ class Instance:
         self.service = None  # a `run` instance's fdmig.service.Service
         self.store = None  # ... and its fdmig.fdstore.FdStore
         self._outgoing_task: asyncio.Task | None = None
+        self._announced = False  # READY=1 sent to our own manager
         self._status_scheduled = False
         self._status_sent = ""
         self.incoming_specs: list = []  # a target's own chardevs, until they exist
@@ -195,7 +196,7 @@ class Instance:
         which this returns (time.monotonic()). Taken before the collector is on
         again: its first collection comes at the next allocation."""
         for chardev in self.chardevs.values():
-            if chardev.quiesced:
+            if chardev.paused_from is not None:  # quiesced (an attribute: thousands are asked)
                 chardev.resume()
         self.poller.resume()
         if self.service is not None:
@@ -337,6 +338,7 @@ class Instance:
             self.announce_ready()
 
     def announce_ready(self) -> None:
+        self._announced = True
         systemd.notify("READY=1", f"STATUS={self.summary()}")
         log.info("instance %s ready (pid %d, control %s)", self.name, os.getpid(), self.control_path)
 
@@ -360,6 +362,8 @@ class Instance:
         if service is not None:
             self.emit("X_FDMIG_SERVICE", {"state": service.state.value, "pid": service.main_pid,
                                           "ready": service.ready, "stored": len(self.store)})
+            if service.ready and not self._announced:
+                self.announce_ready()  # the first time the service is ready, whichever start that is
         self.report_status()
 
     def service_fds(self) -> list[tuple[str, int]]:
@@ -497,6 +501,7 @@ async def run_target(instance: Instance, channel_path: str | None, own_specs, ti
         log.info("migration completed: %d chardev(s) moved live from pid %d, downtime %s ms",
                  len(received.sockets), received.hello.pid, instance.lifecycle.get("downtime-ms"))
         systemd.notify(f"MAINPID={os.getpid()}", "READY=1", f"STATUS={instance.summary()}")
+        instance._announced = True
         return await instance.serve_forever()
     finally:
         await instance.stop_service()
@@ -525,18 +530,7 @@ async def run_service(instance: Instance, chardev_specs, argv: list[str], option
         await instance.start(chardev_specs, announce=False)
         if instance.stopping.is_set():
             return 0
-        instance.start_service(argv, options)
-        ready = asyncio.ensure_future(instance.service.wait_ready(None))
-        stopping = asyncio.ensure_future(instance.stopping.wait())
-        await asyncio.wait({ready, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        stopping.cancel()
-        if ready.done() and ready.result() == "ready":
-            instance.announce_ready()
-        else:
-            ready.cancel()
-            if not instance.stopping.is_set():
-                log.warning("service: exited before it was ready (%s); holding its fds for a restart",
-                            instance.service.exit_status)
+        instance.start_service(argv, options)  # READY=1 follows the service's (_service_changed)
         return await instance.serve_forever()
     finally:
         await instance.stop_service()

@@ -121,26 +121,31 @@ def trusted_peer(sock: socket.socket) -> int:
     return pid
 
 
-def bind_private(path: str) -> socket.socket:
-    """A listening unix socket at `path`, mode 0600 from the moment it exists. It is
-    bound under a temporary name and renamed into place, so a client never finds
-    the path missing while a predecessor's socket is replaced."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
-    tmp = f"{path}.{os.getpid()}.tmp"
+def bind_private(path: str, kind: int = socket.SOCK_STREAM) -> socket.socket:
+    """A unix socket at `path` (listening, if a stream socket), mode 0600 from the
+    moment it exists. It is bound under a temporary name and renamed into place,
+    so a client never finds the path missing while a predecessor's is replaced."""
+    sock = socket.socket(socket.AF_UNIX, kind | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+    # A datagram socket is bound in place: its name (getsockname) is what a
+    # migration's target checks it by, and only its own service sends to it.
+    in_place = kind != socket.SOCK_STREAM
+    tmp = path if in_place else f"{path}.{os.getpid()}.tmp"
     old_umask = os.umask(0o177)
     try:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+        if not in_place:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
         sock.bind(tmp)
     except OSError as exc:
         sock.close()
         raise FdmigError(f"cannot bind {path}: {exc.strerror}") from None
     finally:
         os.umask(old_umask)
-    sock.listen(64)
-    os.rename(tmp, path)
+    if not in_place:
+        sock.listen(64)
+        os.rename(tmp, path)
     return sock
 
 

@@ -417,15 +417,7 @@ def _describe_status(code: int) -> str:
 
 def _bind_notify(path: str) -> socket.socket:
     paths.remove_stale_socket(path, "notify socket")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
-    old_umask = os.umask(0o177)
-    try:
-        sock.bind(path)
-    except OSError as exc:
-        sock.close()
-        raise FdmigError(f"cannot bind the notify socket {path}: {exc.strerror}") from None
-    finally:
-        os.umask(old_umask)
+    sock = paths.bind_private(path, socket.SOCK_DGRAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
     # Room for a burst of messages (a service storing thousands of connections).
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)

@@ -48,9 +48,9 @@ def section(chardev, precopied: dict | None = None, carry: bool = True) -> wire.
             held.append(role)
         else:
             fds[role] = sock.fileno()
-    state = wire.SectionState(chardev.rx_bytes, chardev.tx_bytes, chardev.migrations, chardev.connected_since,
-                              chardev.peer, stream_flags(chardev), tuple(held))
-    return wire.Section(chardev.label, state.to_meta(), bytes(chardev.outbuf) if carry else b"", fds)
+    meta = wire.SectionState.meta(chardev.rx_bytes, chardev.tx_bytes, chardev.migrations, chardev.connected_since,
+                                  chardev.peer, stream_flags(chardev), held)
+    return wire.Section(chardev.label, meta, bytes(chardev.outbuf) if carry else b"", fds)
 
 
 def restore(chardev, state: wire.SectionState, outbuf: bytes, conn, listener) -> None:

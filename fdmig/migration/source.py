@@ -238,11 +238,10 @@ class SourceSession(Session):
             # The main process may name its successor: systemd (NotifyAccess=all) then
             # follows the handover even if we exit before the target has said so itself.
             systemd.notify(f"MAINPID={self.target.pid}")
-        released = wire.ReleaseInfo(quiesce_at=self.quiesce_at, started_at=self.started,
-                                    setup_ms=self.instance.lifecycle.get("setup-ms"),
-                                    counters=tuple(tuple(c) for c in self.counters))
+        released = wire.ReleaseInfo.info(self.quiesce_at, self.started, self.instance.lifecycle.get("setup-ms"),
+                                         self.counters)
         try:
-            await self.chan.send(wire.Released(released.to_dict()), None)
+            await self.chan.send(wire.Released(released), None)
             released_at = time.monotonic()
             faults.point("source-after-released")
             taken = await self._wait_taken()

@@ -456,9 +456,11 @@ class ReleaseInfo:
         quiesce_at, started_at, setup_ms = info.get("quiesce-at"), info.get("started-at"), info.get("setup-ms")
         counters, ignored = [], []
         entries = info.get("counters")
+        # Inside the downtime, one entry per chardev that moved bytes: exact type
+        # checks (no bool passes `type(x) is int`).
         for entry in entries if isinstance(entries, list) else ():
-            if (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], str)
-                    and _is_int(entry[1]) and _is_int(entry[2]) and entry[1] >= 0 and entry[2] >= 0):
+            if (type(entry) is list and len(entry) == 3 and type(entry[0]) is str
+                    and type(entry[1]) is int and type(entry[2]) is int and entry[1] >= 0 and entry[2] >= 0):
                 counters.append((entry[0], entry[1], entry[2]))
             else:
                 ignored.append(show(entry))
@@ -471,8 +473,14 @@ class ReleaseInfo:
         )
 
     def to_dict(self) -> dict:
-        return {"quiesce-at": self.quiesce_at, "started-at": self.started_at,
-                "counters": [list(counter) for counter in self.counters], "setup-ms": self.setup_ms}
+        return self.info(self.quiesce_at, self.started_at, self.setup_ms, [list(c) for c in self.counters])
+
+    @staticmethod
+    def info(quiesce_at, started_at, setup_ms, counters: list) -> dict:
+        """to_dict() of the ReleaseInfo these fields would make, with `counters` as
+        [label, rx, tx] lists, taken as they are: the source sends this inside
+        the downtime, with one counter per chardev that moved bytes."""
+        return {"quiesce-at": quiesce_at, "started-at": started_at, "counters": counters, "setup-ms": setup_ms}
 
 
 def _count(value: Any) -> int:
@@ -560,12 +568,19 @@ class SectionState:
         return cls(rx, tx, migrations, since, peer, stream, held)
 
     def to_meta(self) -> dict:
-        meta = {"rx-bytes": self.rx_bytes, "tx-bytes": self.tx_bytes, "connected-since": self.connected_since,
-                "migrations": self.migrations, "peer": list(self.peer) if self.peer is not None else None}
-        if self.stream:
-            meta["stream"] = list(self.stream)
-        if self.held:
-            meta["held"] = list(self.held)
+        return self.meta(self.rx_bytes, self.tx_bytes, self.migrations, self.connected_since, self.peer,
+                         self.stream, self.held)
+
+    @staticmethod
+    def meta(rx_bytes, tx_bytes, migrations, connected_since, peer, stream, held) -> dict:
+        """to_meta() of the SectionState these fields would make, without making it:
+        the source builds thousands inside a migration's downtime."""
+        meta = {"rx-bytes": rx_bytes, "tx-bytes": tx_bytes, "connected-since": connected_since,
+                "migrations": migrations, "peer": list(peer) if peer is not None else None}
+        if stream:
+            meta["stream"] = list(stream)
+        if held:
+            meta["held"] = list(held)
         return meta
 
 
