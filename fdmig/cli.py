@@ -240,7 +240,7 @@ def run(name, control, chardev_specs, capabilities, notify_ready, fdstore_max, r
     """Run CMD as a service holding its sockets and its fd store (systemd's protocols):
     it keeps its connections across its own restarts (fdmig restart)."""
     import shutil
-    from fdmig.service import parse_signal
+    from fdmig.service import Options, parse_signal
     control_path = _control_path(name, control)
     parsed = _parse_specs(chardev_specs)
     bridged = {spec.bridge for spec in parsed if spec.bridge}
@@ -259,8 +259,7 @@ def run(name, control, chardev_specs, capabilities, notify_ready, fdstore_max, r
     _setup_logging(instance_name)
     from fdmig.daemon import Instance, run_with_service
     instance = Instance(instance_name, control_path, capabilities, fdstore=fdstore)
-    options = {"notify": notify_ready, "fdstore_max": fdstore_max, "restart": restart_policy,
-               "stop_signal": signum, "stop_timeout": stop_timeout}
+    options = Options(notify_ready, restart_policy, signum, stop_timeout, fdstore_max)
     sys.exit(run_with_service(instance, chardevs, list(command), options))
 
 

@@ -344,15 +344,13 @@ class Instance:
 
     # ----- a `run` instance's service ----------------------------------------
 
-    def start_service(self, argv: list[str], options: dict) -> None:
+    def start_service(self, argv: list[str], options) -> None:
         """Hold an fd store and start `argv` as the service (fdmig run)."""
         from fdmig.fdstore import FdStore
         from fdmig.service import Service
-        self.store = FdStore(options["fdstore_max"], self.poller, on_change=self._service_changed)
+        self.store = FdStore(options.fdstore_max, self.poller, on_change=self._service_changed)
         self.service = Service(argv, paths.notify_beside(self.control_path), self.store, self.service_fds,
-                               notify_ready=options["notify"], restart=options["restart"],
-                               stop_signal=options["stop_signal"], stop_timeout=options["stop_timeout"],
-                               on_change=self._service_changed)
+                               options, on_change=self._service_changed)
         self.service.start()
 
     def _service_changed(self) -> None:
@@ -382,20 +380,36 @@ class Instance:
         """A migration's target of a `run` instance: the service runs on (same pid),
         supervised, heard and restarted from here, with the store that came."""
         from fdmig.fdstore import FdStore
-        from fdmig.service import Service, State
+        from fdmig.service import Options, Service, State
         self.store = FdStore(state.fdstore_max, self.poller, on_change=self._service_changed)
         self.store.refused = state.fdstore_refused
         for entry, fd in stored:
             self.store.adopt(entry.name, fd, entry.poll, entry.stored_at)
+        options = Options(state.notify_ready, state.restart, state.stop_signal, state.stop_timeout, state.fdstore_max)
         self.service = Service(list(state.argv), paths.notify_beside(self.control_path), self.store,
-                               self.service_fds, notify_ready=state.notify_ready, restart=state.restart,
-                               stop_signal=state.stop_signal, stop_timeout=state.stop_timeout,
-                               on_change=self._service_changed, sock=sock)
+                               self.service_fds, options, on_change=self._service_changed, sock=sock)
         service = self.service
         service.state, service.ready = State(state.state), state.ready
         service.status_text, service.restarts = state.status_text, state.restarts
         service.supervise_running(state.pid)
         log.info("service: pid %s taken over with %d stored fd(s)", state.pid, len(self.store))
+
+    def took_over(self, received) -> None:
+        """A migration's target, once the moved chardevs serve: the service (of a
+        `run` instance) and our manager's copies follow, then the control path."""
+        from fdmig.control import ControlServer
+        if received.service is not None:
+            self.adopt_service(*received.service, received.stored)
+        if self.keeper is not None:
+            for chardev in self.chardevs.values():
+                self.keeper.sync(chardev)
+        self.control = ControlServer(self)
+        self.control.bind(self.control_path, take_over=True)
+        self.control.start()
+        log.info("migration completed: %d chardev(s) moved live from pid %d, downtime %s ms",
+                 len(received.sockets), received.hello.pid, self.lifecycle.get("downtime-ms"))
+        self._announced = True
+        systemd.notify(f"MAINPID={os.getpid()}", "READY=1", f"STATUS={self.summary()}")
 
     async def stop_service(self) -> None:
         """Stop the service and close its store; after a migration's commit, only
@@ -449,9 +463,31 @@ async def run_instance(instance: Instance, chardev_specs) -> int:
 async def run_target(instance: Instance, channel_path: str | None, own_specs, timeout, exec_argv) -> int:
     """migrate-in: wait for one migration, then serve as `serve` would (or exec).
     `channel_path` None is QEMU's `-incoming defer`: QMP migrate-incoming names it."""
-    from fdmig.control import ControlServer
     from fdmig.migration import target
     stderr_after_commit = _spawn_stderr()
+    received = await _await_migration(instance, channel_path, own_specs, timeout, exec_argv)
+    if received is None:
+        return 0  # stopped while waiting
+    if stderr_after_commit is not None:
+        os.dup2(stderr_after_commit, 2)  # the migrate-out that spawned us may go now
+        os.close(stderr_after_commit)
+    if exec_argv:
+        target.exec_handover(received, exec_argv)  # does not return
+    try:
+        await target.take_over(instance, received)
+        instance.took_over(received)
+        return await instance.serve_forever()
+    finally:
+        await instance.stop_service()
+        await instance.finish_migration()
+        instance.shutdown()
+
+
+async def _await_migration(instance: Instance, channel_path, own_specs, timeout, exec_argv):
+    """Answer QMP on <name>.incoming.sock and wait for one migration to commit:
+    what it brought, or None if the instance is stopped first."""
+    from fdmig.control import ControlServer
+    from fdmig.migration import target
     instance.prepare()
     instance.incoming_specs = list(own_specs)
     instance.incoming_channel = asyncio.get_running_loop().create_future()
@@ -477,36 +513,12 @@ async def run_target(instance: Instance, channel_path: str | None, own_specs, ti
         if not receiving.done():
             receiving.cancel()
             await asyncio.gather(receiving, return_exceptions=True)
-            return 0
+            return None
         stopping.cancel()
-        received = receiving.result()
+        return receiving.result()
     finally:
         instance.control.close()
         instance.control = None
-    if stderr_after_commit is not None:
-        os.dup2(stderr_after_commit, 2)  # the migrate-out that spawned us may go now
-        os.close(stderr_after_commit)
-    if exec_argv:
-        target.exec_handover(received, exec_argv)  # does not return
-    try:
-        await target.take_over(instance, received)
-        if received.service is not None:
-            instance.adopt_service(*received.service, received.stored)
-        if instance.keeper is not None:
-            for chardev in instance.chardevs.values():
-                instance.keeper.sync(chardev)
-        instance.control = ControlServer(instance)
-        instance.control.bind(instance.control_path, take_over=True)
-        instance.control.start()
-        log.info("migration completed: %d chardev(s) moved live from pid %d, downtime %s ms",
-                 len(received.sockets), received.hello.pid, instance.lifecycle.get("downtime-ms"))
-        systemd.notify(f"MAINPID={os.getpid()}", "READY=1", f"STATUS={instance.summary()}")
-        instance._announced = True
-        return await instance.serve_forever()
-    finally:
-        await instance.stop_service()
-        await instance.finish_migration()
-        instance.shutdown()
 
 
 def _spawn_stderr() -> int | None:
@@ -523,7 +535,7 @@ def _spawn_stderr() -> int | None:
     return fd
 
 
-async def run_service(instance: Instance, chardev_specs, argv: list[str], options: dict) -> int:
+async def run_service(instance: Instance, chardev_specs, argv: list[str], options) -> int:
     """fdmig run: an instance whose chardevs and fd store serve `argv`, started
     once they are open; READY=1 once the service is ready."""
     try:
@@ -542,7 +554,7 @@ def run(instance: Instance, chardev_specs) -> int:
     return asyncio.run(run_instance(instance, chardev_specs))
 
 
-def run_with_service(instance: Instance, chardev_specs, argv: list[str], options: dict) -> int:
+def run_with_service(instance: Instance, chardev_specs, argv: list[str], options) -> int:
     return asyncio.run(run_service(instance, chardev_specs, argv, options))
 
 

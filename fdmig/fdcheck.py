@@ -30,12 +30,33 @@ def stream_socket(fd: int, spec, label: str, role: str | None = None) -> socket.
         raise FdmigError(f"chardev {label}: {name} is not open") from None
     if not stat.S_ISSOCK(mode):
         raise FdmigError(f"chardev {label}: {name} is not a socket; accepted: a stream socket")
+    return _inspected(fd, name, lambda sock: _check(sock, spec, label, role, name), f"chardev {label}: ")
+
+
+def notify_socket(fd: int, path: str) -> socket.socket:
+    """`fd` wrapped as a socket if it is a `run` instance's notify socket: a unix
+    datagram socket bound at `path`; otherwise FdmigError, `fd` left open."""
+    name = "the service's notify fd"
+
+    def check(sock):
+        if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_DGRAM or sock.getsockname() != path:
+            raise FdmigError(f"{name} is not a unix datagram socket bound at {path}")
+    try:
+        if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+            raise FdmigError(f"{name} is not a socket")
+    except OSError:
+        raise FdmigError(f"{name} is not open") from None
+    return _inspected(fd, name, check)
+
+
+def _inspected(fd: int, name: str, check, prefix: str = "") -> socket.socket:
+    """`fd` as a socket once `check(sock)` passes; the fd left open either way."""
     sock = socket.socket(fileno=fd)
     try:
-        _check(sock, spec, label, role, name)
+        check(sock)
     except OSError as exc:
         sock.detach()
-        raise FdmigError(f"chardev {label}: cannot inspect {name}: {exc.strerror}") from None
+        raise FdmigError(f"{prefix}cannot inspect {name}: {exc.strerror}") from None
     except FdmigError:
         sock.detach()
         raise

@@ -9,6 +9,7 @@ kernel attaches every sender's credentials, and only the service's main process
 and its descendants are heard."""
 
 import asyncio
+import dataclasses
 import enum
 import fcntl
 import logging
@@ -49,22 +50,27 @@ TRANSITIONS = {
 }
 
 
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """How `fdmig run` was asked to run its service."""
+
+    notify_ready: bool = False  # --notify: ready at READY=1, not once started
+    restart: str = "no"  # --restart
+    stop_signal: int = signal.SIGTERM  # --stop-signal
+    stop_timeout: float = 90.0  # --timeout: SIGKILL after it
+    fdstore_max: int = 1024  # --fdstore-max
+
+
 class Service:
     """`chardev_fds()` gives the `service` chardevs' (name, fd) in command-line order;
     `on_change()` is called at every state change (the instance reports it)."""
 
-    def __init__(self, argv: list[str], notify_path: str, store, chardev_fds, *, notify_ready: bool,
-                 restart: str, stop_signal: int, stop_timeout: float, on_change, sock: socket.socket | None = None):
+    def __init__(self, argv: list[str], notify_path: str, store, chardev_fds, options: "Options", on_change,
+                 sock: socket.socket | None = None):
         """`sock`: the notify socket, bound already (a migration brought it, with
         whatever messages it holds); else one is bound at `notify_path`."""
-        self.argv = argv
-        self.notify_path = notify_path
-        self.store = store
-        self.chardev_fds = chardev_fds
-        self.notify_ready = notify_ready
-        self.restart_policy = restart
-        self.stop_signal = stop_signal
-        self.stop_timeout = stop_timeout
+        self.argv, self.options = argv, options
+        self.notify_path, self.store, self.chardev_fds = notify_path, store, chardev_fds
         self.on_change = on_change
         self.state = State.STARTING
         self.pid: int | None = None
@@ -154,7 +160,7 @@ class Service:
         log.info("service: started %s (pid %d) with %d fd(s)", shlex.join(self.argv), pid, len(named))
         if self.state is not State.STARTING:
             self._to(State.STARTING)
-        if not self.notify_ready:
+        if not self.options.notify_ready:
             self._now_ready()
 
     def _supervise(self, pid: int) -> None:
@@ -212,10 +218,11 @@ class Service:
         if self.state is not State.STOPPING or not on_purpose:
             self._to(State.FAILED if failed else State.EXITED)
         self._exited.set()
-        again = self.restart_policy == "always" or (self.restart_policy == "on-failure" and failed)
+        policy = self.options.restart
+        again = policy == "always" or (policy == "on-failure" and failed)
         if again and not on_purpose:
             delay, self._backoff = self._backoff, min(self._backoff * 2, BACKOFF_MAX)
-            log.info("service: starting again in %g s (--restart %s)", delay, self.restart_policy)
+            log.info("service: starting again in %g s (--restart %s)", delay, policy)
             self._retry = self._loop.call_later(delay, self._restart_now)
 
     def _reap(self) -> str:
@@ -254,11 +261,12 @@ class Service:
         try:
             if self.state is not State.STOPPING:
                 self._to(State.STOPPING)
-            self._signal(self.stop_signal)
+            self._signal(self.options.stop_signal)
             try:
-                await asyncio.wait_for(self._exited.wait(), self.stop_timeout)
+                await asyncio.wait_for(self._exited.wait(), self.options.stop_timeout)
             except asyncio.TimeoutError:
-                log.warning("service: pid %s did not stop within %g s; SIGKILL", self.main_pid, self.stop_timeout)
+                log.warning("service: pid %s did not stop within %g s; SIGKILL", self.main_pid,
+                            self.options.stop_timeout)
                 self._signal(signal.SIGKILL)
                 await self._exited.wait()
         finally:

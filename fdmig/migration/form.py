@@ -80,9 +80,10 @@ def service_sections(service, store) -> list[wire.Section]:
     """A `run` instance's service: its state and notify socket, then each stored
     fd in the order stored. Sent inside the downtime: the notify socket is not
     read from the quiesce on, so the store cannot change after these are built."""
+    options = service.options
     state = wire.ServiceState(tuple(service.argv), service.main_pid, service.state.value, service.ready,
-                              service.status_text, service.restarts, service.notify_ready, service.restart_policy,
-                              int(service.stop_signal), float(service.stop_timeout), store.limit, store.refused)
+                              service.status_text, service.restarts, options.notify_ready, options.restart,
+                              int(options.stop_signal), float(options.stop_timeout), store.limit, store.refused)
     sections = [wire.Section(wire.SERVICE_SECTION, state.to_meta(), b"", {"notify": service.sock.fileno()})]
     for index, entry in enumerate(store.entries):
         stored = wire.StoredState(entry.name, entry.poll, entry.stored_at)

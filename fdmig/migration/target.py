@@ -76,13 +76,9 @@ def make_plan(own: list, table: wire.Table) -> Plan:
 
 
 def check_fd(fd: int, role: str, spec, label: str) -> socket.socket:
-    """Take ownership of `fd` (closed if refused) as a non-blocking socket, if it
-    is what `spec` says a `role` fd must be (fdcheck)."""
-    try:
-        sock = fdcheck.stream_socket(fd, spec, label, role)
-    except FdmigError as exc:
-        os.close(fd)
-        raise Refused(str(exc)) from None
+    """Take ownership of `fd` (closed if refused) as a socket, if it is what `spec`
+    says a `role` fd must be (fdcheck)."""
+    sock = _owned(fd, fdcheck.stream_socket, spec, label, role)
     if spec.frontend != "service":
         # Not a service's: O_NONBLOCK belongs to the open file, which the running
         # service shares and uses as it is.
@@ -91,23 +87,18 @@ def check_fd(fd: int, role: str, spec, label: str) -> socket.socket:
 
 
 def check_notify_socket(fd: int, path: str) -> socket.socket:
-    """A `run` instance's notify socket: a unix datagram socket bound at `path`."""
-    try:
-        sock = socket.socket(fileno=fd)
-    except OSError:
-        os.close(fd)
-        raise Refused("the service's notify fd is not a socket") from None
-    try:
-        if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_DGRAM or sock.getsockname() != path:
-            raise Refused(f"the service's notify fd is not a unix datagram socket bound at {path}")
-    except OSError as exc:
-        sock.close()
-        raise Refused(f"cannot inspect the service's notify fd: {exc.strerror}") from None
-    except Refused:
-        sock.close()
-        raise
+    """A `run` instance's notify socket (closed if refused)."""
+    sock = _owned(fd, fdcheck.notify_socket, path)
     sock.setblocking(False)
     return sock
+
+
+def _owned(fd: int, check, *args) -> socket.socket:
+    try:
+        return check(fd, *args)
+    except FdmigError as exc:
+        os.close(fd)
+        raise Refused(str(exc)) from None
 
 
 def fd_headroom() -> int:
