@@ -18,6 +18,7 @@ import shlex
 import shutil
 import signal
 import socket
+import time
 
 from fdmig import fdpass, notify, paths, process
 from fdmig.errors import FdmigError
@@ -81,6 +82,7 @@ class Service:
         self.exit_status: str | None = None
         self._spawned_pid: int | None = None  # our child, reaped with waitpid
         self._pidfd: int | None = None
+        self._stop_sent = self._exit_seen = self._spawned_at = None  # a restart's timings, for the log
         self._exited = asyncio.Event()
         self._became_ready = asyncio.Event()
         self._stopping_on_purpose = False
@@ -150,6 +152,7 @@ class Service:
         finally:
             for fd in lifted:
                 os.close(fd)
+        self._spawned_at = time.monotonic()
         self.pid = self.main_pid = self._spawned_pid = pid
         self.ready = False
         self.status_text = None
@@ -203,6 +206,7 @@ class Service:
     # ----- exiting -----------------------------------------------------------
 
     def _on_exit(self) -> None:
+        self._exit_seen = time.monotonic()
         self._unsupervise()
         self.exit_status = self._reap()
         self._drain()  # what it sent before it exited is still queued: take it
@@ -261,6 +265,7 @@ class Service:
         try:
             if self.state is not State.STOPPING:
                 self._to(State.STOPPING)
+            self._stop_sent = time.monotonic()
             self._signal(self.options.stop_signal)
             try:
                 await asyncio.wait_for(self._exited.wait(), self.options.stop_timeout)
@@ -283,6 +288,7 @@ class Service:
         wait until ready. The store and the listeners are held throughout."""
         if self.state in (State.STOPPING, State.RESTARTING):
             raise FdmigError(f"the service is {self.state.value} already")
+        self._stop_sent = self._exit_seen = None
         await self.stop()
         self.restarts += 1
         self._to(State.RESTARTING)
@@ -291,6 +297,7 @@ class Service:
         except FdmigError as exc:
             self._to(State.FAILED)
             return {"status": "failed", "pid": None, "error": str(exc)}
+        self._log_handover()
         outcome = await self.wait_ready(timeout)
         error = {"ready": None, "timeout": f"not ready within {timeout:g} s" if timeout else "not ready",
                  "exited": f"it exited before it was ready ({self.exit_status})"}[outcome]
@@ -305,6 +312,15 @@ class Service:
             return
         self._exited.clear()
         self._supervise(pid)
+
+    def _log_handover(self) -> None:
+        """How long the old service took to stop, and fdmig from its exit to the
+        new one's start: the part of a restart's pause that is fdmig's."""
+        if self._stop_sent is None or self._exit_seen is None:
+            return
+        log.info("service: restart: pid exited %.1f ms after the stop signal; the new one started %.1f ms "
+                 "after that exit", (self._exit_seen - self._stop_sent) * 1000,
+                 (self._spawned_at - self._exit_seen) * 1000)
 
     def close(self, unlink: bool = True) -> None:
         """Stop hearing and supervising. `unlink=False` after a migration's commit:

@@ -133,11 +133,14 @@ def service_markdown(rows: list[dict]) -> list[str]:
              "passed, no fdmig. Plain restart: the same program with no store, stopped and started again: "
              "every peer sees EOF and reconnects (the longest EOF-to-first-echo). s6-fdholder: a setdump of "
              "the N fds into an fd holder and a getdump of them back. The goal: the pause is the service's "
-             "own start-up plus at most 10 ms, zero reconnects.", "",
-             "| stored connections | longest peer pause | service start-up | pause - start-up | restart wall "
+             "own start-up plus at most 10 ms, zero reconnects. The pause holds three parts: the old service's "
+             "own stop (from the stop signal to its exit), fdmig's part (from that exit to the new service's "
+             "start, as fdmig logs it) and the new service's start-up.", "",
+             "| stored connections | longest peer pause | old service's stop | fdmig's part | service start-up "
+             "| pause - start-up | restart wall "
              "| reconnects | plain restart: longest pause | plain restart: reconnects | plain / fdmig "
              "| s6-fdholder store+retrieve | (pause - start-up) / s6 |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
         if row.get("s6-ms") is not None:
             s6_cell = f"{row['s6-ms']} ms"
@@ -145,7 +148,8 @@ def service_markdown(rows: list[dict]) -> list[str]:
             s6_cell = "fails (>253 fds per dump)" if row["n"] > 253 else "fails"
         else:
             s6_cell = "-"
-        lines.append(f"| {row['n']} | {row['peer-pause-ms']} ms | {row['startup-ms']} ms | "
+        lines.append(f"| {row['n']} | {row['peer-pause-ms']} ms | {row.get('old-stop-ms')} ms | "
+                     f"{row.get('fdmig-part-ms')} ms | {row['startup-ms']} ms | "
                      f"{row['pause-minus-startup-ms']} ms | {row['restart-wall-ms']} ms | {row['reconnects']} | "
                      f"{row['plain-pause-ms']} ms | {row['plain-reconnects']} | "
                      f"{ratio(row['plain-pause-ms'], row['peer-pause-ms'])} | {s6_cell} | "

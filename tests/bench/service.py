@@ -19,6 +19,7 @@ gracefully: it answers what it has read, then exits.
 import fcntl
 import json
 import os
+import re
 import select
 import shutil
 import signal
@@ -229,7 +230,7 @@ def measure_fdmig(n: int, repeats: int, workdir: str) -> dict:
     path = os.path.join(workdir, "web.sock")
     log = os.path.join(workdir, "run.log")
     notify = Notify(workdir)
-    result = {"n": n, "pause": [], "wall": [], "eofs": None, "probes": 0}
+    result = {"n": n, "pause": [], "wall": [], "eofs": None, "probes": 0, "stop": [], "handover": []}
     proc = probes = None
     peers = []
     try:
@@ -267,6 +268,14 @@ def measure_fdmig(n: int, repeats: int, workdir: str) -> dict:
         stored = _stored(env)
         if stored != n:
             raise RuntimeError(f"{stored} of {n} connections stored after the restarts")
+        # fdmig logs each restart's two parts: the old service's own stop, and its own
+        # part from that exit to the new service's start.
+        with open(log, errors="replace") as f:
+            for line in f:
+                found = re.search(r"exited ([0-9.]+) ms after the stop signal; the new one started ([0-9.]+) ms", line)
+                if found:
+                    result["stop"].append(float(found[1]) / 1000)
+                    result["handover"].append(float(found[2]) / 1000)
         probes.stop()
         probes = None
         result["eofs"] = _eofs(peers)
@@ -521,6 +530,7 @@ def measure(n: int, repeats: int, workdir: str) -> dict:
            "peer-pause-ms": pause, "startup-ms": start,
            "pause-minus-startup-ms": round(pause - start, 3) if pause is not None and start is not None else None,
            "restart-wall-ms": _median_ms(fd["wall"]), "reconnects": fd["eofs"],
+           "old-stop-ms": _median_ms(fd["stop"]), "fdmig-part-ms": _median_ms(fd["handover"]),
            "plain-pause-ms": _median_ms(plain["longest"]), "plain-median-pause-ms": _median_ms(plain["median"]),
            "plain-reconnects": statistics.median_low(plain["reconnects"]) if plain["reconnects"] else None}
     if s6.available():
