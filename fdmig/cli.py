@@ -474,24 +474,42 @@ def _wait_for_state(control_path: str, label: str, state: str, timeout: float) -
     raise TimeoutExpired(f"timed out after {timeout:g} s waiting for {label}={state}: {seen}")
 
 
-def _channel_path(control_path: str, channel: str | None, defer: bool = False) -> str | None:
-    """`--channel unix:PATH`, or next to the control socket: <name>.migrate.sock.
-    `defer` (migrate-in only): None, and QMP migrate-incoming names it later."""
+def _channel(control_path: str, channel: str | None, tls_creds: str | None, role: str, defer: bool = False):
+    """`--channel unix:PATH|tcp:HOST:PORT` (a paths.ChannelAddress), or next to the
+    control socket: <name>.migrate.sock. `defer` (migrate-in only): None, and QMP
+    migrate-incoming names it later. A TCP channel needs --tls-creds; only it may."""
     if defer and channel == "defer":
-        return None
-    if channel is None:
-        return paths.channel_beside(control_path)
-    try:
-        return paths.parse_channel_uri(channel)
-    except ValueError as exc:
-        raise SpecError(f"--channel: {exc}") from None
+        address = None
+    elif channel is None:
+        address = paths.ChannelAddress(path=paths.channel_beside(control_path))
+    else:
+        try:
+            address = paths.parse_channel_uri(channel)
+        except ValueError as exc:
+            raise SpecError(f"--channel: {exc}") from None
+    if address is not None and address.tcp and tls_creds is None:
+        raise SpecError(f"--channel {channel}: a TCP channel needs --tls-creds DIR (there is no plaintext "
+                        "channel); without TLS, a unix channel is needed: unix:PATH")
+    if address is not None and not address.tcp and tls_creds is not None:
+        raise SpecError("--tls-creds is for a TCP channel (--channel tcp:HOST:PORT); a unix channel is "
+                        "checked by its peer's uid instead")
+    if tls_creds is not None:
+        from fdmig import tlscreds  # ssl: only for a TCP channel
+        tlscreds.check(tls_creds, role)
+    return address
+
+
+tls_creds_option = click.option("--tls-creds", metavar="DIR",
+                                help="TLS credentials of a TCP channel (ca-cert.pem, server-/client-cert.pem "
+                                     "and -key.pem, QEMU's tls-creds-x509 layout).")
 
 
 @main.command("migrate-in")
 @instance_options
-@click.option("--channel", metavar="unix:PATH|defer",
+@click.option("--channel", metavar="unix:PATH|tcp:HOST:PORT|defer",
               help="Migration channel (default: <runtime-dir>/<name>.migrate.sock); "
                    "'defer': wait for QMP migrate-incoming on <name>.incoming.sock.")
+@tls_creds_option
 @click.option("--chardev", "chardev_specs", multiple=True, metavar="SPEC",
               help="A chardev of the target; local-incoming=on: it must arrive live.")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), metavar="S",
@@ -499,10 +517,10 @@ def _channel_path(control_path: str, channel: str | None, defer: bool = False) -
 @click.option("--exec", "exec_", is_flag=True, help="After the migration, exec CMD with the fds (systemd socket activation).")
 @fdstore_option
 @click.argument("command", nargs=-1, metavar="[-- CMD [ARGS]...]")
-def migrate_in(name, control, channel, chardev_specs, timeout, exec_, fdstore, command):
+def migrate_in(name, control, channel, tls_creds, chardev_specs, timeout, exec_, fdstore, command):
     """Start a target instance that waits for a migration, then serves (or execs CMD)."""
     control_path = _control_path(name, control)
-    channel_path = _channel_path(control_path, channel, defer=True)
+    address = _channel(control_path, channel, tls_creds, "server", defer=True)
     chardevs = _parse_specs(chardev_specs)
     _no_service(chardevs, "fdmig migrate-in")
     if command and not exec_:
@@ -514,33 +532,40 @@ def migrate_in(name, control, channel, chardev_specs, timeout, exec_, fdstore, c
         if shutil.which(command[0]) is None:
             raise SpecError(f"--exec: command '{command[0]}' not found")
     _prepare_control(control_path)
-    if channel_path and os.path.dirname(os.path.abspath(channel_path)) == os.path.abspath(paths.runtime_dir()):
+    if address and not address.tcp and \
+            os.path.dirname(os.path.abspath(address.path)) == os.path.abspath(paths.runtime_dir()):
         paths.ensure_private_dir(paths.runtime_dir())
     instance_name = _instance_name(name, control)
     _setup_logging(instance_name)
     from fdmig.daemon import Instance, run_incoming
     instance = Instance(instance_name, control_path, incoming=True, fdstore=fdstore)
-    sys.exit(run_incoming(instance, channel_path, chardevs, timeout, list(command) if exec_ else None))
+    instance.tls_creds = tls_creds
+    sys.exit(run_incoming(instance, address, chardevs, timeout, list(command) if exec_ else None))
 
 
 @main.command("migrate-out")
 @instance_options
-@click.option("--channel", metavar="unix:PATH", help="Migration channel (default: <runtime-dir>/<name>.migrate.sock).")
+@click.option("--channel", metavar="unix:PATH|tcp:HOST:PORT",
+              help="Migration channel (default: <runtime-dir>/<name>.migrate.sock).")
+@tls_creds_option
 @click.option("--capability", "capabilities", multiple=True, type=click.Choice(["local-char-socket"]),
               help="Enable a capability before migrating.")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), metavar="S",
               help="Bound the whole migration; on expiry the source rolls back (exit 4). Default 60.")
 @click.option("--spawn", is_flag=True, help="Start the target (fdmig migrate-in) and migrate to it.")
 @click.option("--json", "as_json", is_flag=True, help="Print the outcome as one JSON object.")
-def migrate_out(name, control, channel, capabilities, timeout, spawn, as_json):
+def migrate_out(name, control, channel, tls_creds, capabilities, timeout, spawn, as_json):
     """Migrate an instance's connections live to a target (migrate-in), then exit."""
     control_path = _control_path(name, control)
-    channel_path = _channel_path(control_path, channel)
+    address = _channel(control_path, channel, tls_creds, "client")
+    if spawn and tls_creds is not None:
+        from fdmig import tlscreds
+        tlscreds.check(tls_creds, "server")  # the spawned target is the server
     from fdmig import migrate_client
     announce = (lambda line: click.echo(f"fdmig: {line}", err=True)) if sys.stderr.isatty() else None
-    outcome = migrate_client.migrate_out(control_path, channel_path, capabilities, timeout or 60.0,
+    outcome = migrate_client.migrate_out(control_path, address, capabilities, timeout or 60.0,
                                          spawn, (["--name", name] if name else []) +
-                                         (["--control", control] if control else []), announce)
+                                         (["--control", control] if control else []), announce, tls_creds)
     if as_json:
         import json
         click.echo(json.dumps(outcome, indent=2))

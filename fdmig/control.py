@@ -6,7 +6,7 @@ import logging
 import os
 import socket
 
-from fdmig import __version__, fdpass, nbio, paths, presentation, qmp, spec as specs
+from fdmig import __version__, fdpass, nbio, paths, presentation, qmp, spec as specs, tlscreds
 from fdmig.errors import FdmigError, QMPError, SpecError
 from fdmig.lifecycle import MigrationStatus, RunState
 
@@ -357,18 +357,21 @@ async def cmd_migrate(conn, arguments):
     timeout = arguments.get("x-fdmig-timeout")
     if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
         raise QMPError("GenericError", "Invalid parameter type for 'x-fdmig-timeout', expected: positive number")
-    _no_extra(arguments, "uri", "x-fdmig-timeout", "detach", "resume", "blk", "inc")
+    tls_creds = _arg(arguments, "x-fdmig-tls-creds", str, required=False)
+    _no_extra(arguments, "uri", "x-fdmig-timeout", "x-fdmig-tls-creds", "detach", "resume", "blk", "inc")
     instance = conn.instance
     if instance.run_state is not RunState.RUNNING:
         raise QMPError("GenericError", f"cannot migrate an instance in state {instance.run_state.value}")
     _no_migration(instance)
     try:
-        path = paths.parse_channel_uri(uri)
+        address = paths.parse_channel_uri(uri)
     except ValueError as exc:
         raise QMPError("GenericError", str(exc)) from None
+    if tls_creds is not None:
+        tlscreds.check(tls_creds, "client")
     # The wait for a target to listen is fdmig's own (QEMU's migrate fails at once):
     # it lasts only while the client that asked for it is there.
-    instance.migrate(path, timeout, abandoned=conn.gone)
+    instance.migrate(address, timeout, abandoned=conn.gone, tls_creds=tls_creds)
     return {}
 
 
@@ -402,12 +405,15 @@ async def cmd_migrate_incoming(conn, arguments):
         raise QMPError("GenericError", "this instance is running, not waiting for a migration; "
                                        "start a target with: fdmig migrate-in")
     if instance.incoming_channel.done():
-        raise QMPError("GenericError", f"already waiting for a migration on "
-                                       f"unix:{instance.incoming_channel.result()}")
+        raise QMPError("GenericError", f"already waiting for a migration on {instance.incoming_channel.result()}")
     try:
-        instance.incoming_channel.set_result(paths.parse_channel_uri(uri))
+        address = paths.parse_channel_uri(uri)
     except ValueError as exc:
         raise QMPError("GenericError", str(exc)) from None
+    if address.tcp and instance.tls_creds is None:
+        raise QMPError("GenericError", f"{address}: a TCP channel needs TLS credentials; start the target "
+                                       "with fdmig migrate-in --tls-creds DIR")
+    instance.incoming_channel.set_result(address)
     return {}
 
 

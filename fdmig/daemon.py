@@ -48,6 +48,7 @@ class Instance:
         self.frozen = False  # inside a migration's downtime (freeze, thaw)
         self.outgoing = None  # the source session of a migration, while it runs
         self.keeper = Keeper() if fdstore else None  # --fdstore: our fds in our manager's store
+        self.tls_creds: str | None = None  # a target's --tls-creds, for a TCP channel
         self.service = None  # a `run` instance's fdmig.service.Service
         self.store = None  # ... and its fdmig.fdstore.FdStore
         self._outgoing_task: asyncio.Task | None = None
@@ -207,17 +208,26 @@ class Instance:
         self.report_status()
         return resumed_at
 
-    def migrate(self, path: str, timeout: float | None, abandoned: asyncio.Event | None) -> None:
-        """Start a migration to the target at `path` (QMP `migrate`); its outcome
+    def migrate(self, address, timeout: float | None, abandoned: asyncio.Event | None,
+                tls_creds: str | None = None) -> None:
+        """Start a migration to the target at `address` (QMP `migrate`); its outcome
         comes as MIGRATION events. Refused, as QEMU's blockers refuse, if it would
         lose a chardev."""
         from fdmig.migration import source
+        if address.tcp:
+            if self.capabilities["local-char-socket"]:
+                raise FdmigError("capability local-char-socket passes fds, which cannot cross hosts: turn it off "
+                                 "for a TCP channel (every chardev is opened afresh at the target and its peers "
+                                 "reconnect), or move TCP connections live with capability x-tcp-repair "
+                                 "(not in this fdmig yet)")
+            if tls_creds is None:
+                raise FdmigError(f"a TCP channel needs TLS credentials (--tls-creds DIR): {address} refused")
         blocked = source.blockers(self)
         if blocked:
             raise FdmigError("migration refused, it would lose chardevs: " + "; ".join(blocked))
         self.lifecycle.migration_to(MigrationStatus.SETUP, chardevs=0, error=None, downtime_ms=None,
                                     total_ms=None, setup_ms=None)
-        self.outgoing = source.SourceSession(self, path, timeout, abandoned)
+        self.outgoing = source.SourceSession(self, address, timeout, abandoned, tls_creds)
         self._outgoing_task = asyncio.ensure_future(self._migrate(self.outgoing))
 
     async def _migrate(self, session) -> None:
@@ -460,12 +470,12 @@ async def run_instance(instance: Instance, chardev_specs) -> int:
         instance.shutdown()
 
 
-async def run_target(instance: Instance, channel_path: str | None, own_specs, timeout, exec_argv) -> int:
+async def run_target(instance: Instance, address, own_specs, timeout, exec_argv) -> int:
     """migrate-in: wait for one migration, then serve as `serve` would (or exec).
-    `channel_path` None is QEMU's `-incoming defer`: QMP migrate-incoming names it."""
+    `address` (a paths.ChannelAddress) None is QEMU's `-incoming defer`: QMP migrate-incoming names it."""
     from fdmig.migration import target
     stderr_after_commit = _spawn_stderr()
-    received = await _await_migration(instance, channel_path, own_specs, timeout, exec_argv)
+    received = await _await_migration(instance, address, own_specs, timeout, exec_argv)
     if received is None:
         return 0  # stopped while waiting
     if stderr_after_commit is not None:
@@ -483,7 +493,7 @@ async def run_target(instance: Instance, channel_path: str | None, own_specs, ti
         instance.shutdown()
 
 
-async def _await_migration(instance: Instance, channel_path, own_specs, timeout, exec_argv):
+async def _await_migration(instance: Instance, address, own_specs, timeout, exec_argv):
     """Answer QMP on <name>.incoming.sock and wait for one migration to commit:
     what it brought, or None if the instance is stopped first."""
     from fdmig.control import ControlServer
@@ -498,13 +508,13 @@ async def _await_migration(instance: Instance, channel_path, own_specs, timeout,
     instance.control.bind(paths.incoming_beside(instance.control_path))
     instance.control.start()
     info = {"pid": os.getpid(), "exec": bool(exec_argv), "control": not exec_argv}
-    if channel_path is not None:
-        instance.incoming_channel.set_result(channel_path)
+    if address is not None:
+        instance.incoming_channel.set_result(address)
 
     async def receive():
-        path = await instance.incoming_channel
-        systemd.notify(f"STATUS=waiting for a migration on unix:{path}")
-        return await target.receive(instance, path, list(own_specs), timeout, info)
+        address = await instance.incoming_channel
+        systemd.notify(f"STATUS=waiting for a migration on {address}")
+        return await target.receive(instance, address, list(own_specs), timeout, info)
 
     receiving = asyncio.ensure_future(receive())
     stopping = asyncio.ensure_future(instance.stopping.wait())
@@ -558,5 +568,5 @@ def run_with_service(instance: Instance, chardev_specs, argv: list[str], options
     return asyncio.run(run_service(instance, chardev_specs, argv, options))
 
 
-def run_incoming(instance: Instance, channel_path: str, own_specs, timeout, exec_argv) -> int:
-    return asyncio.run(run_target(instance, channel_path, own_specs, timeout, exec_argv))
+def run_incoming(instance: Instance, address, own_specs, timeout, exec_argv) -> int:
+    return asyncio.run(run_target(instance, address, own_specs, timeout, exec_argv))

@@ -214,12 +214,12 @@ def _start_stream(instances: _Instances) -> tuple[Peer, int]:
 
 def _migrate_once(instances: _Instances, peer: Peer) -> dict:
     """Hands the chardev to a fresh instance; migrate-out's outcome."""
-    from fdmig import migrate_client
+    from fdmig import migrate_client, paths
 
     instances.start("migrate-in", "--name", "demo")
     peer.take_pause()  # this row's pause is this migration's, not the run's so far
-    outcome = migrate_client.migrate_out(instances.control, instances.channel, (), 30.0, False,
-                                         ["--name", "demo"])
+    channel = paths.ChannelAddress(path=instances.channel)
+    outcome = migrate_client.migrate_out(instances.control, channel, (), 30.0, False, ["--name", "demo"])
     # The pause ends with the first echo from the target, which may
     # come after migrate-out has returned.
     peer.wait_echo(peer.counts()[1], 5.0)

@@ -108,8 +108,8 @@ class Spawned:
             self.pidfd = -1
 
 
-def spawn_target(instance_args: list[str], channel_path: str) -> Spawned:
-    return Spawned(fdmig_command() + ["migrate-in", *instance_args, "--channel", f"unix:{channel_path}"])
+def spawn_target(instance_args: list[str], address) -> Spawned:
+    return Spawned(fdmig_command() + ["migrate-in", *instance_args, "--channel", address.uri])
 
 
 @contextlib.contextmanager
@@ -143,7 +143,8 @@ def wait_target(control_path: str, source_pid: int, deadline: float) -> dict:
         time.sleep(0.02)  # the target binds the path right after it resumes
 
 
-def migrate_out(control_path, channel_path, capabilities, timeout, spawn, instance_args, announce=None) -> dict:
+def migrate_out(control_path, address, capabilities, timeout, spawn, instance_args, announce=None,
+                tls_creds: str | None = None) -> dict:
     """`announce(line)` is told, on a terminal, what the migration waits for."""
     notes = []
     target = None
@@ -162,9 +163,13 @@ def migrate_out(control_path, channel_path, capabilities, timeout, spawn, instan
         try:
             if spawn:
                 # A holder that keeps its fds in its manager's store has a successor that does.
-                target = spawn_target(instance_args + (["--fdstore"] if before.get("fdstore") else []),
-                                      channel_path)
-            data = _migrate(client, {"uri": f"unix:{channel_path}", "x-fdmig-timeout": timeout}, control_path,
+                extra = (["--fdstore"] if before.get("fdstore") else []) + \
+                    (["--tls-creds", os.path.abspath(tls_creds)] if tls_creds else [])
+                target = spawn_target(instance_args + extra, address)
+            arguments = {"uri": address.uri, "x-fdmig-timeout": timeout}
+            if tls_creds is not None:
+                arguments["x-fdmig-tls-creds"] = os.path.abspath(tls_creds)
+            data = _migrate(client, arguments, control_path,
                             source_pid, time.monotonic() + timeout + HANDOVER_GRACE, target, announce, notes)
         except BaseException:
             if target is not None:

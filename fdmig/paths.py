@@ -1,6 +1,7 @@
 """Where an instance's sockets live, making that place safe to bind in, and who
 may talk to them."""
 
+import dataclasses
 import os
 import socket
 import stat
@@ -49,16 +50,41 @@ def notify_beside(control: str) -> str:
     return _stem(control) + ".notify.sock"
 
 
-def parse_channel_uri(uri: str) -> str:
-    """The path of a `unix:PATH` migration channel; anything else is refused with the
-    reason. Here, not with the channel's asyncio code: the CLI parses `--channel`."""
+@dataclasses.dataclass(frozen=True)
+class ChannelAddress:
+    """Where a migration channel listens: a unix path, or a TCP host and port."""
+
+    path: str | None = None
+    host: str | None = None
+    port: int | None = None
+
+    @property
+    def tcp(self) -> bool:
+        return self.path is None
+
+    @property
+    def uri(self) -> str:
+        if not self.tcp:
+            return f"unix:{self.path}"
+        return f"tcp:[{self.host}]:{self.port}" if ":" in self.host else f"tcp:{self.host}:{self.port}"
+
+    def __str__(self) -> str:
+        return self.uri
+
+
+def parse_channel_uri(uri: str) -> ChannelAddress:
+    """A `unix:PATH` or `tcp:HOST:PORT` migration channel; anything else is refused
+    with the reason. Here, not with the channel's asyncio code: the CLI parses it."""
     scheme, _, rest = uri.partition(":")
     if scheme == "unix" and rest:
-        return rest
-    if scheme in ("tcp", "inet"):
-        raise ValueError(f"channel {uri}: local-char-socket passes fds with SCM_RIGHTS, so a unix "
-                         "channel is needed; accepted: unix:PATH")
-    raise ValueError(f"channel '{uri}' is not understood; accepted: unix:PATH")
+        return ChannelAddress(path=rest)
+    if scheme == "tcp":
+        host, _, port = rest.rpartition(":")
+        host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+        if host and port.isdigit() and 0 < int(port) < 65536:
+            return ChannelAddress(host=host, port=int(port))
+        raise ValueError(f"channel '{uri}': accepted: tcp:HOST:PORT with a port from 1 to 65535")
+    raise ValueError(f"channel '{uri}' is not understood; accepted: unix:PATH or tcp:HOST:PORT")
 
 
 # A target that `migrate-out --spawn` starts writes its stderr to migrate-out (which

@@ -9,9 +9,10 @@ back: every chardev resumes as if nothing happened. After it, nothing rolls back
 import asyncio
 import logging
 import os
+import ssl
 import time
 
-from fdmig import __version__, faults, paths, process, systemd
+from fdmig import __version__, faults, paths, process, systemd, tlscreds
 from fdmig.lifecycle import MigrationStatus
 from fdmig.migration import channel, form, wire
 from fdmig.migration.session import Session, drive
@@ -74,9 +75,11 @@ class SourceSession(Session):
     chardev serves as before. `abandoned` set while no target listens yet cancels
     it: the client that asked has gone."""
 
-    def __init__(self, instance, path: str, timeout: float | None, abandoned: asyncio.Event | None = None):
+    def __init__(self, instance, address, timeout: float | None, abandoned: asyncio.Event | None = None,
+                 tls_creds: str | None = None):
         self.instance = instance
-        self.path = path
+        self.address = address  # paths.ChannelAddress
+        self.tls_creds = tls_creds  # a TCP channel's credentials (tlscreds)
         self.timeout = timeout
         self.abandoned = abandoned
         self.live = instance.capabilities["local-char-socket"]
@@ -106,20 +109,30 @@ class SourceSession(Session):
 
     async def _connect(self) -> channel.Channel:
         def waiting():
-            log.info("migration: waiting for a target to listen on unix:%s", self.path)
-            self.instance.emit("X_FDMIG_MIGRATION_WAITING", {"channel": f"unix:{self.path}"})
+            log.info("migration: waiting for a target to listen on %s", self.address)
+            self.instance.emit("X_FDMIG_MIGRATION_WAITING", {"channel": self.address.uri})
         try:
-            sock = await channel.connect(self.path, self.deadline, self.abandoned, on_wait=waiting)
+            sock = await channel.connect(self.address, self.deadline, self.abandoned, on_wait=waiting)
         except ConnectionAbortedError as exc:
             raise MigrationCancelled(str(exc)) from None
         except OSError as exc:
             raise MigrationFailed(str(exc) if isinstance(exc, ConnectionRefusedError) else
-                                  f"cannot connect to unix:{self.path}: {exc.strerror}") from None
+                                  f"cannot connect to {self.address}: {exc.strerror}") from None
+        if self.address.tcp:
+            # No uid to check across hosts: the target's certificate, from our CA, is the check.
+            chan = channel.TlsChannel(sock, wire.Role.SOURCE, tlscreds.context(self.tls_creds, "client"))
+            try:
+                await chan.handshake(self.deadline)
+            except (ssl.SSLError, ConnectionResetError) as exc:
+                chan.close()
+                raise MigrationFailed(f"the TLS handshake with the target on {self.address} failed: "
+                                      f"{getattr(exc, 'reason', None) or exc}") from None
+            return chan
         try:
             paths.trusted_peer(sock)
         except paths.Stranger as exc:
             sock.close()
-            raise MigrationFailed(f"the target on unix:{self.path} runs as uid {exc.uid}, "
+            raise MigrationFailed(f"the target on {self.address} runs as uid {exc.uid}, "
                                   f"not as uid {os.geteuid()}") from None
         return channel.Channel(sock, wire.Role.SOURCE)
 
@@ -289,6 +302,9 @@ class SourceSession(Session):
             stop.cancel()
 
 
+_BEFORE_ACCEPT = (wire.State.START, wire.State.HELLO, wire.State.TABLE, wire.State.TABLE_DONE)
+
+
 def _failure(exc: BaseException, session: SourceSession):
     """(reason, status, timed out) for a failure before the commit; None for one
     that must propagate (a cancel after the commit, a bug)."""
@@ -304,9 +320,14 @@ def _failure(exc: BaseException, session: SourceSession):
         return str(exc), MigrationStatus.FAILED, False
     if isinstance(exc, wire.RemoteProtocolError):
         return f"the target broke the protocol: {exc}", MigrationStatus.FAILED, False
+    if isinstance(exc, ssl.SSLError):
+        return f"the TLS channel failed: {exc.reason or exc}", MigrationStatus.FAILED, False
     if isinstance(exc, (BrokenPipeError, ConnectionResetError)):
         step = session.chan.codec.state.name.lower()
-        return f"the target closed the channel during {step}", MigrationStatus.FAILED, False
+        hint = ""
+        if isinstance(session.chan, channel.TlsChannel) and session.chan.codec.state in _BEFORE_ACCEPT:
+            hint = " (a TLS target closes so when it refuses our certificate: see its log)"
+        return f"the target closed the channel during {step}{hint}", MigrationStatus.FAILED, False
     if isinstance(exc, (OSError, wire.ProtocolError)):
         return f"channel error: {exc}", MigrationStatus.FAILED, False
     if isinstance(exc, Exception) and not session.committed:

@@ -13,9 +13,10 @@ import logging
 import os
 import resource
 import socket
+import ssl
 import time
 
-from fdmig import faults, fdcheck, paths, process, spec as specs
+from fdmig import faults, fdcheck, paths, process, spec as specs, tlscreds
 from fdmig.chardev import FD_RESERVE
 from fdmig.errors import FdmigError, SpecError, TimeoutExpired
 from fdmig.lifecycle import MigrationStatus
@@ -25,6 +26,9 @@ from fdmig.migration.session import Session, drive
 log = logging.getLogger("fdmig")
 SESSION_TIMEOUT = 30.0  # a source that stalls longer than this is dropped
 RELEASE_TIMEOUT = 10.0  # after our ACK, a source silent this long is dropped (it rolls back)
+# A TCP peer that has not completed its TLS handshake by then is dropped: short,
+# since anyone on the network may connect, and one at a time is heard.
+HANDSHAKE_TIMEOUT = 5.0
 
 
 class Refused(Exception):
@@ -132,11 +136,13 @@ class TargetSession(Session):
     Refused raised from any step: the source is told why, and everything staged
     or received is dropped (abort)."""
 
-    def __init__(self, instance, sock: socket.socket, own: list, info: dict):
+    def __init__(self, instance, chan, own: list, info: dict):
         self.instance = instance
         self.own = own
         self.info = info
-        self.chan = channel.Channel(sock, wire.Role.TARGET)
+        self.chan = chan
+        # Over TCP the source is on another host: its pid says nothing here.
+        self.remote = isinstance(chan, channel.TlsChannel)
         self.deadline = time.monotonic() + SESSION_TIMEOUT
         self.hello = None
         self.plan = None
@@ -297,7 +303,7 @@ class TargetSession(Session):
             raise Refused(f"the source rolled back after our acknowledgement: {final.reason}")
         if isinstance(final, wire.Released):
             return final.release
-        if await process.wait_exit(self.hello.pid, timeout=10.0):
+        if not self.remote and await process.wait_exit(self.hello.pid, timeout=10.0):
             # It died with everything sent: nobody else can read these fds any more,
             # and taking them over keeps every connection alive.
             log.warning("source pid %d died before letting go; taking over what it sent", self.hello.pid)
@@ -326,45 +332,91 @@ class TargetSession(Session):
         self.chan.close()
 
 
-async def receive(instance, path: str, own: list, timeout: float | None, info: dict) -> Received:
-    """Listen at `path` until one source migrates successfully."""
-    paths.claim_path(path, what="a migration target")
-    listener = paths.bind_private(path)
-    inode = os.stat(path).st_ino
+async def receive(instance, address, own: list, timeout: float | None, info: dict) -> Received:
+    """Listen at `address` (a paths.ChannelAddress) until one source migrates successfully."""
+    listener, close = _listen(address)
+    context = tlscreds.context(instance.tls_creds, "server") if address.tcp else None
     loop = asyncio.get_running_loop()
     deadline = time.monotonic() + timeout if timeout else None
-    log.info("waiting for a source on unix:%s", path)
+    log.info("waiting for a source on %s", address)
     try:
         while True:
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
-                raise TimeoutExpired(f"no migration arrived on unix:{path} within {timeout:g} s")
+                raise TimeoutExpired(f"no migration arrived on {address} within {timeout:g} s")
             try:
-                sock, _ = await asyncio.wait_for(loop.sock_accept(listener), remaining)
+                sock, peer = await asyncio.wait_for(loop.sock_accept(listener), remaining)
             except asyncio.TimeoutError:
                 continue
-            try:
-                pid = paths.trusted_peer(sock)
-            except paths.Stranger as exc:
-                log.warning("refused a source of uid %d (pid %d): only uid %d or root may migrate here",
-                            exc.uid, exc.pid, os.geteuid())
-                sock.close()
+            admitted = await _admit(sock, peer, context)
+            if admitted is None:
                 continue
+            chan, who, pid = admitted
             instance.lifecycle.migration_to(MigrationStatus.ACTIVE, error=None, source_pid=pid)
             try:
-                return await TargetSession(instance, sock, own, info).run()
+                return await TargetSession(instance, chan, own, info).run()
             except (Refused, wire.RemoteProtocolError) as exc:
-                reason = f"refused source pid {pid}: {exc}"
+                reason = f"refused source {who}: {exc}"
             except channel.ChannelTimeout:
-                reason = f"dropped source pid {pid}: it stalled for {SESSION_TIMEOUT:g} s"
+                reason = f"dropped source {who}: it stalled for {SESSION_TIMEOUT:g} s"
             except OSError as exc:
-                reason = f"lost source pid {pid}: {exc}"
+                reason = f"lost source {who}: {exc}"
             log.warning("%s; still waiting", reason)
             # What query-migrate says on <name>.incoming.sock until the next source.
             instance.lifecycle.migration_to(MigrationStatus.FAILED, error=reason)
     finally:
-        listener.close()
-        paths.remove_own_socket(path, inode)
+        close()
+
+
+def _listen(address):
+    """The listening socket of `address`, and what closes it (and removes a path)."""
+    if address.tcp:
+        family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((address.host, address.port))
+            sock.listen(16)
+        except OSError as exc:
+            sock.close()
+            raise FdmigError(f"cannot listen on {address}: {exc.strerror}") from None
+        return sock, sock.close
+    paths.claim_path(address.path, what="a migration target")
+    sock = paths.bind_private(address.path)
+    inode = os.stat(address.path).st_ino
+
+    def close():
+        sock.close()
+        paths.remove_own_socket(address.path, inode)
+    return sock, close
+
+
+async def _admit(sock: socket.socket, peer, context):
+    """(channel, who, pid) for a source that may migrate here; None, logged, if not.
+    Over unix: a peer of our uid (or root). Over TCP: a TLS peer with a certificate
+    from our CA, checked before any frame."""
+    if context is None:
+        try:
+            pid = paths.trusted_peer(sock)
+        except paths.Stranger as exc:
+            log.warning("refused a source of uid %d (pid %d): only uid %d or root may migrate here",
+                        exc.uid, exc.pid, os.geteuid())
+            sock.close()
+            return None
+        return channel.Channel(sock, wire.Role.TARGET), f"pid {pid}", pid
+    who = f"at {peer[0]}:{peer[1]}" if ":" not in peer[0] else f"at [{peer[0]}]:{peer[1]}"
+    chan = channel.TlsChannel(sock, wire.Role.TARGET, context)
+    try:
+        await chan.handshake(time.monotonic() + HANDSHAKE_TIMEOUT)
+    except channel.ChannelTimeout:
+        reason = f"it completed no TLS handshake within {HANDSHAKE_TIMEOUT:g} s"
+    except (ssl.SSLError, OSError) as exc:
+        reason = f"TLS handshake failed: {getattr(exc, 'reason', None) or exc}"
+    else:
+        return chan, who, None
+    await chan.refuse()
+    log.warning("refused a source %s: %s; still waiting", who, reason if "TLS" in reason else f"TLS: {reason}")
+    return None
 
 
 async def take_over(instance, received: Received) -> None:
