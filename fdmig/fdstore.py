@@ -8,6 +8,7 @@ A store request that cannot be taken whole is refused whole: the caller logs it
 with the sender and counts it."""
 
 import ctypes
+import functools
 import logging
 import os
 import platform
@@ -28,6 +29,7 @@ class Stored:
         self.fd = fd
         self.poll = poll
         self.stored_at = time.time()
+        self.inode = inode_of(fd)
         self.kind, self.address, self.peer = describe(fd)
 
 
@@ -39,6 +41,9 @@ class FdStore:
         self.poller = poller
         self.on_change = on_change  # called when a hangup removes a stored fd
         self.entries: list[Stored] = []
+        # By (st_dev, st_ino): only fds of one inode can be one open file, so a new
+        # fd is compared with those alone, not with the whole store.
+        self._by_inode: dict[tuple, list[Stored]] = {}
         self.refused = 0  # requests refused whole, for `status`
 
     def __len__(self) -> int:
@@ -47,41 +52,44 @@ class FdStore:
     def store(self, fds: list[int], name: str | None, poll: bool) -> str | None:
         """Keep `fds` under `name`; the reason if refused (every fd then closed)."""
         name = notify.DEFAULT_FDNAME if name is None else name
-        reason = self._refusal(fds, name)
+        reason = "the fd store is off (--fdstore-max 0)" if self.limit == 0 else notify.fdname_problem(name)
+        new, kept_already = ([], []) if reason is not None else self._split(fds)
+        if reason is None and len(self.entries) + len(new) > self.limit:
+            reason = (f"{len(new)} more fd(s) would make {len(self.entries) + len(new)}, "
+                      f"over --fdstore-max {self.limit}")
         if reason is not None:
             _close(fds)
             return reason
-        for fd in fds:
-            if any(same_file(fd, kept.fd) for kept in self.entries):
-                os.close(fd)  # kept once already, under its first name
-                continue
-            entry = Stored(name, fd, poll)
-            self.entries.append(entry)
-            if poll:
-                self._watch(entry)
+        _close(kept_already)  # each kept once already, under its first name
+        for fd in new:
+            self._add(Stored(name, fd, poll))
         return None
+
+    def _split(self, fds: list[int]) -> tuple[list[int], list[int]]:
+        """`fds` as (new open files, open files the store or an earlier fd of
+        `fds` holds already)."""
+        new, kept_already, seen = [], [], {}
+        for fd in fds:
+            key = inode_of(fd)
+            others = [entry.fd for entry in self._by_inode.get(key, ())] + seen.get(key, [])
+            if any(same_file(fd, other) for other in others):
+                kept_already.append(fd)
+            else:
+                new.append(fd)
+                seen.setdefault(key, []).append(fd)
+        return new, kept_already
 
     def adopt(self, name: str, fd: int, poll: bool, stored_at: float) -> None:
         """An fd a migration brought, stored on the source at `stored_at`."""
         entry = Stored(name, fd, poll)
         entry.stored_at = stored_at
-        self.entries.append(entry)
-        if poll:
-            self._watch(entry)
+        self._add(entry)
 
-    def _refusal(self, fds: list[int], name: str) -> str | None:
-        if self.limit == 0:
-            return "the fd store is off (--fdstore-max 0)"
-        problem = notify.fdname_problem(name)
-        if problem is not None:
-            return problem
-        new = [fd for i, fd in enumerate(fds)
-               if not any(same_file(fd, other) for other in fds[:i])
-               and not any(same_file(fd, kept.fd) for kept in self.entries)]
-        if len(self.entries) + len(new) > self.limit:
-            return (f"{len(new)} more fd(s) would make {len(self.entries) + len(new)}, "
-                    f"over --fdstore-max {self.limit}")
-        return None
+    def _add(self, entry: Stored) -> None:
+        self.entries.append(entry)
+        self._by_inode.setdefault(entry.inode, []).append(entry)
+        if entry.poll:
+            self._watch(entry)
 
     def remove(self, name: str) -> int:
         """Close and forget every fd stored under `name`; how many there were."""
@@ -103,6 +111,10 @@ class FdStore:
 
     def _drop(self, entry: Stored) -> None:
         self.entries.remove(entry)
+        same_inode = self._by_inode[entry.inode]
+        same_inode.remove(entry)
+        if not same_inode:
+            del self._by_inode[entry.inode]
         if entry.poll:
             self.poller.watch(entry.fd)
         os.close(entry.fd)
@@ -125,6 +137,11 @@ def _close(fds) -> None:
         os.close(fd)
 
 
+def inode_of(fd: int) -> tuple[int, int]:
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
+
+
 def same_file(a: int, b: int) -> bool:
     """Whether fds `a` and `b` of this process are the same open file (one dup of
     the other), not only the same inode: kcmp(2), where the kernel has it."""
@@ -135,10 +152,15 @@ def same_file(a: int, b: int) -> bool:
         return True  # a socket's inode is its one open file
     if _SYS_KCMP is not None:
         pid = os.getpid()
-        result = ctypes.CDLL(None, use_errno=True).syscall(_SYS_KCMP, pid, pid, _KCMP_FILE, a, b)
+        result = _libc().syscall(_SYS_KCMP, pid, pid, _KCMP_FILE, a, b)
         if result >= 0:
             return result == 0
     return _fdinfo(a) == _fdinfo(b)  # no kcmp: the same flags and offset, as systemd falls back
+
+
+@functools.cache
+def _libc():
+    return ctypes.CDLL(None, use_errno=True)
 
 
 def _fdinfo(fd: int) -> tuple:
