@@ -17,11 +17,7 @@ import sys
 import tempfile
 import time
 
-from tests.bench import floor, handoff, s6, service, throughput
-
-
-def median_ms(samples) -> float | None:
-    return round(statistics.median(samples) * 1000, 3) if samples else None
+from tests.bench import floor, handoff, median_ms, s6, service, throughput
 
 
 def ratio(a, b) -> str:

@@ -30,7 +30,7 @@ import sys
 import tempfile
 import time
 
-from tests.bench import s6
+from tests.bench import median_ms, s6
 from tests.bench.handoff import Probes, _raise_fd_limit
 from tests.helpers import FDMIG, Notify
 
@@ -516,28 +516,24 @@ def measure_s6(n: int, repeats: int, workdir: str) -> dict:
     return result
 
 
-def _median_ms(samples) -> float | None:
-    return round(statistics.median(samples) * 1000, 3) if samples else None
-
-
 def measure(n: int, repeats: int, workdir: str) -> dict:
     """One row: every figure above for n stored connections, medians in ms."""
     fd = measure_fdmig(n, repeats, tempfile.mkdtemp(prefix="f", dir=workdir))
     startup = measure_startup(n, max(repeats, 5), tempfile.mkdtemp(prefix="u", dir=workdir))
     plain = measure_plain(n, repeats, tempfile.mkdtemp(prefix="p", dir=workdir))
-    pause, start = _median_ms(fd["pause"]), _median_ms(startup)
+    pause, start = median_ms(fd["pause"]), median_ms(startup)
     row = {"n": n, "repeats": repeats, "probes": fd["probes"],
            "peer-pause-ms": pause, "startup-ms": start,
            "pause-minus-startup-ms": round(pause - start, 3) if pause is not None and start is not None else None,
-           "restart-wall-ms": _median_ms(fd["wall"]), "reconnects": fd["eofs"],
-           "old-stop-ms": _median_ms(fd["stop"]), "fdmig-part-ms": _median_ms(fd["handover"]),
-           "plain-pause-ms": _median_ms(plain["longest"]), "plain-median-pause-ms": _median_ms(plain["median"]),
+           "restart-wall-ms": median_ms(fd["wall"]), "reconnects": fd["eofs"],
+           "old-stop-ms": median_ms(fd["stop"]), "fdmig-part-ms": median_ms(fd["handover"]),
+           "plain-pause-ms": median_ms(plain["longest"]), "plain-median-pause-ms": median_ms(plain["median"]),
            "plain-reconnects": statistics.median_low(plain["reconnects"]) if plain["reconnects"] else None}
     if s6.available():
         r = measure_s6(n, max(repeats, 5), tempfile.mkdtemp(prefix="s", dir=workdir))
-        row["s6-ms"] = _median_ms(r["seconds"]) if r["ok"] else None
-        row["s6-store-ms"] = _median_ms(r["store"]) if r["ok"] else None
-        row["s6-retrieve-ms"] = _median_ms(r["retrieve"]) if r["ok"] else None
+        row["s6-ms"] = median_ms(r["seconds"]) if r["ok"] else None
+        row["s6-store-ms"] = median_ms(r["store"]) if r["ok"] else None
+        row["s6-retrieve-ms"] = median_ms(r["retrieve"]) if r["ok"] else None
         row["s6-error"] = None if r["ok"] else r["error"]
     return row
 
