@@ -74,7 +74,6 @@ class Service:
         self.notify_path, self.store, self.chardev_fds = notify_path, store, chardev_fds
         self.on_change = on_change
         self.state = State.STARTING
-        self.pid: int | None = None
         self.main_pid: int | None = None  # MAINPID= may name another process than the one started
         self.ready = False
         self.status_text: str | None = None
@@ -153,7 +152,7 @@ class Service:
             for fd in lifted:
                 os.close(fd)
         self._spawned_at = time.monotonic()
-        self.pid = self.main_pid = self._spawned_pid = pid
+        self.main_pid = self._spawned_pid = pid
         self.ready = False
         self.status_text = None
         self.exit_status = None
@@ -217,7 +216,7 @@ class Service:
         failed = self.exit_status != "exit status 0" and not on_purpose
         log.log(logging.INFO if on_purpose or not failed else logging.WARNING,
                 "service: pid %s ended (%s)", self.main_pid, self.exit_status)
-        self.pid = self.main_pid = None
+        self.main_pid = None
         self.ready = False
         if self.state is not State.STOPPING or not on_purpose:
             self._to(State.FAILED if failed else State.EXITED)
@@ -254,7 +253,7 @@ class Service:
                 log.error("service: %s", exc)
                 self._to(State.FAILED)
 
-    async def stop(self, then: State | None = None) -> None:
+    async def stop(self) -> None:
         """Stop signal, then SIGKILL after the stop timeout; until it has exited."""
         if self._retry is not None:
             self._retry.cancel()
@@ -306,7 +305,7 @@ class Service:
     def supervise_running(self, pid: int | None) -> None:
         """A migration's target: the service runs already (not our child, so how
         it ends is not ours to read); supervise it from here on."""
-        self.pid = self.main_pid = pid
+        self.main_pid = pid
         self._spawned_pid = None
         if pid is None:
             return
@@ -416,7 +415,7 @@ class Service:
     def _main_pid_is(self, pid: int) -> None:
         if self.main_pid is not None and pid != self.main_pid and process.descends_from(pid, self.main_pid):
             log.info("service: main pid is now %d (MAINPID=)", pid)
-            self.main_pid = self.pid = pid
+            self.main_pid = pid
             self._supervise(pid)
         elif pid != self.main_pid:
             log.warning("service: MAINPID=%d ignored: not a descendant of pid %s", pid, self.main_pid)
