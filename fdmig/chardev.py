@@ -243,7 +243,9 @@ class Chardev:
                 sock.setblocking(True)
         except OSError as exc:
             sock.close()
-            raise FdmigError(f"chardev {self.label}: cannot listen on {spec.address}: {exc.strerror}") from None
+            error = FdmigError(f"chardev {self.label}: cannot listen on {spec.address}: {exc.strerror}")
+            error.errno = exc.errno
+            raise error from None
         self.listener = sock
         self._set_state(State.LISTENING)
 

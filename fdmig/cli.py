@@ -124,8 +124,9 @@ def instance_options(func):
     return func
 
 
+CAPABILITIES = ["local-char-socket", "x-tcp-repair"]
 capability_option = click.option("--capability", "capabilities", multiple=True,
-                                 type=click.Choice(["local-char-socket"]), help="Enable a migration capability.")
+                                 type=click.Choice(CAPABILITIES), help="Enable a migration capability.")
 fdstore_option = click.option("--fdstore", "fdstore", is_flag=True,
                               help="Keep each chardev's fds in this instance's own manager's fd store, "
                                    "and adopt them back at start.")
@@ -499,6 +500,19 @@ def _channel(control_path: str, channel: str | None, tls_creds: str | None, role
     return address
 
 
+def _hooks(tls_creds: str | None, **given) -> dict:
+    """The shell commands that move the service address between hosts, by role;
+    only for a TCP channel (one with --tls-creds)."""
+    hooks = {role: command for role, (_, command) in given.items() if command is not None}
+    for role, (option, command) in given.items():
+        if command is not None and not command.strip():
+            raise SpecError(f"{option}: an empty command; give a shell command line")
+        if command is not None and tls_creds is None:
+            raise SpecError(f"{option} moves the service address to another host: it is for a TCP channel "
+                            "(--channel tcp:HOST:PORT --tls-creds DIR)")
+    return hooks
+
+
 tls_creds_option = click.option("--tls-creds", metavar="DIR",
                                 help="TLS credentials of a TCP channel (ca-cert.pem, server-/client-cert.pem "
                                      "and -key.pem, QEMU's tls-creds-x509 layout).")
@@ -516,11 +530,19 @@ tls_creds_option = click.option("--tls-creds", metavar="DIR",
               help="Give up (exit 4) if no migration has arrived after S seconds.")
 @click.option("--exec", "exec_", is_flag=True, help="After the migration, exec CMD with the fds (systemd socket activation).")
 @fdstore_option
+@click.option("--claim-cmd", metavar="CMD",
+              help="TCP channel: a shell command that brings the service address here, run before the "
+                   "moved connections resume; its failure rolls the migration back.")
+@click.option("--release-cmd", metavar="CMD",
+              help="TCP channel: a shell command that gives the address up again, run if the migration "
+                   "fails after --claim-cmd ran.")
 @click.argument("command", nargs=-1, metavar="[-- CMD [ARGS]...]")
-def migrate_in(name, control, channel, tls_creds, chardev_specs, timeout, exec_, fdstore, command):
+def migrate_in(name, control, channel, tls_creds, chardev_specs, timeout, exec_, fdstore, claim_cmd, release_cmd,
+               command):
     """Start a target instance that waits for a migration, then serves (or execs CMD)."""
     control_path = _control_path(name, control)
     address = _channel(control_path, channel, tls_creds, "server", defer=True)
+    hooks = _hooks(tls_creds, claim=("--claim-cmd", claim_cmd), release=("--release-cmd", release_cmd))
     chardevs = _parse_specs(chardev_specs)
     _no_service(chardevs, "fdmig migrate-in")
     if command and not exec_:
@@ -540,6 +562,7 @@ def migrate_in(name, control, channel, tls_creds, chardev_specs, timeout, exec_,
     from fdmig.daemon import Instance, run_incoming
     instance = Instance(instance_name, control_path, incoming=True, fdstore=fdstore)
     instance.tls_creds = tls_creds
+    instance.hooks = hooks
     sys.exit(run_incoming(instance, address, chardevs, timeout, list(command) if exec_ else None))
 
 
@@ -548,16 +571,23 @@ def migrate_in(name, control, channel, tls_creds, chardev_specs, timeout, exec_,
 @click.option("--channel", metavar="unix:PATH|tcp:HOST:PORT",
               help="Migration channel (default: <runtime-dir>/<name>.migrate.sock).")
 @tls_creds_option
-@click.option("--capability", "capabilities", multiple=True, type=click.Choice(["local-char-socket"]),
+@click.option("--capability", "capabilities", multiple=True, type=click.Choice(CAPABILITIES),
               help="Enable a capability before migrating.")
+@click.option("--release-cmd", metavar="CMD",
+              help="TCP channel: a shell command that makes this host stop answering the service address, "
+                   "run once nothing is read and before the TCP state is dumped.")
+@click.option("--reclaim-cmd", metavar="CMD",
+              help="TCP channel: a shell command that takes the address back, run if the migration fails "
+                   "after --release-cmd ran.")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), metavar="S",
               help="Bound the whole migration; on expiry the source rolls back (exit 4). Default 60.")
 @click.option("--spawn", is_flag=True, help="Start the target (fdmig migrate-in) and migrate to it.")
 @click.option("--json", "as_json", is_flag=True, help="Print the outcome as one JSON object.")
-def migrate_out(name, control, channel, tls_creds, capabilities, timeout, spawn, as_json):
+def migrate_out(name, control, channel, tls_creds, capabilities, release_cmd, reclaim_cmd, timeout, spawn, as_json):
     """Migrate an instance's connections live to a target (migrate-in), then exit."""
     control_path = _control_path(name, control)
     address = _channel(control_path, channel, tls_creds, "client")
+    hooks = _hooks(tls_creds, release=("--release-cmd", release_cmd), reclaim=("--reclaim-cmd", reclaim_cmd))
     if spawn and tls_creds is not None:
         from fdmig import tlscreds
         tlscreds.check(tls_creds, "server")  # the spawned target is the server
@@ -565,7 +595,7 @@ def migrate_out(name, control, channel, tls_creds, capabilities, timeout, spawn,
     announce = (lambda line: click.echo(f"fdmig: {line}", err=True)) if sys.stderr.isatty() else None
     outcome = migrate_client.migrate_out(control_path, address, capabilities, timeout or 60.0,
                                          spawn, (["--name", name] if name else []) +
-                                         (["--control", control] if control else []), announce, tls_creds)
+                                         (["--control", control] if control else []), announce, tls_creds, hooks)
     if as_json:
         import json
         click.echo(json.dumps(outcome, indent=2))

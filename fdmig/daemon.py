@@ -12,14 +12,14 @@ import resource
 import signal
 import time
 
-from fdmig import __version__, frontends, keeper, paths, presentation, spec as specs, systemd
+from fdmig import __version__, frontends, keeper, paths, presentation, spec as specs, systemd, tcprepair
 from fdmig.keeper import Keeper
 from fdmig.chardev import Chardev
 from fdmig.errors import FdmigError
 from fdmig.lifecycle import Lifecycle, MigrationStatus, RunState
 
 log = logging.getLogger("fdmig")
-CAPABILITIES = ("local-char-socket",)
+CAPABILITIES = ("local-char-socket", "x-tcp-repair")
 STATUS_SLICE = 256  # chardev rows built per turn of the loop
 
 
@@ -49,6 +49,7 @@ class Instance:
         self.outgoing = None  # the source session of a migration, while it runs
         self.keeper = Keeper() if fdstore else None  # --fdstore: our fds in our manager's store
         self.tls_creds: str | None = None  # a target's --tls-creds, for a TCP channel
+        self.hooks: dict[str, str] = {}  # a target's --claim-cmd ("claim") and --release-cmd ("release")
         self.service = None  # a `run` instance's fdmig.service.Service
         self.store = None  # ... and its fdmig.fdstore.FdStore
         self._outgoing_task: asyncio.Task | None = None
@@ -209,25 +210,34 @@ class Instance:
         return resumed_at
 
     def migrate(self, address, timeout: float | None, abandoned: asyncio.Event | None,
-                tls_creds: str | None = None) -> None:
+                tls_creds: str | None = None, hooks: dict | None = None) -> None:
         """Start a migration to the target at `address` (QMP `migrate`); its outcome
         comes as MIGRATION events. Refused, as QEMU's blockers refuse, if it would
-        lose a chardev."""
+        lose a chardev. `hooks`: over TCP, the shell commands that move the service
+        address ("release", "reclaim")."""
         from fdmig.migration import source
         if address.tcp:
             if self.capabilities["local-char-socket"]:
                 raise FdmigError("capability local-char-socket passes fds, which cannot cross hosts: turn it off "
                                  "for a TCP channel (every chardev is opened afresh at the target and its peers "
-                                 "reconnect), or move TCP connections live with capability x-tcp-repair "
-                                 "(not in this fdmig yet)")
+                                 "reconnect), and move TCP connections live with capability x-tcp-repair")
             if tls_creds is None:
                 raise FdmigError(f"a TCP channel needs TLS credentials (--tls-creds DIR): {address} refused")
-        blocked = source.blockers(self)
+            if self.capabilities["x-tcp-repair"] and not tcprepair.capable():
+                raise FdmigError("capability x-tcp-repair needs CAP_NET_ADMIN (TCP_REPAIR), which this instance lacks")
+        else:
+            if self.capabilities["x-tcp-repair"]:
+                raise FdmigError("capability x-tcp-repair moves TCP connections to another host, over a TCP "
+                                 "channel; over a unix channel, local-char-socket moves them")
+            if hooks and any(hooks.values()):
+                raise FdmigError("--release-cmd and --reclaim-cmd move the service address to another host: "
+                                 "they are for a TCP channel")
+        blocked = source.blockers(self, remote=address.tcp)
         if blocked:
             raise FdmigError("migration refused, it would lose chardevs: " + "; ".join(blocked))
         self.lifecycle.migration_to(MigrationStatus.SETUP, chardevs=0, error=None, downtime_ms=None,
-                                    total_ms=None, setup_ms=None)
-        self.outgoing = source.SourceSession(self, address, timeout, abandoned, tls_creds)
+                                    total_ms=None, setup_ms=None, moved_live=None, reconnected=None, tcp_state=None)
+        self.outgoing = source.SourceSession(self, address, timeout, abandoned, tls_creds, hooks)
         self._outgoing_task = asyncio.ensure_future(self._migrate(self.outgoing))
 
     async def _migrate(self, session) -> None:

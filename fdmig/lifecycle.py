@@ -49,6 +49,9 @@ RUN_TRANSITIONS: dict[tuple[RunState, MigrationStatus], RunState] = {
 
 # The migration object's fields, in the order `status --json` has always shown them.
 _FIELDS = {"chardevs": 0, "downtime-ms": None, "total-ms": None, "setup-ms": None, "error": None}
+# ... and those of a migration over a TCP channel: the chardevs that moved live
+# with their TCP state (x-tcp-repair), those opened afresh, the bytes moved.
+REMOTE_FIELDS = ("moved-live", "reconnected", "tcp-state")
 
 
 class TransitionError(Exception):
@@ -93,6 +96,11 @@ class Lifecycle:
             data.update({"x-fdmig-error": self._fields.get("error"),
                          "x-fdmig-timed-out": self._fields.get("error-class") == "timeout",
                          "x-fdmig-chardevs": self._fields.get("chardevs"),
+                         "x-fdmig-downtime-ms": self._fields.get("downtime-ms"),
+                         "x-fdmig-total-ms": self._fields.get("total-ms"),
                          "x-fdmig-target": self._fields.get("target")})
+            for key in REMOTE_FIELDS:  # a migration over TCP: what moved live, what reconnects
+                if self._fields.get(key) is not None:
+                    data[f"x-fdmig-{key}"] = self._fields[key]
         self._emit("MIGRATION", data)
         self._notify(f"STATUS=migration {status.value}")

@@ -144,7 +144,7 @@ def wait_target(control_path: str, source_pid: int, deadline: float) -> dict:
 
 
 def migrate_out(control_path, address, capabilities, timeout, spawn, instance_args, announce=None,
-                tls_creds: str | None = None) -> dict:
+                tls_creds: str | None = None, hooks: dict | None = None) -> dict:
     """`announce(line)` is told, on a terminal, what the migration waits for."""
     notes = []
     target = None
@@ -156,10 +156,20 @@ def migrate_out(control_path, address, capabilities, timeout, spawn, instance_ar
                            {"capabilities": [{"capability": c, "state": True} for c in capabilities]})
         caps = {c["capability"]: c["state"] for c in client.execute("query-migrate-capabilities")}
         marked = [c["label"] for c in before["chardevs"] if c["support-local-migration"]]
-        if not caps.get("local-char-socket") and marked:
-            notes.append(f"capability local-char-socket is off: {len(marked)} marked chardev(s) "
-                         f"({', '.join(marked[:5])}{', ...' if len(marked) > 5 else ''}) will reconnect "
+        if address.tcp:
+            unix = [c["label"] for c in before["chardevs"] if c["support-local-migration"]
+                    and not c["address"].startswith("tcp:")]
+            if not caps.get("x-tcp-repair") and marked:
+                notes.append(f"capability x-tcp-repair is off: {_some(marked)} will reconnect at the target "
+                             "instead of moving live")
+            elif unix:
+                notes.append(f"{_some(unix)} will reconnect at the target: only TCP connections cross hosts")
+        elif not caps.get("local-char-socket") and marked:
+            notes.append(f"capability local-char-socket is off: {_some(marked)} will reconnect "
                          "instead of moving live")
+        if spawn and address.tcp and caps.get("x-tcp-repair"):
+            raise FdmigError("capability x-tcp-repair moves TCP connections to another host, but --spawn starts "
+                             "the target on this one: start it there with fdmig migrate-in")
         try:
             if spawn:
                 # A holder that keeps its fds in its manager's store has a successor that does.
@@ -169,6 +179,8 @@ def migrate_out(control_path, address, capabilities, timeout, spawn, instance_ar
             arguments = {"uri": address.uri, "x-fdmig-timeout": timeout}
             if tls_creds is not None:
                 arguments["x-fdmig-tls-creds"] = os.path.abspath(tls_creds)
+            for role, command in (hooks or {}).items():
+                arguments[f"x-fdmig-{role}-cmd"] = command
             data = _migrate(client, arguments, control_path,
                             source_pid, time.monotonic() + timeout + HANDOVER_GRACE, target, announce, notes)
         except BaseException:
@@ -184,7 +196,15 @@ def migrate_out(control_path, address, capabilities, timeout, spawn, instance_ar
     outcome = {"status": COMPLETED, "source-pid": source_pid, "target-pid": target_info.get("pid"),
                "chardevs": data.get("x-fdmig-chardevs"), "downtime-ms": None, "total-ms": None,
                "notes": notes}
-    if target_info.get("control", True):
+    if address.tcp and target is None:
+        # The target serves on its own host: what the source said is all there is here.
+        live, fresh = data.get("x-fdmig-moved-live") or [], data.get("x-fdmig-reconnected") or []
+        outcome.update({"downtime-ms": data.get("x-fdmig-downtime-ms"), "total-ms": data.get("x-fdmig-total-ms"),
+                        "moved-live": live, "reconnected": fresh, "tcp-state": data.get("x-fdmig-tcp-state")})
+        outcome["summary"] = (f"migrated to pid {target_info.get('pid')} on {address}: {len(live)} chardev(s) "
+                              f"moved live with their TCP state, {len(fresh)} reconnect there; downtime "
+                              f"{outcome['downtime-ms']} ms, total {outcome['total-ms']} ms")
+    elif target_info.get("control", True):
         status = wait_target(control_path, source_pid, deadline)
         mig = status["migration"]
         outcome.update({"target-pid": status["pid"], "chardevs": mig["chardevs"],
@@ -195,6 +215,11 @@ def migrate_out(control_path, address, capabilities, timeout, spawn, instance_ar
         outcome["summary"] = (f"migrated {outcome['chardevs']} chardev(s) live from pid {source_pid} "
                               f"to pid {target_info.get('pid')}, which runs its own program now")
     return outcome
+
+
+def _some(labels: list) -> str:
+    """'N marked chardev(s) (a, b, ...)', at most five named."""
+    return f"{len(labels)} marked chardev(s) ({', '.join(labels[:5])}{', ...' if len(labels) > 5 else ''})"
 
 
 def _migrate(client, arguments, control_path, source_pid, deadline, target, announce, notes) -> dict:
@@ -210,6 +235,9 @@ def _migrate(client, arguments, control_path, source_pid, deadline, target, anno
                 event = client.wait_event({"MIGRATION", "X_FDMIG_MIGRATION_WAITING"}, deadline, wake=wake)
             except EOFError:
                 # The source died. If it had sent everything, the target took over.
+                if arguments["uri"].startswith("tcp:"):
+                    raise FdmigError(f"the source (pid {source_pid}) died during the migration; whether the "
+                                     "target took over, fdmig status on its host says") from None
                 data = _after_source_died(control_path, source_pid)
                 notes.append(f"the source (pid {source_pid}) died during the migration; "
                              "the target took over what it had sent")

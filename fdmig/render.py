@@ -108,6 +108,10 @@ def _header_fields(status: dict) -> list[tuple[list[str], str]]:
         last = "none"
     else:
         last = f"{mig['status']}, {mig['chardevs']} chardev(s) moved"
+        tcp = mig.get("tcp-state")
+        if tcp is not None:  # over a TCP channel: live with their TCP state, or reconnecting
+            last += (f" live with their TCP state ({_bytes(tcp['send-queue-bytes'])} queued to send, "
+                     f"{_bytes(tcp['recv-queue-bytes'])} to read), {len(mig.get('reconnected') or [])} reconnect")
         if mig.get("downtime-ms") is not None:
             last += f", downtime {mig['downtime-ms']:.1f} ms"
         if mig.get("error"):

@@ -60,12 +60,13 @@ class Notify:
 class Daemon:
     """An fdmig process (serve or migrate-in) started by a test."""
 
-    def __init__(self, args, directory, env=None, ready=True, **popen):
+    def __init__(self, args, directory, env=None, ready=True, wrap=(), **popen):
+        """`wrap`: what runs fdmig (`ip netns exec NS`, say)."""
         self.notify = Notify(tempfile.mkdtemp(prefix="n", dir=directory))
         self.env = dict(os.environ if env is None else env, NOTIFY_SOCKET=self.notify.path)
         # A file, not a pipe: a daemon that logs more than a pipe holds must not block.
         self._log = tempfile.TemporaryFile("w+")
-        self.proc = subprocess.Popen(FDMIG + list(args), env=self.env, stdin=subprocess.DEVNULL,
+        self.proc = subprocess.Popen(list(wrap) + FDMIG + list(args), env=self.env, stdin=subprocess.DEVNULL,
                                      stdout=self._log, stderr=self._log, text=True, **popen)
         if ready:
             self.wait_ready()

@@ -21,3 +21,7 @@ def test_quick_benchmark_writes_its_table_json_and_figures(tmp_path):
     assert data["bridge"]["fdmig-mib-s"] > 0 and data["reconnect-ms"] > 0
     assert set(data["startup-ms"]) == {"python3 -c pass", "fdmig --version", "fdmig status"}
     assert (tmp_path / "bench.md").read_text().startswith("Machine:")
+    from tests import netns
+    if netns.unavailable() is None:
+        assert [row["n"] for row in data["crosshost"]] == [1]
+        assert data["crosshost"][0]["downtime-ms"] > 0 and data["crosshost"][0]["reconnect-pause-ms"] > 0

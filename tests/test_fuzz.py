@@ -24,7 +24,7 @@ except ImportError:
 
 FUZZ_DIR = Path(__file__).parent / "fuzz"
 ROOT = Path(__file__).parent.parent
-HARNESSES = ("wire", "qmp")
+HARNESSES = ("wire", "qmp", "tcpstate")
 SECONDS = int(os.environ.get("FDMIG_FUZZ_SECONDS") or 20)
 # libFuzzer stops at -max_total_time; the margin covers interpreter start-up, the
 # first pass over the corpus and writing the stats.

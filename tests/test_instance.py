@@ -73,7 +73,7 @@ def test_echo_round_trip_with_socat_and_status_names_the_peer(daemons, short_dir
         assert app["peer-process"] == "socat"
         assert app["support-local-migration"] is True and app["local-incoming"] is False
         assert app["connected-since"].endswith("Z")
-        assert status["state"] == "running" and status["capabilities"] == {"local-char-socket": False}
+        assert status["state"] == "running" and status["capabilities"] == {"local-char-socket": False, "x-tcp-repair": False}
         assert status["migration"]["status"] == "none"
         assert not [key for key in keys_of(status) if "_" in key], "keys are kebab-case, as QMP's"
 

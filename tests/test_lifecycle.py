@@ -29,7 +29,8 @@ def test_a_source_that_completes_is_postmigrate_and_says_so_once_with_fdmigs_fie
     assert life.run_state is RunState.POSTMIGRATE and not life.migrating
     assert [data["status"] for _, data in events] == ["setup", "active", "completed"]
     assert events[-1] == ("MIGRATION", {"status": "completed", "x-fdmig-error": None, "x-fdmig-timed-out": False,
-                                        "x-fdmig-chardevs": 3, "x-fdmig-target": {"pid": 9}})
+                                        "x-fdmig-chardevs": 3, "x-fdmig-downtime-ms": 0.7, "x-fdmig-total-ms": None,
+                                        "x-fdmig-target": {"pid": 9}})
     assert notes == ["STATUS=migration setup", "STATUS=migration active", "STATUS=migration completed"]
     # The status JSON's migration object: status first, fields in their old order.
     assert list(life.info()) == ["status", "chardevs", "downtime-ms", "total-ms", "setup-ms", "error", "target"]

@@ -88,7 +88,7 @@ def test_status_after_migration_shows_new_pid_and_counters(echo_instance):
     assert state["pid"] == target_pid
     assert (app["rx-bytes"], app["tx-bytes"]) == (13, 13)
     assert app["peer-pid"] == os.getpid()
-    assert state["capabilities"] == {"local-char-socket": True}
+    assert state["capabilities"] == {"local-char-socket": True, "x-tcp-repair": False}
     mig = state["migration"]
     assert mig["status"] == "completed" and mig["total-ms"] >= mig["downtime-ms"] > 0
     os.kill(target_pid, signal.SIGTERM)

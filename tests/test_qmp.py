@@ -431,12 +431,12 @@ def test_bad_commands_get_qemus_error_classes(instance, command, arguments, erro
 def test_capabilities_can_be_set_and_queried(instance):
     async def main():
         async with qmp_client(instance) as client:
-            caps = [{"capability": "local-char-socket", "state": True}]
+            caps = [{"capability": "local-char-socket", "state": True}, {"capability": "x-tcp-repair", "state": True}]
             assert await client.execute("migrate-set-capabilities", {"capabilities": caps}) == {}
             assert await client.execute("query-migrate-capabilities") == caps
             caps[0]["state"] = False
-            await client.execute("migrate-set-capabilities", {"capabilities": caps})
-            assert await client.execute("query-migrate-capabilities") == caps
+            await client.execute("migrate-set-capabilities", {"capabilities": caps[:1]})
+            assert await client.execute("query-migrate-capabilities") == [caps[0], caps[1]]
     arun(main())
 
 

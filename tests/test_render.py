@@ -105,3 +105,12 @@ def test_the_short_forms_say_the_same():
 def test_a_waiting_target_says_so_in_the_header():
     status = dict(a_status(), state="inmigrate")
     assert "state inmigrate (a migration target, waiting)" in render.header(status)[0]
+
+
+def test_after_a_migration_across_hosts_the_header_says_what_moved_live_and_what_reconnects():
+    status = a_status()
+    status["migration"].update({"chardevs": 3, "moved-live": ["app", "db", "cache"], "reconnected": ["admin"],
+                                "tcp-state": {"connections": 3, "send-queue-bytes": 3 * 2**20, "unsent-bytes": 10,
+                                              "recv-queue-bytes": 2048}})
+    assert ("last migration: completed, 3 chardev(s) moved live with their TCP state (3.0 MiB queued to send, "
+            "2.0 KiB to read), 1 reconnect, downtime 1.1 ms") in " ".join(render.header(status))

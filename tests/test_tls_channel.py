@@ -267,7 +267,7 @@ def test_over_tls_every_chardev_is_opened_afresh_at_the_target_and_its_peers_rec
         target = start_target(daemons, channel_port, creds.target)
         result = migrate_out(channel_port, creds.source)
         assert result.returncode == 0, result.stderr + target.stderr()[-2000:]
-        assert "local-char-socket is off: 1 marked chardev(s) (app) will reconnect" in result.stderr
+        assert "x-tcp-repair is off: 1 marked chardev(s) (app) will reconnect" in result.stderr
         target.wait_ready()
         assert source.proc.wait(10) == 0
 
@@ -288,6 +288,18 @@ def test_over_tls_every_chardev_is_opened_afresh_at_the_target_and_its_peers_rec
     assert state["capabilities"]["local-char-socket"] is False
     with qmp.connect(control_of(runtime_dir)) as client:
         assert client.execute("query-migrate")["status"] == "completed"
+
+
+@pytest.mark.timeout(60)
+def test_spawn_with_x_tcp_repair_is_refused_as_it_starts_the_target_on_this_host(daemons, short_dir, creds):
+    path = os.path.join(short_dir, "app.sock")
+    daemons("serve", "--name", "web", "--chardev", ECHO.format(path=path))
+    peer = connect_unix(path)
+    result = migrate_out(free_port(), creds.both, "--spawn", "--capability", "x-tcp-repair")
+    assert result.returncode == 1
+    assert "x-tcp-repair moves TCP connections to another host, but --spawn starts the target on this one" \
+        in result.stderr
+    assert echoes(peer)
 
 
 @pytest.mark.timeout(60)

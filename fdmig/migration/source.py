@@ -12,9 +12,9 @@ import os
 import ssl
 import time
 
-from fdmig import __version__, faults, paths, process, systemd, tlscreds
+from fdmig import __version__, faults, paths, process, systemd, tcprepair, tlscreds
 from fdmig.lifecycle import MigrationStatus
-from fdmig.migration import channel, form, wire
+from fdmig.migration import channel, form, repair, wire
 from fdmig.migration.session import Session, drive
 
 log = logging.getLogger("fdmig")
@@ -32,21 +32,30 @@ class MigrationCancelled(MigrationFailed):
     pass
 
 
-def blockers(instance) -> list[str]:
+def blockers(instance, remote: bool = False) -> list[str]:
     """Why a migration now would lose a chardev (QEMU's migration blockers): one
     the target cannot reopen that would not move live, or a bridge one side of
     which would move while the other reopened, splicing a live peer onto a new
-    session. Empty when nothing would be lost."""
+    session. `remote`: over a TCP channel, where only TCP state can move. Empty
+    when nothing would be lost."""
     live = instance.capabilities["local-char-socket"]
-    moves = {label: form.moves_live(c, live) for label, c in instance.chardevs.items()}
+    if remote:
+        tcp = instance.capabilities[repair.CAPABILITY]
+        moves = {label: repair.moves(c, tcp) for label, c in instance.chardevs.items()}
+    else:
+        moves = {label: form.moves_live(c, live) for label, c in instance.chardevs.items()}
     reasons = []
-    if instance.service is not None and not live:
+    if instance.service is not None and remote:
+        reasons.append("this `run` instance's service, its notify socket and its fd store cannot cross hosts: "
+                       "migrate it over a unix channel")
+    elif instance.service is not None and not live:
         reasons.append("this `run` instance's service, its notify socket and its fd store can only move live: "
                        "enable capability local-char-socket")
     inherited = [c.label for c in instance.chardevs.values()
                  if c.spec.kind in ("fd", "fdname") and not moves[c.label] and c.sockets()]
     if inherited:
-        how = ("mark them support-local-migration=on" if live else
+        how = ("give them an address the target can open (fds cannot cross hosts)" if remote else
+               "mark them support-local-migration=on" if live else
                "enable capability local-char-socket (and mark them support-local-migration=on)")
         reasons.append(f"chardev(s) {', '.join(inherited)} hold an inherited fd (fd=/fdname=) that the "
                        f"target cannot reopen, and would not move live: {how}")
@@ -76,10 +85,17 @@ class SourceSession(Session):
     it: the client that asked has gone."""
 
     def __init__(self, instance, address, timeout: float | None, abandoned: asyncio.Event | None = None,
-                 tls_creds: str | None = None):
+                 tls_creds: str | None = None, hooks: dict | None = None):
         self.instance = instance
         self.address = address  # paths.ChannelAddress
         self.tls_creds = tls_creds  # a TCP channel's credentials (tlscreds)
+        # Over TCP: marked TCP chardevs move with their TCP state (x-tcp-repair), and
+        # the shell commands that move the service address: "release" and "reclaim".
+        self.tcp_repair = address.tcp and instance.capabilities[repair.CAPABILITY]
+        self.hooks = hooks or {}
+        self.in_repair: list = []  # sockets put into repair mode, for a rollback to undo
+        self.releasing = False  # --release-cmd has run (or begun): a rollback reclaims
+        self.tcp_moved = repair.Moved()
         self.timeout = timeout
         self.abandoned = abandoned
         self.live = instance.capabilities["local-char-socket"]
@@ -102,7 +118,7 @@ class SourceSession(Session):
             failure = _failure(exc, self)
             if failure is None:
                 raise
-            self.abort(*failure)
+            await self.abort(*failure)
             return False
         faults.point("source-after-ack")
         return await self.hand_over()
@@ -161,6 +177,8 @@ class SourceSession(Session):
         self.quiesce_at = time.monotonic()
         self.instance.freeze(quiesce=True)
         faults.point("source-after-quiesce")
+        if self.address.tcp:
+            await self._dump()
         await self.chan.send(wire.Transfer(self._changed_sections()), self.deadline)
         faults.point("source-after-transfer")
         self.expected = (wire.Ack, self.on_ack, "acknowledging")
@@ -206,6 +224,32 @@ class SourceSession(Session):
                 form.unpin(chardev)
         faults.point("source-after-precopy")
 
+    async def _dump(self) -> None:
+        """Over TCP, inside the downtime: the address released (--release-cmd), then
+        the TCP state of every connection that moves with it, sent in frames of
+        repair.BATCH connections as it is dumped: the target restores meanwhile."""
+        if self.hooks.get("release"):
+            self.releasing = True
+            try:
+                await repair.hook("--release-cmd", self.hooks["release"])
+            except repair.HookFailed as exc:
+                raise MigrationFailed(str(exc)) from None
+        faults.point("source-after-release")
+        batch, count = [], 0
+        try:
+            for sections in repair.dump(self.instance.chardevs.values(), self.tcp_repair, self.in_repair,
+                                        self.tcp_moved):
+                batch += sections
+                count += 1
+                if count % repair.BATCH == 0:
+                    await self.chan.send(wire.Transfer(batch, more=True), self.deadline)
+                    batch = []
+        except tcprepair.RepairError as exc:
+            raise MigrationFailed(f"cannot dump a TCP connection: {exc}") from None
+        if batch:
+            await self.chan.send(wire.Transfer(batch, more=True), self.deadline)
+        self.moved += self.tcp_moved.connections
+
     def _changed_sections(self) -> list:
         """Inside the downtime: the sections of the moved chardevs that changed
         since the precopy; the byte counts of those that only moved bytes go with
@@ -232,12 +276,24 @@ class SourceSession(Session):
 
     # ----- the end -----------------------------------------------------------
 
-    def abort(self, reason: str, status: MigrationStatus = MigrationStatus.FAILED, timed_out: bool = False) -> None:
-        """Roll back: tell the target first (it holds dups of our fds and must drop
-        them), then every chardev resumes as if nothing had happened."""
+    async def abort(self, reason: str, status: MigrationStatus = MigrationStatus.FAILED,
+                    timed_out: bool = False) -> None:
+        """Roll back: tell the target first (it holds dups of our fds, or connections
+        restored from our TCP state, and must drop them), take the address back,
+        then every chardev resumes as if nothing had happened."""
         if self.chan is not None:
             self.chan.send_now(wire.Abort(reason))
             self.chan.close()
+        if self.releasing:
+            self.releasing = False
+            try:
+                await repair.hook("--reclaim-cmd", self.hooks.get("reclaim"))
+            except repair.HookFailed as exc:
+                log.error("%s: this host may not answer the service address any more", exc)
+            if not self.hooks.get("reclaim"):
+                log.warning("no --reclaim-cmd: the service address stays released although the connections "
+                            "serve on here")
+        repair.undo(self.in_repair)  # after the reclaim: each window probe then reaches its peer
         self.instance.thaw()
         log.warning("migration %s: %s; every chardev serves as before", status.value, reason)
         self.instance.lifecycle.migration_to(status, error=reason, error_class="timeout" if timed_out else None)
@@ -270,14 +326,17 @@ class SourceSession(Session):
             if self.target.pid:
                 systemd.notify(f"MAINPID={os.getpid()}")
             self.committed = False
-            self.abort("the target died after the commit, before taking over (it had read nothing)")
+            await self.abort("the target died after the commit, before taking over (it had read nothing)")
             return False
+        # Connections in repair mode close silently: the target's now.
         for chardev in self.instance.chardevs.values():
             chardev.released()
+        self.in_repair.clear()
+        remote = repair.status_fields(self.instance.chardevs, self.tcp_moved) if self.address.tcp else {}
         self.instance.lifecycle.migration_to(
             MigrationStatus.COMPLETED, chardevs=self.moved,
             downtime_ms=round((released_at - self.quiesce_at) * 1000, 3),
-            total_ms=round((released_at - self.started) * 1000, 3), target=self.target.to_dict())
+            total_ms=round((released_at - self.started) * 1000, 3), target=self.target.to_dict(), **remote)
         log.info("migration completed: %d chardev(s) moved to pid %s", self.moved, self.target.pid)
         self.chan.close()
         return True

@@ -7,6 +7,7 @@ A source that is malformed, foreign or mismatched is refused with a log line and
 the target goes on waiting for the next one."""
 
 import asyncio
+import errno
 import fcntl
 import gc
 import logging
@@ -16,11 +17,11 @@ import socket
 import ssl
 import time
 
-from fdmig import faults, fdcheck, paths, process, spec as specs, tlscreds
+from fdmig import faults, fdcheck, paths, process, spec as specs, tcprepair, tlscreds
 from fdmig.chardev import FD_RESERVE
 from fdmig.errors import FdmigError, SpecError, TimeoutExpired
 from fdmig.lifecycle import MigrationStatus
-from fdmig.migration import channel, form, wire
+from fdmig.migration import channel, form, repair, wire
 from fdmig.migration.session import Session, drive
 
 log = logging.getLogger("fdmig")
@@ -29,6 +30,7 @@ RELEASE_TIMEOUT = 10.0  # after our ACK, a source silent this long is dropped (i
 # A TCP peer that has not completed its TLS handshake by then is dropped: short,
 # since anyone on the network may connect, and one at a time is heard.
 HANDSHAKE_TIMEOUT = 5.0
+REBIND_WAIT = 2.0  # how long a chardev opened afresh waits for its TCP port to be free
 
 
 class Refused(Exception):
@@ -45,9 +47,16 @@ class Plan:
         self.capabilities = capabilities
 
 
-def make_plan(own: list, table: wire.Table) -> Plan:
-    """Check the source's table against our chardevs; adopt what we do not name."""
+def make_plan(own: list, table: wire.Table, remote: bool = False) -> Plan:
+    """Check the source's table against our chardevs; adopt what we do not name.
+    `remote`: over a TCP channel, where only TCP state can arrive (x-tcp-repair)."""
+    if remote:
+        if table.capabilities.get("local-char-socket"):
+            raise Refused("capability local-char-socket passes fds, which cannot cross hosts")
+        if table.capabilities.get(repair.CAPABILITY) and not tcprepair.capable():
+            raise Refused(f"capability {repair.CAPABILITY} needs CAP_NET_ADMIN, which this target lacks")
     live = bool(table.capabilities.get("local-char-socket"))
+    tcp = remote and bool(table.capabilities.get(repair.CAPABILITY))
     source: dict = {}
     for entry in table.chardevs:
         try:
@@ -61,7 +70,10 @@ def make_plan(own: list, table: wire.Table) -> Plan:
         if mine.local_incoming:
             if theirs is None:
                 raise Refused(f"chardev {mine.id}: local-incoming=on, but the source has no such chardev")
-            if not live:
+            if remote and not (tcp and theirs.kind == "inet"):
+                raise Refused(f"chardev {mine.id}: local-incoming=on, but over a TCP channel only a TCP "
+                              f"chardev can arrive live, with capability {repair.CAPABILITY} on at the source")
+            if not (live or remote):
                 raise Refused(f"chardev {mine.id}: local-incoming=on, but the source's capability "
                               "local-char-socket is off, so no fd can arrive")
             if not theirs.support_local_migration:
@@ -118,7 +130,8 @@ def stage(instance, plan: Plan) -> dict:
 
 
 class Received:
-    def __init__(self, hello, plan, sections, sockets, released, chan, service=None, stored=()):
+    def __init__(self, hello, plan, sections, sockets, released, chan, service=None, stored=(),
+                 restorer: repair.Restorer | None = None):
         self.hello = hello
         self.plan = plan
         self.sections = sections  # label -> wire.Section
@@ -127,6 +140,7 @@ class Received:
         self.chan = chan
         self.service = service  # a `run` instance's (wire.ServiceState, notify socket), or None
         self.stored = list(stored)  # its store: [(wire.StoredState, fd)] in the order stored
+        self.restorer = restorer or repair.Restorer()  # over TCP: the connections restored in repair mode
 
 
 class TargetSession(Session):
@@ -136,8 +150,9 @@ class TargetSession(Session):
     Refused raised from any step: the source is told why, and everything staged
     or received is dropped (abort)."""
 
-    def __init__(self, instance, chan, own: list, info: dict):
+    def __init__(self, instance, chan, own: list, info: dict, who: str = "the source"):
         self.instance = instance
+        self.who = who
         self.own = own
         self.info = info
         self.chan = chan
@@ -154,6 +169,8 @@ class TargetSession(Session):
         self.service = None  # a `run` instance's (wire.ServiceState, notify socket)
         self.stored: dict[int, tuple] = {}  # its store by index: (wire.StoredState, fd)
         self.taking = False  # sections are arriving: take them as they come
+        self.restorer = repair.Restorer()
+        self.claimed = False  # --claim-cmd has run (or begun): an abort releases the address
 
     async def run(self) -> Received:
         try:
@@ -175,7 +192,7 @@ class TargetSession(Session):
         self.expected = (wire.Table, self.on_table, "sending its table")
 
     async def on_table(self, table: wire.Table) -> None:
-        self.plan = make_plan(self.own, table)
+        self.plan = make_plan(self.own, table, self.remote)
         coming = sum(wire.entry_fds(entry) for entry in table.chardevs)
         headroom = fd_headroom()
         if coming > headroom:
@@ -187,6 +204,12 @@ class TargetSession(Session):
         # take the staging's garbage now, not at the first allocation after the thaw.
         # Nothing is read until the takeover: a restored chardev is watched, never read.
         self.chardevs = stage(self.instance, self.plan)
+        if self.remote and self.plan.capabilities.get(repair.CAPABILITY):
+            try:
+                self.restorer.prepare(self.plan.specs[label] for label in self.chardevs
+                                      if label not in self.fresh)
+            except FdmigError as exc:
+                raise Refused(str(exc)) from None
         self.instance.freeze(quiesce=False)
         await self.chan.send(wire.Accept(self.info), self.deadline)
         self.taking = True
@@ -213,12 +236,22 @@ class TargetSession(Session):
         for mine in self.own:
             if mine.local_incoming and not self.sockets.get(mine.id):
                 raise Refused(f"chardev {mine.id}: local-incoming=on, but no fd arrived for it")
+        if self.remote and self.instance.hooks.get("claim"):
+            # Only now, every connection restored (in repair mode, sending nothing):
+            # a segment reaching this host for one not restored yet would be reset.
+            # They resume only after our ACK, and a failure is still a rollback.
+            self.claimed = True
+            try:
+                await repair.hook("--claim-cmd", self.instance.hooks["claim"])
+            except repair.HookFailed as exc:
+                raise Refused(str(exc)) from None
         faults.point("target-before-ack")
         released = await self._acknowledge()
         faults.point("target-after-released")
         service, stored = self.service, [self.stored[i] for i in sorted(self.stored)]
         self.service, self.stored = None, {}  # the takeover's now, not abort()'s to close
-        return Received(self.hello, self.plan, self.sections, self.sockets, released, self.chan, service, stored)
+        return Received(self.hello, self.plan, self.sections, self.sockets, released, self.chan, service, stored,
+                        self.restorer)
 
     def refused(self, reason: str) -> Exception:
         return Refused(f"the source gave up: {reason}")
@@ -235,16 +268,25 @@ class TargetSession(Session):
         now = time.time()
         for section in batch:
             if section.label.startswith("#"):
-                self._take_service(section)
+                if section.label.startswith(repair.TCP_SECTION):
+                    self._take_tcp_piece(section)
+                else:
+                    self._take_service(section)
                 continue
             spec = self.plan.specs.get(section.label)
             if spec is None or section.label in self.seen:
                 raise Refused(f"chardev {section.label}: a section for a chardev not in the table, or twice")
             self.seen.add(section.label)
             if section.label in self.fresh:
+                if "tcp" in section.meta:
+                    raise Refused(f"chardev {section.label}: its connection moves live ({repair.CAPABILITY}), but "
+                                  "this target opens it afresh: mark it local-incoming=on, or leave it to the table")
                 continue
             self.sections[section.label] = section
             state = section.state(now)
+            if "tcp" in section.meta:
+                self._restore_tcp(section, spec, state)
+                continue
             by_role = self.sockets.setdefault(section.label, {})
             for role in state.held:
                 if role not in by_role or role in section.fds:
@@ -263,6 +305,32 @@ class TargetSession(Session):
             elif not chardev.watched:
                 chardev.watch_now()  # so that resuming thousands is a flag each
         faults.point("target-after-batch")
+
+    def _take_tcp_piece(self, section) -> None:
+        if not self.remote or section.label in self.seen:
+            raise Refused(f"{wire.show(section.label)}: TCP state over a unix channel, or twice")
+        self.seen.add(section.label)
+        try:
+            self.restorer.piece(section, self.plan.specs)
+        except FdmigError as exc:
+            raise Refused(str(exc)) from None
+
+    def _restore_tcp(self, section, spec, state) -> None:
+        """A connection from its TCP state, in repair mode (x-tcp-repair), and its
+        server's listener made again; the bytes it never sent go out first."""
+        if not self.remote or not self.plan.capabilities.get(repair.CAPABILITY) or spec.kind != "inet" \
+                or state.held or section.fds:
+            raise Refused(f"chardev {section.label}: TCP state for a chardev that cannot move so")
+        try:
+            conn, listener, outbuf = self.restorer.restore(section, spec)
+        except FdmigError as exc:
+            raise Refused(str(exc)) from None
+        by_role = self.sockets.setdefault(section.label, {"conn": conn})
+        if listener is not None:
+            by_role["listener"] = listener
+        chardev = self.chardevs[section.label]
+        form.restore(chardev, state, outbuf, conn, listener)
+        chardev.watch_now()
 
     def _take_service(self, section) -> None:
         """A `run` instance's service (its state and notify socket) and its store,
@@ -303,6 +371,13 @@ class TargetSession(Session):
             raise Refused(f"the source rolled back after our acknowledgement: {final.reason}")
         if isinstance(final, wire.Released):
             return final.release
+        if self.remote and isinstance(final, (wire.ConnectionClosed, OSError)):
+            # No pid to watch across hosts, but a source that rolls back says ABORT
+            # first: one whose channel ends without a word has died, and its
+            # connections (in repair mode, closed silently) live only here now.
+            log.warning("the source %s closed the channel after our acknowledgement without a word: it has "
+                        "gone; taking over what it sent", self.who)
+            return wire.ReleaseInfo()
         if not self.remote and await process.wait_exit(self.hello.pid, timeout=10.0):
             # It died with everything sent: nobody else can read these fds any more,
             # and taking them over keeps every connection alive.
@@ -322,6 +397,15 @@ class TargetSession(Session):
         for _, fd in self.stored.values():
             os.close(fd)
         self.instance.chardevs.clear()
+        self.restorer.discard()
+        if self.claimed:
+            # The source takes the address back: ours must go, or two hosts answer it.
+            try:
+                await repair.hook("--release-cmd", self.instance.hooks.get("release"))
+            except repair.HookFailed as exc:
+                log.error("%s: this host may still answer the service address", exc)
+            if not self.instance.hooks.get("release"):
+                log.warning("the address --claim-cmd claimed stays here (no --release-cmd to give it back)")
         self.instance.thaw()
         if isinstance(exc, (Refused, wire.RemoteProtocolError)):
             try:
@@ -354,7 +438,7 @@ async def receive(instance, address, own: list, timeout: float | None, info: dic
             chan, who, pid = admitted
             instance.lifecycle.migration_to(MigrationStatus.ACTIVE, error=None, source_pid=pid)
             try:
-                return await TargetSession(instance, chan, own, info).run()
+                return await TargetSession(instance, chan, own, info, who).run()
             except (Refused, wire.RemoteProtocolError) as exc:
                 reason = f"refused source {who}: {exc}"
             except channel.ChannelTimeout:
@@ -423,6 +507,7 @@ async def take_over(instance, received: Received) -> None:
     """After RELEASED: the moved chardevs resume first (that ends the downtime),
     then the rest are opened afresh."""
     moved = [instance.chardevs[label] for label in received.sockets]
+    received.restorer.resume()  # over TCP, out of repair mode: each sends its peer a window probe
     resumed_at = instance.thaw()  # every moved chardev starts reading at the same instant
     # TAKEN before the first read (the loop has not run since the resume): a source
     # that never hears it knows we read nothing and may serve on.
@@ -432,20 +517,36 @@ async def take_over(instance, received: Received) -> None:
         if name in instance.capabilities:
             instance.capabilities[name] = state
     released = received.released
+    remote = isinstance(received.chan, channel.TlsChannel)
     apply_counters(instance, received.sockets, released)
     quiesce_at, started_at = released.quiesce_at, released.started_at
     instance.lifecycle.migration_to(
         MigrationStatus.COMPLETED, chardevs=len(moved), error=None,
         downtime_ms=round((resumed_at - quiesce_at) * 1000, 3) if quiesce_at is not None else None,
         total_ms=round((resumed_at - started_at) * 1000, 3) if started_at is not None else None,
-        setup_ms=released.setup_ms, source_pid=received.hello.pid)
+        setup_ms=released.setup_ms, source_pid=received.hello.pid,
+        **(repair.status_fields(instance.chardevs, received.restorer.moved) if remote else {}))
     for label, chardev in list(instance.chardevs.items()):
-        if label in received.sockets:
-            continue
+        if label not in received.sockets:
+            received.restorer.unused(label)
+            await _open_afresh(instance, chardev)
+
+
+async def _open_afresh(instance, chardev) -> None:
+    """Open a chardev that did not move. A TCP port still in use may be the source's
+    on this host: it closes its listener once it has read TAKEN, so we try again
+    for a while (there is no event for another process's close)."""
+    deadline = time.monotonic() + REBIND_WAIT
+    while True:
         try:
             await instance.open_registered(chardev)
+            return
         except FdmigError as exc:
-            log.warning("chardev %s: not moved and cannot be opened afresh: %s", label, exc)
+            if getattr(exc, "errno", None) != errno.EADDRINUSE or time.monotonic() > deadline:
+                log.warning("chardev %s: not moved and cannot be opened afresh: %s", chardev.label, exc)
+                return
+        await asyncio.sleep(0.01)
+        chardev = instance.register(chardev.spec)  # a failed open unregisters it
 
 
 def apply_counters(instance, moved, released: wire.ReleaseInfo) -> None:
@@ -468,14 +569,17 @@ def exec_handover(received: Received, argv: list[str]) -> None:
     server's listener after it as LABEL.listener; blocking, close-on-exec cleared."""
     from fdmig import systemd
     names, socks = [], []
+    restorer = received.restorer
+    restorer.resume()
     for label in sorted(received.sockets):
         by_role = received.sockets[label]
         section = received.sections[label]
         if "conn" in by_role:
             conn = by_role["conn"]
             conn.setblocking(True)
-            if section.outbuf:
-                conn.sendall(section.outbuf)  # carried bytes go first, as in serve
+            carried = restorer.first.get(label, section.outbuf)
+            if carried:
+                conn.sendall(carried)  # carried bytes go first, as in serve
             names.append(label)
             socks.append(conn)
         if "listener" in by_role:

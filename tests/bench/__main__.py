@@ -17,15 +17,15 @@ import sys
 import tempfile
 import time
 
-from tests.bench import floor, handoff, median_ms, s6, service, throughput
+from tests.bench import crosshost, floor, handoff, median_ms, s6, service, throughput
 
 
 def ratio(a, b) -> str:
     return f"{a / b:.1f}x" if a is not None and b else "-"
 
 
-def run(sizes, busy_sizes, repeats, bridge_bytes, startup_repeats, workdir, service_sizes=()) -> dict:
-    results = {"machine": machine(), "handoff": [], "busy": [], "service": [],
+def run(sizes, busy_sizes, repeats, bridge_bytes, startup_repeats, workdir, service_sizes=(), cross_sizes=()) -> dict:
+    results = {"machine": machine(), "handoff": [], "busy": [], "service": [], "crosshost": [],
                "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     for n in sizes:
         print(f"handoff n={n} ...", file=sys.stderr, flush=True)
@@ -53,6 +53,11 @@ def run(sizes, busy_sizes, repeats, bridge_bytes, startup_repeats, workdir, serv
         print(f"service restart n={n} ...", file=sys.stderr, flush=True)
         reps = repeats if n < 1000 else max(3, repeats // 2)
         results["service"].append(service.measure(n, reps, tempfile.mkdtemp(dir=workdir)))
+    why = crosshost.available()
+    if cross_sizes and why is None:
+        results["crosshost"] = crosshost.measure_all(cross_sizes, repeats, workdir, crosshost.make_creds(workdir))
+    elif cross_sizes:
+        results["crosshost-skipped"] = why
     print("reconnect baseline ...", file=sys.stderr, flush=True)
     results["reconnect-ms"] = median_ms(handoff.measure_reconnect(repeats, tempfile.mkdtemp(dir=workdir)))
     print("bridge throughput ...", file=sys.stderr, flush=True)
@@ -109,6 +114,10 @@ def markdown(results: dict) -> str:
                   f"the pause a live handoff of {first['n']} chardev(s) costs."]
     if results.get("service"):
         lines += ["", *service_markdown(results["service"])]
+    if results.get("crosshost"):
+        lines += ["", *crosshost.markdown(results["crosshost"])]
+    elif results.get("crosshost-skipped"):
+        lines += ["", f"Across hosts: not measured ({results['crosshost-skipped']})."]
     b = results["bridge"]
     lines += ["", f"Bridge throughput, {b['bytes'] // 2**20} MiB over unix sockets: fdmig {b['fdmig-mib-s']} MiB/s"
                   + (f", socat {b['socat-mib-s']} MiB/s ({ratio(b['fdmig-mib-s'], b['socat-mib-s'])})"
@@ -191,21 +200,24 @@ def main(argv=None) -> int:
     parser.add_argument("--sizes", default="1,10,100,1000,5000")
     parser.add_argument("--busy-sizes", default="100,1000,5000", help="sizes where every peer streams")
     parser.add_argument("--service-sizes", default="1,100,1000", help="stored connections for the service restart")
+    parser.add_argument("--cross-sizes", default="1,100,1000",
+                        help="TCP connections moved between network namespaces (root only)")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--out", default="bench-results")
     args = parser.parse_args(argv)
     floor.raise_nofile()
     if args.quick:
         sizes, busy_sizes, repeats, bridge_bytes, startup_repeats = [1, 10], [10], 2, 8 << 20, 3
-        service_sizes = [1, 10]
+        service_sizes, cross_sizes = [1, 10], [1]
     else:
         sizes = [int(n) for n in args.sizes.split(",")]
         busy_sizes = [int(n) for n in args.busy_sizes.split(",") if n]
         service_sizes = [int(n) for n in args.service_sizes.split(",") if n]
+        cross_sizes = [int(n) for n in args.cross_sizes.split(",") if n]
         repeats, bridge_bytes, startup_repeats = args.repeats, 1 << 30, 15
     workdir = tempfile.mkdtemp(prefix="fdmig-bench-", dir="/tmp")
     try:
-        results = run(sizes, busy_sizes, repeats, bridge_bytes, startup_repeats, workdir, service_sizes)
+        results = run(sizes, busy_sizes, repeats, bridge_bytes, startup_repeats, workdir, service_sizes, cross_sizes)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     os.makedirs(args.out, exist_ok=True)

@@ -1,0 +1,240 @@
+"""Capability x-tcp-repair in a migration over a TCP channel: which chardevs move
+with their TCP state, the sections that carry it, the source's undo, the
+target's restore, and the shell commands that move the service address. The
+sockets themselves are fdmig.tcprepair's; the bytes, fdmig.tcpstate's.
+
+A marked TCP chardev's connection travels as its chardev's section (state and
+carried bytes, as any) preceded by TCP_SECTION sections holding the encoded TCP
+state in pieces: a send queue may be megabytes, a frame is bounded."""
+
+import asyncio
+import logging
+import socket
+
+from fdmig import fdcheck, tcprepair, tcpstate
+from fdmig.errors import FdmigError
+from fdmig.migration import form, wire
+
+log = logging.getLogger("fdmig")
+CAPABILITY = "x-tcp-repair"
+TCP_SECTION = "#tcp-"  # + "N.I"; meta {"chardev": LABEL}; outbuf: a piece of its encoded state
+BATCH = 64  # connections dumped per frame sent: the target restores while we dump on
+PIECE = wire.MAX_FRAME // 4
+HOOK_TIMEOUT = 10.0  # a --release-cmd, --reclaim-cmd or --claim-cmd that runs longer has failed
+
+
+def moves(chardev, on: bool) -> bool:
+    """Whether a migration over TCP moves `chardev` with its TCP state: a marked
+    TCP chardev, capability x-tcp-repair on. Its listener is made again at the
+    target; it moves live only while it has a connection."""
+    return on and chardev.spec.kind == "inet" and chardev.spec.support_local_migration
+
+
+class HookFailed(Exception):
+    pass
+
+
+async def hook(option: str, command: str | None) -> None:
+    """Run `command` with sh -c (the output goes to our log); HookFailed naming
+    `option` if it fails or outlasts HOOK_TIMEOUT."""
+    if not command:
+        return
+    proc = await asyncio.create_subprocess_shell(command, stdin=asyncio.subprocess.DEVNULL,
+                                                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    try:
+        output, _ = await asyncio.wait_for(proc.communicate(), HOOK_TIMEOUT)
+    except asyncio.TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise HookFailed(f"{option} did not finish within {HOOK_TIMEOUT:g} s: {command}") from None
+    lines = output.decode(errors="replace").strip().splitlines()
+    for line in lines:
+        log.info("%s: %s", option, line)
+    if proc.returncode:
+        why = f"exit status {proc.returncode}" if proc.returncode > 0 else f"signal {-proc.returncode}"
+        raise HookFailed(f"{option} failed ({why}){': ' + lines[-1] if lines else ''}")
+    log.info("%s done: %s", option, command)
+
+
+class Moved:
+    """What the TCP state of the moved connections came to, for status."""
+
+    def __init__(self):
+        self.labels: list[str] = []  # the chardevs whose connection moved, in order
+        self.send_queue = self.unsent = self.recv_queue = 0
+
+    @property
+    def connections(self) -> int:
+        return len(self.labels)
+
+    def add(self, label: str, state: tcpstate.TcpState) -> None:
+        self.labels.append(label)
+        self.send_queue += len(state.send_queue)
+        self.unsent += state.unsent
+        self.recv_queue += len(state.recv_queue)
+
+    def info(self) -> dict:
+        return {"connections": self.connections, "send-queue-bytes": self.send_queue,
+                "unsent-bytes": self.unsent, "recv-queue-bytes": self.recv_queue}
+
+
+def status_fields(labels, moved: Moved) -> dict:
+    """The `migration` fields of a migration over a TCP channel (lifecycle keys):
+    which of the chardevs `labels` moved live, which are opened afresh (their
+    peers reconnect), and the TCP state that moved."""
+    live = set(moved.labels)
+    return {"moved_live": moved.labels, "reconnected": [label for label in labels if label not in live],
+            "tcp_state": moved.info()}
+
+
+# ----- the source ------------------------------------------------------------
+
+def dump(chardevs, on: bool, in_repair: list, moved: Moved):
+    """For every connected chardev that moves with its TCP state, its sections:
+    pieces of the encoded state, then the chardev's own (yielded as a list per
+    chardev, so the caller sends while it dumps on). Each socket goes into repair
+    mode first, and into `in_repair`, for undo(). Quiesced and its address
+    released: nothing changes any more. RepairError (naming the chardev) if one
+    cannot be dumped."""
+    for chardev in chardevs:
+        if not (moves(chardev, on) and chardev.conn is not None):
+            continue
+        try:
+            tcprepair.enter(chardev.conn)
+            in_repair.append(chardev.conn)
+            state = tcprepair.dump(chardev.conn)
+            blob = tcpstate.encode(state)
+        except (tcprepair.RepairError, tcpstate.TcpStateError, OSError) as exc:
+            raise tcprepair.RepairError(f"chardev {chardev.label}: {exc}") from None
+        moved.add(chardev.label, state)
+        section = form.section(chardev)  # its fds stay here: the TCP state is what moves
+        pieces = tcpstate.parts(blob, PIECE)
+        # The last piece rides in the chardev's own section, before the bytes it
+        # carries, when both fit: one section per connection, as a rule.
+        here = pieces.pop() if len(pieces[-1]) + len(section.outbuf) <= PIECE else b""
+        sections = [wire.Section(f"{TCP_SECTION}{len(moved.labels)}.{i}", {"chardev": chardev.label}, piece)
+                    for i, piece in enumerate(pieces)]
+        sections.append(wire.Section(section.label, {**section.meta, "tcp": len(blob), "tcp-here": len(here)},
+                                     here + section.outbuf))
+        yield sections
+
+
+def undo(in_repair: list) -> None:
+    """A rollback: every dumped connection out of repair mode, as it was."""
+    for sock in in_repair:
+        try:
+            tcprepair.leave(sock)
+        except OSError as exc:
+            log.error("a connection stays in repair mode (%s): %s", sock, exc)
+    in_repair.clear()
+
+
+# ----- the target ------------------------------------------------------------
+
+def _check(state: tcpstate.TcpState, spec, label: str) -> None:
+    """A connection's state must be what its chardev's spec says (fdcheck's rule for a
+    received fd): a server's at its port, a client's to its port, of its family."""
+    if state.family != fdcheck.family_of(spec):
+        raise FdmigError(f"chardev {label}: its TCP state is of another address family than {spec.address}")
+    port = state.local[1] if spec.server else state.peer[1]
+    if spec.port and port != spec.port:
+        raise FdmigError(f"chardev {label}: its TCP state is on port {port}, not {spec.port}")
+
+
+class Restorer:
+    """Takes a TRANSFER's TCP sections and makes each connection again, in repair
+    mode, with a listener afresh for a server chardev. A socket it returns is the
+    caller's to close on a failure, which is silent: nothing leaves this host
+    until resume()."""
+
+    def __init__(self):
+        self.pieces: dict[str, list[bytes]] = {}
+        self.conns: list[socket.socket] = []  # in repair mode, until resume()
+        self.listeners: dict[str, socket.socket] = {}  # label -> made before the downtime, until taken
+        self.moved = Moved()
+        self.first: dict[str, bytes] = {}  # label -> what to write first after resume()
+
+    def piece(self, section: wire.Section, labels) -> None:
+        label = section.meta.get("chardev") if isinstance(section.meta, dict) else None
+        if label not in labels:
+            raise FdmigError(f"{wire.show(section.label)}: TCP state for {wire.show(label)}, not a chardev "
+                             "of the table")
+        self.pieces.setdefault(label, []).append(section.outbuf)
+
+    def restore(self, section: wire.Section, spec) -> tuple[socket.socket, socket.socket | None, bytes]:
+        """(connection, listener or None, the bytes to write first: those its kernel
+        never sent, then those the chardev carried) of the chardev `section` and
+        its pieces; FdmigError if they are not a connection at the spec's address."""
+        label, length, here = section.label, section.meta.get("tcp"), section.meta.get("tcp-here", 0)
+        if type(here) is not int or not 0 <= here <= len(section.outbuf):
+            raise FdmigError(f"chardev {label}: tcp-here is {wire.show(here)}, not a count of its "
+                             f"{len(section.outbuf)} bytes")
+        blob = b"".join(self.pieces.pop(label, ())) + section.outbuf[:here]
+        if type(length) is not int or len(blob) != length:
+            raise FdmigError(f"chardev {label}: {len(blob)} bytes of TCP state arrived, the section says "
+                             f"{wire.show(length)}")
+        try:
+            state = tcpstate.decode(blob)
+        except tcpstate.TcpStateError as exc:
+            raise FdmigError(f"chardev {label}: its TCP state: {exc}") from None
+        _check(state, spec, label)
+        try:
+            conn = tcprepair.restore(state)
+        except tcprepair.RepairError as exc:
+            raise FdmigError(f"chardev {label}: its TCP state: {exc}") from None
+        try:
+            listener = None
+            if spec.server:
+                listener = self.listeners.pop(label, None) or self._listener(spec)
+        except FdmigError:
+            conn.close()
+            raise
+        self.conns.append(conn)
+        self.moved.add(label, state)
+        first = self.first[label] = state.unsent_bytes + section.outbuf[here:]
+        return conn, listener, first
+
+    def prepare(self, specs) -> None:
+        """Before the downtime: the listeners of the marked TCP server chardevs
+        among `specs`, made again here, so that the downtime holds none of that."""
+        for spec in specs:
+            if spec.kind == "inet" and spec.server and spec.support_local_migration and spec.id not in self.listeners:
+                self.listeners[spec.id] = self._listener(spec)
+
+    def unused(self, label: str) -> None:
+        """A chardev that came with no connection is opened afresh: its listener
+        made in advance goes first, as that binds the same address."""
+        listener = self.listeners.pop(label, None)
+        if listener is not None:
+            listener.close()
+
+    def discard(self) -> None:
+        for listener in self.listeners.values():
+            listener.close()
+        self.listeners.clear()
+
+    @staticmethod
+    def _listener(spec) -> socket.socket:
+        """The server chardev's listener, made again here. Free-bound: the address
+        comes to this host only with --claim-cmd."""
+        family = fdcheck.family_of(spec)
+        sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET:
+                sock.setsockopt(socket.IPPROTO_IP, tcprepair.IP_FREEBIND, 1)
+            else:
+                sock.setsockopt(socket.IPPROTO_IPV6, tcprepair.IPV6_FREEBIND, 1)
+            sock.bind((spec.host, spec.port))
+            sock.listen(16)
+        except OSError as exc:
+            sock.close()
+            raise FdmigError(f"chardev {spec.id}: cannot listen on {spec.address} again: {exc.strerror}") from None
+        return sock
+
+    def resume(self) -> None:
+        """After the commit: every restored connection out of repair mode (each
+        sends a window probe, so its peer answers at once)."""
+        for conn in self.conns:
+            tcprepair.leave(conn)
+        self.conns.clear()

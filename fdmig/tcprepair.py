@@ -1,0 +1,185 @@
+"""TCP_REPAIR: the one module that puts TCP sockets into the kernel's repair mode,
+dumps an established connection's state (fdmig.tcpstate) and builds it again on
+another host, as CRIU's libsoccr does. Needs CAP_NET_ADMIN.
+
+In repair mode a socket sends nothing and a close is silent (no FIN, no reset):
+that is what lets a source let go of a connection a target has taken, and a
+target drop one it restored, without the peer hearing of either. The address must
+leave the old host before its socket closes, or the kernel there answers the
+peer's next segment with a reset (the caller's --release-cmd)."""
+
+import errno
+import fcntl
+import socket
+import struct
+
+from fdmig.tcpstate import TcpState
+
+# linux/tcp.h
+TCP_REPAIR = 19
+TCP_REPAIR_QUEUE = 20
+TCP_QUEUE_SEQ = 21
+TCP_REPAIR_OPTIONS = 22
+TCP_TIMESTAMP = 24
+TCP_REPAIR_WINDOW = 29
+REPAIR_ON, REPAIR_OFF = 1, 0
+NO_QUEUE, RECV_QUEUE, SEND_QUEUE = 0, 1, 2
+TCPOPT_MAXSEG, TCPOPT_WINDOW, TCPOPT_SACK_PERM, TCPOPT_TIMESTAMP = 2, 3, 4, 8
+TCPI_OPT_TIMESTAMPS, TCPI_OPT_SACK, TCPI_OPT_WSCALE = 1, 2, 4
+TCP_ESTABLISHED = 1
+# linux/sockios.h, asm-generic/ioctls.h
+SIOCINQ, SIOCOUTQ, SIOCOUTQNSD = 0x541B, 0x5411, 0x894B
+IP_FREEBIND, IPV6_FREEBIND = 15, 78
+IP_TRANSPARENT, IPV6_TRANSPARENT = 19, 75
+SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33
+_WINDOW = struct.Struct("=5I")
+_U32 = struct.Struct("=I")
+_TCP_STATES = {1: "ESTABLISHED", 2: "SYN_SENT", 3: "SYN_RECV", 4: "FIN_WAIT1", 5: "FIN_WAIT2", 6: "TIME_WAIT",
+               7: "CLOSE", 8: "CLOSE_WAIT", 9: "LAST_ACK", 10: "LISTEN", 11: "CLOSING"}
+_CAP_NET_ADMIN = 12
+
+
+class RepairError(Exception):
+    """A connection that cannot be dumped or restored; the message says why."""
+
+
+def capable() -> bool:
+    """Whether this process has CAP_NET_ADMIN, which TCP_REPAIR needs."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> _CAP_NET_ADMIN & 1)
+    except OSError:
+        pass
+    return False
+
+
+def _set(sock: socket.socket, option: int, value: int) -> None:
+    sock.setsockopt(socket.IPPROTO_TCP, option, _U32.pack(value & 0xFFFFFFFF))
+
+
+def _get_u32(sock: socket.socket, option: int) -> int:
+    return _U32.unpack(sock.getsockopt(socket.IPPROTO_TCP, option, _U32.size))[0]
+
+
+def _ioctl_int(sock: socket.socket, request: int) -> int:
+    return struct.unpack("=i", fcntl.ioctl(sock.fileno(), request, b"\0" * 4))[0]
+
+
+def enter(sock: socket.socket) -> None:
+    """Repair mode: the socket stops sending, and closing it is silent."""
+    try:
+        _set(sock, TCP_REPAIR, REPAIR_ON)
+    except PermissionError:
+        raise RepairError("TCP_REPAIR needs CAP_NET_ADMIN") from None
+
+
+def leave(sock: socket.socket) -> None:
+    """Out of repair mode, with a window probe: the peer's answer (an ACK) tells
+    the socket at once where the peer stands. (The repair queue it was last set
+    to counts only in repair mode: no call to reset it.)"""
+    _set(sock, TCP_REPAIR, REPAIR_OFF)
+
+
+def _peek_queue(sock: socket.socket, queue: int, length: int) -> tuple[int, bytes]:
+    """(the queue's end seq, its bytes), in repair mode."""
+    _set(sock, TCP_REPAIR_QUEUE, queue)
+    seq = _get_u32(sock, TCP_QUEUE_SEQ)
+    if not length:
+        return seq, b""
+    buf = bytearray(length + 1)  # one more: a queue that grew would show
+    got = sock.recv_into(buf, length + 1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    if got != length:
+        raise RepairError(f"the {'send' if queue == SEND_QUEUE else 'receive'} queue held {got} bytes, "
+                          f"not the {length} counted")
+    return seq, bytes(buf[:length])
+
+
+def dump(sock: socket.socket) -> TcpState:
+    """The state of `sock`, an established connection already in repair mode."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)
+    state, options, wscale = info[0], info[5], info[6]
+    if state != TCP_ESTABLISHED:
+        raise RepairError(f"its TCP connection is {_TCP_STATES.get(state, state)}; "
+                          "x-tcp-repair moves only ESTABLISHED ones")
+    outq, unsent, inq = (_ioctl_int(sock, request) for request in (SIOCOUTQ, SIOCOUTQNSD, SIOCINQ))
+    send_seq, send_queue = _peek_queue(sock, SEND_QUEUE, outq)
+    recv_seq, recv_queue = _peek_queue(sock, RECV_QUEUE, inq)
+    timestamps = bool(options & TCPI_OPT_TIMESTAMPS)
+    local, peer = sock.getsockname()[:2], sock.getpeername()[:2]
+    return TcpState(
+        family=sock.family, local=local, peer=peer, send_seq=send_seq, recv_seq=recv_seq,
+        mss=sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG),  # the clamp, in repair mode
+        send_queue=send_queue, unsent=unsent, recv_queue=recv_queue,
+        sack=bool(options & TCPI_OPT_SACK), timestamps=timestamps,
+        wscale=(wscale & 0xF, wscale >> 4) if options & TCPI_OPT_WSCALE else None,
+        timestamp=_get_u32(sock, TCP_TIMESTAMP) if timestamps else 0,
+        window=_WINDOW.unpack(sock.getsockopt(socket.IPPROTO_TCP, TCP_REPAIR_WINDOW, _WINDOW.size)))
+
+
+def _write_queue(sock: socket.socket, queue: int, data: bytes) -> None:
+    if not data:
+        return
+    _set(sock, TCP_REPAIR_QUEUE, queue)
+    level, option = socket.SOL_SOCKET, (socket.SO_SNDBUF if queue == SEND_QUEUE else socket.SO_RCVBUF)
+    if sock.getsockopt(level, option) < 2 * len(data):
+        # The source's buffer had grown (autotuning); ours starts small.
+        sock.setsockopt(level, SO_SNDBUFFORCE if option == socket.SO_SNDBUF else SO_RCVBUFFORCE, 2 * len(data))
+    view, chunk = memoryview(data), len(data)
+    while view:
+        try:
+            sent = sock.send(view[:chunk], socket.MSG_DONTWAIT)
+        except OSError as exc:
+            # The kernel takes a queue in pieces it can allocate (CRIU halves too).
+            if exc.errno in (errno.ENOMEM, errno.EAGAIN) and chunk > 1024:
+                chunk //= 2
+                continue
+            raise
+        view = view[sent:]
+
+
+def restore(state: TcpState) -> socket.socket:
+    """A socket holding the connection `state` describes, still in repair mode:
+    nothing is sent until leave(). Its unsent bytes are the caller's to write
+    after that. The address may reach this host only once the connection is
+    ready to resume (the caller's --claim-cmd)."""
+    # Non-blocking from the start: in repair mode connect() completes at once.
+    sock = socket.socket(state.family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+    try:
+        enter(sock)
+        _set(sock, TCP_REPAIR_QUEUE, RECV_QUEUE)
+        _set(sock, TCP_QUEUE_SEQ, state.recv_seq - len(state.recv_queue))
+        _set(sock, TCP_REPAIR_QUEUE, SEND_QUEUE)
+        _set(sock, TCP_QUEUE_SEQ, state.send_seq - len(state.send_queue))
+        # Transparent, not only free-bind: the route to the peer is looked up from
+        # an address this host may not hold yet.
+        if state.family == socket.AF_INET:
+            sock.setsockopt(socket.IPPROTO_IP, IP_TRANSPARENT, 1)
+        else:
+            sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
+        sock.bind(state.local)
+        sock.connect(state.peer)  # in repair mode: no SYN, straight to ESTABLISHED
+        options = [(TCPOPT_MAXSEG, state.mss)]
+        if state.wscale is not None:
+            options.append((TCPOPT_WINDOW, state.wscale[0] | state.wscale[1] << 16))
+        if state.sack:
+            options.append((TCPOPT_SACK_PERM, 0))
+        if state.timestamps:
+            options.append((TCPOPT_TIMESTAMP, 0))
+        sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_OPTIONS,
+                        b"".join(struct.pack("=II", code, value) for code, value in options))
+        if state.timestamps:
+            _set(sock, TCP_TIMESTAMP, state.timestamp)
+        _write_queue(sock, RECV_QUEUE, state.recv_queue)
+        _write_queue(sock, SEND_QUEUE, state.sent)
+        if state.window is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_WINDOW, _WINDOW.pack(*state.window))
+    except RepairError:
+        sock.close()
+        raise
+    except OSError as exc:
+        sock.close()
+        raise RepairError(f"cannot restore the connection {state.local[0]}:{state.local[1]} -> "
+                          f"{state.peer[0]}:{state.peer[1]}: {exc.strerror or exc}") from None
+    return sock

@@ -1,0 +1,321 @@
+"""Live TCP connections moved to another host (capability x-tcp-repair): N echo
+chardevs on host A, each with a peer in the client's network namespace, moved to
+host B and back over a mutual-TLS channel, the service address moving with them
+(--release-cmd, --claim-cmd). Against the same peers reconnecting to a new host:
+the capability off, every chardev opened afresh at the target, each peer finding
+its connection gone (a reset from the new host) and connecting again.
+
+The hosts are network namespaces (tests/netns.py, 198.18.0.0/15 only); root only.
+
+    python -m tests.bench.crosshost [N ...]     # the measurement alone (default 1 100 1000)
+"""
+
+import json
+import os
+import select
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+from tests import netns
+from tests.bench import median_ms
+from tests.bench.handoff import Probes, _raise_fd_limit
+from tests.helpers import FDMIG, Notify
+from tests.netns import HOST_A, HOST_B, SERVICE
+
+PROBES = 50
+# The claim's gratuitous ARP, given 10 ms to go out: what a user tunes once the
+# hosts are known (the tests give it 50 ms, for a loaded machine).
+CLAIM = netns.claim(0.01)
+BASE_PORT = 10000
+RECORD = 16
+
+
+def available() -> str | None:
+    return netns.unavailable()
+
+
+def _start(hosts, host, args, workdir, env, ready=True):
+    notify = Notify(tempfile.mkdtemp(dir=workdir))
+    proc = subprocess.Popen(hosts.wrap(host, FDMIG + args), env=dict(env, NOTIFY_SOCKET=notify.path),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    if ready:
+        notify.wait_for("READY", "1", timeout=120, alive=lambda: proc.poll() is None)
+    notify.close()
+    return proc
+
+
+def _connect_all(ports):
+    return [socket.create_connection((SERVICE, port), timeout=10) for port in ports]
+
+
+def _serve_args(n: int, live: bool) -> list[str]:
+    args = ["serve", "--name", "x"] + (["--capability", "x-tcp-repair"] if live else [])
+    mark = ",support-local-migration=on" if live else ""
+    for i in range(n):
+        args += ["--chardev", f"socket,id=c{i},host={SERVICE},port={BASE_PORT + i},server=on,frontend=echo{mark}"]
+    return args
+
+
+def _envs(workdir) -> dict:
+    envs = {}
+    for host in ("a", "b"):
+        runtime = os.path.join(workdir, f"rt-{host}")
+        os.makedirs(runtime, mode=0o700, exist_ok=True)
+        envs[host] = dict(os.environ, FDMIG_RUNTIME_DIR=runtime)
+        envs[host].pop("FDMIG_FAULT", None)
+    return envs
+
+
+def _stop(procs) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def measure(n: int, repeats: int, workdir: str, creds: str) -> dict:
+    """Samples (seconds): the instance's downtime, the probes' longest pause and
+    the migrate-out wall time, moving back and forth between the hosts."""
+    _raise_fd_limit()
+    result = {"n": n, "downtime": [], "pause": [], "wall": []}
+    with netns.Hosts() as hosts:
+        envs = _envs(workdir)
+        procs = [_start(hosts, "a", _serve_args(n, live=True), workdir, envs["a"])]
+        peers = netns.in_netns(hosts.ns("client"), _connect_all, range(BASE_PORT, BASE_PORT + n))
+        watched = peers[:: max(1, n // PROBES)][:PROBES]
+        probes = Probes(watched)
+        try:
+            for i in range(repeats):
+                src, dst = ("a", "b") if i % 2 == 0 else ("b", "a")
+                channel = f"tcp:{HOST_B if dst == 'b' else HOST_A}:{4444 + i}"
+                procs.append(_start(hosts, dst, ["migrate-in", "--name", "x", "--channel", channel, "--tls-creds", creds,
+                                                 "--claim-cmd", CLAIM,
+                                                 "--release-cmd", netns.RELEASE],
+                                    workdir, envs[dst], ready=False))
+                time.sleep(0.1)  # the stream runs between handoffs, as in life
+                done = probes.window()
+                started = time.monotonic()
+                out = subprocess.run(FDMIG + ["migrate-out", "--name", "x", "--channel", channel, "--tls-creds", creds,
+                                              "--release-cmd", netns.RELEASE,
+                                              "--reclaim-cmd", CLAIM, "--json", "--timeout", "60"],
+                                     env=envs[src], capture_output=True, text=True, timeout=120)
+                result["wall"].append(time.monotonic() - started)
+                if out.returncode != 0:
+                    raise RuntimeError(f"migrate-out failed: {out.stderr.strip()}")
+                outcome = json.loads(out.stdout)
+                if outcome["tcp-state"]["connections"] != n:
+                    raise RuntimeError(f"only {outcome['tcp-state']['connections']} of {n} connections moved live")
+                probes.wait_answers(2)
+                result["pause"].append(done())
+                result["downtime"].append(outcome["downtime-ms"] / 1000)
+        finally:
+            probes.stop()
+            _stop(procs)
+            for peer in peers:
+                peer.close()
+    return result
+
+
+def measure_reconnect(n: int, repeats: int, workdir: str) -> list[float]:
+    """The same move without a live handoff: the instance on the old host stops
+    (its peers see EOF), the address moves, an instance starts on the new host,
+    and the peers connect again. Samples (seconds): the probes' longest pause,
+    EOF to the first answer from the new host."""
+    _raise_fd_limit()
+    samples = []
+    with netns.Hosts() as hosts:
+        envs = _envs(workdir)
+        procs = [_start(hosts, "a", _serve_args(n, live=False), workdir, envs["a"])]
+        ports = list(range(BASE_PORT, BASE_PORT + n))
+        watched = ports[:: max(1, n // PROBES)][:PROBES]
+        others = [port for port in ports if port not in watched]
+        peers = netns.in_netns(hosts.ns("client"), _connect_all, others)
+        probes = Reconnecting(hosts, watched)
+        try:
+            for i in range(repeats):
+                src, dst = ("a", "b") if i % 2 == 0 else ("b", "a")
+                time.sleep(0.1)  # the stream runs between moves, as in life
+                done = probes.window()
+                procs[-1].terminate()
+                procs[-1].wait(20)
+                hosts.run_on(src, netns.RELEASE)
+                hosts.run_on(dst, CLAIM)
+                procs.append(_start(hosts, dst, _serve_args(n, live=False), workdir, envs[dst]))
+                probes.wait_answers(2)
+                samples.append(done())
+                for peer in peers:  # the rest reconnect too, untimed
+                    peer.close()
+                peers = netns.in_netns(hosts.ns("client"), _connect_all, others)
+        finally:
+            probes.stop()
+            _stop(procs)
+            for peer in peers:
+                peer.close()
+    return samples
+
+
+class Reconnecting:
+    """Probes that reconnect: each does ping-pong on a connection of its own to
+    one of the ports, and when the connection fails (reset, EOF) connects again
+    until the new host answers. The longest gap between two answers is the pause
+    such a peer sees. In a process of their own, made in the client's namespace."""
+
+    def __init__(self, hosts, ports):
+        self._ctl, child_end = socket.socketpair()
+
+        def fork():
+            # In the namespace's thread: the child, that thread alone, stays there.
+            pid = os.fork()
+            if pid == 0:
+                self._ctl.close()
+                try:
+                    _reconnect_loop(ports, child_end)
+                finally:
+                    os._exit(0)
+            return pid
+        self.pid = netns.in_netns(hosts.ns("client"), fork)
+        child_end.close()
+
+    def _ask(self, command: bytes) -> str:
+        self._ctl.settimeout(120)
+        self._ctl.sendall(command)
+        reply = self._ctl.recv(256).decode()
+        if reply.startswith("error"):
+            raise RuntimeError(reply)
+        return reply
+
+    def window(self):
+        self._ask(b"w")
+        return lambda: float(self._ask(b"d"))
+
+    def wait_answers(self, count: int) -> None:
+        self._ask(b"a%d" % count)
+
+    def stop(self) -> None:
+        try:
+            self._ctl.sendall(b"q")
+        except OSError:
+            pass
+        os.waitpid(self.pid, 0)
+
+
+def _reconnect_loop(ports, ctl) -> None:
+    conns = {}  # port -> socket
+    last = dict.fromkeys(ports, time.monotonic())
+    answers = dict.fromkeys(ports, 0)
+    pending = dict.fromkeys(ports, b"")
+    longest, measuring, waiting = 0.0, False, None
+
+    def connect(port):
+        while True:
+            try:
+                sock = socket.create_connection((SERVICE, port), timeout=1)
+                sock.setblocking(False)
+                sock.send(b"%015d\n" % 0)
+                conns[port], pending[port] = sock, b""
+                return
+            except OSError:
+                time.sleep(0.001)  # a client's reconnect loop
+
+    for port in ports:
+        connect(port)
+    while True:
+        by_fd = {sock.fileno(): port for port, sock in conns.items()}
+        ready, _, _ = select.select([ctl, *conns.values()], [], [], 0.05)
+        for sock in ready:
+            if sock is ctl:
+                command = ctl.recv(64)
+                if command in (b"", b"q"):
+                    return
+                if command == b"w":
+                    longest, measuring = 0.0, True
+                    ctl.sendall(b"ok")
+                elif command == b"d":
+                    measuring = False
+                    ctl.sendall(repr(longest).encode())
+                elif command.startswith(b"a"):
+                    waiting = (int(command[1:]), dict(answers))
+                continue
+            port = by_fd[sock.fileno()]
+            try:
+                data = sock.recv(4096)
+            except OSError:
+                data = b""
+            if not data:
+                sock.close()
+                connect(port)
+                continue
+            pending[port] += data
+            while len(pending[port]) >= RECORD:
+                pending[port] = pending[port][RECORD:]
+                now = time.monotonic()
+                answers[port] += 1
+                if measuring:
+                    longest = max(longest, now - last[port])
+                last[port] = now
+                try:
+                    sock.send(b"%015d\n" % answers[port])
+                except OSError:
+                    pass  # the next recv says what happened
+        if waiting is not None:
+            count, base = waiting
+            if all(answers[p] - base[p] >= count for p in base):
+                ctl.sendall(b"ok")
+                waiting = None
+
+
+def measure_all(sizes, repeats, workdir, creds) -> list[dict]:
+    rows = []
+    for n in sizes:
+        print(f"cross-host n={n} ...", file=sys.stderr, flush=True)
+        reps = repeats if n < 1000 else max(2, repeats // 2)
+        live = measure(n, reps, tempfile.mkdtemp(dir=workdir), creds)
+        fresh = measure_reconnect(n, max(2, reps // 2), tempfile.mkdtemp(dir=workdir))
+        rows.append({"n": n, "downtime-ms": median_ms(live["downtime"]), "peer-pause-ms": median_ms(live["pause"]),
+                     "migrate-out-ms": median_ms(live["wall"]), "reconnect-pause-ms": median_ms(fresh),
+                     "repeats": reps})
+    return rows
+
+
+def markdown(rows) -> list[str]:
+    lines = ["Across hosts (network namespaces on one bridge), x-tcp-repair: N TCP echo connections moved "
+             "with their TCP state and the service address, against the same peers reconnecting to the new host.",
+             "", "| connections | downtime (instance) | longest peer pause | migrate-out wall | "
+             "peers reconnecting instead: longest pause |", "|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        lines.append(f"| {row['n']} | {row['downtime-ms']} ms | {row['peer-pause-ms']} ms | "
+                     f"{row['migrate-out-ms']} ms | {row['reconnect-pause-ms']} ms |")
+    return lines
+
+
+def make_creds(workdir: str) -> str:
+    """A tls-creds DIR holding both ends' files, made with openssl (as the tests do)."""
+    from tests.test_tls_channel import _OPENSSL_CNF, make_ca, make_creds_dir, make_leaf
+    work = os.path.join(workdir, "ca")
+    os.makedirs(work)
+    with open(os.path.join(work, "openssl.cnf"), "w") as f:
+        f.write(_OPENSSL_CNF)
+    make_ca(work, "ca", "bench CA")
+    make_leaf(work, "ca", "server", "server", "bench target", 1)
+    make_leaf(work, "ca", "client", "client", "bench source", 2)
+    w = lambda name: os.path.join(work, name)  # noqa: E731
+    return make_creds_dir(os.path.join(workdir, "creds"), ca_cert=w("ca-cert.pem"), server_cert=w("server-cert.pem"),
+                          server_key=w("server-key.pem"), client_cert=w("client-cert.pem"),
+                          client_key=w("client-key.pem"))
+
+
+if __name__ == "__main__":
+    why = available()
+    if why:
+        sys.exit(f"cannot run: {why}")
+    sizes = [int(a) for a in sys.argv[1:]] or [1, 100, 1000]
+    with tempfile.TemporaryDirectory(prefix="fdm-x", dir="/tmp") as tmp:
+        rows = measure_all(sizes, 6, tmp, make_creds(tmp))
+    print("\n".join(markdown(rows)))

@@ -1,0 +1,398 @@
+"""Live TCP connections moved to another host (capability x-tcp-repair over a
+mutual-TLS TCP channel), with hosts that are network namespaces this test makes
+(tests/netns.py: a client, host A and host B on one bridge, 198.18.0.0/15 only).
+The service address moves with the connections through --release-cmd,
+--claim-cmd and --reclaim-cmd; the peers, in the client's namespace, stream
+numbered records and check that every echo comes back once, in order, with no
+reset, through each migration and each failure."""
+
+import json
+import os
+import selectors
+import shutil
+import socket
+import threading
+import time
+import types
+
+import pytest
+
+from fdmig import qmp
+from tests import netns
+from tests.helpers import Daemon, run, status_of, wait_states
+from tests.netns import HOST_A, HOST_B, SERVICE
+from tests.test_tls_channel import creds  # noqa: F401  (the certificates, made once per module)
+
+_why = netns.unavailable()
+pytestmark = pytest.mark.skipif(_why is not None, reason=f"cross-host tests: {_why}")
+
+PORT = 7000
+CHANNEL_PORT = 4444
+ECHO = "socket,id={label},host=" + SERVICE + ",port={port},server=on,support-local-migration=on,frontend=echo"
+
+
+class Streamers(threading.Thread):
+    """Peers that each stream numbered records to an echo chardev, a few at a
+    time, and check every echo against what they sent: once, in order. A reset,
+    an EOF or a wrong byte is a failure, kept for the test to assert on."""
+
+    BATCH = 8  # records per peer per turn
+    PACE = 0.002  # seconds between turns
+    WINDOW = 64 * 1024  # bytes a peer may have sent and not yet had back
+
+    def __init__(self, socks: list):
+        super().__init__(daemon=True)
+        self.socks = socks
+        self.sent = [0] * len(socks)  # records sent, per peer
+        self.outq = [bytearray() for _ in socks]  # made, not yet sent
+        self.pending = [bytearray() for _ in socks]  # sent, not yet echoed
+        self.echoed = [0] * len(socks)  # bytes echoed
+        self.failures: list[str] = []
+        self.sending = True
+        self.done = threading.Event()
+        self.longest_gap = 0.0
+
+    RECORD = 15  # bytes
+
+    def record(self, peer: int, n: int) -> bytes:
+        return b"%04d %09d\n" % (peer, n)
+
+    def run(self) -> None:
+        selector = selectors.DefaultSelector()
+        for index, sock in enumerate(self.socks):
+            sock.setblocking(False)
+            selector.register(sock, selectors.EVENT_READ, index)
+        last = batch_at = time.monotonic()
+        try:
+            while not self.done.is_set():
+                # A batch per peer every PACE at most: a stream, not a flood.
+                fresh = self.sending and time.monotonic() - batch_at >= self.PACE
+                if fresh:
+                    batch_at = time.monotonic()
+                if fresh or any(self.outq):
+                    for index, sock in enumerate(self.socks):
+                        if len(self.pending[index]) >= self.WINDOW:
+                            continue
+                        if not self.outq[index]:
+                            if not fresh:
+                                continue
+                            first = self.sent[index]
+                            self.outq[index] += b"".join(self.record(index, first + i) for i in range(self.BATCH))
+                            self.sent[index] += self.BATCH
+                        try:
+                            n = sock.send(self.outq[index])
+                        except BlockingIOError:
+                            continue
+                        except OSError as exc:
+                            self.failures.append(f"peer {index}: send: {exc!r}")
+                            return
+                        self.pending[index] += self.outq[index][:n]
+                        del self.outq[index][:n]
+                if not self.sending and not any(self.pending) and not any(self.outq):
+                    return
+                for key, _ in selector.select(0.002):
+                    index = key.data
+                    try:
+                        data = key.fileobj.recv(65536)
+                    except BlockingIOError:
+                        continue
+                    except OSError as exc:
+                        self.failures.append(f"peer {index}: recv: {exc!r}")
+                        return
+                    if not data:
+                        self.failures.append(f"peer {index}: EOF after {self.echoed[index]} bytes")
+                        return
+                    now = time.monotonic()
+                    self.longest_gap, last = max(self.longest_gap, now - last), now
+                    expected = self.pending[index][: len(data)]
+                    if data != expected:
+                        self.failures.append(f"peer {index}: at byte {self.echoed[index]}: got {data[:40]!r}, "
+                                             f"expected {bytes(expected[:40])!r}")
+                        return
+                    del self.pending[index][: len(data)]
+                    self.echoed[index] += len(data)
+        finally:
+            selector.close()
+            self.done.set()
+
+    def finish(self, timeout: float = 20.0) -> None:
+        """Stop sending; every echo owed must come back."""
+        self.sending = False
+        if not self.done.wait(timeout):
+            self.done.set()
+            self.failures.append(f"echoes still owed after {timeout:g} s: {[len(p) for p in self.pending]}")
+        self.join(5)
+
+    def echoed_records(self) -> list[int]:
+        return [n // self.RECORD for n in self.echoed]
+
+
+@pytest.fixture
+def hosts():
+    with netns.Hosts() as made:
+        yield made
+
+
+@pytest.fixture
+def world(hosts, short_dir, creds):  # noqa: F811
+    """Each host's runtime directory and environment, and how to start fdmig there."""
+    started = []
+    dirs = {}
+    for host in ("a", "b"):
+        dirs[host] = os.path.join(short_dir, host)
+        os.mkdir(dirs[host], 0o700)
+
+    def env(host):
+        return dict(os.environ, FDMIG_RUNTIME_DIR=dirs[host])
+
+    def start(host, *args, ready=True, extra_env=None):
+        daemon = Daemon(args, short_dir, env={**env(host), **(extra_env or {})}, ready=ready,
+                        wrap=hosts.wrap(host, []))
+        started.append(daemon)
+        return daemon
+
+    def serve(host, *chardevs, extra_env=None):
+        specs = [arg for spec in chardevs for arg in ("--chardev", spec)]
+        return start(host, "serve", "--name", "web", "--capability", "x-tcp-repair", *specs, extra_env=extra_env)
+
+    def target(host, channel_host, port=CHANNEL_PORT, claim=True, extra_env=None, creds_dir=None):
+        hooks = ["--claim-cmd", netns.CLAIM, "--release-cmd", netns.RELEASE] if claim else []
+        return start(host, "migrate-in", "--name", "web", "--channel", f"tcp:{channel_host}:{port}",
+                     "--tls-creds", creds_dir or creds.both, *hooks, ready=False, extra_env=extra_env)
+
+    def migrate(host, channel_host, port=CHANNEL_PORT, creds_dir=None, release=None, reclaim=None, timeout=30):
+        return run("migrate-out", "--name", "web", "--channel", f"tcp:{channel_host}:{port}",
+                   "--tls-creds", creds_dir or creds.both, "--timeout", str(timeout),
+                   "--release-cmd", release or netns.RELEASE,
+                   "--reclaim-cmd", reclaim or netns.CLAIM, "--json", env=env(host), timeout=timeout + 30)
+
+    yield types.SimpleNamespace(dirs=dirs, env=env, start=start, serve=serve, target=target, migrate=migrate, creds=creds,
+                                control=lambda host: os.path.join(dirs[host], "web.sock"))
+    for daemon in started:
+        daemon.close()
+
+
+def peers(hosts, ports) -> list[socket.socket]:
+    return [hosts.connect("client", SERVICE, port) for port in ports]
+
+
+def echo_once(sock: socket.socket, data: bytes = b"ping\n") -> bytes:
+    sock.settimeout(10)
+    sock.sendall(data)
+    got = b""
+    while len(got) < len(data):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        got += chunk
+    return got
+
+
+def outcome(result) -> dict:
+    assert result.returncode == 0, result.stdout + result.stderr
+    return json.loads(result.stdout)
+
+
+# ----- moves -------------------------------------------------------------------
+
+def test_streaming_peers_move_to_another_host_and_back_every_record_once_in_order(hosts, world):
+    labels = [f"e{i}" for i in range(8)]
+    world.serve("a", *(ECHO.format(label=label, port=PORT + i) for i, label in enumerate(labels)),
+                ECHO.format(label="spare", port=PORT + 100),
+                f"socket,id=plain,host={SERVICE},port={PORT + 200},server=on,frontend=echo")
+    streams = Streamers(peers(hosts, range(PORT, PORT + 8)))
+    wait_states(world.control("a"), {label: "connected" for label in labels})
+    streams.start()
+
+    world.target("b", HOST_B)
+    moved = outcome(world.migrate("a", HOST_B))
+    assert moved["moved-live"] == labels and sorted(moved["reconnected"]) == ["plain", "spare"]
+    assert not hosts.has_service_address("a") and hosts.has_service_address("b")
+    after = status_of(world.control("b"))
+    assert after["migration"]["moved-live"] == labels
+    assert after["migration"]["tcp-state"]["connections"] == 8
+    with qmp.connect(world.control("b")) as client:
+        migration = client.execute("query-migrate")
+    assert migration["status"] == "completed" and migration["x-fdmig"]["moved-live"] == labels
+    assert sorted(migration["x-fdmig"]["reconnected"]) == ["plain", "spare"]
+    assert {c["label"]: c["state"] for c in after["chardevs"]} == {
+        **{label: "connected" for label in labels}, "spare": "listening", "plain": "listening"}
+
+    halfway = sum(streams.echoed)
+    world.target("a", HOST_A, port=CHANNEL_PORT + 1)
+    back = outcome(world.migrate("b", HOST_A, port=CHANNEL_PORT + 1))
+    assert back["moved-live"] == labels
+    assert hosts.has_service_address("a") and not hosts.has_service_address("b")
+    streams.finish()
+    assert streams.failures == []
+    assert sum(streams.echoed) > halfway > 0  # they streamed before, between and after
+    assert min(streams.echoed_records()) > 0
+
+    # New clients reach the moved listeners: one that never had a peer, and one
+    # whose peer leaves.
+    assert echo_once(hosts.connect("client", SERVICE, PORT + 100)) == b"ping\n"
+    streams.socks[0].close()
+    assert echo_once(hosts.connect("client", SERVICE, PORT)) == b"ping\n"
+
+
+def test_bytes_in_flight_both_ways_at_the_dump_arrive_once(hosts, world):
+    """A peer that writes megabytes and reads nothing: the echo's send queue is
+    full (unacknowledged and unsent bytes), and so is its receive queue."""
+    world.serve("a", ECHO.format(label="big", port=PORT))
+    sock = hosts.connect("client", SERVICE, PORT)
+    sock.setblocking(False)
+    sent = bytearray()
+    block = bytes(range(256)) * 256
+    stalled_since = None
+    # Write until the kernel takes no more for a while: every queue on the way is full.
+    while stalled_since is None or time.monotonic() - stalled_since < 0.5:
+        try:
+            n = sock.send(block[len(sent) % 256:] + block[: len(sent) % 256])
+            sent += (block[len(sent) % 256:] + block[: len(sent) % 256])[:n]
+            stalled_since = None
+        except BlockingIOError:
+            stalled_since = stalled_since or time.monotonic()
+            time.sleep(0.01)
+    world.target("b", HOST_B)
+    moved = outcome(world.migrate("a", HOST_B))
+    state = moved["tcp-state"]
+    assert state["connections"] == 1
+    assert state["send-queue-bytes"] > 0 and state["recv-queue-bytes"] > 0, state
+    sock.setblocking(True)
+    sock.settimeout(20)
+    got = bytearray()
+    while len(got) < len(sent):
+        chunk = sock.recv(1 << 20)
+        assert chunk, f"EOF after {len(got)} of {len(sent)} bytes"
+        got += chunk
+    assert got == sent
+
+
+def test_unix_and_unmarked_chardevs_are_opened_afresh_at_the_target(hosts, world, short_dir):
+    path = os.path.join(short_dir, "app.sock")
+    world.serve("a", ECHO.format(label="live", port=PORT),
+                f"socket,id=app,path={path},server=on,support-local-migration=on,frontend=echo")
+    sock = hosts.connect("client", SERVICE, PORT)
+    world.target("b", HOST_B)
+    moved = outcome(world.migrate("a", HOST_B))
+    assert moved["moved-live"] == ["live"] and moved["reconnected"] == ["app"]
+    assert "1 marked chardev(s) (app) will reconnect at the target" in "\n".join(moved["notes"])
+    assert echo_once(sock) == b"ping\n"
+
+
+# ----- faults --------------------------------------------------------------------
+
+def _serving_as_before(hosts, world, streams, host="a"):
+    assert hosts.has_service_address(host)
+    states = {c["label"]: c["state"] for c in status_of(world.control(host))["chardevs"]}
+    assert set(states.values()) == {"connected"}, states
+    before = sum(streams.echoed)
+    deadline = time.monotonic() + 10
+    while sum(streams.echoed) <= before and time.monotonic() < deadline and not streams.failures:
+        time.sleep(0.01)  # the streams go on: awaiting progress, not a fixed time
+    streams.finish()
+    assert streams.failures == []
+    assert sum(streams.echoed) > before
+
+
+def start_streaming(hosts, world, n: int = 4, extra_env=None) -> Streamers:
+    world.serve("a", *(ECHO.format(label=f"e{i}", port=PORT + i) for i in range(n)), extra_env=extra_env)
+    streams = Streamers(peers(hosts, range(PORT, PORT + n)))
+    wait_states(world.control("a"), {f"e{i}": "connected" for i in range(n)})
+    streams.start()
+    return streams
+
+
+@pytest.fixture
+def streaming(hosts, world):
+    streams = start_streaming(hosts, world)
+    yield streams
+    streams.done.set()
+
+
+def test_target_killed_before_the_commit_leaves_every_connection_on_the_source(hosts, world, streaming):
+    # Killed with every connection restored (in repair mode) but before it
+    # claims the address: its sockets close silently, the source rolls back.
+    target = world.target("b", HOST_B, extra_env={"FDMIG_FAULT": "target-after-batch=kill"})
+    result = world.migrate("a", HOST_B)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "the source still serves every chardev" in result.stderr
+    target.proc.wait(10)
+    assert not hosts.has_service_address("b")
+    _serving_as_before(hosts, world, streaming)
+
+
+def test_source_killed_after_the_commit_the_target_takes_over(hosts, world):
+    streams = start_streaming(hosts, world, extra_env={"FDMIG_FAULT": "source-after-ack=kill"})
+    try:
+        world.target("b", HOST_B)
+        result = world.migrate("a", HOST_B)
+        assert result.returncode == 1, result.stdout + result.stderr
+        assert "died during the migration; whether the target took over, fdmig status on its host says" \
+            in result.stderr
+        wait_states(world.control("b"), {f"e{i}": "connected" for i in range(4)})
+        after = status_of(world.control("b"))
+        assert after["migration"]["moved-live"] == [f"e{i}" for i in range(4)]
+        _serving_as_before(hosts, world, streams, host="b")
+    finally:
+        streams.done.set()
+
+
+def test_a_failing_claim_cmd_rolls_back_before_the_commit(hosts, world, streaming):
+    world.start("b", "migrate-in", "--name", "web", "--channel", f"tcp:{HOST_B}:{CHANNEL_PORT}", "--tls-creds",
+                world.creds.both, "--claim-cmd", "echo no such address >&2; exit 3", ready=False)
+    result = world.migrate("a", HOST_B)
+    assert result.returncode == 1
+    assert "the target refused: --claim-cmd failed (exit status 3): no such address" in result.stderr
+    _serving_as_before(hosts, world, streaming)
+
+
+def test_a_failing_release_cmd_rolls_back_before_anything_is_dumped(hosts, world, streaming):
+    world.target("b", HOST_B)
+    result = world.migrate("a", HOST_B, release="echo cannot release >&2; exit 4")
+    assert result.returncode == 1
+    assert "--release-cmd failed (exit status 4): cannot release" in result.stderr
+    assert not hosts.has_service_address("b")
+    _serving_as_before(hosts, world, streaming)
+
+
+def test_a_certificate_from_another_ca_is_refused_and_nothing_moves(hosts, world, streaming):
+    world.target("b", HOST_B)
+    result = world.migrate("a", HOST_B, creds_dir=world.creds.foreign)
+    assert result.returncode == 1
+    assert "TLS" in result.stderr
+    assert not hosts.has_service_address("b")
+    _serving_as_before(hosts, world, streaming)
+
+
+def test_a_tcp_channel_without_tls_is_a_usage_error(world, streaming):
+    result = run("migrate-out", "--name", "web", "--channel", f"tcp:{HOST_B}:{CHANNEL_PORT}",
+                 "--capability", "x-tcp-repair", env=world.env("a"))
+    assert result.returncode == 2
+    assert "a TCP channel needs --tls-creds DIR" in result.stderr
+    streaming.finish()
+    assert streaming.failures == []
+
+
+def test_hooks_are_refused_over_a_unix_channel(world, streaming):
+    result = run("migrate-out", "--name", "web", "--release-cmd", "true", env=world.env("a"))
+    assert result.returncode == 2
+    assert "--release-cmd moves the service address to another host: it is for a TCP channel" in result.stderr
+    streaming.finish()
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv (util-linux)")
+def test_without_cap_net_admin_the_source_refuses_x_tcp_repair(hosts, world):
+    world.start("a", "serve", "--name", "web", "--capability", "x-tcp-repair",
+                "--chardev", ECHO.format(label="e0", port=PORT))
+    wrap = ["setpriv", "--inh-caps=-net_admin", "--bounding-set=-net_admin"]
+    daemon = Daemon(["serve", "--name", "weak", "--capability", "x-tcp-repair", "--chardev",
+                     ECHO.format(label="e0", port=PORT + 1)], world.dirs["a"],
+                    env=world.env("a"), wrap=hosts.wrap("a", wrap))
+    try:
+        result = run("migrate-out", "--name", "weak", "--channel", f"tcp:{HOST_B}:{CHANNEL_PORT}",
+                     "--tls-creds", world.creds.both, env=world.env("a"))
+        assert result.returncode == 1
+        assert "capability x-tcp-repair needs CAP_NET_ADMIN" in result.stderr
+    finally:
+        daemon.close()
