@@ -139,25 +139,40 @@ def _write_queue(sock: socket.socket, queue: int, data: bytes) -> None:
         view = view[sent:]
 
 
-def restore(state: TcpState) -> socket.socket:
-    """A socket holding the connection `state` describes, still in repair mode:
-    nothing is sent until leave(). Its unsent bytes are the caller's to write
-    after that. The address may reach this host only once the connection is
-    ready to resume (the caller's --claim-cmd)."""
+def blank(family: int) -> socket.socket:
+    """A socket for restore(), in repair mode already: made before a migration's
+    downtime, it leaves restore() only the connection's own state to set."""
     # Non-blocking from the start: in repair mode connect() completes at once.
-    sock = socket.socket(state.family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+    sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
     try:
         enter(sock)
+        # Transparent, not only free-bound: the route to the peer is looked up from
+        # an address this host may not hold yet.
+        if family == socket.AF_INET:
+            sock.setsockopt(socket.IPPROTO_IP, IP_TRANSPARENT, 1)
+        else:
+            sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def restore(state: TcpState, sock: socket.socket | None = None) -> socket.socket:
+    """`sock` (a blank() of the state's family, or a new one) holding the
+    connection `state` describes, still in repair mode: nothing is sent until
+    leave(). Its unsent bytes are the caller's to write after that. The address
+    may reach this host only once the connection is ready to resume (the
+    caller's --claim-cmd). Closed on a failure."""
+    try:
+        sock = sock or blank(state.family)
+    except OSError as exc:
+        raise RepairError(f"cannot make a socket in repair mode: {exc.strerror or exc}") from None
+    try:
         _set(sock, TCP_REPAIR_QUEUE, RECV_QUEUE)
         _set(sock, TCP_QUEUE_SEQ, state.recv_seq - len(state.recv_queue))
         _set(sock, TCP_REPAIR_QUEUE, SEND_QUEUE)
         _set(sock, TCP_QUEUE_SEQ, state.send_seq - len(state.send_queue))
-        # Transparent, not only free-bind: the route to the peer is looked up from
-        # an address this host may not hold yet.
-        if state.family == socket.AF_INET:
-            sock.setsockopt(socket.IPPROTO_IP, IP_TRANSPARENT, 1)
-        else:
-            sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
         sock.bind(state.local)
         sock.connect(state.peer)  # in repair mode: no SYN, straight to ESTABLISHED
         options = [(TCPOPT_MAXSEG, state.mss)]
@@ -175,9 +190,6 @@ def restore(state: TcpState) -> socket.socket:
         _write_queue(sock, SEND_QUEUE, state.sent)
         if state.window is not None:
             sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_WINDOW, _WINDOW.pack(*state.window))
-    except RepairError:
-        sock.close()
-        raise
     except OSError as exc:
         sock.close()
         raise RepairError(f"cannot restore the connection {state.local[0]}:{state.local[1]} -> "

@@ -26,9 +26,13 @@ PREFIX = 24
 RELEASE = f"ip addr del {SERVICE}/{PREFIX} dev eth0"
 
 
-def claim(wait: float = 0.05) -> str:
+def claim(wait: float = 0.05, signal: str = "INT") -> str:
+    """With `signal` KILL, arping ends at once (INT lets it tidy up, a few ms more),
+    but the shell then says "Killed" on stderr: that goes to /dev/null, with
+    whatever arping had to say."""
+    quiet = " 2>/dev/null" if signal == "KILL" else ""
     return (f"ip addr replace {SERVICE}/{PREFIX} dev eth0 && "
-            f"{{ timeout -s INT {wait} arping -q -c 1 -U -I eth0 {SERVICE} || true; }}")
+            f"{{ timeout -s {signal} {wait} arping -q -c 1 -U -I eth0 {SERVICE} || true; }}{quiet}")
 
 
 CLAIM = claim()

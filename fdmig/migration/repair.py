@@ -151,6 +151,7 @@ class Restorer:
         self.pieces: dict[str, list[bytes]] = {}
         self.conns: list[socket.socket] = []  # in repair mode, until resume()
         self.listeners: dict[str, socket.socket] = {}  # label -> made before the downtime, until taken
+        self.blanks: dict[str, socket.socket] = {}  # label -> a socket in repair mode, made likewise
         self.moved = Moved()
         self.first: dict[str, bytes] = {}  # label -> what to write first after resume()
 
@@ -179,7 +180,7 @@ class Restorer:
             raise FdmigError(f"chardev {label}: its TCP state: {exc}") from None
         _check(state, spec, label)
         try:
-            conn = tcprepair.restore(state)
+            conn = tcprepair.restore(state, self.blanks.pop(label, None))
         except tcprepair.RepairError as exc:
             raise FdmigError(f"chardev {label}: its TCP state: {exc}") from None
         try:
@@ -195,23 +196,38 @@ class Restorer:
         return conn, listener, first
 
     def prepare(self, specs) -> None:
-        """Before the downtime: the listeners of the marked TCP server chardevs
-        among `specs`, made again here, so that the downtime holds none of that."""
+        """Before the downtime, for each marked TCP chardev among `specs`: a blank
+        socket to restore its connection into and, for a server, its listener
+        made again here, so that the downtime holds none of that."""
         for spec in specs:
-            if spec.kind == "inet" and spec.server and spec.support_local_migration and spec.id not in self.listeners:
+            if spec.kind != "inet" or not spec.support_local_migration or spec.id in self.blanks:
+                continue
+            try:
+                self.blanks[spec.id] = tcprepair.blank(fdcheck.family_of(spec))
+            except (OSError, tcprepair.RepairError) as exc:
+                raise FdmigError(f"chardev {spec.id}: cannot make a socket to restore its connection into: "
+                                 f"{getattr(exc, 'strerror', None) or exc}") from None
+            if spec.server:
                 self.listeners[spec.id] = self._listener(spec)
 
+    @staticmethod
+    def fds(specs) -> int:
+        """How many fds prepare() will open for `specs`."""
+        return sum(1 + spec.server for spec in specs if spec.kind == "inet" and spec.support_local_migration)
+
     def unused(self, label: str) -> None:
-        """A chardev that came with no connection is opened afresh: its listener
-        made in advance goes first, as that binds the same address."""
-        listener = self.listeners.pop(label, None)
-        if listener is not None:
-            listener.close()
+        """A chardev that came with no connection is opened afresh: what was made
+        for it in advance goes first (its listener binds the same address)."""
+        for made in (self.listeners, self.blanks):
+            sock = made.pop(label, None)
+            if sock is not None:
+                sock.close()
 
     def discard(self) -> None:
-        for listener in self.listeners.values():
-            listener.close()
-        self.listeners.clear()
+        for made in (self.listeners, self.blanks):
+            for sock in made.values():
+                sock.close()
+            made.clear()
 
     @staticmethod
     def _listener(spec) -> socket.socket:

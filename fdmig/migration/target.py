@@ -194,6 +194,10 @@ class TargetSession(Session):
     async def on_table(self, table: wire.Table) -> None:
         self.plan = make_plan(self.own, table, self.remote)
         coming = sum(wire.entry_fds(entry) for entry in table.chardevs)
+        restoring = self.remote and self.plan.capabilities.get(repair.CAPABILITY)
+        if restoring:  # a blank socket per marked TCP chardev, and its listener for a server
+            coming += repair.Restorer.fds(self.plan.specs[e["id"]] for e in table.chardevs
+                                          if e["id"] not in self.fresh)
         headroom = fd_headroom()
         if coming > headroom:
             raise Refused(f"{coming} fds would come, more than the {headroom} this target "
@@ -204,7 +208,7 @@ class TargetSession(Session):
         # take the staging's garbage now, not at the first allocation after the thaw.
         # Nothing is read until the takeover: a restored chardev is watched, never read.
         self.chardevs = stage(self.instance, self.plan)
-        if self.remote and self.plan.capabilities.get(repair.CAPABILITY):
+        if restoring:
             try:
                 self.restorer.prepare(self.plan.specs[label] for label in self.chardevs
                                       if label not in self.fresh)
