@@ -396,3 +396,20 @@ def test_without_cap_net_admin_the_source_refuses_x_tcp_repair(hosts, world):
         assert "capability x-tcp-repair needs CAP_NET_ADMIN" in result.stderr
     finally:
         daemon.close()
+
+
+def test_a_connection_whose_local_address_stays_behind_is_refused_and_serves_on(hosts, world):
+    """A client chardev's connection is from host A's own address, which does not
+    move: restored on B, its peer's next segment would reach A and be reset. The
+    target refuses it after the claim, and the source rolls back."""
+    server = netns.in_netns(hosts.ns("client"), socket.create_server, (netns.CLIENT, 9000))
+    world.serve("a", f"socket,id=up,host={netns.CLIENT},port=9000,support-local-migration=on,frontend=echo")
+    server.settimeout(10)
+    peer, _ = server.accept()
+    assert echo_once(peer) == b"ping\n"
+    world.target("b", HOST_B)
+    result = world.migrate("a", HOST_B)
+    assert result.returncode == 1
+    assert f"chardev up: its connection's address {HOST_A} is not this host's after --claim-cmd" in result.stderr
+    assert hosts.has_service_address("a") and not hosts.has_service_address("b")
+    assert echo_once(peer, b"still here\n") == b"still here\n"

@@ -11,7 +11,7 @@ import asyncio
 import logging
 import socket
 
-from fdmig import fdcheck, tcprepair, tcpstate
+from fdmig import fdcheck, nbio, tcprepair, tcpstate
 from fdmig.errors import FdmigError
 from fdmig.migration import form, wire
 
@@ -233,20 +233,30 @@ class Restorer:
     def _listener(spec) -> socket.socket:
         """The server chardev's listener, made again here. Free-bound: the address
         comes to this host only with --claim-cmd."""
-        family = fdcheck.family_of(spec)
-        sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
         try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET:
-                sock.setsockopt(socket.IPPROTO_IP, tcprepair.IP_FREEBIND, 1)
-            else:
-                sock.setsockopt(socket.IPPROTO_IPV6, tcprepair.IPV6_FREEBIND, 1)
-            sock.bind((spec.host, spec.port))
-            sock.listen(16)
+            return nbio.listen_tcp(fdcheck.family_of(spec), spec.host, spec.port, freebind=True)
         except OSError as exc:
-            sock.close()
             raise FdmigError(f"chardev {spec.id}: cannot listen on {spec.address} again: {exc.strerror}") from None
-        return sock
+
+    def strangers(self) -> list[tuple[str, str]]:
+        """(label, address) of each restored connection whose local address is not
+        this host's (after --claim-cmd): its peer's next segment would reach the
+        old host, which no longer has the connection and would reset it."""
+        found, known = [], {}
+        for label, conn in zip(self.moved.labels, self.conns):
+            address = conn.getsockname()[0]
+            if address not in known:
+                probe = socket.socket(conn.family, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+                try:
+                    probe.bind((address, 0))  # not free-bound: only an address of this host binds
+                    known[address] = True
+                except OSError:
+                    known[address] = False
+                finally:
+                    probe.close()
+            if not known[address]:
+                found.append((label, address))
+        return found
 
     def resume(self) -> None:
         """After the commit: every restored connection out of repair mode (each

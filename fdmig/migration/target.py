@@ -17,7 +17,7 @@ import socket
 import ssl
 import time
 
-from fdmig import faults, fdcheck, paths, process, spec as specs, tcprepair, tlscreds
+from fdmig import faults, fdcheck, nbio, paths, process, spec as specs, tcprepair, tlscreds
 from fdmig.chardev import FD_RESERVE
 from fdmig.errors import FdmigError, SpecError, TimeoutExpired
 from fdmig.lifecycle import MigrationStatus
@@ -249,6 +249,12 @@ class TargetSession(Session):
                 await repair.hook("--claim-cmd", self.instance.hooks["claim"])
             except repair.HookFailed as exc:
                 raise Refused(str(exc)) from None
+        strangers = self.restorer.strangers()
+        if strangers:
+            label, address = strangers[0]
+            raise Refused(f"chardev {label}: its connection's address {address} is not this host's"
+                          f"{' after --claim-cmd' if self.claimed else ''} ({len(strangers)} such connection(s)): "
+                          "its peer would be answered by the old host, which resets it; move that address too")
         faults.point("target-before-ack")
         released = await self._acknowledge()
         faults.point("target-after-released")
@@ -460,13 +466,9 @@ def _listen(address):
     """The listening socket of `address`, and what closes it (and removes a path)."""
     if address.tcp:
         family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
         try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((address.host, address.port))
-            sock.listen(16)
+            sock = nbio.listen_tcp(family, address.host, address.port)
         except OSError as exc:
-            sock.close()
             raise FdmigError(f"cannot listen on {address}: {exc.strerror}") from None
         return sock, sock.close
     paths.claim_path(address.path, what="a migration target")

@@ -176,13 +176,13 @@ def measure_reconnect(n: int, repeats: int, workdir: str) -> list[float]:
     return samples
 
 
-class Reconnecting:
+class Reconnecting(Probes):
     """Probes that reconnect: each does ping-pong on a connection of its own to
     one of the ports, and when the connection fails (reset, EOF) connects again
     until the new host answers. The longest gap between two answers is the pause
     such a peer sees. In a process of their own, made in the client's namespace."""
 
-    def __init__(self, hosts, ports):
+    def __init__(self, hosts, ports):  # Probes' control protocol, a loop of its own
         self._ctl, child_end = socket.socketpair()
 
         def fork():
@@ -197,28 +197,6 @@ class Reconnecting:
             return pid
         self.pid = netns.in_netns(hosts.ns("client"), fork)
         child_end.close()
-
-    def _ask(self, command: bytes) -> str:
-        self._ctl.settimeout(120)
-        self._ctl.sendall(command)
-        reply = self._ctl.recv(256).decode()
-        if reply.startswith("error"):
-            raise RuntimeError(reply)
-        return reply
-
-    def window(self):
-        self._ask(b"w")
-        return lambda: float(self._ask(b"d"))
-
-    def wait_answers(self, count: int) -> None:
-        self._ask(b"a%d" % count)
-
-    def stop(self) -> None:
-        try:
-            self._ctl.sendall(b"q")
-        except OSError:
-            pass
-        os.waitpid(self.pid, 0)
 
 
 def _reconnect_loop(ports, ctl) -> None:
