@@ -116,6 +116,10 @@ class Chardev:
         self.listener: socket.socket | None = None
         self.conn: socket.socket | None = None
         self.outbuf = bytearray()
+        # A bridge partner's bytes for our peer, spliced through the kernel instead
+        # of outbuf while outbuf is empty (nbio.Pipe); made on first use.
+        self.pipe: nbio.Pipe | None = None
+        self._no_pipe = False  # making one failed (out of fds): bytes go through outbuf
         self.rx_bytes = 0
         self.tx_bytes = 0
         self.connected_since: float | None = None
@@ -345,7 +349,7 @@ class Chardev:
             want_read = live and not (self.eof_read or self.closing) and self.frontend.can_receive()
         else:
             want_read = live and not self._hold_unread
-        want_write = live and bool(self.outbuf)
+        want_write = live and bool(self.pending)
         # A held fd with bytes waiting is not read, but its peer leaving still counts.
         want_hangup = live and not want_read and not self.frontend.reads and self._hold_unread
         if (want_read, want_write, want_hangup) != (self._reading, self._writing, self._hangup):
@@ -399,6 +403,10 @@ class Chardev:
         if not self.frontend.reads:
             self._peek_hold()
             return
+        target = self.frontend.splice_target()
+        if target is not None:
+            self._splice_to(target)
+            return
         data = self._recv()
         if data is None:
             return
@@ -410,6 +418,55 @@ class Chardev:
             self._write_log(data)
         self.frontend.received(data)
         self.update_io()
+
+    def _splice_to(self, target: "Chardev") -> None:
+        """What the peer sent, into `target`'s pipe and on to its peer: a bridge's
+        bytes never enter this process."""
+        try:
+            # As much as keeps what waits for the target under HIGH_WATER + READ_SIZE,
+            # as a read would: a migration carries it in one section.
+            n = target.pipe.fill(self.conn, frontends.HIGH_WATER + frontends.READ_SIZE - target.pending)
+        except OSError as exc:
+            self._lost(exc.strerror)
+            return
+        if n is None:
+            return
+        if not n:
+            self._on_eof()
+            return
+        self.rx_bytes += n
+        if not target.quiesced and not target._writing:
+            target._flush()
+        self.update_io()
+
+    @property
+    def pending(self) -> int:
+        """Bytes for our peer not yet written: in outbuf, and in our pipe."""
+        return len(self.outbuf) + (self.pipe.held if self.pipe is not None else 0)
+
+    @property
+    def logging(self) -> bool:
+        return self._logfile is not None
+
+    def has_pipe(self) -> bool:
+        """Whether our pipe is there, made now if need be (not near the fd limit)."""
+        if self.pipe is None and not self._no_pipe:
+            try:
+                pipe = nbio.Pipe()
+            except OSError:
+                self._no_pipe = True
+                return False
+            if near_fd_limit(pipe.w):
+                pipe.close()
+                self._no_pipe = True
+                return False
+            self.pipe = pipe
+        return self.pipe is not None
+
+    def _drop_pipe(self) -> None:
+        if self.pipe is not None:
+            self.pipe.close()
+            self.pipe = None
 
     def _on_eof(self) -> None:
         if not self.eof_sent and self._peer_vanished():
@@ -452,11 +509,13 @@ class Chardev:
     def _flush(self) -> None:
         try:
             sent = nbio.send_some(self.conn, self.outbuf)
+            if not self.outbuf and self.pipe is not None:
+                sent += self.pipe.drain(self.conn)
         except OSError as exc:
             self._lost(exc.strerror)
             return
         self.tx_bytes += sent
-        if not self.outbuf:
+        if not self.pending:
             if self.closing:
                 self._close_conn("session over, every byte delivered", lost=False)
                 return
@@ -465,7 +524,7 @@ class Chardev:
                 if self.conn is None:
                     return
         self.update_io()
-        if sent and len(self.outbuf) < frontends.LOW_WATER:
+        if sent and self.pending < frontends.LOW_WATER:
             for feeder in self.feeders:
                 if feeder is not self:
                     feeder.update_io()
@@ -490,14 +549,14 @@ class Chardev:
         """A bridge partner's peer closed its side: pass that on once every byte
         before it is written (at once if there is none, or when we connect)."""
         self.eof_pending = True
-        if self.conn is not None and not self.outbuf and not self.eof_sent:
+        if self.conn is not None and not self.pending and not self.eof_sent:
             self._send_eof()
 
     def finish(self, reason: str) -> None:
         """Close the connection once every byte for the peer is written."""
         if self.conn is None:
             return
-        if not self.outbuf:
+        if not self.pending:
             self._close_conn(reason, lost=False)
             return
         self.closing = True
@@ -510,6 +569,7 @@ class Chardev:
             self.finish("its bridge partner's session ended")
             return
         self.outbuf.clear()
+        self._drop_pipe()
         self._reset_stream()
         if self.frontend.on_demand and self.connecting:
             self._reconnect_task.cancel()  # that connection was for the session now over
@@ -525,7 +585,7 @@ class Chardev:
     def _close_conn(self, reason: str, lost: bool) -> None:
         """The connection is over. Bytes for a peer that has gone (`lost`) cannot be
         delivered to anyone: they are dropped and counted."""
-        undelivered = len(self.outbuf) if lost else 0
+        undelivered = self.pending if lost else 0
         if lost:
             dropped = f" ({undelivered} byte(s) for it not delivered)" if undelivered else ""
             log.info("chardev %s: connection lost: %s%s", self.label, reason, dropped)
@@ -533,6 +593,7 @@ class Chardev:
             log.info("chardev %s: connection closed: %s", self.label, reason)
         self._drop_conn()
         self.outbuf.clear()
+        self._drop_pipe()
         self._reset_stream()
         # First the session's other side learns of it (a bridge partner starts to
         # finish), so that a listener taking its next peer below sees that.
@@ -591,6 +652,10 @@ class Chardev:
         """Stop reading, writing, accepting and reconnecting. Bytes the peer sends
         meanwhile wait in the kernel's socket buffer, which moves with the fd."""
         self.paused_from = self.state.paused[self._reconnect_task is not None]
+        if self.pipe is not None and self.pipe.held:
+            # What the pipe holds is bytes to carry, as outbuf's are (outbuf is
+            # empty while the pipe is in use, so the order is kept).
+            self.outbuf += self.pipe.take()
         if self._reconnect_task is not None:
             self._reconnect_task.cancel()
             self._reconnect_task = None
@@ -688,6 +753,7 @@ class Chardev:
                 paths.remove_own_socket(self.spec.path, self._bound_inode)
         self._close_logfile()
         self.outbuf.clear()
+        self._drop_pipe()
         self._reset_stream()
         self.paused_from = None  # closed, it resumes nothing
         self._set_state(then)

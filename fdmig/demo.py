@@ -1,11 +1,17 @@
 """`fdmig demo`: a live handoff you can watch. An instance with an echo chardev, a
 peer streaming numbered records through it, and several live migrations to fresh
-processes; then a summary. Exit 1 if a single record was lost, doubled or reordered."""
+processes; then a summary. Exit 1 if a single record was lost, doubled or reordered.
 
+The peer runs in a process of its own (PeerProcess): in the demo's, the live view
+and the migrations' own work would add their pauses to what it measures, and a
+peer elsewhere sees none of those."""
+
+import json
 import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -125,12 +131,86 @@ class Peer:
         self.sock.close()
 
 
+class PeerProcess:
+    """A Peer in a child process, asked over its stdin and stdout, one JSON line
+    each way; the same questions the demo asks a Peer."""
+
+    def __init__(self, path: str):
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        code = f"import sys; sys.path.insert(0, {root!r}); from fdmig.demo import serve_peer; serve_peer(sys.argv[1])"
+        self._proc = subprocess.Popen([sys.executable, "-c", code, path], stdin=subprocess.PIPE,
+                                      stdout=subprocess.PIPE, text=True, start_new_session=True)
+        self.pid = self._proc.pid
+        self._last = self._ask("state")  # connected, and streaming
+
+    def _ask(self, *command) -> dict:
+        self._proc.stdin.write(" ".join(map(str, command)) + "\n")
+        self._proc.stdin.flush()
+        line = self._proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the demo's peer (pid {self.pid}) exited with status {self._proc.wait()}")
+        self._last = json.loads(line)
+        return self._last
+
+    sent = property(lambda self: self._last["sent"])
+    echoed = property(lambda self: self._last["echoed"])
+    bad = property(lambda self: self._last["bad"])
+    eof = property(lambda self: self._last["eof"])
+    longest_pause = property(lambda self: self._last["longest"])
+
+    def counts(self) -> tuple[int, int]:
+        state = self._ask("state")
+        return state["sent"], state["echoed"]
+
+    def reset_pauses(self) -> None:
+        self._ask("reset")
+
+    def take_pause(self) -> float:
+        return self._ask("take")["pause"]
+
+    def wait_echo(self, beyond: int, timeout: float) -> None:
+        self._ask("wait", beyond, timeout)
+
+    def finish(self) -> None:
+        self._ask("finish")
+        self._proc.stdin.close()
+        self._proc.wait(10)
+
+    def kill(self) -> None:
+        if self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+
+
+def serve_peer(path: str) -> None:
+    """The child of PeerProcess: a Peer on `path`, answering on stdout what stdin asks."""
+    peer = Peer(path)
+    peer.start()
+    for line in sys.stdin:
+        command, *args = line.split()
+        reply = {}
+        if command == "reset":
+            peer.reset_pauses()
+        elif command == "take":
+            reply["pause"] = peer.take_pause()
+        elif command == "wait":
+            peer.wait_echo(int(args[0]), float(args[1]))
+        elif command == "finish":
+            peer.finish()
+        sent, echoed = peer.counts()
+        reply.update(sent=sent, echoed=echoed, bad=peer.bad, eof=peer.eof, longest=peer.longest_pause)
+        print(json.dumps(reply), flush=True)
+        if command == "finish":
+            return
+
+
 def run(migrations: int) -> int:
     from rich.console import Console
     from rich.live import Live
 
     console = Console()
     instances = _Instances()
+    peer = None
     try:
         peer, pid = _start_stream(instances)
         view = _View(instances.app, peer)
@@ -153,6 +233,8 @@ def run(migrations: int) -> int:
         console.print(f"[red]demo failed: {exc}[/red] (instance logs: {instances.log.name})")
         return 1
     finally:
+        if peer is not None:
+            peer.kill()
         instances.close()
 
 
@@ -196,15 +278,15 @@ class _Instances:
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
-def _start_stream(instances: _Instances) -> tuple[Peer, int]:
-    """Starts the first instance and a peer streaming through it: (peer, the instance's pid)."""
+def _start_stream(instances: _Instances) -> tuple[PeerProcess, int]:
+    """Starts the first instance and a peer streaming through it, in a process of
+    its own: (peer, the instance's pid)."""
     from fdmig import qmp
 
     instances.start("serve", "--name", "demo", "--capability", "local-char-socket", "--chardev",
                     f"socket,id=app,path={instances.app},server=on,frontend=echo,support-local-migration=on")
     _wait_for(lambda: os.path.exists(instances.app) and _answers(instances.control), 10)
-    peer = Peer(instances.app)
-    peer.start()
+    peer = PeerProcess(instances.app)
     with qmp.connect(instances.control) as client:
         pid = client.execute("x-fdmig-status")["pid"]
     time.sleep(0.2)  # warm up, then count pauses only from a running stream
@@ -212,7 +294,7 @@ def _start_stream(instances: _Instances) -> tuple[Peer, int]:
     return peer, pid
 
 
-def _migrate_once(instances: _Instances, peer: Peer) -> dict:
+def _migrate_once(instances: _Instances, peer: PeerProcess) -> dict:
     """Hands the chardev to a fresh instance; migrate-out's outcome."""
     from fdmig import migrate_client, paths
 
@@ -229,7 +311,7 @@ def _migrate_once(instances: _Instances, peer: Peer) -> dict:
 class _View:
     """The live view: a row per handoff, under it the stream as it is now."""
 
-    def __init__(self, app: str, peer: Peer):
+    def __init__(self, app: str, peer: PeerProcess):
         self._app = app
         self._peer = peer
         self._rows = []
@@ -257,12 +339,12 @@ class _View:
         for row in self._rows:
             table.add_row(*row)
         sent, echoed = self._peer.counts()
-        now = Text(f"peer pid {os.getpid()} streaming to pid {self._serving_pid}: {sent} records sent, "
+        now = Text(f"peer pid {self._peer.pid} streaming to pid {self._serving_pid}: {sent} records sent, "
                    f"{echoed} echoed, longest pause so far {self._peer.longest_pause * 1000:.2f} ms", style="dim")
         return Group(table, now)
 
 
-def _print_summary(console, peer: Peer, downtimes: list) -> int:
+def _print_summary(console, peer: PeerProcess, downtimes: list) -> int:
     """Prints the verdict; the exit code: 1 if a record was lost or the stream broke."""
     console.print()
     lost = peer.sent - peer.echoed

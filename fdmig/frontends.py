@@ -34,7 +34,11 @@ class Frontend:
 
     def can_receive(self) -> bool:
         target = self.target()
-        return target is None or len(target.outbuf) < HIGH_WATER
+        return target is None or target.pending < HIGH_WATER
+
+    def splice_target(self):
+        """The chardev whose pipe the bytes read may go to with splice(2), if any."""
+        return None
 
     def may_accept(self) -> bool:
         """Whether a server chardev may take its next peer now."""
@@ -123,6 +127,14 @@ class Bridge(Frontend):
     def received(self, data: bytes) -> None:
         self.partner.write(data)
 
+    def splice_target(self):
+        # Spliced only while nothing waits in user space for the partner (bytes a
+        # migration carried), so order holds; and only bytes we need not see (no logfile).
+        partner = self.partner
+        if partner.conn is None or partner.outbuf or self.chardev.logging:
+            return None
+        return partner if partner.has_pipe() else None
+
     def connected(self) -> None:
         partner = self.partner
         if partner.frontend.on_demand and partner.conn is None and not partner.connecting:
@@ -146,7 +158,7 @@ class Bridge(Frontend):
         if partner.closing:
             return  # the session's end is under way already
         had_session = partner.conn is not None
-        dropped = undelivered + (0 if had_session else len(partner.outbuf))
+        dropped = undelivered + (0 if had_session else partner.pending)
         if lost and (had_session or dropped):
             # Said before the other side closes: whoever sees that close can read why.
             log.warning("bridge %s-%s: %s lost (%s); %s closed after what could still be delivered; "

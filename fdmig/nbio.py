@@ -1,8 +1,11 @@
 """Non-blocking socket steps shared by chardevs and control connections: making a
-TCP listener, taking a connection from it, and draining a buffer into a socket."""
+TCP listener, taking a connection from it, draining a buffer into a socket, and
+a pipe that moves a bridge's bytes from one socket to another with splice(2)."""
 
 import errno
+import fcntl
 import logging
+import os
 import socket
 
 log = logging.getLogger("fdmig")
@@ -55,3 +58,57 @@ def send_some(sock: socket.socket, buf: bytearray) -> int:
         return 0
     del buf[:sent]
     return sent
+
+
+F_SETPIPE_SZ = 1031  # linux/fcntl.h
+PIPE_SIZE = 1 << 20  # the unprivileged maximum (fs.pipe-max-size) by default
+_SPLICE = os.SPLICE_F_NONBLOCK | os.SPLICE_F_MOVE
+
+
+class Pipe:
+    """Bytes on their way from one socket to another, moved by splice(2) and never
+    copied through this process: read from the source's kernel buffer into the
+    pipe, written from the pipe into the destination's. `held` counts what is in
+    the pipe. OSError from fill() is the source's, from drain() the destination's."""
+
+    def __init__(self):
+        self.r, self.w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            fcntl.fcntl(self.w, F_SETPIPE_SZ, PIPE_SIZE)
+        except OSError:
+            pass  # a smaller pipe only means more turns
+        self.held = 0
+
+    def fill(self, source: socket.socket, most: int) -> int | None:
+        """Up to `most` bytes from `source`: how many (0 at the peer's EOF), None if none now."""
+        try:
+            n = os.splice(source.fileno(), self.w, most, flags=_SPLICE)
+        except (BlockingIOError, InterruptedError):
+            return None
+        self.held += n
+        return n
+
+    def drain(self, destination: socket.socket) -> int:
+        """What `destination` takes of the pipe now."""
+        if not self.held:
+            return 0
+        try:
+            n = os.splice(self.r, destination.fileno(), self.held, flags=_SPLICE)
+        except (BlockingIOError, InterruptedError):
+            return 0
+        self.held -= n
+        return n
+
+    def take(self) -> bytes:
+        """Everything in the pipe, out of it: a migration carries bytes, not pipes."""
+        chunks = []
+        while self.held:
+            chunk = os.read(self.r, self.held)
+            self.held -= len(chunk)
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def close(self) -> None:
+        os.close(self.r)
+        os.close(self.w)
+        self.held = 0

@@ -445,6 +445,22 @@ def test_demo_runs_and_loses_nothing(runtime_dir):
     assert "lost 0" in result.stdout
 
 
+def test_the_demo_peer_measures_its_pauses_in_a_process_of_its_own(runtime_dir):
+    """Not in the demo's: there the live view and the migrations' work would add
+    their own pauses to what the peer measures."""
+    import re
+    import subprocess
+    from tests.helpers import FDMIG
+    demo = subprocess.Popen(FDMIG + ["demo", "--migrations", "1"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL)
+    out, _ = demo.communicate(timeout=60)
+    assert demo.returncode == 0, out
+    peer = re.search(r"peer pid (\d+) streaming", out)
+    assert peer is not None, out
+    assert int(peer.group(1)) != demo.pid
+    assert not psutil.pid_exists(int(peer.group(1)))  # and it ended with the demo
+
+
 
 def test_deferred_target_listens_where_qmp_migrate_incoming_says(daemons, echo_instance, short_dir):
     import asyncio

@@ -66,6 +66,9 @@ def run(sizes, busy_sizes, repeats, bridge_bytes, startup_repeats, workdir, serv
     if shutil.which("socat"):
         relay = [throughput.measure_socat(bridge_bytes, tempfile.mkdtemp(dir=workdir)) for _ in range(3)]
         results["bridge"]["socat-mib-s"] = round(bridge_bytes / statistics.median(relay) / 2**20, 1)
+    if shutil.which("haproxy"):
+        relay = [throughput.measure_haproxy(bridge_bytes, tempfile.mkdtemp(dir=workdir)) for _ in range(3)]
+        results["bridge"]["haproxy-mib-s"] = round(bridge_bytes / statistics.median(relay) / 2**20, 1)
     print("start-up ...", file=sys.stderr, flush=True)
     env = dict(os.environ, FDMIG_RUNTIME_DIR=os.path.join(workdir, "rt-startup"))
     startup_instance = handoff.start_instance(["serve", "--name", "startup"], workdir, env)
@@ -121,7 +124,9 @@ def markdown(results: dict) -> str:
     b = results["bridge"]
     lines += ["", f"Bridge throughput, {b['bytes'] // 2**20} MiB over unix sockets: fdmig {b['fdmig-mib-s']} MiB/s"
                   + (f", socat {b['socat-mib-s']} MiB/s ({ratio(b['fdmig-mib-s'], b['socat-mib-s'])})"
-                     if "socat-mib-s" in b else "")]
+                     if "socat-mib-s" in b else "")
+                  + (f", HAProxy (mode tcp, splice-auto) {b['haproxy-mib-s']} MiB/s "
+                     f"({ratio(b['fdmig-mib-s'], b['haproxy-mib-s'])})" if "haproxy-mib-s" in b else "")]
     s = results["startup-ms"]
     base = s["python3 -c pass"]
     lines += ["", "Start-up: " + ", ".join(f"`{k}` {v} ms ({ratio(v, base)})" for k, v in s.items())]

@@ -5,7 +5,6 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 
 from tests.bench.handoff import start_instance
@@ -15,28 +14,31 @@ CHUNK = 1 << 20
 
 
 def _pump(writer: socket.socket, reader: socket.socket, total: int) -> float:
-    """Seconds to move `total` bytes from writer's peer to reader's peer."""
+    """Seconds to move `total` bytes from writer's peer to reader's peer. The writer
+    is a process of its own: with both ends in one, the GIL between them, not the
+    relay, would be what is measured."""
     data = b"\x5a" * CHUNK
-
-    def write():
-        sent = 0
-        while sent < total:
-            writer.sendall(data[: min(CHUNK, total - sent)])
-            sent += min(CHUNK, total - sent)
-
-    thread = threading.Thread(target=write, daemon=True)
+    started = time.monotonic()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            sent = 0
+            while sent < total:
+                writer.sendall(data[: min(CHUNK, total - sent)])
+                sent += min(CHUNK, total - sent)
+        finally:
+            os._exit(0)
     buf = bytearray(CHUNK)
     got = 0
-    started = time.monotonic()
-    thread.start()
-    while got < total:
-        n = reader.recv_into(buf)
-        if not n:
-            raise RuntimeError(f"EOF after {got} of {total} bytes")
-        got += n
-    elapsed = time.monotonic() - started
-    thread.join()
-    return elapsed
+    try:
+        while got < total:
+            n = reader.recv_into(buf)
+            if not n:
+                raise RuntimeError(f"EOF after {got} of {total} bytes")
+            got += n
+        return time.monotonic() - started
+    finally:
+        os.waitpid(pid, 0)
 
 
 def measure_bridge(total: int, workdir: str) -> float:
@@ -63,6 +65,44 @@ def measure_socat(total: int, workdir: str) -> float:
     finally:
         proc.kill()
         proc.wait(20)
+
+
+HAPROXY_CFG = """\
+global
+    maxconn 16
+defaults
+    mode tcp
+    option splice-auto
+    timeout connect 5s
+    timeout client 120s
+    timeout server 120s
+listen bridge
+    bind unix@{a}
+    server backend unix@{b}
+"""
+
+
+def measure_haproxy(total: int, workdir: str) -> float:
+    """HAProxy in `mode tcp` (splicing where it can), between the same unix sockets:
+    it accepts on a and connects to b per client, as a bridge's client side does."""
+    a, b = os.path.join(workdir, "haproxy-a.sock"), os.path.join(workdir, "haproxy-b.sock")
+    backend = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    backend.bind(b)
+    backend.listen(1)
+    backend.settimeout(20)
+    config = os.path.join(workdir, "haproxy.cfg")
+    with open(config, "w") as f:
+        f.write(HAPROXY_CFG.format(a=a, b=b))
+    proc = subprocess.Popen(["haproxy", "-db", "-q", "-f", config], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        writer = connect_when_bound(a)
+        reader, _ = backend.accept()
+        return _pump(writer, reader, total)
+    finally:
+        proc.kill()
+        proc.wait(20)
+        backend.close()
 
 
 def measure_startup(argv: list[str], repeats: int, env=None) -> list[float]:
