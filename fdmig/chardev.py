@@ -146,6 +146,7 @@ class Chardev:
         self._reconnect_task: asyncio.Task | None = None
         self.paused_from: Paused | None = None  # while MIGRATING: what to resume
         self.first_peer = asyncio.Event()
+        self.row_parts: tuple | None = None  # the fixed JSON of its status row (presentation.row_json)
 
     # ----- opening -----------------------------------------------------------
 

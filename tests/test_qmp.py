@@ -567,3 +567,48 @@ def test_a_client_that_hangs_up_mid_message_does_no_harm(instance):
         raw.send(fragment)
         raw.close()
     assert_echoes(instance)
+
+
+def test_a_status_of_thousands_is_built_and_encoded_in_slices_with_the_loop_serving_between():
+    """x-fdmig-status of many chardevs: rows and their JSON made a slice at a time,
+    so that their peers are served in between (issue 13: three status calls of
+    3000 chardevs had made streaming peers wait 48 ms)."""
+    import asyncio
+    import json as jsonlib
+    from fdmig import daemon, presentation, qmp as qmpcodec, spec as specs
+    from fdmig.poller import Poller
+
+    n = daemon.STATUS_SLICE * 3 + 5
+
+    async def main():
+        instance = daemon.Instance("many", "/nonexistent/many.sock")
+        instance.poller = Poller(asyncio.get_running_loop())
+        for i in range(n):
+            instance.register(specs.parse_spec(f"socket,id=c{i},path=/nonexistent/c{i}.sock"))
+        instance.register(specs.parse_spec("socket,id=b,path=/nonexistent/b.sock,server=on,bridge=c0"))
+        live = instance.chardevs["c1"]  # what a connected one shows, quotes and all
+        live.peer, live.connected_since, live.rx_bytes, live.migrations = ("unix:", 42, 'a "b"'), 1e9, 7, 2
+        turns = 0
+
+        async def serving():
+            nonlocal turns
+            while True:
+                await asyncio.sleep(0)
+                turns += 1
+        server = asyncio.ensure_future(serving())
+        await asyncio.sleep(0)
+        turns = 0
+        status = await instance.status()
+        during = turns
+        server.cancel()
+        return status, during, [presentation.row(c) for c in instance.chardevs.values()]
+
+    status, during, rows = asyncio.run(main())
+    assert during >= 3  # one turn of the loop between each two slices
+    # The rows are JSON already: encoding the reply, all at once, only copies text.
+    assert isinstance(status["chardevs"], qmpcodec.Encoded)
+    reply = jsonlib.loads(qmpcodec.ServerCodec.reply(qmpcodec.Request("x-fdmig-status", {}, 7, True), status))
+    assert reply["id"] == 7
+    assert reply["return"]["chardevs"] == rows  # each row as presentation.row has it
+    assert [list(row) for row in reply["return"]["chardevs"]] == [list(row) for row in rows]  # keys in order
+    assert len(rows) == n + 1

@@ -24,6 +24,12 @@ def ratio(a, b) -> str:
     return f"{a / b:.1f}x" if a is not None and b else "-"
 
 
+def _pause_ratio(row) -> str:
+    """The issue's measure of a handoff's pause: against the pause with none plus the downtime."""
+    quiet = row.get("quiet-pause-ms")
+    return ratio(row["peer-pause-ms"], quiet + row["downtime-ms"]) if quiet is not None else "-"
+
+
 def run(sizes, busy_sizes, repeats, bridge_bytes, startup_repeats, workdir, service_sizes=(), cross_sizes=()) -> dict:
     results = {"machine": machine(), "handoff": [], "busy": [], "service": [], "crosshost": [],
                "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
@@ -33,6 +39,7 @@ def run(sizes, busy_sizes, repeats, bridge_bytes, startup_repeats, workdir, serv
         h = handoff.measure_handoff(n, reps, tempfile.mkdtemp(dir=workdir))
         f = floor.measure_floor(n, max(reps, 10))
         row = {"n": n, "downtime-ms": median_ms(h["downtime"]), "peer-pause-ms": median_ms(h["pause"]),
+               "quiet-pause-ms": median_ms(h["quiet-pause"]),
                "migrate-out-ms": median_ms(h["wall"]), "floor-ms": median_ms(f), "rss-bytes": h["rss"],
                "repeats": reps}
         if s6.available():
@@ -43,12 +50,14 @@ def run(sizes, busy_sizes, repeats, bridge_bytes, startup_repeats, workdir, serv
     for n in busy_sizes:
         print(f"handoff n={n}, every peer streaming ...", file=sys.stderr, flush=True)
         reps = repeats if n < 1000 else max(3, repeats // 2)
-        h = handoff.measure_handoff(n, reps, tempfile.mkdtemp(dir=workdir), busy=True)
+        h = handoff.measure_handoff(n, reps, tempfile.mkdtemp(dir=workdir), busy=True, status=n == max(busy_sizes))
         floor_ms = next((r["floor-ms"] for r in results["handoff"] if r["n"] == n), None)
         if floor_ms is None:
             floor_ms = median_ms(floor.measure_floor(n, max(reps, 10)))
         results["busy"].append({"n": n, "downtime-ms": median_ms(h["downtime"]), "peer-pause-ms": median_ms(h["pause"]),
-                                "quiet-pause-ms": median_ms(h["quiet-pause"]), "floor-ms": floor_ms, "repeats": reps})
+                                "quiet-pause-ms": median_ms(h["quiet-pause"]), "floor-ms": floor_ms, "repeats": reps,
+                                "status-pause-ms": median_ms(h["status-pause"]),
+                                "status-quiet-pause-ms": median_ms(h["status-quiet-pause"])})
     for n in service_sizes:
         print(f"service restart n={n} ...", file=sys.stderr, flush=True)
         reps = repeats if n < 1000 else max(3, repeats // 2)
@@ -91,26 +100,33 @@ def markdown(results: dict) -> str:
     m = results["machine"]
     lines = [f"Machine: {m['cpus']} CPUs, {m['memory-gib']} GiB, Linux {m['kernel']}, Python {m['python']}; "
              f"medians; run {results['started']}.", "",
-             "| chardevs | downtime (instance) | longest peer pause | migrate-out wall | kernel floor | "
+             "| chardevs | downtime (instance) | longest peer pause | the same with no handoff "
+             "| pause / (no-handoff pause + downtime) | migrate-out wall | kernel floor | "
              "downtime / floor | s6-fdholder transfer | downtime / s6 | RSS |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in results["handoff"]:
         s6_cell = f"{row['s6-ms']} ms" if row.get("s6-ms") is not None else (
             "fails (>253 fds per dump)" if row.get("s6-error") else "-")
-        lines.append(f"| {row['n']} | {row['downtime-ms']} ms | {row['peer-pause-ms']} ms | {row['migrate-out-ms']} ms | "
+        lines.append(f"| {row['n']} | {row['downtime-ms']} ms | {row['peer-pause-ms']} ms | "
+                     f"{row['quiet-pause-ms']} ms | {_pause_ratio(row)} | {row['migrate-out-ms']} ms | "
                      f"{row['floor-ms']} ms | {ratio(row['downtime-ms'], row['floor-ms'])} | {s6_cell} | "
                      f"{ratio(row['downtime-ms'], row.get('s6-ms'))} | {row['rss-bytes'] / 2**20:.1f} MiB |")
     if results["busy"]:
         lines += ["", "Every peer streaming: every chardev has moved bytes since the precopy; their counts go "
                       "with RELEASED, and only those with bytes still to carry are sent again inside the downtime.",
                   "",
-                  "| chardevs | downtime (instance) | longest peer pause | the same with no handoff | kernel floor "
-                  "| downtime / floor |",
-                  "|---:|---:|---:|---:|---:|---:|"]
+                  "| chardevs | downtime (instance) | longest peer pause | the same with no handoff "
+                  "| pause / (no-handoff pause + downtime) | kernel floor | downtime / floor |",
+                  "|---:|---:|---:|---:|---:|---:|---:|"]
         for row in results["busy"]:
             lines.append(f"| {row['n']} | {row['downtime-ms']} ms | {row['peer-pause-ms']} ms | "
-                         f"{row['quiet-pause-ms']} ms | {row['floor-ms']} ms | "
+                         f"{row['quiet-pause-ms']} ms | {_pause_ratio(row)} | {row['floor-ms']} ms | "
                          f"{ratio(row['downtime-ms'], row['floor-ms'])} |")
+        for row in results["busy"]:
+            if row.get("status-pause-ms") is not None:
+                lines += ["", f"Three `fdmig status --json` (x-fdmig-status) calls of {row['n']} chardevs, every "
+                              f"peer streaming: the peers' longest pause {row['status-pause-ms']} ms, against "
+                              f"{row['status-quiet-pause-ms']} ms over as long a window with none."]
     first = results["handoff"][0]
     lines += ["", f"Restart without handoff (peer: EOF to first echo from the new process): "
                   f"{results['reconnect-ms']} ms, {ratio(results['reconnect-ms'], first['peer-pause-ms'])} "

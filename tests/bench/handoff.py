@@ -138,10 +138,12 @@ def start_instance(args, workdir, env):
     return proc
 
 
-def measure_handoff(n: int, repeats: int, workdir: str, busy: bool = False) -> dict:
+def measure_handoff(n: int, repeats: int, workdir: str, busy: bool = False, status: bool = False) -> dict:
     """Median-ready samples: instance downtime, peer pause, migrate-out wall (seconds),
-    and the RSS of the instance holding the N chardevs. `busy`: every peer streams
-    (ping-pong), so every chardev has changed since the precopy: the worst case."""
+    the peers' longest pause over as long a window with no handoff, and the RSS of
+    the instance holding the N chardevs. `busy`: every peer streams (ping-pong), so
+    every chardev has changed since the precopy: the worst case. `status`: also the
+    peers' longest pause over windows with three `x-fdmig-status` calls each."""
     _raise_fd_limit()
     env = dict(os.environ, FDMIG_RUNTIME_DIR=os.path.join(workdir, "rt"))
     env.pop("FDMIG_FAULT", None)
@@ -160,13 +162,29 @@ def measure_handoff(n: int, repeats: int, workdir: str, busy: bool = False) -> d
     accepting.join(60)
     assert len(peers) == n, f"only {len(peers)} of {n} chardevs connected"
     probes = Probes(peers if busy else peers[:: max(1, n // PROBES)][:PROBES])
-    result = {"n": n, "downtime": [], "pause": [], "wall": [], "rss": None, "quiet-pause": []}
-    for _ in range(3 if busy else 0):
+    result = {"n": n, "downtime": [], "pause": [], "wall": [], "rss": None, "quiet-pause": [], "status-pause": [],
+              "status-quiet-pause": []}
+    control = os.path.join(env["FDMIG_RUNTIME_DIR"], "bench.sock")
+    for _ in range(3):
         # What the peers see with no handoff at all, over a window of a handoff's length.
         done = probes.window()
         time.sleep(0.3)  # the measuring interval itself
         result["quiet-pause"].append(done())
-    control = os.path.join(env["FDMIG_RUNTIME_DIR"], "bench.sock")
+    for _ in range(3 if status else 0):
+        # Three status calls, then a window as long with none: a status of thousands
+        # spreads over many turns of the loop, and a longer window alone would show
+        # a longer pause.
+        from fdmig import qmp
+        with qmp.connect(control) as client:
+            done = probes.window()
+            started = time.monotonic()
+            for _ in range(3):
+                client.execute("x-fdmig-status")
+            took = time.monotonic() - started
+            result["status-pause"].append(done())
+        done = probes.window()
+        time.sleep(took)  # the measuring interval itself
+        result["status-quiet-pause"].append(done())
     channel = os.path.join(env["FDMIG_RUNTIME_DIR"], "bench.migrate.sock")
     try:
         for i in range(2 * repeats):
