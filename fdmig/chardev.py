@@ -8,6 +8,7 @@ delivered.
 
 import asyncio
 import enum
+import itertools
 import errno
 import logging
 import os
@@ -105,6 +106,11 @@ def peer_identity(conn: socket.socket) -> tuple[str, int | None, str | None]:
     return (f"tcp:[{host}]:{port}" if ":" in host else f"tcp:{host}:{port}"), None, None
 
 
+# Every chardev's reads, counted: a migration's target serves the moved chardevs
+# first in the order of their last read here, longest unserved first.
+_SERVED = itertools.count(1)
+
+
 class Chardev:
     def __init__(self, spec, on_change, poller):
         self.spec = spec
@@ -147,6 +153,7 @@ class Chardev:
         self.paused_from: Paused | None = None  # while MIGRATING: what to resume
         self.first_peer = asyncio.Event()
         self.row_parts: tuple | None = None  # the fixed JSON of its status row (presentation.row_json)
+        self.served = 0  # when it last read from its peer, as a count of every chardev's reads (_SERVED)
 
     # ----- opening -----------------------------------------------------------
 
@@ -404,6 +411,7 @@ class Chardev:
         if not self.frontend.reads:
             self._peek_hold()
             return
+        self.served = next(_SERVED)
         target = self.frontend.splice_target()
         if target is not None:
             self._splice_to(target)

@@ -193,14 +193,14 @@ class Instance:
             for chardev in self.chardevs.values():
                 chardev.quiesce()
 
-    def thaw(self) -> float:
+    def thaw(self, first=()) -> float:
         """The downtime ends: every quiesced chardev resumes, all at one instant,
         which this returns (time.monotonic()). Taken before the collector is on
         again: its first collection comes at the next allocation."""
         for chardev in self.chardevs.values():
             if chardev.paused_from is not None:  # quiesced (an attribute: thousands are asked)
                 chardev.resume()
-        self.poller.resume()
+        self.poller.resume(first)  # fds in `first` watched before the rest, in that order
         if self.service is not None:
             self.service.hear(True)
         self.frozen = False

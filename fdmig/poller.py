@@ -20,6 +20,9 @@ class Poller:
         self._loop = loop
         self._epoll = select.epoll()
         self._handlers: dict[int, tuple] = {}  # fd -> (mask, on_read, on_write)
+        # While paused, fds new to the epoll wait here to be added at resume(), in
+        # the order it is given: epoll then reports ready fds in the order added.
+        self._deferred: dict[int, None] = {}
         self.paused = False
         loop.add_reader(self._epoll.fileno(), self._dispatch)
 
@@ -31,12 +34,16 @@ class Poller:
         if not mask:
             if old is not None:
                 del self._handlers[fd]
-                self._epoll.unregister(fd)
+                if self._deferred.pop(fd, 0) is not None:  # not deferred: in the epoll
+                    self._epoll.unregister(fd)  # now, before its fd may close
             return
         self._handlers[fd] = (mask, on_read, on_write, on_hangup)
         if old is None:
-            self._epoll.register(fd, mask)
-        elif old[0] != mask:
+            if self.paused:
+                self._deferred[fd] = None
+            else:
+                self._epoll.register(fd, mask)
+        elif old[0] != mask and fd not in self._deferred:
             self._epoll.modify(fd, mask)
 
     def watch_errors(self, fd: int, on_error) -> None:
@@ -50,8 +57,15 @@ class Poller:
             self._loop.remove_reader(self._epoll.fileno())
             self.paused = True
 
-    def resume(self) -> None:
+    def resume(self, first=()) -> None:
+        """Watch again; fds registered while paused are added now, those in `first`
+        before the rest and in its order (a migration's target: the order in which
+        the source would have served them next)."""
         if self.paused:
+            deferred, self._deferred = self._deferred, {}
+            for fd in (*(fd for fd in first if fd in deferred), *deferred):
+                if deferred.pop(fd, 0) is None:
+                    self._epoll.register(fd, self._handlers[fd][0])
             self._loop.add_reader(self._epoll.fileno(), self._dispatch)
             self.paused = False
 

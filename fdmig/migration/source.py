@@ -253,11 +253,13 @@ class SourceSession(Session):
     def _changed_sections(self) -> list:
         """Inside the downtime: the sections of the moved chardevs that changed
         since the precopy; the byte counts of those that only moved bytes go with
-        RELEASED, after the commit."""
-        sections = []
-        for chardev in self.instance.chardevs.values():
+        RELEASED, after the commit. Last, the order in which to serve them."""
+        sections, served = [], []
+        for index, chardev in enumerate(self.instance.chardevs.values()):  # the TABLE's order
             if not form.moves_live(chardev, self.live):
                 continue  # the target opens it afresh
+            if chardev.conn is not None:
+                served.append((chardev.served, index))
             fingerprint, sockets, counted = self.precopied.get(chardev.label, (None, None, None))
             if fingerprint == form.fingerprint(chardev) and not chardev.outbuf:
                 self.moved += 1  # the target has it from the precopy, bar the byte counts
@@ -272,6 +274,12 @@ class SourceSession(Session):
                 sections.append(section)
         if self.instance.service is not None:
             sections += form.service_sections(self.instance.service, self.instance.store)
+        if served:
+            # Longest unserved first: the target registers them for reading in this
+            # order, and epoll then serves them in it, so that no peer waits a round
+            # of the others twice, once before the quiesce and again after the resume.
+            served.sort()
+            sections.append(wire.Section(wire.ORDER_SECTION, {"served": [index for _, index in served]}))
         return sections
 
     # ----- the end -----------------------------------------------------------

@@ -131,7 +131,7 @@ def stage(instance, plan: Plan) -> dict:
 
 class Received:
     def __init__(self, hello, plan, sections, sockets, released, chan, service=None, stored=(),
-                 restorer: repair.Restorer | None = None):
+                 restorer: repair.Restorer | None = None, order=()):
         self.hello = hello
         self.plan = plan
         self.sections = sections  # label -> wire.Section
@@ -141,6 +141,7 @@ class Received:
         self.service = service  # a `run` instance's (wire.ServiceState, notify socket), or None
         self.stored = list(stored)  # its store: [(wire.StoredState, fd)] in the order stored
         self.restorer = restorer or repair.Restorer()  # over TCP: the connections restored in repair mode
+        self.order = list(order)  # labels as the source would have served them next
 
 
 class TargetSession(Session):
@@ -170,6 +171,7 @@ class TargetSession(Session):
         self.stored: dict[int, tuple] = {}  # its store by index: (wire.StoredState, fd)
         self.taking = False  # sections are arriving: take them as they come
         self.restorer = repair.Restorer()
+        self.order: list[str] = []  # the moved chardevs as the source would have served them next
         self.claimed = False  # --claim-cmd has run (or begun): an abort releases the address
 
     async def run(self) -> Received:
@@ -261,7 +263,7 @@ class TargetSession(Session):
         service, stored = self.service, [self.stored[i] for i in sorted(self.stored)]
         self.service, self.stored = None, {}  # the takeover's now, not abort()'s to close
         return Received(self.hello, self.plan, self.sections, self.sockets, released, self.chan, service, stored,
-                        self.restorer)
+                        self.restorer, self.order)
 
     def refused(self, reason: str) -> Exception:
         return Refused(f"the source gave up: {reason}")
@@ -344,12 +346,19 @@ class TargetSession(Session):
 
     def _take_service(self, section) -> None:
         """A `run` instance's service (its state and notify socket) and its store,
-        one stored fd per section. Any kind of fd may be stored: none is checked."""
+        one stored fd per section (any kind of fd may be stored: none is checked);
+        or the order in which the source would have served the chardevs next."""
         label = section.label
         if label in self.seen:
             raise Refused(f"{label}: a section twice")
         self.seen.add(label)
-        if label == wire.SERVICE_SECTION and set(section.fds) == {"notify"}:
+        if label == wire.ORDER_SECTION and not section.fds:
+            served = section.meta.get("served") if isinstance(section.meta, dict) else None
+            table = self.plan.order
+            if not (isinstance(served, list) and all(type(i) is int and 0 <= i < len(table) for i in served)):
+                raise Refused(f"{label}: 'served' must be a list of indices into the table")
+            self.order = [table[i] for i in served]  # the last section: conns are final
+        elif label == wire.SERVICE_SECTION and set(section.fds) == {"notify"}:
             state = wire.ServiceState.decode(section.meta)
             sock = check_notify_socket(self.chan.take(section.fds["notify"]),
                                        paths.notify_beside(self.instance.control_path))
@@ -514,7 +523,10 @@ async def take_over(instance, received: Received) -> None:
     then the rest are opened afresh."""
     moved = [instance.chardevs[label] for label in received.sockets]
     received.restorer.resume()  # over TCP, out of repair mode: each sends its peer a window probe
-    resumed_at = instance.thaw()  # every moved chardev starts reading at the same instant
+    # Registered for reading as the source would have served them next: epoll then
+    # serves them in that order, the peer that has waited longest first.
+    first = [instance.chardevs[label].fd for label in received.order if label in received.sockets]
+    resumed_at = instance.thaw(first)  # every moved chardev starts reading at the same instant
     # TAKEN before the first read (the loop has not run since the resume): a source
     # that never hears it knows we read nothing and may serve on.
     received.chan.send_now(wire.Taken())

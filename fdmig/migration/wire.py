@@ -588,6 +588,9 @@ class SectionState:
 # in a TRANSFER: labels that cannot be chardev ids (those begin with a letter).
 SERVICE_SECTION = "#service"  # its state, and its notify socket as fd "notify"
 STORED_SECTION = "#stored-"  # + an index: one stored fd each, as fd "fd", in the order stored
+# Last in a TRANSFER: meta {"served": [i, ...]}, the moved chardevs as indices into the
+# TABLE, longest unserved first: the order the target serves them in as it resumes.
+ORDER_SECTION = "#order"
 RESTART_POLICIES = ("no", "on-failure", "always")
 
 

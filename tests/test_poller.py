@@ -1,0 +1,56 @@
+"""The chardevs' epoll (fdmig.poller): while paused (a migration's downtime), fds
+new to it are added only at resume, in the order the migration asks, and epoll
+then serves ready fds in that order: the peer that has waited longest first."""
+
+import asyncio
+import socket
+
+from fdmig.poller import Poller
+
+
+def test_fds_registered_while_paused_are_served_at_resume_in_the_order_given():
+    async def main():
+        poller = Poller(asyncio.get_running_loop())
+        pairs = [socket.socketpair() for _ in range(6)]
+        for mine, theirs in pairs:
+            mine.setblocking(False)
+            theirs.send(b"x")  # every one readable before the resume
+        served = []
+        poller.pause()
+        for mine, _ in pairs:  # registered in table order, as a target's precopy does
+            poller.watch(mine.fileno(), on_read=lambda sock=mine: served.append(sock.recv(1) and sock.fileno()))
+        first = [mine.fileno() for mine, _ in reversed(pairs[2:])]  # the source's order: these, last first
+        poller.resume(first)
+        while len(served) < len(pairs):
+            await asyncio.sleep(0)
+        rest = [mine.fileno() for mine, _ in pairs[:2]]
+        poller.close()
+        for pair in pairs:
+            for sock in pair:
+                sock.close()
+        return served, first, rest
+
+    served, first, rest = asyncio.run(main())
+    assert served == first + rest
+
+
+def test_an_fd_unwatched_while_paused_is_never_added_and_one_watched_before_stays():
+    async def main():
+        poller = Poller(asyncio.get_running_loop())
+        old, new = socket.socketpair(), socket.socketpair()
+        seen = []
+        poller.watch(old[0].fileno(), on_read=lambda: seen.append("old") or old[0].recv(1))
+        poller.pause()
+        poller.watch(new[0].fileno(), on_read=lambda: seen.append("new"))
+        poller.watch(new[0].fileno())  # gone again before the resume: it must not be added
+        new[0].close()  # and its fd may close meanwhile
+        old[1].send(b"x")
+        poller.resume()
+        while not seen:
+            await asyncio.sleep(0)
+        poller.close()
+        for sock in (*old, new[1]):
+            sock.close()
+        return seen
+
+    assert asyncio.run(main()) == ["old"]
