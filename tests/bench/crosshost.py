@@ -21,7 +21,7 @@ import time
 
 from tests import netns
 from tests.bench import median_ms
-from tests.bench.handoff import Probes, _raise_fd_limit
+from tests.bench.handoff import ProbeControl, Probes, _raise_fd_limit
 from tests.helpers import FDMIG, Notify
 from tests.netns import HOST_A, HOST_B, SERVICE
 
@@ -201,10 +201,8 @@ class Reconnecting(Probes):
 
 def _reconnect_loop(ports, ctl) -> None:
     conns = {}  # port -> socket
-    last = dict.fromkeys(ports, time.monotonic())
-    answers = dict.fromkeys(ports, 0)
     pending = dict.fromkeys(ports, b"")
-    longest, measuring, waiting = 0.0, False, None
+    control = ProbeControl(ctl, ports)
 
     def connect(port):
         while True:
@@ -224,17 +222,8 @@ def _reconnect_loop(ports, ctl) -> None:
         ready, _, _ = select.select([ctl, *conns.values()], [], [], 0.05)
         for sock in ready:
             if sock is ctl:
-                command = ctl.recv(64)
-                if command in (b"", b"q"):
+                if not control.command():
                     return
-                if command == b"w":
-                    longest, measuring = 0.0, True
-                    ctl.sendall(b"ok")
-                elif command == b"d":
-                    measuring = False
-                    ctl.sendall(repr(longest).encode())
-                elif command.startswith(b"a"):
-                    waiting = (int(command[1:]), dict(answers))
                 continue
             port = by_fd[sock.fileno()]
             try:
@@ -248,20 +237,12 @@ def _reconnect_loop(ports, ctl) -> None:
             pending[port] += data
             while len(pending[port]) >= RECORD:
                 pending[port] = pending[port][RECORD:]
-                now = time.monotonic()
-                answers[port] += 1
-                if measuring:
-                    longest = max(longest, now - last[port])
-                last[port] = now
+                seq = control.answered(port)
                 try:
-                    sock.send(b"%015d\n" % answers[port])
+                    sock.send(b"%015d\n" % seq)
                 except OSError:
                     pass  # the next recv says what happened
-        if waiting is not None:
-            count, base = waiting
-            if all(answers[p] - base[p] >= count for p in base):
-                ctl.sendall(b"ok")
-                waiting = None
+        control.settle()
 
 
 def measure_hooks(repeats: int = 9) -> dict:

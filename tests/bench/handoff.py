@@ -65,14 +65,62 @@ class Probes:
         os.waitpid(self.pid, 0)
 
 
+class ProbeControl:
+    """The probes' end of Probes' control protocol: `w` opens a window, `d` closes
+    it and answers the longest gap between two answers of one probe in it, `aN`
+    answers once every probe has had N more answers, `q` quits; an error is the
+    answer to whatever comes next."""
+
+    def __init__(self, ctl, keys):
+        self.ctl = ctl
+        self.answers = dict.fromkeys(keys, 0)
+        self.last = dict.fromkeys(keys, time.monotonic())
+        self.longest, self.measuring, self.waiting, self.error = 0.0, False, None, None
+
+    def command(self) -> bool:
+        """Take one command; False to quit."""
+        command = self.ctl.recv(64)
+        if command in (b"", b"q"):
+            return False
+        if self.error:
+            self.ctl.sendall(f"error: {self.error}".encode())
+        elif command == b"w":
+            self.longest, self.measuring = 0.0, True
+            self.ctl.sendall(b"ok")
+        elif command == b"d":
+            self.measuring = False
+            self.ctl.sendall(repr(self.longest).encode())
+        elif command.startswith(b"a"):
+            self.waiting = (int(command[1:]), dict(self.answers))
+        return True
+
+    def answered(self, key) -> int:
+        """A probe's answer came: counted and timed; its number."""
+        now = time.monotonic()
+        self.answers[key] += 1
+        if self.measuring:
+            self.longest = max(self.longest, now - self.last[key])
+        self.last[key] = now
+        return self.answers[key]
+
+    def settle(self) -> None:
+        """Answer an `aN` once it holds (or the error)."""
+        if self.waiting is None:
+            return
+        count, base = self.waiting
+        if self.error:
+            self.ctl.sendall(f"error: {self.error}".encode())
+            self.waiting = None
+        elif all(self.answers[key] - base[key] >= count for key in base):
+            self.ctl.sendall(b"ok")
+            self.waiting = None
+
+
 def _probe_loop(socks, ctl) -> None:
     poller = select.epoll()
     by_fd = {s.fileno(): s for s in socks}
-    seq = dict.fromkeys(by_fd, 0)
-    answers = dict.fromkeys(by_fd, 0)
-    last = dict.fromkeys(by_fd, time.monotonic())
     pending = dict.fromkeys(by_fd, b"")
-    longest, measuring, error, waiting = 0.0, False, None, None
+    control = ProbeControl(ctl, by_fd)
     for fd, sock in by_fd.items():
         sock.setblocking(False)
         poller.register(fd, select.EPOLLIN)
@@ -81,52 +129,29 @@ def _probe_loop(socks, ctl) -> None:
     while True:
         for fd, _ in poller.poll(0.05):
             if fd == ctl.fileno():
-                command = ctl.recv(64)
-                if command in (b"", b"q"):
+                if not control.command():
                     return
-                if error:
-                    ctl.sendall(f"error: {error}".encode())
-                elif command == b"w":
-                    longest, measuring = 0.0, True
-                    ctl.sendall(b"ok")
-                elif command == b"d":
-                    measuring = False
-                    ctl.sendall(repr(longest).encode())
-                elif command.startswith(b"a"):
-                    waiting = (int(command[1:]), dict(answers))
                 continue
             try:
                 data = by_fd[fd].recv(4096)
             except OSError as exc:
-                data, error = b"", f"a peer's connection failed: {exc}"
+                data, control.error = b"", f"a peer's connection failed: {exc}"
             if not data:
-                error = error or "a peer saw EOF"
+                control.error = control.error or "a peer saw EOF"
                 poller.unregister(fd)
                 continue
             pending[fd] += data
             while len(pending[fd]) >= RECORD:
                 record, pending[fd] = pending[fd][:RECORD], pending[fd][RECORD:]
-                if record != b"%015d\n" % seq[fd]:
-                    error = f"record {seq[fd]} came back as {record!r}"
+                if record != b"%015d\n" % control.answers[fd]:
+                    control.error = f"record {control.answers[fd]} came back as {record!r}"
                     break
-                now = time.monotonic()
-                answers[fd] += 1
-                if measuring:
-                    longest = max(longest, now - last[fd])
-                last[fd] = now
-                seq[fd] += 1
+                seq = control.answered(fd)
                 try:
-                    by_fd[fd].send(b"%015d\n" % seq[fd])
+                    by_fd[fd].send(b"%015d\n" % seq)
                 except OSError as exc:
-                    error = f"a peer's connection failed: {exc}"
-        if waiting is not None:
-            count, base = waiting
-            if error:
-                ctl.sendall(f"error: {error}".encode())
-                waiting = None
-            elif all(answers[fd] - base[fd] >= count for fd in base):
-                ctl.sendall(b"ok")
-                waiting = None
+                    control.error = f"a peer's connection failed: {exc}"
+        control.settle()
 
 
 def start_instance(args, workdir, env):
