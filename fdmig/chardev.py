@@ -434,7 +434,8 @@ class Chardev:
         try:
             # As much as keeps what waits for the target under HIGH_WATER + READ_SIZE,
             # as a read would: a migration carries it in one section.
-            n = target.pipe.fill(self.conn, frontends.HIGH_WATER + frontends.READ_SIZE - target.pending)
+            n = target.pipe.fill(self.conn, min(frontends.HIGH_WATER + frontends.READ_SIZE - target.pending,
+                                                target.pipe.room))
         except OSError as exc:
             self._lost(exc.strerror)
             return

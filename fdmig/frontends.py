@@ -34,7 +34,7 @@ class Frontend:
 
     def can_receive(self) -> bool:
         target = self.target()
-        return target is None or target.pending < HIGH_WATER
+        return target is None or (target.pending < HIGH_WATER and (target.pipe is None or target.pipe.room > 0))
 
     def splice_target(self):
         """The chardev whose pipe the bytes read may go to with splice(2), if any."""

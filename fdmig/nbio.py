@@ -60,7 +60,7 @@ def send_some(sock: socket.socket, buf: bytearray) -> int:
     return sent
 
 
-F_SETPIPE_SZ = 1031  # linux/fcntl.h
+F_SETPIPE_SZ, F_GETPIPE_SZ = 1031, 1032  # linux/fcntl.h
 PIPE_SIZE = 1 << 20  # the unprivileged maximum (fs.pipe-max-size) by default
 _SPLICE = os.SPLICE_F_NONBLOCK | os.SPLICE_F_MOVE
 
@@ -74,10 +74,15 @@ class Pipe:
     def __init__(self):
         self.r, self.w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         try:
-            fcntl.fcntl(self.w, F_SETPIPE_SZ, PIPE_SIZE)
+            self.size = fcntl.fcntl(self.w, F_SETPIPE_SZ, PIPE_SIZE)
         except OSError:
-            pass  # a smaller pipe only means more turns
+            self.size = fcntl.fcntl(self.w, F_GETPIPE_SZ)  # a smaller pipe only means more turns
         self.held = 0
+
+    @property
+    def room(self) -> int:
+        """What fill() may still add: a full pipe must stop the reading, not spin it."""
+        return self.size - self.held
 
     def fill(self, source: socket.socket, most: int) -> int | None:
         """Up to `most` bytes from `source`: how many (0 at the peer's EOF), None if none now."""
