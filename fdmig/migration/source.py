@@ -336,6 +336,12 @@ class SourceSession(Session):
             self.committed = False
             await self.abort("the target died after the commit, before taking over (it had read nothing)")
             return False
+        # What is left here (closing our copies, the exit) must not take a CPU from
+        # the target serving its first turn: nothing waits on us any more.
+        try:
+            os.nice(19)
+        except OSError:
+            pass
         # Connections in repair mode close silently: the target's now.
         for chardev in self.instance.chardevs.values():
             chardev.released()
