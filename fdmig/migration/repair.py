@@ -4,8 +4,10 @@ target's restore, and the shell commands that move the service address. The
 sockets themselves are fdmig.tcprepair's; the bytes, fdmig.tcpstate's.
 
 A marked TCP chardev's connection travels as its chardev's section (state and
-carried bytes, as any) preceded by TCP_SECTION sections holding the encoded TCP
-state in pieces: a send queue may be megabytes, a frame is bounded."""
+carried bytes, as any) with the encoded TCP state: its last piece at the start of
+that section's bytes ("tcp-here" of them), the pieces before it, if the state is
+bigger than a piece, in TCP_SECTION sections ahead: a send queue may be
+megabytes, a frame is bounded."""
 
 import asyncio
 import logging
