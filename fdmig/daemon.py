@@ -229,7 +229,7 @@ class Instance:
             if self.capabilities["x-tcp-repair"]:
                 raise FdmigError("capability x-tcp-repair moves TCP connections to another host, over a TCP "
                                  "channel; over a unix channel, local-char-socket moves them")
-            if hooks and any(hooks.values()):
+            if hooks:
                 raise FdmigError("--release-cmd and --reclaim-cmd move the service address to another host: "
                                  "they are for a TCP channel")
         blocked = source.blockers(self, remote=address.tcp)

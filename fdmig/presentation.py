@@ -27,19 +27,6 @@ def pending_row(spec) -> dict:
                       f"bridge={spec.bridge}" if spec.bridge else spec.frontend)
 
 
-def row(chardev) -> dict:
-    peer, pid, process = chardev.peer or (None, None, None)
-    frontend = chardev.frontend.name
-    if frontend == "bridge":
-        frontend = f"bridge={chardev.frontend.partner.label}"
-    entry = status_row(chardev.spec, chardev.state.value, frontend)
-    entry.update({"fd": chardev.fd, "peer": peer, "peer-pid": pid, "peer-process": process,
-                  "rx-bytes": chardev.rx_bytes, "tx-bytes": chardev.tx_bytes,
-                  "connected-since": utc_iso(chardev.connected_since) if chardev.connected_since else None,
-                  "migrations": chardev.migrations})
-    return entry
-
-
 def qmp_chardev(chardev) -> dict:
     """QEMU's query-chardev entry; the filename is `unix:P,server=on`, prefixed
     `disconnected:` when there is no peer."""
@@ -52,9 +39,9 @@ def qmp_chardev(chardev) -> dict:
 
 
 def row_json(chardev) -> str:
-    """row(chardev) as JSON text, made a fifth as fast: what the spec fixes is
-    encoded once per chardev and kept (a status of thousands is built while
-    their peers wait), only what changes is encoded each time."""
+    """A chardev's row in `status`, as JSON text: status_row() with its live
+    fields. What the spec fixes is encoded once per chardev and kept (a status
+    of thousands is built while their peers wait), only what changes each time."""
     fixed = chardev.row_parts
     if fixed is None:
         fixed = chardev.row_parts = _fixed_parts(chardev)

@@ -8,6 +8,7 @@ trailing newline, as QEMU's own JSON lexer allows. Output is one object per line
 import dataclasses
 import enum
 import json
+import secrets
 import os
 import select
 import socket
@@ -177,15 +178,18 @@ class Encoded:
 
 def encode(obj) -> bytes:
     texts: list[str] = []
+    # A stand-in no other string in `obj` can hold: a peer's words (an error a
+    # target sent, say) may be anything, but not a nonce made for this call.
+    nonce = secrets.token_hex(8)
 
     def default(value):
         if isinstance(value, Encoded):
             texts.append(value.text)
-            return f"\0encoded {len(texts) - 1}\0"  # no string a client sent holds a NUL
+            return f"\0encoded {nonce} {len(texts) - 1}\0"
         raise TypeError(f"{type(value).__name__} is not JSON serializable")
     text = json.dumps(obj, separators=SEPARATORS, default=default)
     for index, encoded in enumerate(texts):
-        text = text.replace(json.dumps(f"\0encoded {index}\0"), encoded, 1)
+        text = text.replace(json.dumps(f"\0encoded {nonce} {index}\0"), encoded, 1)
     return text.encode() + b"\n"
 
 

@@ -87,8 +87,8 @@ def _ip(*args: str) -> None:
 
 
 class Hosts:
-    """The namespaces, made on enter and removed on exit. `ns(name)` is the netns
-    name of "client", "a" or "b"; `run(host, argv)` the prefix that runs argv there."""
+    """The namespaces, made on enter and removed on exit. `ns(host)` is the netns
+    name of "client", "a" or "b"; `wrap(host, argv)` runs argv there."""
 
     def __init__(self):
         tag = uuid.uuid4().hex[:6]
@@ -99,10 +99,6 @@ class Hosts:
 
     def wrap(self, host: str, argv: list[str]) -> list[str]:
         return ["ip", "netns", "exec", self.names[host], *argv]
-
-    def sh(self, host: str, command: str) -> str:
-        """`command` as a shell command line that runs on `host` (for --claim-cmd and the like)."""
-        return f"ip netns exec {self.names[host]} sh -c '{command}'"
 
     def connect(self, host: str, address: str, port: int, timeout: float = 10.0) -> socket.socket:
         """A TCP connection made from `host`'s namespace."""
