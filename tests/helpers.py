@@ -312,3 +312,21 @@ def wait_status(control: str, condition, what: str, timeout: float = 15.0) -> di
                 client.wait_event({"X_FDMIG_SERVICE", "X_FDMIG_CHARDEV_STATE"}, deadline)
             except Exception as exc:
                 raise AssertionError(f"waited for {what}; status: {json.dumps(status)[-2000:]}") from exc
+
+
+def calls(work) -> int:
+    """How many Python and C functions `work()` calls: a measure of how much it
+    does that, unlike a clock, a busy machine cannot change. Compared at two
+    sizes, it shows whether the work grows faster than linearly."""
+    count = 0
+
+    def profile(frame, event, arg):
+        nonlocal count
+        if event in ("call", "c_call"):
+            count += 1
+    sys.setprofile(profile)
+    try:
+        work()
+    finally:
+        sys.setprofile(None)
+    return count

@@ -2,7 +2,6 @@
 
 import json
 import struct
-import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -42,6 +41,7 @@ from fdmig.migration.wire import (
     entry_fds,
     show,
 )
+from tests.helpers import calls
 
 
 def drain(codec):
@@ -258,10 +258,7 @@ def test_ten_thousand_sections_with_two_fds_each_split_into_bounded_frames():
     assert all(len(c.fds) <= MAX_FDS_PER_FRAME and len(c.data) - HEADER.size <= MAX_FRAME for c in chunks)
     assert end.fds == ()
 
-    start = time.perf_counter()
     [transfer] = pair.deliver(pair.source, chunks)
-    elapsed = time.perf_counter() - start
-    assert elapsed < 0.5, f"decoding took {elapsed:.2f}s"
 
     assert len(transfer.sections) == 10_000
     assert pair.target.fds_claimed == pair.target.fds_received == base + 20_000
@@ -964,14 +961,25 @@ def test_sending_a_section_with_a_bad_held_list_is_a_local_protocol_error():
     assert pair.source.state is State.HELD
 
 
-def test_ten_thousand_section_states_decode_well_inside_a_downtime():
+def test_section_states_decode_correctly_by_the_thousand():
     metas = [{"state": "connected", "rx-bytes": i, "tx-bytes": 2 * i, "connected-since": NOW - i, "migrations": 1,
               "peer": ["/run/c.sock", 1000 + i, "qemu"], "held": ["conn", "listener"]} for i in range(10_000)]
-    start = time.perf_counter()
     states = [SectionState.decode(meta, NOW) for meta in metas]
-    elapsed = time.perf_counter() - start
-    assert elapsed < 0.1, f"decoding took {elapsed * 1e6 / len(metas):.1f} us per section"
     assert states[5] == SectionState(5, 10, 1, NOW - 5, ("/run/c.sock", 1005, "qemu"), (), ("conn", "listener"))
+    assert len(set(states)) == len(states)
+
+
+def test_a_transfer_of_thousands_decodes_in_work_linear_in_its_size():
+    # Inside the downtime: twice the sections may cost twice the work, not four
+    # times (the benchmark times it; calls are what a busy machine cannot skew).
+    def delivering(n):
+        pair = pair_at(State.HELD)
+        sections = tuple(Section(f"c{i}", {"rx-bytes": i, "held": ["conn"]}, b"x" * (i % 50),
+                                 {"listener": 10_000 + i}) for i in range(n))
+        chunks = pair.source.send(Transfer(sections=sections))
+        return lambda: pair.deliver(pair.source, chunks)
+    small, large = calls(delivering(2_000)), calls(delivering(8_000))
+    assert large < small * 4 * 1.2, f"{small} calls for 2,000 sections, {large} for 8,000"
 
 
 def test_entry_fds_counts_what_a_table_entry_says_will_come():
