@@ -66,6 +66,12 @@ for _state, _successors in TRANSITIONS.items():
     _state.paused = (Paused(_state, False), Paused(_state, True))
 
 
+def read_mark() -> int:
+    """A point in the order of every chardev's reads: one read since has a
+    larger `served`."""
+    return next(_SERVED)
+
+
 # Descriptors kept free for control clients and a migration channel: an instance
 # at its limit still answers `status` and can still migrate away.
 FD_RESERVE = 32
@@ -112,6 +118,14 @@ _SERVED = itertools.count(1)
 
 
 class Chardev:
+    # Slots: thousands of chardevs are walked inside a migration's downtime, and an
+    # instance dict of this many keys is slower to read and larger (more cache misses).
+    __slots__ = ("_accept_paused", "_accepting", "_bound_inode", "_hangup", "_hold_unread", "_logfile", "_loop",
+                 "_no_pipe", "_on_change", "_poller", "_reading", "_reconnect_task", "_stale", "_writing", "closing",
+                 "conn", "connected_since", "counts_changed", "eof_pending", "eof_read", "eof_sent", "feeders", "first_peer",
+                 "frontend", "label", "listener", "migrations", "outbuf", "paused_from", "peer", "pinned", "pipe",
+                 "row_parts", "rx_bytes", "served", "settled", "spec", "state", "tx_bytes")
+
     def __init__(self, spec, on_change, poller):
         self.spec = spec
         self.label = spec.id
@@ -119,6 +133,9 @@ class Chardev:
         self._poller = poller
         self._loop = asyncio.get_running_loop()
         self.state = State.CLOSED
+        # The state to carry on in: the state, or while MIGRATING the one it will
+        # resume to (an attribute, not a property: a downtime reads thousands).
+        self.settled = State.CLOSED
         self.listener: socket.socket | None = None
         self.conn: socket.socket | None = None
         self.outbuf = bytearray()
@@ -128,6 +145,9 @@ class Chardev:
         self._no_pipe = False  # making one failed (out of fds): bytes go through outbuf
         self.rx_bytes = 0
         self.tx_bytes = 0
+        # Set at every change of either, cleared by a migration's precopy, which has
+        # sent both: which chardevs' counts RELEASED must carry, without comparing.
+        self.counts_changed = False
         self.connected_since: float | None = None
         self.peer: tuple[str, int | None, str | None] | None = None
         self.migrations = 0
@@ -146,6 +166,9 @@ class Chardev:
         # update_io derives the watch from them and the state.
         self._reading = self._writing = self._accepting = self._hangup = False
         self._hold_unread = False  # a held fd's peer has sent bytes: watch only its hangup
+        # update_io() was called while quiesced and did nothing: what to watch may
+        # have changed, so resuming works it out again (otherwise it is as it was).
+        self._stale = False
         self._accept_paused = False  # out of fds: not accepting for nbio.ACCEPT_PAUSE
         self._bound_inode: int | None = None
         self._logfile = None
@@ -347,11 +370,16 @@ class Chardev:
 
     # ----- I/O ---------------------------------------------------------------
 
-    def update_io(self, quiesced_too: bool = False) -> None:
+    def update_io(self, quiesced_too: bool = False, defer: bool = True) -> None:
         """Watch exactly what the current state calls for. While quiesced nothing
-        changes (the migration has paused the whole poller), unless `quiesced_too`."""
-        if self.state is _MIGRATING and not quiesced_too or not self.frontend.watched:
+        changes (the migration has paused the whole poller), unless `quiesced_too`;
+        `defer` as Poller.watch's."""
+        if self.state is _MIGRATING and not quiesced_too:
+            self._stale = True
             return
+        if not self.frontend.watched:
+            return
+        self._stale = False
         live = self.conn is not None
         if self.frontend.reads:
             want_read = live and not (self.eof_read or self.closing) and self.frontend.can_receive()
@@ -363,12 +391,12 @@ class Chardev:
         if (want_read, want_write, want_hangup) != (self._reading, self._writing, self._hangup):
             self._poller.watch(self.conn.fileno(), self._on_readable if want_read else None,
                                self._on_writable if want_write else None,
-                               self._on_hangup if want_hangup else None)
+                               self._on_hangup if want_hangup else None, defer=defer)
             self._reading, self._writing, self._hangup = want_read, want_write, want_hangup
         want_accept = (self.listener is not None and not live and not self._accept_paused
                        and self.frontend.may_accept())
         if want_accept != self._accepting:
-            self._poller.watch(self.listener.fileno(), self._on_acceptable if want_accept else None)
+            self._poller.watch(self.listener.fileno(), self._on_acceptable if want_accept else None, defer=defer)
             self._accepting = want_accept
 
     def _on_acceptable(self) -> None:
@@ -423,6 +451,7 @@ class Chardev:
             self._on_eof()
             return
         self.rx_bytes += len(data)
+        self.counts_changed = True
         if self._logfile is not None:
             self._write_log(data)
         self.frontend.received(data)
@@ -445,6 +474,7 @@ class Chardev:
             self._on_eof()
             return
         self.rx_bytes += n
+        self.counts_changed = True
         if not target.quiesced and not target._writing:
             target._flush()
         self.update_io()
@@ -510,7 +540,9 @@ class Chardev:
 
     def write(self, data: bytes) -> None:
         self.outbuf += data
-        if self.conn is not None and not self.quiesced and not self._writing:
+        if self.quiesced:
+            self._stale = True  # it will want to write once it resumes
+        elif self.conn is not None and not self._writing:
             self._flush()
 
     def _on_writable(self) -> None:
@@ -525,6 +557,7 @@ class Chardev:
             self._lost(exc.strerror)
             return
         self.tx_bytes += sent
+        self.counts_changed = True
         if not self.pending:
             if self.closing:
                 self._close_conn("session over, every byte delivered", lost=False)
@@ -631,6 +664,7 @@ class Chardev:
         self.connected_since = None
 
     def _stop_conn_io(self) -> None:
+        self._stale = True  # watching nothing is not what the state calls for, until update_io says so
         if self._reading or self._writing or self._hangup:
             self._poller.watch(self.conn.fileno())
             self._reading = self._writing = self._hangup = False
@@ -648,6 +682,7 @@ class Chardev:
         if state not in self.state.successors:
             raise TransitionError(f"chardev {self.label}: {self.state.value} -> {state.value}")
         self.state = state
+        self.settled = state if state is not _MIGRATING else self.paused_from.state
         if watch:
             self.update_io()
         self._on_change(self)
@@ -676,16 +711,13 @@ class Chardev:
         paused, self.paused_from = self.paused_from, None
         if paused.reconnecting:
             self._schedule_connect(wait_first=not self.frontend.on_demand)
-        self._set_state(paused.state)
+        self._set_state(paused.state, watch=self._stale)
 
-    def settled_state(self) -> State:
-        """The state to carry on in: the one before the quiesce, while quiesced."""
-        return self.paused_from.state if self.quiesced else self.state
-
-    def watch_now(self) -> None:
+    def watch_now(self, defer: bool = True) -> None:
         """Register with the poller what this chardev will want once it resumes,
-        although it is quiesced (the poller is paused, so nothing is read yet)."""
-        self.update_io(quiesced_too=True)
+        although it is quiesced (the poller is paused, so nothing is read yet):
+        into its epoll at the resume if `defer`, else at once."""
+        self.update_io(quiesced_too=True, defer=defer)
 
     @property
     def watched(self) -> bool:
@@ -777,6 +809,37 @@ class Chardev:
     def fd(self) -> int | None:
         sock = self.conn or self.listener
         return sock.fileno() if sock is not None else None
+
+
+def quiesce_all(chardevs) -> None:
+    """Chardev.quiesce() of each, for an instance that has paused its poller and
+    hears no change (inside a migration's downtime). The common case, no pipe
+    holding bytes and no reconnect under way, is done inline: thousands are
+    quiesced while every peer waits, and a method call each is most of the cost."""
+    for chardev in chardevs:
+        state = chardev.state
+        if (chardev.pipe is not None or chardev._reconnect_task is not None or state is _MIGRATING
+                or _MIGRATING not in state.successors):
+            chardev.quiesce()  # the whole way (or its TransitionError)
+            continue
+        chardev.paused_from = state.paused[0]
+        chardev.state = _MIGRATING  # `settled` stays `state`
+
+
+def resume_all(chardevs) -> None:
+    """Chardev.resume() of each quiesced one, for an instance whose poller is
+    paused and hears no change; inline but for a reconnect to start again or a
+    watch to work out again (update_io was asked while quiesced)."""
+    for chardev in chardevs:
+        paused = chardev.paused_from
+        if paused is None:
+            continue
+        state = paused.state
+        if paused.reconnecting or chardev._stale or state not in _MIGRATING.successors:
+            chardev.resume()
+            continue
+        chardev.paused_from = None
+        chardev.state = state  # `settled` already is
 
 
 def adopt_socket(fd: int, spec, label: str) -> socket.socket:

@@ -14,7 +14,7 @@ import time
 
 from fdmig import __version__, frontends, keeper, paths, presentation, qmp, spec as specs, systemd, tcprepair
 from fdmig.keeper import Keeper
-from fdmig.chardev import Chardev
+from fdmig.chardev import Chardev, quiesce_all, resume_all
 from fdmig.errors import FdmigError
 from fdmig.lifecycle import Lifecycle, MigrationStatus, RunState
 
@@ -190,16 +190,13 @@ class Instance:
         if self.service is not None:
             self.service.hear(False)
         if quiesce:
-            for chardev in self.chardevs.values():
-                chardev.quiesce()
+            quiesce_all(self.chardevs.values())
 
     def thaw(self, first=()) -> float:
         """The downtime ends: every quiesced chardev resumes, all at one instant,
         which this returns (time.monotonic()). Taken before the collector is on
         again: its first collection comes at the next allocation."""
-        for chardev in self.chardevs.values():
-            if chardev.paused_from is not None:  # quiesced (an attribute: thousands are asked)
-                chardev.resume()
+        resume_all(self.chardevs.values())
         self.poller.resume(first)  # fds in `first` watched before the rest, in that order
         if self.service is not None:
             self.service.hear(True)

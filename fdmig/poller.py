@@ -24,11 +24,20 @@ class Poller:
         # the order it is given: epoll then reports ready fds in the order added.
         self._deferred: dict[int, None] = {}
         self.paused = False
+        # Never called: an epoll fd is never writable. It keeps our epoll in the
+        # loop's while paused, so that pause and resume change its events
+        # (EPOLL_CTL_MOD) instead of removing and adding it: adding an epoll to
+        # another makes the kernel walk every fd in it (its loop check), a few
+        # hundred us at a thousand chardevs, inside the downtime.
+        loop.add_writer(self._epoll.fileno(), _never)
         loop.add_reader(self._epoll.fileno(), self._dispatch)
 
-    def watch(self, fd: int, on_read=None, on_write=None, on_hangup=None) -> None:
+    def watch(self, fd: int, on_read=None, on_write=None, on_hangup=None, defer: bool = True) -> None:
         """Watch fd for reading, writing and/or the peer hanging up (an fd that is
-        held, never read, still learns that its peer left); all None stops."""
+        held, never read, still learns that its peer left); all None stops. While
+        paused, an fd new to the epoll is added at resume(), in the order it is
+        given, unless `defer` is off: then at once (an epoll addition costs a
+        syscall, which inside a downtime only an fd whose order matters is worth)."""
         mask = (IN if on_read else 0) | (OUT if on_write else 0) | (HANGUP if on_hangup else 0)
         old = self._handlers.get(fd)
         if not mask:
@@ -39,7 +48,7 @@ class Poller:
             return
         self._handlers[fd] = (mask, on_read, on_write, on_hangup)
         if old is None:
-            if self.paused:
+            if self.paused and defer:
                 self._deferred[fd] = None
             else:
                 self._epoll.register(fd, mask)
@@ -90,5 +99,10 @@ class Poller:
     def close(self) -> None:
         if not self.paused:
             self._loop.remove_reader(self._epoll.fileno())
+        self._loop.remove_writer(self._epoll.fileno())
         self._epoll.close()
         self._handlers.clear()
+
+
+def _never() -> None:
+    raise AssertionError("an epoll fd reported writable")

@@ -73,7 +73,7 @@ def test_a_chardev_state_change_the_table_does_not_list_is_refused(tmp_path):
         await chardev.open()
         assert chardev.state is chardevs.State.LISTENING
         chardev.quiesce()
-        assert chardev.quiesced and chardev.settled_state() is chardevs.State.LISTENING
+        assert chardev.quiesced and chardev.settled is chardevs.State.LISTENING
         chardev.released()
         assert chardev.state is chardevs.State.MIGRATED
         with pytest.raises(chardevs.TransitionError, match="migrated -> connected"):
@@ -82,6 +82,46 @@ def test_a_chardev_state_change_the_table_does_not_list_is_refused(tmp_path):
         assert changes == [chardevs.State.LISTENING, chardevs.State.MIGRATING, chardevs.State.MIGRATED]
         poller.close()
     asyncio.run(main())
+
+
+def test_thousands_quiesce_and_resume_at_once_where_each_stood_and_bytes_written_meanwhile_go_out(tmp_path):
+    # The downtime's inline path (quiesce_all, resume_all) must do what quiesce()
+    # and resume() do: a listener accepts again, and bytes given to a quiesced
+    # chardev go out once it resumes, though no update_io ran for them.
+    async def main():
+        poller = Poller(asyncio.get_running_loop())
+        path = f"{tmp_path}/peer.sock"
+        peer_listener = socket.socket(socket.AF_UNIX)
+        peer_listener.bind(path)
+        peer_listener.listen()
+        connected = asyncio.Event()
+        server = chardevs.Chardev(parse_spec(f"socket,id=srv,path={tmp_path}/srv.sock,server=on"),
+                                  lambda c: c.state is chardevs.State.CONNECTED and connected.set(), poller)
+        client = chardevs.Chardev(parse_spec(f"socket,id=cli,path={path}"), lambda c: None, poller)
+        await server.open()
+        await client.open()
+        peer, _ = peer_listener.accept()
+        both = [server, client]
+        chardevs.quiesce_all(both)
+        assert [(c.state, c.settled) for c in both] == [
+            (chardevs.State.MIGRATING, chardevs.State.LISTENING), (chardevs.State.MIGRATING, chardevs.State.CONNECTED)]
+        client.write(b"while quiesced")
+        chardevs.resume_all(both)
+        assert [c.state for c in both] == [chardevs.State.LISTENING, chardevs.State.CONNECTED]
+        assert all(c.paused_from is None for c in both)
+        peer.setblocking(False)
+        loop = asyncio.get_running_loop()
+        got = await asyncio.wait_for(loop.sock_recv(peer, 100), 10)
+        newcomer = socket.socket(socket.AF_UNIX)
+        newcomer.connect(f"{tmp_path}/srv.sock")
+        await asyncio.wait_for(connected.wait(), 10)
+        for sock in (peer, peer_listener, newcomer):
+            sock.close()
+        for c in both:
+            c.close()
+        poller.close()
+        return got
+    assert asyncio.run(main()) == b"while quiesced"
 
 
 def test_a_quiesced_chardev_resumes_where_it_stood_and_watches_again(tmp_path):

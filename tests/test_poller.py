@@ -54,3 +54,30 @@ def test_an_fd_unwatched_while_paused_is_never_added_and_one_watched_before_stay
         return seen
 
     assert asyncio.run(main()) == ["old"]
+
+
+def test_an_fd_watched_while_paused_without_defer_is_in_the_epoll_before_the_deferred_ones():
+    # A target adds an idle peer's fd at once and a streaming one's at the resume,
+    # in the source's order: the idle one, already there, is reported first.
+    async def main():
+        poller = Poller(asyncio.get_running_loop())
+        pairs = [socket.socketpair() for _ in range(3)]
+        served = []
+        poller.pause()
+        for index, (mine, theirs) in enumerate(pairs):
+            mine.setblocking(False)
+            theirs.send(b"x")
+            poller.watch(mine.fileno(), on_read=lambda sock=mine: served.append(sock.recv(1) and sock.fileno()),
+                         defer=index != 2)
+        poller.resume([pairs[1][0].fileno(), pairs[0][0].fileno()])
+        while len(served) < len(pairs):
+            await asyncio.sleep(0)
+        poller.close()
+        order = [mine.fileno() for mine, _ in (pairs[2], pairs[1], pairs[0])]
+        for pair in pairs:
+            for sock in pair:
+                sock.close()
+        return served, order
+
+    served, order = asyncio.run(main())
+    assert served == order

@@ -838,14 +838,23 @@ def test_the_message_for_a_bad_pid_shows_numbers_but_not_huge_ones():
 
 def test_release_info_decodes_and_round_trips_through_its_dict():
     info = {"quiesce-at": 12.5, "started-at": 10.25, "setup-ms": 3, "counters": [["c0", 5, 6], ["c1", 0, 0]],
-            "downtime-ms": 1.5}
+            "served": [1, 0], "downtime-ms": 1.5}
     release = ReleaseInfo.decode(info)
     assert release == ReleaseInfo(quiesce_at=12.5, started_at=10.25, setup_ms=3,
-                                  counters=(("c0", 5, 6), ("c1", 0, 0)), ignored=())
-    assert list(release.to_dict()) == ["quiesce-at", "started-at", "counters", "setup-ms"]
+                                  counters=(("c0", 5, 6), ("c1", 0, 0)), served=(1, 0), ignored=())
+    assert list(release.to_dict()) == ["quiesce-at", "started-at", "counters", "setup-ms", "served"]
     assert ReleaseInfo.decode(release.to_dict()) == release
     assert ReleaseInfo.decode({}) == ReleaseInfo()
-    assert ReleaseInfo().to_dict() == {"quiesce-at": None, "started-at": None, "counters": [], "setup-ms": None}
+    assert ReleaseInfo().to_dict() == {"quiesce-at": None, "started-at": None, "counters": [], "setup-ms": None,
+                                       "served": []}
+
+
+@pytest.mark.parametrize("served", [[0, 2], [0, -1], [0, True], [0, 1.0], "01", {"0": 1}, None, []])
+def test_an_order_to_resume_in_is_taken_only_as_indices_into_the_table(served):
+    # RELEASED comes after the commit: a bad order is no order, never a refusal.
+    assert ReleaseInfo.order({"served": served}, 2) == []
+    assert ReleaseInfo.order({"served": [1, 0]}, 2) == [1, 0]
+    assert ReleaseInfo.order("junk", 2) == []
 
 
 def test_junk_in_release_info_is_dropped_and_bad_counters_are_named_in_ignored():

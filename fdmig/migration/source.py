@@ -8,11 +8,14 @@ back: every chardev resumes as if nothing happened. After it, nothing rolls back
 
 import asyncio
 import logging
+import operator
 import os
 import ssl
 import time
+from itertools import compress
 
 from fdmig import __version__, faults, paths, process, systemd, tcprepair, tlscreds
+from fdmig.chardev import read_mark
 from fdmig.lifecycle import MigrationStatus
 from fdmig.migration import channel, form, repair, wire
 from fdmig.migration.session import Session, drive
@@ -22,6 +25,8 @@ log = logging.getLogger("fdmig")
 # it is given once SIGTERM asks the source to stop.
 TAKEN_TIMEOUT = 10.0
 STOP_GRACE = 1.0
+_OUTBUF = operator.attrgetter("outbuf")
+_COUNTS_CHANGED = operator.attrgetter("counts_changed")
 
 
 class MigrationFailed(Exception):
@@ -101,15 +106,25 @@ class SourceSession(Session):
         self.live = instance.capabilities["local-char-socket"]
         self.committed = False
         self.target = wire.TargetInfo()
-        self.precopied: dict = {}  # label -> (fingerprint, sockets, byte counts) as the precopy sent them
+        self.precopied: dict = {}  # label -> its sockets, as the precopy sent them
+        # The chardevs that move live, in the TABLE's order, and each one's
+        # fingerprint as the precopy sent it (None: not sent); those it sent, and
+        # those of them whose peers streamed as it began (SectionState.streaming).
+        self.movable: list = []
+        self.fingerprints: list = []
+        self.sent: list = []
+        self.streaming: list = []  # (TABLE index, chardev)
+        self.changed: set = set()  # labels with a section again inside the downtime
+        self.reads_before = 0  # chardev.read_mark() as the migration began
         self.started = self.quiesce_at = 0.0
         self.moved = 0
-        self.counters: list = []  # [label, rx-bytes, tx-bytes] of chardevs that moved bytes only
+        self.release: dict = {}  # RELEASED's info, made while the target checks the TRANSFER
 
     async def run(self) -> bool:
         """Whether the chardevs are the target's now. Never raises but on cancel
         after the commit: the outcome is in the lifecycle and the MIGRATION events."""
         self.started = time.monotonic()
+        self.reads_before = read_mark()
         self.deadline = self.started + self.timeout if self.timeout else None
         try:
             self.chan = await self._connect()
@@ -180,6 +195,8 @@ class SourceSession(Session):
         if self.address.tcp:
             await self._dump()
         await self.chan.send(wire.Transfer(self._changed_sections()), self.deadline)
+        # What RELEASED says is made now, while the target checks the TRANSFER.
+        self.release = self._release_info()
         faults.point("source-after-transfer")
         self.expected = (wire.Ack, self.on_ack, "acknowledging")
 
@@ -203,15 +220,23 @@ class SourceSession(Session):
         batch, pinned = [], []
         fds_in_batch = 0
         try:
-            for chardev in list(self.instance.chardevs.values()):
+            for index, chardev in enumerate(list(self.instance.chardevs.values())):  # the TABLE's order
+                if not form.moves_live(chardev, self.live):
+                    continue  # the target opens it afresh
                 sockets = chardev.sockets()
-                if not (sockets and form.moves_live(chardev, self.live)):
+                self.movable.append(chardev)
+                self.fingerprints.append(form.fingerprint(chardev) if sockets else None)
+                if not sockets:
                     continue
                 form.pin(chardev)
                 pinned.append(chardev)
-                self.precopied[chardev.label] = (form.fingerprint(chardev), sockets,
-                                                 (chardev.rx_bytes, chardev.tx_bytes))
-                section = form.section(chardev, carry=False)  # bytes to carry go at the quiesce
+                self.precopied[chardev.label] = sockets
+                self.sent.append(chardev)
+                chardev.counts_changed = False  # the section has them
+                streaming = chardev.conn is not None and chardev.served > self.reads_before
+                if streaming:
+                    self.streaming.append((index, chardev))
+                section = form.section(chardev, carry=False, streaming=streaming)  # bytes to carry: at the quiesce
                 batch.append(section)
                 fds_in_batch += len(section.fds)
                 if fds_in_batch >= wire.MAX_FDS_PER_FRAME - 1:
@@ -252,20 +277,18 @@ class SourceSession(Session):
 
     def _changed_sections(self) -> list:
         """Inside the downtime: the sections of the moved chardevs that changed
-        since the precopy; the byte counts of those that only moved bytes go with
-        RELEASED, after the commit. Last, the order in which to serve them."""
-        sections, served = [], []
-        for index, chardev in enumerate(self.instance.chardevs.values()):  # the TABLE's order
-            if not form.moves_live(chardev, self.live):
-                continue  # the target opens it afresh
-            if chardev.conn is not None:
-                served.append((chardev.served, index))
-            fingerprint, sockets, counted = self.precopied.get(chardev.label, (None, None, None))
-            if fingerprint == form.fingerprint(chardev) and not chardev.outbuf:
-                self.moved += 1  # the target has it from the precopy, bar the byte counts
-                if counted != (chardev.rx_bytes, chardev.tx_bytes):
-                    self.counters.append([chardev.label, chardev.rx_bytes, chardev.tx_bytes])
-                continue
+        since the precopy, or hold bytes to carry. Which those are is worked out
+        in C (map, compress): nothing but the byte counts changes for most, and
+        those go with RELEASED."""
+        movable = self.movable
+        changed = list(compress(movable, map(operator.or_, map(operator.ne, self.fingerprints,
+                                                               map(form.fingerprint, movable)),
+                                             map(operator.truth, map(_OUTBUF, movable)))))
+        self.moved += len(movable) - len(changed)  # the target has those from the precopy
+        self.changed = {chardev.label for chardev in changed}
+        sections = []
+        for chardev in changed:
+            sockets = self.precopied.get(chardev.label)
             section = form.section(chardev, sockets)
             # With no socket, a section still carries bytes (and an EOF) waiting for
             # a connection the target makes afresh: a bridge's client side connecting.
@@ -274,13 +297,21 @@ class SourceSession(Session):
                 sections.append(section)
         if self.instance.service is not None:
             sections += form.service_sections(self.instance.service, self.instance.store)
-        if served:
-            # Longest unserved first: the target registers them for reading in this
-            # order, and epoll then serves them in it, so that no peer waits a round
-            # of the others twice, once before the quiesce and again after the resume.
-            served.sort()
-            sections.append(wire.Section(wire.ORDER_SECTION, {"served": [index for _, index in served]}))
         return sections
+
+    def _release_info(self) -> dict:
+        """RELEASED's info: the timings, the byte counts of the chardevs that
+        changed only in them since the precopy (found in C), and the order in
+        which to serve the streaming chardevs, longest
+        unserved first. The target adds their fds to its epoll in it, and epoll
+        then serves them in it, so that no peer waits a round of the others
+        twice, once before the quiesce and again after the resume."""
+        counters = [[chardev.label, chardev.rx_bytes, chardev.tx_bytes]
+                    for chardev in compress(self.sent, map(_COUNTS_CHANGED, self.sent))
+                    if chardev.label not in self.changed]
+        served = sorted((chardev.served, index) for index, chardev in self.streaming if chardev.conn is not None)
+        return wire.ReleaseInfo.info(self.quiesce_at, self.started, self.instance.lifecycle.get("setup-ms"),
+                                     counters, [index for _, index in served])
 
     # ----- the end -----------------------------------------------------------
 
@@ -315,10 +346,8 @@ class SourceSession(Session):
             # The main process may name its successor: systemd (NotifyAccess=all) then
             # follows the handover even if we exit before the target has said so itself.
             systemd.notify(f"MAINPID={self.target.pid}")
-        released = wire.ReleaseInfo.info(self.quiesce_at, self.started, self.instance.lifecycle.get("setup-ms"),
-                                         self.counters)
         try:
-            await self.chan.send(wire.Released(released), None)
+            await self.chan.send(wire.Released(self.release), None)
             released_at = time.monotonic()
             faults.point("source-after-released")
             taken = await self._wait_taken()

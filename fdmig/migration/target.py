@@ -130,18 +130,20 @@ def stage(instance, plan: Plan) -> dict:
 
 
 class Received:
-    def __init__(self, hello, plan, sections, sockets, released, chan, service=None, stored=(),
-                 restorer: repair.Restorer | None = None, order=()):
+    def __init__(self, hello, plan, sections, sockets, info, chan, service=None, stored=(),
+                 restorer: repair.Restorer | None = None, deferred=None):
         self.hello = hello
         self.plan = plan
         self.sections = sections  # label -> wire.Section
         self.sockets = sockets  # label -> {role: socket}
-        self.released = released  # wire.ReleaseInfo
+        self.info = info  # RELEASED's info, as it came
+        self.released: wire.ReleaseInfo | None = None  # ... decoded, once the chardevs have resumed
         self.chan = chan
         self.service = service  # a `run` instance's (wire.ServiceState, notify socket), or None
         self.stored = list(stored)  # its store: [(wire.StoredState, fd)] in the order stored
         self.restorer = restorer or repair.Restorer()  # over TCP: the connections restored in repair mode
-        self.order = list(order)  # labels as the source would have served them next
+        self.deferred = deferred or {}  # TABLE index -> fd, of the streaming chardevs (see resume())
+        self.resumed_at: float | None = None  # when the moved chardevs resumed (resume())
 
 
 class TargetSession(Session):
@@ -171,7 +173,10 @@ class TargetSession(Session):
         self.stored: dict[int, tuple] = {}  # its store by index: (wire.StoredState, fd)
         self.taking = False  # sections are arriving: take them as they come
         self.restorer = repair.Restorer()
-        self.order: list[str] = []  # the moved chardevs as the source would have served them next
+        # The streaming chardevs' fds by TABLE index, which go into our epoll only
+        # at the resume, in the order RELEASED's `served` gives.
+        self.deferred: dict[int, int] = {}
+        self.table_index: dict[str, int] = {}
         self.claimed = False  # --claim-cmd has run (or begun): an abort releases the address
 
     async def run(self) -> Received:
@@ -195,6 +200,7 @@ class TargetSession(Session):
 
     async def on_table(self, table: wire.Table) -> None:
         self.plan = make_plan(self.own, table, self.remote)
+        self.table_index = {entry["id"]: index for index, entry in enumerate(table.chardevs)}
         coming = sum(wire.entry_fds(entry) for entry in table.chardevs)
         restoring = self.remote and self.plan.capabilities.get(repair.CAPABILITY)
         if restoring:  # a blank socket per marked TCP chardev, and its listener for a server
@@ -258,12 +264,15 @@ class TargetSession(Session):
                           f"{' after --claim-cmd' if self.claimed else ''} ({len(strangers)} such connection(s)): "
                           "its peer would be answered by the old host, which resets it; move that address too")
         faults.point("target-before-ack")
-        released = await self._acknowledge()
+        info = await self._acknowledge()
         faults.point("target-after-released")
         service, stored = self.service, [self.stored[i] for i in sorted(self.stored)]
         self.service, self.stored = None, {}  # the takeover's now, not abort()'s to close
-        return Received(self.hello, self.plan, self.sections, self.sockets, released, self.chan, service, stored,
-                        self.restorer, self.order)
+        received = Received(self.hello, self.plan, self.sections, self.sockets, info, self.chan, service,
+                            stored, self.restorer, self.deferred)
+        if not self.info.get("exec"):
+            resume(self.instance, received)  # at once: this ends the downtime
+        return received
 
     def refused(self, reason: str) -> Exception:
         return Refused(f"the source gave up: {reason}")
@@ -315,7 +324,11 @@ class TargetSession(Session):
             if not by_role:
                 del self.sockets[section.label]  # nothing moves: opened afresh, as unmarked ones
             elif not chardev.watched:
-                chardev.watch_now()  # so that resuming thousands is a flag each
+                # So that resuming thousands is a flag each. A streaming peer's fd
+                # goes into the epoll only at the resume, in the order RELEASED gives.
+                chardev.watch_now(defer=state.streaming)
+                if state.streaming:
+                    self.deferred[self.table_index[section.label]] = chardev.fd
         faults.point("target-after-batch")
 
     def _take_tcp_piece(self, section) -> None:
@@ -346,19 +359,12 @@ class TargetSession(Session):
 
     def _take_service(self, section) -> None:
         """A `run` instance's service (its state and notify socket) and its store,
-        one stored fd per section (any kind of fd may be stored: none is checked);
-        or the order in which the source would have served the chardevs next."""
+        one stored fd per section (any kind of fd may be stored: none is checked)."""
         label = section.label
         if label in self.seen:
             raise Refused(f"{label}: a section twice")
         self.seen.add(label)
-        if label == wire.ORDER_SECTION and not section.fds:
-            served = section.meta.get("served") if isinstance(section.meta, dict) else None
-            table = self.plan.order
-            if not (isinstance(served, list) and all(type(i) is int and 0 <= i < len(table) for i in served)):
-                raise Refused(f"{label}: 'served' must be a list of indices into the table")
-            self.order = [table[i] for i in served]  # the last section: conns are final
-        elif label == wire.SERVICE_SECTION and set(section.fds) == {"notify"}:
+        if label == wire.SERVICE_SECTION and set(section.fds) == {"notify"}:
             state = wire.ServiceState.decode(section.meta)
             sock = check_notify_socket(self.chan.take(section.fds["notify"]),
                                        paths.notify_beside(self.instance.control_path))
@@ -372,8 +378,8 @@ class TargetSession(Session):
 
     # ----- the commit --------------------------------------------------------
 
-    async def _acknowledge(self) -> wire.ReleaseInfo:
-        """ACK, then the source's RELEASED: what it sent with it."""
+    async def _acknowledge(self) -> dict:
+        """ACK, then the source's RELEASED: the info it sent with it."""
         try:
             await self.chan.send(wire.Ack(), self.deadline)
             faults.point("target-after-ack")
@@ -389,19 +395,19 @@ class TargetSession(Session):
         if isinstance(final, wire.Abort):
             raise Refused(f"the source rolled back after our acknowledgement: {final.reason}")
         if isinstance(final, wire.Released):
-            return final.release
+            return final.info
         if self.remote and isinstance(final, (wire.ConnectionClosed, OSError)):
             # No pid to watch across hosts, but a source that rolls back says ABORT
             # first: one whose channel ends without a word has died, and its
             # connections (in repair mode, closed silently) live only here now.
             log.warning("the source %s closed the channel after our acknowledgement without a word: it has "
                         "gone; taking over what it sent", self.who)
-            return wire.ReleaseInfo()
+            return {}
         if not self.remote and await process.wait_exit(self.hello.pid, timeout=10.0):
             # It died with everything sent: nobody else can read these fds any more,
             # and taking them over keeps every connection alive.
             log.warning("source pid %d died before letting go; taking over what it sent", self.hello.pid)
-            return wire.ReleaseInfo()
+            return {}
         raise Refused("the source closed the channel before letting go, and lives on")
 
     async def abort(self, exc: BaseException) -> None:
@@ -518,25 +524,35 @@ async def _admit(sock: socket.socket, peer, context):
     return None
 
 
-async def take_over(instance, received: Received) -> None:
-    """After RELEASED: the moved chardevs resume first (that ends the downtime),
-    then the rest are opened afresh."""
-    moved = [instance.chardevs[label] for label in received.sockets]
+def resume(instance, received: Received) -> None:
+    """After RELEASED: the moved chardevs resume, which ends the downtime, and
+    the source hears TAKEN before the first read (the loop has not run since),
+    so that a source that never hears it knows we read nothing and may serve on."""
     received.restorer.resume()  # over TCP, out of repair mode: each sends its peer a window probe
-    # Registered for reading as the source would have served them next: epoll then
-    # serves them in that order, the peer that has waited longest first.
-    first = [instance.chardevs[label].fd for label in received.order if label in received.sockets]
-    resumed_at = instance.thaw(first)  # every moved chardev starts reading at the same instant
-    # TAKEN before the first read (the loop has not run since the resume): a source
-    # that never hears it knows we read nothing and may serve on.
+    # The streaming ones' fds go into the epoll as the source would have served them
+    # next: epoll then serves them in that order, the peer that has waited longest first.
+    deferred = received.deferred
+    first = [fd for fd in map(deferred.get, wire.ReleaseInfo.order(received.info, len(received.plan.order)))
+             if fd is not None]
+    received.resumed_at = instance.thaw(first)  # every moved chardev starts reading at the same instant
     received.chan.send_now(wire.Taken())
     received.chan.close()
+    received.released = wire.ReleaseInfo.decode(received.info)
+    apply_counters(instance, received.sockets, received.released)
+
+
+async def take_over(instance, received: Received) -> None:
+    """After RELEASED: the moved chardevs resume first (unless resume() has),
+    then the rest are opened afresh."""
+    if received.resumed_at is None:
+        resume(instance, received)
+    resumed_at = received.resumed_at
+    moved = received.sockets
     for name, state in received.plan.capabilities.items():
         if name in instance.capabilities:
             instance.capabilities[name] = state
     released = received.released
     remote = isinstance(received.chan, channel.TlsChannel)
-    apply_counters(instance, received.sockets, released)
     quiesce_at, started_at = released.quiesce_at, released.started_at
     instance.lifecycle.migration_to(
         MigrationStatus.COMPLETED, chardevs=len(moved), error=None,

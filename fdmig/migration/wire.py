@@ -45,6 +45,7 @@ arrival.
 
 import enum
 import json
+import sys
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -437,14 +438,28 @@ class TargetInfo:
 @dataclass(frozen=True)
 class ReleaseInfo:
     """Released.info: the source's timings (time.monotonic() values, meaningful to
-    a target on the same host) and the byte counts of chardevs that moved bytes
-    and nothing else since the precopy: counters are (label, rx, tx)."""
+    a target on the same host), the byte counts of chardevs that moved bytes
+    since the precopy (counters are (label, rx, tx)) and `served`, the moved
+    chardevs with a connection as indices into the TABLE, longest unserved first:
+    the order in which the target starts serving them (see order())."""
 
     quiesce_at: float | None = None
     started_at: float | None = None
     setup_ms: float | None = None
     counters: tuple[tuple[str, int, int], ...] = ()
+    served: tuple[int, ...] = ()
     ignored: tuple[str, ...] = ()  # show() of each malformed counter, for the log
+
+    @staticmethod
+    def order(info: Mapping, size: int) -> list[int]:
+        """`served` of a RELEASED's info, if it is a list of indices below `size`;
+        else none (an order is an optimisation: junk there loses nothing). The
+        target resumes by it, before it decodes the rest: checked in C."""
+        served = info.get("served") if isinstance(info, Mapping) else None
+        if type(served) is list and served and set(map(type, served)) == {int} and min(served) >= 0 \
+                and max(served) < size:
+            return served
+        return []
 
     @classmethod
     def decode(cls, info: Mapping) -> "ReleaseInfo":
@@ -469,18 +484,21 @@ class ReleaseInfo:
             started_at=started_at if type(started_at) is float else None,
             setup_ms=setup_ms if isinstance(setup_ms, (int, float)) and not isinstance(setup_ms, bool) else None,
             counters=tuple(counters),
+            served=tuple(cls.order(info, sys.maxsize)),
             ignored=tuple(ignored),
         )
 
     def to_dict(self) -> dict:
-        return self.info(self.quiesce_at, self.started_at, self.setup_ms, [list(c) for c in self.counters])
+        return self.info(self.quiesce_at, self.started_at, self.setup_ms, [list(c) for c in self.counters],
+                         list(self.served))
 
     @staticmethod
-    def info(quiesce_at, started_at, setup_ms, counters: list) -> dict:
+    def info(quiesce_at, started_at, setup_ms, counters: list, served: list = ()) -> dict:
         """to_dict() of the ReleaseInfo these fields would make, with `counters` as
         [label, rx, tx] lists, taken as they are: the source sends this inside
         the downtime, with one counter per chardev that moved bytes."""
-        return {"quiesce-at": quiesce_at, "started-at": started_at, "counters": counters, "setup-ms": setup_ms}
+        return {"quiesce-at": quiesce_at, "started-at": started_at, "counters": counters, "setup-ms": setup_ms,
+                "served": list(served)}
 
 
 def _count(value: Any) -> int:
@@ -526,7 +544,10 @@ class SectionState:
     """Section.meta: one chardev's state as it travels. `peer` is (address, pid or
     None, process name or None); `stream`, which of STREAM_FLAGS are set (in that
     order); `held`, the roles of the sockets the target holds from the precopy,
-    which this section keeps instead of sending again."""
+    which this section keeps instead of sending again; `streaming`, that its peer
+    was served in the last moments before the precopy: the target adds its fd to
+    its epoll only at the resume, in the order it is then given (RELEASED's
+    `served`); the others' go in at once, out of the downtime."""
 
     rx_bytes: int = 0
     tx_bytes: int = 0
@@ -535,6 +556,7 @@ class SectionState:
     peer: tuple | None = None
     stream: tuple[str, ...] = ()
     held: tuple[str, ...] = ()
+    streaming: bool = False
 
     @classmethod
     def decode(cls, meta: Mapping, now: float, label: str | None = None) -> "SectionState":
@@ -565,14 +587,14 @@ class SectionState:
         stream = tuple(flag for flag in STREAM_FLAGS if flag in stream) if isinstance(stream, list) else ()
         held = get("held", _ABSENT)
         held = () if held is _ABSENT else _check_held(label, held)
-        return cls(rx, tx, migrations, since, peer, stream, held)
+        return cls(rx, tx, migrations, since, peer, stream, held, get("streaming") is True)
 
     def to_meta(self) -> dict:
         return self.meta(self.rx_bytes, self.tx_bytes, self.migrations, self.connected_since, self.peer,
-                         self.stream, self.held)
+                         self.stream, self.held, self.streaming)
 
     @staticmethod
-    def meta(rx_bytes, tx_bytes, migrations, connected_since, peer, stream, held) -> dict:
+    def meta(rx_bytes, tx_bytes, migrations, connected_since, peer, stream, held, streaming=False) -> dict:
         """to_meta() of the SectionState these fields would make, without making it:
         the source builds thousands inside a migration's downtime."""
         meta = {"rx-bytes": rx_bytes, "tx-bytes": tx_bytes, "connected-since": connected_since,
@@ -581,6 +603,8 @@ class SectionState:
             meta["stream"] = list(stream)
         if held:
             meta["held"] = list(held)
+        if streaming:
+            meta["streaming"] = True
         return meta
 
 
@@ -588,9 +612,6 @@ class SectionState:
 # in a TRANSFER: labels that cannot be chardev ids (those begin with a letter).
 SERVICE_SECTION = "#service"  # its state, and its notify socket as fd "notify"
 STORED_SECTION = "#stored-"  # + an index: one stored fd each, as fd "fd", in the order stored
-# Last in a TRANSFER: meta {"served": [i, ...]}, the moved chardevs as indices into the
-# TABLE, longest unserved first: the order the target serves them in as it resumes.
-ORDER_SECTION = "#order"
 RESTART_POLICIES = ("no", "on-failure", "always")
 
 
