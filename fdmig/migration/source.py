@@ -25,6 +25,11 @@ log = logging.getLogger("fdmig")
 # it is given once SIGTERM asks the source to stop.
 TAKEN_TIMEOUT = 10.0
 STOP_GRACE = 1.0
+# After each precopy frame, the loop serves the chardevs for this many times as
+# long as the frame took to make: the precopy (ours, and the target's checking of
+# it) takes at most a quarter of a CPU from serving, as QEMU's max-bandwidth caps
+# its RAM precopy, at the cost of a precopy four times as long.
+PRECOPY_PACE = 3.0
 _OUTBUF = operator.attrgetter("outbuf")
 _COUNTS_CHANGED = operator.attrgetter("counts_changed")
 
@@ -219,6 +224,7 @@ class SourceSession(Session):
         closes meanwhile open until the end (form.pin)."""
         batch, pinned = [], []
         fds_in_batch = 0
+        began = time.monotonic()
         try:
             for index, chardev in enumerate(list(self.instance.chardevs.values())):  # the TABLE's order
                 if not form.moves_live(chardev, self.live):
@@ -242,7 +248,10 @@ class SourceSession(Session):
                 if fds_in_batch >= wire.MAX_FDS_PER_FRAME - 1:
                     await self.chan.send(wire.Precopy(batch, more=True), self.deadline)
                     batch, fds_in_batch = [], 0
-                    await asyncio.sleep(0)  # the chardevs' turn
+                    # Paced: the target takes each frame in as long as we took to make
+                    # it, and on a busy host that CPU is the chardevs' (see PRECOPY_PACE).
+                    await asyncio.sleep((time.monotonic() - began) * PRECOPY_PACE)
+                    began = time.monotonic()
             await self.chan.send(wire.Precopy(batch), self.deadline)
         finally:
             for chardev in pinned:

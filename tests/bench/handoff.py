@@ -190,11 +190,6 @@ def measure_handoff(n: int, repeats: int, workdir: str, busy: bool = False, stat
     result = {"n": n, "downtime": [], "pause": [], "wall": [], "rss": None, "quiet-pause": [], "status-pause": [],
               "status-quiet-pause": []}
     control = os.path.join(env["FDMIG_RUNTIME_DIR"], "bench.sock")
-    for _ in range(3):
-        # What the peers see with no handoff at all, over a window of a handoff's length.
-        done = probes.window()
-        time.sleep(0.3)  # the measuring interval itself
-        result["quiet-pause"].append(done())
     for _ in range(3 if status else 0):
         # Three status calls, then a window as long with none: a status of thousands
         # spreads over many turns of the loop, and a longer window alone would show
@@ -230,9 +225,14 @@ def measure_handoff(n: int, repeats: int, workdir: str, busy: bool = False, stat
                 # Over QMP from here, with the target already waiting: the window in
                 # which the probes time their pause holds the handoff and nothing else.
                 _wait_path(channel)
-                downtime, pause = _migrate_over_qmp(control, channel, target.pid, probes)
+                downtime, pause, took = _migrate_over_qmp(control, channel, target.pid, probes)
                 result["pause"].append(pause)
                 result["downtime"].append(downtime)
+                # What the peers see with no handoff, over a window as long: the
+                # longest gap of a longer window is longer, handoff or not.
+                done = probes.window()
+                time.sleep(took)  # the measuring interval itself
+                result["quiet-pause"].append(done())
         status = subprocess.run(FDMIG + ["status", "--name", "bench", "--json"], env=env,
                                 capture_output=True, text=True, timeout=60)
         result["rss"] = json.loads(status.stdout)["rss-bytes"]
@@ -260,14 +260,15 @@ def _wait_path(path: str, timeout: float = 30.0) -> None:
         time.sleep(0.005)  # the target binds its channel as it starts
 
 
-def _migrate_over_qmp(control: str, channel: str, target_pid: int, probes: Probes) -> tuple[float, float]:
+def _migrate_over_qmp(control: str, channel: str, target_pid: int, probes: Probes) -> tuple[float, float, float]:
     """Migrate, wait until the target answers on the control path. The target's
-    downtime and the probes' longest pause (s), timed around the migration alone:
-    a status query of thousands of chardevs is a pause of its own."""
+    downtime, the probes' longest pause and how long they were timed (s), around
+    the migration alone: a status query of thousands of chardevs is a pause of its own."""
     from fdmig import migrate_client, qmp
     with qmp.connect(control) as client:
         source_pid = client.execute("x-fdmig-status")["pid"]
         done = probes.window()
+        began = time.monotonic()
         client.execute("migrate", {"uri": f"unix:{channel}", "x-fdmig-timeout": 60})
         while True:
             status = client.wait_event({"MIGRATION"}, time.monotonic() + 60)["data"]["status"]
@@ -276,10 +277,10 @@ def _migrate_over_qmp(control: str, channel: str, target_pid: int, probes: Probe
     if status != "completed":
         raise RuntimeError(f"migration {status}")
     probes.wait_answers(2)  # served by the target
-    pause = done()
+    pause, took = done(), time.monotonic() - began
     state = migrate_client.wait_target(control, source_pid, time.monotonic() + 30)
     assert state["pid"] == target_pid
-    return state["migration"]["downtime-ms"] / 1000, pause
+    return state["migration"]["downtime-ms"] / 1000, pause, took
 
 
 def measure_reconnect(repeats: int, workdir: str) -> list[float]:

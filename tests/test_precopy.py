@@ -1,0 +1,55 @@
+"""The precopy is paced: between two frames the loop serves the chardevs for
+PRECOPY_PACE times as long as the frame took to make (issue 13: the precopy,
+and the target's checking of it, took the CPU from serving)."""
+
+import asyncio
+import resource
+import socket
+import types
+
+import pytest
+
+from fdmig import daemon, poller, spec
+from fdmig.migration import source, wire
+
+
+@pytest.mark.timeout(60)
+def test_the_precopy_yields_to_serving_between_frames_for_a_time_in_proportion_to_its_own(tmp_path, monkeypatch):
+    count = 2 * wire.MAX_FDS_PER_FRAME + 10  # three frames of one fd per chardev
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 4 * count:  # each chardev's socket and its peer's, and the rest of the suite's
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, 4 * count)), hard))
+    pauses, sent = [], []
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        path = str(tmp_path / "peers.sock")
+        listener = socket.socket(socket.AF_UNIX)
+        listener.bind(path)
+        listener.listen(count)
+        listener.setblocking(False)
+        instance = daemon.Instance("pace", str(tmp_path / "c.sock"), capabilities=("local-char-socket",))
+        instance.poller = poller.Poller(loop)
+        for i in range(count):
+            chardev = instance.register(spec.parse_spec(f"id=c{i},path={path},frontend=echo,support-local-migration=on"))
+            await instance.open_registered(chardev)
+        peers = [(await loop.sock_accept(listener))[0] for _ in range(count)]
+        session = source.SourceSession(instance, types.SimpleNamespace(tcp=False), None)
+
+        async def send(event, deadline=None):
+            sent.append(len(event.sections))
+        session.chan = types.SimpleNamespace(send=send)
+        real_sleep = asyncio.sleep
+
+        async def paced(delay):
+            pauses.append(delay)
+            await real_sleep(0)
+        monkeypatch.setattr(source.asyncio, "sleep", paced)
+        await session._precopy()
+        for sock in (*peers, listener):
+            sock.close()
+        instance.shutdown()
+
+    asyncio.run(main())
+    assert sum(sent) == count and len(sent) == 3
+    assert len(pauses) == 2 and all(pause > 0 for pause in pauses)
