@@ -121,10 +121,11 @@ class Chardev:
     # Slots: thousands of chardevs are walked inside a migration's downtime, and an
     # instance dict of this many keys is slower to read and larger (more cache misses).
     __slots__ = ("_accept_paused", "_accepting", "_bound_inode", "_hangup", "_hold_unread", "_logfile", "_loop",
-                 "_no_pipe", "_on_change", "_poller", "_reading", "_reconnect_task", "_stale", "_writing", "closing",
-                 "conn", "connected_since", "counts_changed", "eof_pending", "eof_read", "eof_sent", "feeders", "first_peer",
-                 "frontend", "label", "listener", "migrations", "outbuf", "paused_from", "peer", "pinned", "pipe",
-                 "row_parts", "rx_bytes", "served", "settled", "spec", "state", "tx_bytes")
+                 "_no_pipe", "_on_change", "_poller", "_reading", "_reconnect_task", "_stale", "_writing",
+                 "closing", "conn", "connected_since", "counts_changed", "eof_pending", "eof_read", "eof_sent",
+                 "feeders", "first_peer", "frontend", "label", "listener", "migrations", "outbuf", "paused_from",
+                 "peer", "pinned", "pipe", "row_parts", "rx_bytes", "served", "settled", "spec", "state",
+                 "tx_bytes")
 
     def __init__(self, spec, on_change, poller):
         self.spec = spec

@@ -1,7 +1,8 @@
 """Every chardev fd in one epoll of its own, which the asyncio loop watches as a
 single fd. Two reasons: registering an fd here is one epoll_ctl, not asyncio's
 Python bookkeeping (thousands of chardevs move in one migration), and a migration
-pauses every chardev at once by unwatching one fd, then resumes them the same way."""
+pauses every chardev at once by unwatching one fd (for reading: see __init__),
+then resumes them the same way."""
 
 import collections
 import itertools

@@ -31,7 +31,8 @@ def test_the_precopy_yields_to_serving_between_frames_for_a_time_in_proportion_t
         instance = daemon.Instance("pace", str(tmp_path / "c.sock"), capabilities=("local-char-socket",))
         instance.poller = poller.Poller(loop)
         for i in range(count):
-            chardev = instance.register(spec.parse_spec(f"id=c{i},path={path},frontend=echo,support-local-migration=on"))
+            chardev = instance.register(
+                spec.parse_spec(f"id=c{i},path={path},frontend=echo,support-local-migration=on"))
             await instance.open_registered(chardev)
         peers = [(await loop.sock_accept(listener))[0] for _ in range(count)]
         session = source.SourceSession(instance, types.SimpleNamespace(tcp=False), None)

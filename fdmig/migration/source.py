@@ -311,10 +311,10 @@ class SourceSession(Session):
     def _release_info(self) -> dict:
         """RELEASED's info: the timings, the byte counts of the chardevs that
         changed only in them since the precopy (found in C), and the order in
-        which to serve the streaming chardevs, longest
-        unserved first. The target adds their fds to its epoll in it, and epoll
-        then serves them in it, so that no peer waits a round of the others
-        twice, once before the quiesce and again after the resume."""
+        which to serve the streaming chardevs, longest unserved first. The target
+        gives their fds their events in it, and epoll then serves them in it, so
+        that no peer waits a round of the others twice, once before the quiesce
+        and again after the resume."""
         counters = [[chardev.label, chardev.rx_bytes, chardev.tx_bytes]
                     for chardev in compress(self.sent, map(_COUNTS_CHANGED, self.sent))
                     if chardev.label not in self.changed]

@@ -173,8 +173,8 @@ class TargetSession(Session):
         self.stored: dict[int, tuple] = {}  # its store by index: (wire.StoredState, fd)
         self.taking = False  # sections are arriving: take them as they come
         self.restorer = repair.Restorer()
-        # The streaming chardevs' fds by TABLE index, which go into our epoll only
-        # at the resume, in the order RELEASED's `served` gives.
+        # The streaming chardevs' fds by TABLE index, which get their events in our
+        # epoll only at the resume, in the order RELEASED's `served` gives.
         self.deferred: dict[int, int] = {}
         self.table_index: dict[str, int] = {}
         self.claimed = False  # --claim-cmd has run (or begun): an abort releases the address
@@ -327,8 +327,8 @@ class TargetSession(Session):
             if not by_role:
                 del self.sockets[section.label]  # nothing moves: opened afresh, as unmarked ones
             elif not chardev.watched:
-                # So that resuming thousands is a flag each. A streaming peer's fd
-                # goes into the epoll only at the resume, in the order RELEASED gives.
+                # So that resuming thousands is a flag each. A streaming peer's fd gets
+                # its events only at the resume, in the order RELEASED gives.
                 chardev.watch_now(defer=state.streaming)
                 if state.streaming:
                     self.deferred[self.table_index[section.label]] = chardev.fd
@@ -532,8 +532,8 @@ def resume(instance, received: Received) -> None:
     the source hears TAKEN before the first read (the loop has not run since),
     so that a source that never hears it knows we read nothing and may serve on."""
     received.restorer.resume()  # over TCP, out of repair mode: each sends its peer a window probe
-    # The streaming ones' fds go into the epoll as the source would have served them
-    # next: epoll then serves them in that order, the peer that has waited longest first.
+    # The streaming ones' fds get their events in the order the source would have
+    # served them next: epoll then serves them in it, the peer that has waited longest first.
     deferred = received.deferred
     first = [fd for fd in map(deferred.get, wire.ReleaseInfo.order(received.info, len(received.plan.order)))
              if fd is not None]

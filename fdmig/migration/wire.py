@@ -45,8 +45,8 @@ arrival.
 
 import enum
 import json
-import sys
 import struct
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Union
