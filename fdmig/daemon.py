@@ -20,9 +20,7 @@ from fdmig.lifecycle import Lifecycle, MigrationStatus, RunState
 
 log = logging.getLogger("fdmig")
 CAPABILITIES = ("local-char-socket", "x-tcp-repair")
-STATUS_SLICE = 128  # chardev rows built at a time (about a quarter of a millisecond)
-# Of a status's row building, at most this much (s) per turn of serving the chardevs.
-STATUS_BUDGET = 0.001
+STATUS_SLICE = 128  # chardev rows built per turn of the loop (about a quarter of a millisecond)
 
 
 def raise_fd_limit() -> None:
@@ -291,16 +289,12 @@ class Instance:
             rows = [presentation.pending_row(spec) for spec in self.incoming_specs]
         else:
             # In slices, built and encoded, the loop serving in between: the rows of
-            # thousands of chardevs, and their JSON, take milliseconds, a pause their
-            # peers would see. At most STATUS_BUDGET of them per turn of serving:
-            # with thousands of peers streaming, a turn is many dispatches, and a
-            # slice after each would all land in one peer's wait.
+            # thousands of chardevs, and their JSON, take tens of milliseconds, a
+            # pause their peers would see.
             rows, chardevs = [], list(self.chardevs.values())
-            until = time.monotonic() + STATUS_BUDGET
             for start in range(0, len(chardevs), STATUS_SLICE):
-                if start and time.monotonic() > until:
-                    await self._next_turn()
-                    until = time.monotonic() + STATUS_BUDGET
+                if start:
+                    await asyncio.sleep(0)
                 rows.append(", ".join([presentation.row_json(c) for c in chardevs[start: start + STATUS_SLICE]]))
             rows = qmp.Encoded("[" + ", ".join(rows) + "]")
         return {
@@ -320,12 +314,6 @@ class Instance:
             "chardevs": rows,
             **({"service": self.service.status(), "stored": self.store.rows()} if self.service else {}),
         }
-
-    async def _next_turn(self) -> None:
-        """As many iterations of the loop as serve every chardev once, were all
-        of them ready (one on an idle instance's few, ten at 5000 streaming)."""
-        for _ in range(self.poller.dispatches_per_turn if self.poller is not None else 1):
-            await asyncio.sleep(0)
 
     # ----- life cycle --------------------------------------------------------
 

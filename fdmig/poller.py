@@ -106,11 +106,6 @@ class Poller:
             if on_write is not None and events & _WRITE_LIKE:
                 on_write()
 
-    @property
-    def dispatches_per_turn(self) -> int:
-        """How many iterations of the loop serve every watched fd once, if all are ready."""
-        return max(1, -(-len(self._handlers) // MAX_EVENTS))
-
     def close(self) -> None:
         if not self.paused:
             self._loop.remove_reader(self._epoll.fileno())

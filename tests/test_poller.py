@@ -82,24 +82,3 @@ def test_an_fd_watched_while_paused_without_defer_is_in_the_epoll_before_the_def
     served, order = asyncio.run(main())
     assert served == order
 
-
-def test_a_turn_of_serving_every_watched_fd_spans_as_many_dispatches_as_max_events_needs():
-    # A status of thousands builds at most STATUS_BUDGET of rows per turn, and a
-    # turn is this many iterations of the loop (one dispatch each).
-    from fdmig.poller import MAX_EVENTS
-
-    async def main():
-        poller = Poller(asyncio.get_running_loop())
-        counts = [poller.dispatches_per_turn]
-        pairs = [socket.socketpair() for _ in range(MAX_EVENTS + 1)]
-        for index, (mine, _) in enumerate(pairs):
-            poller.watch(mine.fileno(), on_read=lambda: None)
-            if index in (0, MAX_EVENTS - 1, MAX_EVENTS):
-                counts.append(poller.dispatches_per_turn)
-        poller.close()
-        for pair in pairs:
-            for sock in pair:
-                sock.close()
-        return counts
-
-    assert asyncio.run(main()) == [1, 1, 1, 2]
