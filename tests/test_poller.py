@@ -81,4 +81,3 @@ def test_an_fd_watched_while_paused_without_defer_is_in_the_epoll_before_the_def
 
     served, order = asyncio.run(main())
     assert served == order
-
