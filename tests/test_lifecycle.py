@@ -84,7 +84,7 @@ def test_a_chardev_state_change_the_table_does_not_list_is_refused(tmp_path):
     asyncio.run(main())
 
 
-def test_thousands_quiesce_and_resume_at_once_where_each_stood_and_bytes_written_meanwhile_go_out(tmp_path):
+def test_quiesce_all_and_resume_all_leave_each_where_it_stood_and_bytes_written_meanwhile_go_out(tmp_path):
     # The downtime's inline path (quiesce_all, resume_all) must do what quiesce()
     # and resume() do: a listener accepts again, and bytes given to a quiesced
     # chardev go out once it resumes, though no update_io ran for them.

@@ -44,7 +44,7 @@ def section(chardev, precopied: dict | None = None, carry: bool = True, streamin
     """The chardev's section, with its fds by role and, if `carry`, the bytes it
     holds for its peer. A socket the target already holds from the precopy
     (`precopied`, by role) is named in the state's `held` instead of sent again.
-    `streaming`: its peer was served just before the precopy (wire.SectionState)."""
+    `streaming`: its peer was served since the migration began (wire.SectionState)."""
     fds, held = {}, []
     for role, sock in chardev.sockets().items():
         if precopied and precopied.get(role) is sock:

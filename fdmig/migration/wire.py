@@ -439,9 +439,9 @@ class TargetInfo:
 class ReleaseInfo:
     """Released.info: the source's timings (time.monotonic() values, meaningful to
     a target on the same host), the byte counts of chardevs that moved bytes
-    since the precopy (counters are (label, rx, tx)) and `served`, the moved
-    chardevs with a connection as indices into the TABLE, longest unserved first:
-    the order in which the target starts serving them (see order())."""
+    since the precopy (counters are (label, rx, tx)) and `served`, the streaming
+    chardevs (SectionState.streaming) as indices into the TABLE, longest unserved
+    first: the order in which the target starts serving them (see order())."""
 
     quiesce_at: float | None = None
     started_at: float | None = None
@@ -545,9 +545,9 @@ class SectionState:
     None, process name or None); `stream`, which of STREAM_FLAGS are set (in that
     order); `held`, the roles of the sockets the target holds from the precopy,
     which this section keeps instead of sending again; `streaming`, that its peer
-    was served in the last moments before the precopy: the target adds its fd to
+    was served since the migration began: the target gives its fd its events in
     its epoll only at the resume, in the order it is then given (RELEASED's
-    `served`); the others' go in at once, out of the downtime."""
+    `served`); the others' are watched at once, out of the downtime."""
 
     rx_bytes: int = 0
     tx_bytes: int = 0
