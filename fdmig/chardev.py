@@ -124,7 +124,7 @@ class Chardev:
                  "_no_pipe", "_on_change", "_poller", "_reading", "_reconnect_task", "_stale", "_writing",
                  "closing", "conn", "connected_since", "counts_changed", "eof_pending", "eof_read", "eof_sent",
                  "feeders", "first_peer", "frontend", "label", "listener", "migrations", "outbuf", "paused_from",
-                 "peer", "pinned", "pipe", "row_parts", "rx_bytes", "served", "settled", "spec", "state",
+                 "peer", "pinned", "pipe", "row_frame", "row_parts", "rx_bytes", "served", "settled", "spec", "state",
                  "tx_bytes")
 
     def __init__(self, spec, on_change, poller):
@@ -176,7 +176,10 @@ class Chardev:
         self._reconnect_task: asyncio.Task | None = None
         self.paused_from: Paused | None = None  # while MIGRATING: what to resume
         self.first_peer = asyncio.Event()
-        self.row_parts: tuple | None = None  # the fixed JSON of its status row (presentation.row_json)
+        # Its status row's JSON, kept (presentation.row_json): what its spec fixes,
+        # and what changes only with its connection.
+        self.row_frame: tuple | None = None
+        self.row_parts: tuple | None = None
         self.served = 0  # when it last read from its peer, as a count of every chardev's reads (_SERVED)
 
     # ----- opening -----------------------------------------------------------

@@ -2,6 +2,7 @@
 command table. The protocol rules live in qmp.py; this is plumbing and dispatch."""
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -70,7 +71,7 @@ class ControlServer:
         message = qmp.ServerCodec.event(name, data)
         for connection in list(self.connections):
             if connection.codec.negotiated:
-                connection.send(message)
+                connection.send_event(message)
 
     def close(self, unlink: bool = True, flush: bool = False) -> None:
         """Stop serving. `flush`: connections first deliver what is queued for them
@@ -101,6 +102,7 @@ class ControlConnection:
         self._reading = False
         self._writing = False
         self._closing_after_flush = False
+        self._held: bytearray | None = None  # events held while a reply streams
         self._loop = server._loop
         self._worker: asyncio.Task | None = None
         self.gone = asyncio.Event()  # set once the connection is closed
@@ -181,10 +183,44 @@ class ControlConnection:
                 log.exception("control: %s failed", item.execute)
                 self.send(qmp.ServerCodec.error(item, "GenericError", f"internal error: {exc!r}"))
             else:
-                self.send(qmp.ServerCodec.reply(item, result))
+                await self._reply(item, result)
             finally:
                 if item.execute != "getfd":
                     self._drop_fds()
+
+    async def _reply(self, request, result) -> None:
+        head, streamed, tail = qmp.ServerCodec.reply_parts(request, result)
+        if streamed is None:
+            self.send(head)
+            return
+        # A streamed value goes out as it is made. One reply is one line of QMP:
+        # events wait until it is whole, and a failure half-way can only end the
+        # connection (the client sees EOF, not a reply cut short).
+        self._held = bytearray()
+        try:
+            self.send(head)
+            async with contextlib.aclosing(streamed.pieces) as pieces:
+                async for piece in pieces:
+                    if self.closed:
+                        return
+                    self.send(piece.encode())
+            self.send(tail)
+        except Exception:
+            log.exception("control: %s failed half-way through its reply", request.execute)
+            self.close()
+        finally:
+            held, self._held = self._held, None
+            if held:
+                self.send(held)
+
+    def send_event(self, message: bytes) -> None:
+        if self._held is None:
+            self.send(message)
+        elif len(self._held) + len(self.outbuf) + len(message) > MAX_OUTBUF:
+            log.warning("control: dropped a client that does not read its replies")
+            self.close()
+        else:
+            self._held += message
 
     def _drop_fds(self) -> None:
         for fd in self.fds:

@@ -11,6 +11,7 @@ import os
 import resource
 import signal
 import time
+from collections.abc import AsyncIterator
 
 from fdmig import __version__, frontends, keeper, paths, presentation, qmp, spec as specs, systemd, tcprepair
 from fdmig.keeper import Keeper
@@ -20,13 +21,40 @@ from fdmig.lifecycle import Lifecycle, MigrationStatus, RunState
 
 log = logging.getLogger("fdmig")
 CAPABILITIES = ("local-char-socket", "x-tcp-repair")
-STATUS_SLICE = 128  # chardev rows built per turn of the loop (about a quarter of a millisecond)
+STATUS_SLICE = 128  # chardev rows made and sent at a time (a tenth of a millisecond or two)
+# After each slice, the loop serves the chardevs (or sleeps) for this many times
+# as long as the slice took, as the precopy is paced (source.PRECOPY_PACE): a
+# status takes at most a quarter of a CPU, which on a busy host is the peers'.
+# A status of 5000 chardevs takes some 50 ms so (a sleep is a millisecond at least).
+STATUS_PACE = 3.0
 
 
 def raise_fd_limit() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+async def _rows_in_slices(chardevs: list) -> AsyncIterator[str]:
+    """The status rows' JSON array, a slice at a time, paced (STATUS_PACE): the
+    rows of thousands of chardevs take milliseconds, a pause their peers would
+    see."""
+    yield "["
+    for start in range(0, len(chardevs), STATUS_SLICE):
+        began = time.monotonic()
+        rows = ", ".join(map(presentation.row_json, chardevs[start: start + STATUS_SLICE]))
+        yield ", " + rows if start else rows
+        if start + STATUS_SLICE < len(chardevs):
+            await asyncio.sleep((time.monotonic() - began) * STATUS_PACE)
+    yield "]"
+
+
+async def _open_fds(me) -> int:
+    # Linux gives the count as the size of /proc/self/fd since 6.2: one stat. A
+    # listing of thousands takes milliseconds; in a thread, as before such a
+    # kernel, it still contends with the loop for the GIL at every entry.
+    count = os.stat("/proc/self/fd").st_size
+    return count or await asyncio.to_thread(me.num_fds)
 
 
 class Instance:
@@ -130,8 +158,10 @@ class Instance:
             chardev.feeders.append(partner)
             partner.feeders.append(chardev)
             partner.update_io()
+            presentation.frame_row(partner)
         else:
             chardev.frontend = frontends.make(chardev)
+        presentation.frame_row(chardev)
 
     def _unwire(self, chardev: Chardev) -> None:
         if chardev.spec.bridge and chardev.spec.bridge in self.chardevs:
@@ -139,6 +169,7 @@ class Instance:
             partner.frontend = frontends.Hold(partner)
             partner.feeders.remove(chardev)
             partner.update_io()
+            presentation.frame_row(partner)
 
     def bridged_by(self, label: str) -> str | None:
         for other in self.chardevs.values():
@@ -282,21 +313,13 @@ class Instance:
 
     async def status(self) -> dict:
         """x-fdmig-status: the instance, its migration and its chardevs (their
-        rows JSON already, a qmp.Encoded: the one caller sends it over QMP)."""
+        rows a qmp.Streamed: the one caller sends it over QMP as they are made)."""
         import psutil
         me = psutil.Process()
         if self.run_state is RunState.INMIGRATE:
             rows = [presentation.pending_row(spec) for spec in self.incoming_specs]
         else:
-            # In slices, built and encoded, the loop serving in between: the rows of
-            # thousands of chardevs, and their JSON, take tens of milliseconds, a
-            # pause their peers would see.
-            rows, chardevs = [], list(self.chardevs.values())
-            for start in range(0, len(chardevs), STATUS_SLICE):
-                if start:
-                    await asyncio.sleep(0)
-                rows.append(", ".join([presentation.row_json(c) for c in chardevs[start: start + STATUS_SLICE]]))
-            rows = qmp.Encoded("[" + ", ".join(rows) + "]")
+            rows = qmp.Streamed(_rows_in_slices(list(self.chardevs.values())))
         return {
             "name": self.name,
             "pid": os.getpid(),
@@ -304,9 +327,7 @@ class Instance:
             "version": __version__,
             "uptime-s": round(time.time() - self.started, 3),
             "rss-bytes": me.memory_info().rss,
-            # Listing /proc/self/fd takes milliseconds with thousands of fds: in a
-            # thread, which the kernel's readdir leaves the loop free to run beside.
-            "open-fds": await asyncio.to_thread(me.num_fds),
+            "open-fds": await _open_fds(me),
             "capabilities": dict(self.capabilities),
             "fdstore": self.keeper is not None,
             "migration": self.lifecycle.info(),

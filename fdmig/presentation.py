@@ -3,6 +3,7 @@ query-chardev. One row shape for held chardevs and for those a waiting target
 will hold."""
 
 import json
+import operator
 import time
 from json.encoder import encode_basestring as _quote  # the C one: a JSON string, quoted
 
@@ -38,35 +39,47 @@ def qmp_chardev(chardev) -> dict:
     return {"label": chardev.label, "filename": name, "frontend-open": chardev.conn is not None}
 
 
+# What a row shows that changes with a connection or a migration, not with each
+# byte: a row keeps its JSON around the byte counts until one of these changes.
+_LIVE = operator.attrgetter("state", "fd", "peer", "connected_since", "migrations")
+
+
 def row_json(chardev) -> str:
     """A chardev's row in `status`, as JSON text: status_row() with its live
-    fields. What the spec fixes is encoded once per chardev and kept (a status
-    of thousands is built while their peers wait), only what changes each time."""
-    fixed = chardev.row_parts
-    if fixed is None:
-        fixed = chardev.row_parts = _fixed_parts(chardev)
-    head, middle, tail = fixed
-    peer, pid, process = chardev.peer or (None, None, None)
-    since = chardev.connected_since
-    fd = chardev.fd
-    return (f"{head}{_quote(chardev.state.value)}{middle}{'null' if fd is None else fd}, \"peer\": "
-            f"{'null' if peer is None else _quote(peer)}, \"peer-pid\": {'null' if pid is None else pid}, "
-            f"\"peer-process\": {'null' if process is None else _quote(process)}, "
-            f"\"rx-bytes\": {chardev.rx_bytes}, \"tx-bytes\": {chardev.tx_bytes}, "
-            f"\"connected-since\": {_quote(utc_iso(since)) if since else 'null'}, "
-            f"\"migrations\": {chardev.migrations}{tail}")
+    fields. A status of thousands is built while their peers wait, so all but the
+    byte counts is kept, and encoded again only when it changes: a row of a
+    streaming chardev is two numbers put in."""
+    live = _LIVE(chardev)
+    parts = chardev.row_parts
+    if parts is None or parts[0] != live:
+        if chardev.row_frame is None:
+            frame_row(chardev)
+        parts = chardev.row_parts = (live, *_live_parts(chardev.row_frame, live))
+    return f"{parts[1]}{chardev.rx_bytes}, \"tx-bytes\": {chardev.tx_bytes}{parts[2]}"
 
 
-def _fixed_parts(chardev) -> tuple[str, str, str]:
-    """The JSON of a row around its live fields: before the state, between the
-    state and the fd, and after the migrations count."""
+def frame_row(chardev) -> None:
+    """Encode the JSON of a chardev's row around its live fields, which its spec
+    and frontend fix: once they are set, not in the first status (while its peer,
+    and thousands of others, wait)."""
     frontend = chardev.frontend.name
     if frontend == "bridge":
         frontend = f"bridge={chardev.frontend.partner.label}"
-    entry = status_row(chardev.spec, "", frontend)
-    text = json.dumps(entry, separators=(", ", ": "))
+    text = json.dumps(status_row(chardev.spec, "", frontend), separators=(", ", ": "))
     head = text[: text.index('"state": ') + len('"state": ')]
     start = text.index(', "support-local-migration": ')
     middle = text[start: text.index('"fd": ') + len('"fd": ')]
     tail = text[text.index(', "spec": '):]
-    return head, middle, tail
+    chardev.row_frame, chardev.row_parts = (head, middle, tail), None
+
+
+def _live_parts(frame, live) -> tuple[str, str]:
+    """A row's JSON before its rx-bytes count and after its tx-bytes count."""
+    head, middle, tail = frame
+    state, fd, peer, since, migrations = live
+    peer, pid, process = peer or (None, None, None)
+    return (f"{head}{_quote(state.value)}{middle}{'null' if fd is None else fd}, \"peer\": "
+            f"{'null' if peer is None else _quote(peer)}, \"peer-pid\": {'null' if pid is None else pid}, "
+            f"\"peer-process\": {'null' if process is None else _quote(process)}, \"rx-bytes\": ",
+            f", \"connected-since\": {_quote(utc_iso(since)) if since else 'null'}, "
+            f"\"migrations\": {migrations}{tail}")

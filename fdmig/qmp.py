@@ -166,31 +166,46 @@ def _decode_request(raw: bytes):
 SEPARATORS = (", ", ": ")
 
 
-class Encoded:
-    """A value encoded as JSON already (a big one, in slices, with the loop serving
-    in between): encode() puts its text in as it is."""
+class Streamed:
+    """A value whose JSON text is made in pieces, the loop serving in between (the
+    rows of thousands of chardevs): a reply holding one goes out a piece at a time
+    as they are made (ServerCodec.reply_parts), never built whole in one turn."""
 
-    __slots__ = ("text",)
+    __slots__ = ("pieces",)
 
-    def __init__(self, text: str):
-        self.text = text
+    def __init__(self, pieces):
+        self.pieces = pieces  # an async iterator of str: the value's JSON, in order
 
 
 def encode(obj) -> bytes:
-    texts: list[str] = []
+    return json.dumps(obj, separators=SEPARATORS).encode() + b"\n"
+
+
+def encode_parts(obj) -> tuple[bytes, Streamed | None, bytes]:
+    """obj's JSON line, cut around the one Streamed value it may hold: the bytes
+    before it, it, and the bytes after it (the whole line, None and b"" if none)."""
+    found: list[Streamed] = []
     # A stand-in no other string in `obj` can hold: a peer's words (an error a
     # target sent, say) may be anything, but not a nonce made for this call.
-    nonce = secrets.token_hex(8)
+    stand_in = f"\0streamed {secrets.token_hex(8)}\0"
 
     def default(value):
-        if isinstance(value, Encoded):
-            texts.append(value.text)
-            return f"\0encoded {nonce} {len(texts) - 1}\0"
+        if isinstance(value, Streamed) and not found:
+            found.append(value)
+            return stand_in
         raise TypeError(f"{type(value).__name__} is not JSON serializable")
-    text = json.dumps(obj, separators=SEPARATORS, default=default)
-    for index, encoded in enumerate(texts):
-        text = text.replace(json.dumps(f"\0encoded {nonce} {index}\0"), encoded, 1)
-    return text.encode() + b"\n"
+    text = json.dumps(obj, separators=SEPARATORS, default=default) + "\n"
+    if not found:
+        return text.encode(), None, b""
+    head, tail = text.split(json.dumps(stand_in), 1)
+    return head.encode(), found[0], tail.encode()
+
+
+def _reply_message(request, value) -> dict:
+    msg = {"return": value}
+    if request.has_id:
+        msg["id"] = request.id
+    return msg
 
 
 class ServerCodec:
@@ -225,10 +240,12 @@ class ServerCodec:
 
     @staticmethod
     def reply(request, value) -> bytes:
-        msg = {"return": value}
-        if request.has_id:
-            msg["id"] = request.id
-        return encode(msg)
+        return encode(_reply_message(request, value))
+
+    @staticmethod
+    def reply_parts(request, value) -> tuple[bytes, Streamed | None, bytes]:
+        """The reply, cut around a Streamed value in it (encode_parts)."""
+        return encode_parts(_reply_message(request, value))
 
     @staticmethod
     def error(request, error_class: str, desc: str) -> bytes:

@@ -19,6 +19,9 @@ def test_quick_benchmark_writes_its_table_json_and_figures(tmp_path):
     for row in data["handoff"]:
         assert row["downtime-ms"] > 0 and row["peer-pause-ms"] > 0 and row["floor-ms"] > 0
     assert data["bridge"]["fdmig-mib-s"] > 0 and data["reconnect-ms"] > 0
+    for row in (data["handoff"][-1], data["busy"][-1]):  # the status calls, idle and streaming peers
+        assert row["status-pause-ms"] > 0 and row["status-quiet-pause-ms"] > 0 and row["status-parse-ms"] > 0
+    assert "| chardevs | peers streaming | longest peer pause, 3 status calls |" in result.stdout
     import shutil
     if shutil.which("haproxy"):
         assert data["bridge"]["haproxy-mib-s"] > 0

@@ -86,6 +86,9 @@ def test_status_after_migration_shows_new_pid_and_counters(echo_instance):
     state = status("--name", "web")
     app = chardev(state, "app")
     assert state["pid"] == target_pid
+    # Counted by the kernel (the size of /proc/PID/fd), not listed; the status
+    # call's own connection is one more than what we list once it has closed.
+    assert 0 <= state["open-fds"] - len(os.listdir(f"/proc/{target_pid}/fd")) <= 1
     assert (app["rx-bytes"], app["tx-bytes"]) == (13, 13)
     assert app["peer-pid"] == os.getpid()
     assert state["capabilities"] == {"local-char-socket": True, "x-tcp-repair": False}

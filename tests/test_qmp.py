@@ -569,25 +569,46 @@ def test_a_client_that_hangs_up_mid_message_does_no_harm(instance):
     assert_echoes(instance)
 
 
-def test_a_status_of_thousands_is_built_and_encoded_in_slices_with_the_loop_serving_between():
-    """x-fdmig-status of many chardevs: rows and their JSON made a slice at a time,
-    so that their peers are served in between (issue 13: three status calls of
-    3000 chardevs had made streaming peers wait 48 ms)."""
-    import asyncio
-    import json as jsonlib
-    from fdmig import daemon, presentation, qmp as qmpcodec, spec as specs
+def _many_chardevs(n: int, tmp: str):
+    """An instance (not serving) with n registered client chardevs, c1 made to
+    look live (quotes and all), and b bridged to c0."""
+    from fdmig import daemon, spec as specs
     from fdmig.poller import Poller
+    instance = daemon.Instance("many", f"{tmp}/many.sock")
+    instance.poller = Poller(asyncio.get_running_loop())
+    for i in range(n):
+        instance.register(specs.parse_spec(f"socket,id=c{i},path=/nonexistent/c{i}.sock"))
+    instance.register(specs.parse_spec("socket,id=b,path=/nonexistent/b.sock,server=on,bridge=c0"))
+    live = instance.chardevs["c1"]
+    live.peer, live.connected_since, live.rx_bytes, live.migrations = ("unix:", 42, 'a "b"'), 1e9, 7, 2
+    return instance
+
+
+def _expected_row(chardev):
+    """status_row() and the live fields, written out."""
+    from fdmig import presentation
+    peer, pid, process = chardev.peer or (None, None, None)
+    frontend = f"bridge={chardev.frontend.partner.label}" if chardev.frontend.name == "bridge" \
+        else chardev.frontend.name
+    row = presentation.status_row(chardev.spec, chardev.state.value, frontend)
+    row.update({"fd": chardev.fd, "peer": peer, "peer-pid": pid, "peer-process": process,
+                "rx-bytes": chardev.rx_bytes, "tx-bytes": chardev.tx_bytes,
+                "connected-since": presentation.utc_iso(chardev.connected_since)
+                if chardev.connected_since else None, "migrations": chardev.migrations})
+    return row
+
+
+def test_a_status_of_thousands_is_made_in_slices_each_sent_as_made_with_the_loop_serving_between(tmp_path):
+    """x-fdmig-status of many chardevs: its rows are made and go out a slice at a
+    time, so that their peers are served in between (issue 13: three status calls
+    of 3000 chardevs had made streaming peers wait 48 ms; then building the whole
+    reply in one turn, 5 ms at 5000)."""
+    from fdmig import daemon, qmp as qmpcodec
 
     n = daemon.STATUS_SLICE * 3 + 5
 
     async def main():
-        instance = daemon.Instance("many", "/nonexistent/many.sock")
-        instance.poller = Poller(asyncio.get_running_loop())
-        for i in range(n):
-            instance.register(specs.parse_spec(f"socket,id=c{i},path=/nonexistent/c{i}.sock"))
-        instance.register(specs.parse_spec("socket,id=b,path=/nonexistent/b.sock,server=on,bridge=c0"))
-        live = instance.chardevs["c1"]  # what a connected one shows, quotes and all
-        live.peer, live.connected_since, live.rx_bytes, live.migrations = ("unix:", 42, 'a "b"'), 1e9, 7, 2
+        instance = _many_chardevs(n, str(tmp_path))
         turns = 0
 
         async def serving():
@@ -597,39 +618,110 @@ def test_a_status_of_thousands_is_built_and_encoded_in_slices_with_the_loop_serv
                 turns += 1
         server = asyncio.ensure_future(serving())
         await asyncio.sleep(0)
-        turns = 0
         status = await instance.status()
-        during = turns
+        head, streamed, tail = qmpcodec.ServerCodec.reply_parts(qmpcodec.Request("x-fdmig-status", {}, 7, True),
+                                                                 status)
+        pieces, turns_before = [], []
+        async for piece in streamed.pieces:
+            pieces.append(piece)
+            turns_before.append(turns)
         server.cancel()
-        return status, during, [expected_row(c) for c in instance.chardevs.values()]
+        return head, pieces, tail, turns_before, [_expected_row(c) for c in instance.chardevs.values()]
 
-    def expected_row(chardev):  # status_row() and the live fields, written out
-        peer, pid, process = chardev.peer or (None, None, None)
-        frontend = f"bridge={chardev.frontend.partner.label}" if chardev.frontend.name == "bridge" \
-            else chardev.frontend.name
-        row = presentation.status_row(chardev.spec, chardev.state.value, frontend)
-        row.update({"fd": chardev.fd, "peer": peer, "peer-pid": pid, "peer-process": process,
-                    "rx-bytes": chardev.rx_bytes, "tx-bytes": chardev.tx_bytes,
-                    "connected-since": presentation.utc_iso(chardev.connected_since)
-                    if chardev.connected_since else None, "migrations": chardev.migrations})
-        return row
-
-    status, during, rows = asyncio.run(main())
-    assert during >= 3  # one turn of the loop between each two slices
-    # The rows are JSON already: encoding the reply, all at once, only copies text.
-    assert isinstance(status["chardevs"], qmpcodec.Encoded)
-    reply = jsonlib.loads(qmpcodec.ServerCodec.reply(qmpcodec.Request("x-fdmig-status", {}, 7, True), status))
+    head, pieces, tail, turns_before, rows = asyncio.run(main())
+    slices = [p for p in pieces if p not in ("[", "]")]
+    assert len(slices) == 4  # n + 1 rows, STATUS_SLICE a slice
+    # A turn of the loop between each two slices.
+    assert all(later > earlier for earlier, later in zip(turns_before[1:-1], turns_before[2:-1]))
+    reply = json.loads(head + "".join(pieces).encode() + tail)
+    assert tail.endswith(b"}\n") and b"\n" not in head
     assert reply["id"] == 7
     assert reply["return"]["chardevs"] == rows  # each row: status_row() with its live fields
     assert [list(row) for row in reply["return"]["chardevs"]] == [list(row) for row in rows]  # keys in order
     assert len(rows) == n + 1
 
 
-def test_an_encoded_value_goes_in_where_it_stands_whatever_the_other_strings_hold():
+def test_a_status_of_thousands_is_paced_to_a_quarter_of_a_cpu(tmp_path):
+    """Between two slices the loop serves, or sleeps, three times as long as the
+    slice took (STATUS_PACE): unpaced, a status and the client reading it kept
+    both CPUs of a 2-CPU host busy, and streaming peers waited for a CPU. The
+    share can only come out smaller on a busy machine: sleeps never end early."""
+    import time
+    from fdmig import daemon, qmp as qmpcodec
+
+    async def main():
+        instance = _many_chardevs(daemon.STATUS_SLICE * 20, str(tmp_path))
+        status = await instance.status()
+        _, streamed, _ = qmpcodec.ServerCodec.reply_parts(qmpcodec.Request("x-fdmig-status", {}, 1, True), status)
+        cpu, wall = time.thread_time(), time.monotonic()
+        async for _ in streamed.pieces:
+            pass
+        return (time.thread_time() - cpu) / (time.monotonic() - wall)
+
+    assert asyncio.run(main()) < 0.4
+
+
+def test_a_status_row_shows_what_changed_since_the_last_and_a_bridge_partner_that_went(tmp_path):
+    """Rows keep their JSON between two calls; what changed must still show: the
+    byte counts, a new peer, a state, a migration, and the frontend of a chardev
+    whose bridge partner was removed."""
+    from fdmig import chardev as chardevs, presentation
+
+    async def main():
+        instance = _many_chardevs(2, str(tmp_path))
+        c0, c1, b = (instance.chardevs[label] for label in ("c0", "c1", "b"))
+        first = [json.loads(presentation.row_json(c)) for c in (c0, c1, b)]
+        c1.rx_bytes, c1.tx_bytes = 1000, 2000
+        c1.peer, c1.connected_since, c1.migrations = ("unix:/p", 7, "socat"), 2e9, 3
+        c1.state = chardevs.State.CONNECTED
+        instance._unwire(b)
+        del instance.chardevs["b"]
+        return first, [json.loads(presentation.row_json(c)) for c in (c0, c1)], [_expected_row(c) for c in (c0, c1)]
+
+    first, later, expected = asyncio.run(main())
+    assert first[0]["frontend"] == "bridge=b" and first[1]["rx-bytes"] == 7
+    assert later == expected
+    assert later[0]["frontend"] == "hold"
+    assert (later[1]["state"], later[1]["rx-bytes"], later[1]["tx-bytes"], later[1]["peer-pid"],
+            later[1]["migrations"]) == ("connected", 1000, 2000, 7, 3)
+
+
+def test_an_event_during_a_streamed_reply_comes_after_it_never_inside_its_line(tmp_path):
+    """A QMP reply is one line: a MIGRATION event broadcast while a status of
+    thousands is going out waits for the end of it."""
+    from fdmig import control, daemon
+
+    async def main():
+        instance = _many_chardevs(daemon.STATUS_SLICE * 4, str(tmp_path))
+        instance.control = server = control.ControlServer(instance)
+        server.bind(f"{tmp_path}/many.sock")
+        server.start()
+        reader, writer = await asyncio.open_unix_connection(f"{tmp_path}/many.sock", limit=64 << 20)
+        await reader.readline()  # greeting
+        writer.write(b'{"execute": "qmp_capabilities"}\n{"execute": "x-fdmig-status", "id": 1}\n')
+        assert json.loads(await reader.readline()) == {"return": {}}
+        start = await reader.readexactly(1)
+        assert start == b"{"
+        [connection] = server.connections
+        assert connection._held is not None  # the reply has begun going out, and is not whole yet
+        instance.emit("MIGRATION", {"status": "setup"})
+        lines = [start + await reader.readline(), await reader.readline()]
+        writer.close()
+        server.close()
+        return [json.loads(line) for line in lines]
+
+    reply, event = asyncio.run(main())
+    assert reply["id"] == 1 and len(reply["return"]["chardevs"]) == daemon.STATUS_SLICE * 4 + 1
+    assert event["event"] == "MIGRATION" and event["data"] == {"status": "setup"}
+
+
+def test_a_streamed_value_goes_in_where_it_stands_whatever_the_other_strings_hold():
     """A peer's words in a reply (an error a target sent) may hold anything, the
-    stand-in for an encoded value included: they stay as they were."""
-    import json as jsonlib
+    stand-in for a streamed value included: they stay as they were."""
     from fdmig import qmp as qmpcodec
-    words = "\0encoded 0\0"
-    text = qmpcodec.encode({"error": words, "chardevs": qmpcodec.Encoded('[{"label": "a"}]')})
-    assert jsonlib.loads(text) == {"error": words, "chardevs": [{"label": "a"}]}
+    words = "\0streamed 0\0"
+    head, streamed, tail = qmpcodec.encode_parts({"error": words, "chardevs": qmpcodec.Streamed(None), "after": words})
+    assert json.loads(head + b'[{"label": "a"}]' + tail) == {"error": words, "chardevs": [{"label": "a"}], "after": words}
+    assert qmpcodec.encode_parts({"a": 1}) == (b'{"a": 1}\n', None, b"")
+
+
