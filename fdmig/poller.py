@@ -4,6 +4,7 @@ Python bookkeeping (thousands of chardevs move in one migration), and a migratio
 pauses every chardev at once by unwatching one fd (for reading: see __init__),
 then resumes them the same way."""
 
+import asyncio
 import collections
 import itertools
 import operator
@@ -38,6 +39,7 @@ class Poller:
         # hundred us at a thousand chardevs, inside the downtime.
         loop.add_writer(self._epoll.fileno(), _never)
         loop.add_reader(self._epoll.fileno(), self._dispatch)
+        self._turn: list | None = None  # [future, events still owed] (after_turn)
 
     def watch(self, fd: int, on_read=None, on_write=None, on_hangup=None, defer: bool = True) -> None:
         """Watch fd for reading, writing and/or the peer hanging up (an fd that is
@@ -88,8 +90,27 @@ class Poller:
             self._loop.add_reader(self._epoll.fileno(), self._dispatch)
             self.paused = False
 
+    def after_turn(self, owed: int) -> asyncio.Future:
+        """A future done once `owed` more events are served, or once a dispatch
+        leaves nothing more ready (it served fewer than MAX_EVENTS): one full turn
+        of the fds ready now. A migration's target gives its first turn after the
+        resume the CPU before its own bookkeeping (and the source's teardown)."""
+        future = self._loop.create_future()
+        if owed <= 0:
+            future.set_result(None)
+        else:
+            self._turn = [future, owed]
+        return future
+
     def _dispatch(self) -> None:
-        for fd, events in self._epoll.poll(0, MAX_EVENTS):
+        ready = self._epoll.poll(0, MAX_EVENTS)
+        if self._turn is not None:
+            self._turn[1] -= len(ready)
+            if self._turn[1] <= 0 or len(ready) < MAX_EVENTS:
+                future, self._turn = self._turn[0], None
+                if not future.done():
+                    future.set_result(None)  # its waiter runs after this dispatch
+        for fd, events in ready:
             handler = self._handlers.get(fd)
             if handler is None:
                 continue

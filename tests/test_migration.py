@@ -335,6 +335,53 @@ def test_bytes_moved_after_the_precopy_are_counted_on_the_target(daemons, echo_i
     os.kill(target.pid, signal.SIGTERM)
 
 
+def test_bytes_the_target_serves_before_it_puts_in_the_sources_counts_are_counted_too(daemons, echo_instance,
+                                                                                       short_dir):
+    """The source's counts (RELEASED) go in after the target's first turn of
+    serving: what that turn read is added to them, never overwritten."""
+    source, path = echo_instance
+    sock = connect_unix(path)
+    assert echoes(sock, b"1234")  # in the precopy's counts
+    target = daemons("migrate-in", "--name", "web", ready=False,
+                     env=dict(os.environ, FDMIG_FAULT="target-after-precopy=stop,target-after-released=stop"))
+    with qmp.connect(os.path.join(short_dir, "rt", "web.sock")) as client:
+        client.execute("migrate", {"uri": f"unix:{short_dir}/rt/web.migrate.sock", "x-fdmig-timeout": 60})
+        stopped(target)
+        assert echoes(sock, b"56789")  # counted by the source only: RELEASED carries it
+        os.kill(target.pid, signal.SIGCONT)
+        stopped(target)  # RELEASED is in: the source has let go, the target has read nothing
+        sock.sendall(b"abc")  # waits in the socket, for the target's first turn
+        os.kill(target.pid, signal.SIGCONT)
+        assert recv_exactly(sock, 3) == b"abc"
+        target.wait_ready()
+    app = chardev(status("--name", "web"), "app")
+    assert (app["rx-bytes"], app["tx-bytes"], app["migrations"]) == (12, 12, 1)
+    os.kill(target.pid, signal.SIGTERM)
+
+
+def test_the_source_lets_go_only_once_the_target_closes_the_channel_after_its_first_turn(daemons, echo_instance,
+                                                                                         short_dir):
+    """After TAKEN the source waits for the target to close the channel (after
+    its first turn of serving), so that its teardown takes no CPU from that
+    turn; a target that never does (stopped here) keeps it STOP_GRACE at most."""
+    from fdmig.migration import source as sources
+    source, path = echo_instance
+    sock = connect_unix(path)
+    assert echoes(sock)
+    target = daemons("migrate-in", "--name", "web", ready=False,
+                     env=dict(os.environ, FDMIG_FAULT="target-after-taken=stop"))
+    started = time.monotonic()
+    with qmp.connect(os.path.join(short_dir, "rt", "web.sock")) as client:
+        client.execute("migrate", {"uri": f"unix:{short_dir}/rt/web.migrate.sock", "x-fdmig-timeout": 60})
+        stopped(target)
+        assert source.proc.wait(10) == 0
+    assert time.monotonic() - started >= sources.STOP_GRACE
+    os.kill(target.pid, signal.SIGCONT)
+    target.wait_ready()
+    assert echoes(sock, b"served by the target")
+    os.kill(target.pid, signal.SIGTERM)
+
+
 def test_a_connection_lost_after_the_precopy_is_opened_afresh_by_the_target(daemons, short_dir):
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(os.path.join(short_dir, "peer.sock"))

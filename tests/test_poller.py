@@ -81,3 +81,38 @@ def test_an_fd_watched_while_paused_without_defer_is_in_the_epoll_before_the_def
 
     served, order = asyncio.run(main())
     assert served == order
+
+
+def test_after_turn_is_done_once_the_fds_ready_now_have_been_served_and_not_before():
+    """A migration's target waits for one full turn of serving before its own
+    bookkeeping: done after `owed` events, or once a dispatch leaves nothing ready;
+    at once when nothing is owed."""
+    from fdmig import poller as pollers
+
+    async def main():
+        poller = Poller(asyncio.get_running_loop())
+        n = pollers.MAX_EVENTS + 10  # two dispatches
+        pairs = [socket.socketpair() for _ in range(n)]
+        served = []
+        for mine, theirs in pairs:
+            mine.setblocking(False)
+            theirs.send(b"x")
+            poller.watch(mine.fileno(), on_read=lambda sock=mine: served.append(sock.recv(1)))
+        assert poller.after_turn(0).done()
+        whole = poller.after_turn(n)
+        await whole
+        at_whole = len(served)
+        for _, theirs in pairs[:3]:
+            theirs.send(b"y")
+        short = poller.after_turn(n)  # owed more than is ready: the first short dispatch ends the turn
+        await short
+        at_short = len(served)
+        poller.close()
+        for pair in pairs:
+            for sock in pair:
+                sock.close()
+        return n, at_whole, at_short
+
+    n, at_whole, at_short = asyncio.run(main())
+    assert at_whole == n  # not done after the first dispatch's MAX_EVENTS
+    assert at_short == n + 3

@@ -375,11 +375,13 @@ class SourceSession(Session):
             await self.abort("the target died after the commit, before taking over (it had read nothing)")
             return False
         # What is left here (closing our copies, the exit) must not take a CPU from
-        # the target serving its first turn: nothing waits on us any more.
+        # the target serving its first turn: nothing waits on us any more. The
+        # target closes the channel once it has served that turn (or at once).
         try:
             os.nice(19)
         except OSError:
             pass
+        await self._wait_closed()
         # Connections in repair mode close silently: the target's now.
         for chardev in self.instance.chardevs.values():
             chardev.released()
@@ -411,6 +413,14 @@ class SourceSession(Session):
         finally:
             receive.cancel()
             stop.cancel()
+
+    async def _wait_closed(self) -> None:
+        """Until the target closes the channel after TAKEN, STOP_GRACE at most:
+        nothing comes on it any more."""
+        try:
+            await self.chan.next_event(time.monotonic() + STOP_GRACE)
+        except (OSError, wire.ProtocolError, channel.ChannelTimeout):
+            pass
 
 
 _BEFORE_ACCEPT = (wire.State.START, wire.State.HELLO, wire.State.TABLE, wire.State.TABLE_DONE)

@@ -11,6 +11,7 @@ import errno
 import fcntl
 import gc
 import logging
+import operator
 import os
 import resource
 import socket
@@ -30,7 +31,9 @@ RELEASE_TIMEOUT = 10.0  # after our ACK, a source silent this long is dropped (i
 # A TCP peer that has not completed its TLS handshake by then is dropped: short,
 # since anyone on the network may connect, and one at a time is heard.
 HANDSHAKE_TIMEOUT = 5.0
+_COUNTS = operator.attrgetter("rx_bytes", "tx_bytes")
 REBIND_WAIT = 2.0  # how long a chardev opened afresh waits for its TCP port to be free
+FIRST_TURN_WAIT = 0.1  # the longest the takeover waits for the first turn of serving (take_over)
 
 
 class Refused(Exception):
@@ -137,13 +140,15 @@ class Received:
         self.sections = sections  # label -> wire.Section
         self.sockets = sockets  # label -> {role: socket}
         self.info = info  # RELEASED's info, as it came
-        self.released: wire.ReleaseInfo | None = None  # ... decoded, once the chardevs have resumed
+        self.released: wire.ReleaseInfo | None = None  # ... decoded, after their first turn (take_over)
         self.chan = chan
         self.service = service  # a `run` instance's (wire.ServiceState, notify socket), or None
         self.stored = list(stored)  # its store: [(wire.StoredState, fd)] in the order stored
         self.restorer = restorer or repair.Restorer()  # over TCP: the connections restored in repair mode
         self.deferred = deferred or {}  # TABLE index -> fd, of the streaming chardevs (see resume())
         self.resumed_at: float | None = None  # when the moved chardevs resumed (resume())
+        self.first_turn: asyncio.Future | None = None  # done once they have been served a turn
+        self.counts_at_resume: dict = {}  # label -> (rx, tx) as staged, at the resume
 
 
 class TargetSession(Session):
@@ -539,9 +544,12 @@ def resume(instance, received: Received) -> None:
              if fd is not None]
     received.resumed_at = instance.thaw(first)  # every moved chardev starts reading at the same instant
     received.chan.send_now(wire.Taken())
-    received.chan.close()
-    received.released = wire.ReleaseInfo.decode(received.info)
-    apply_counters(instance, received.sockets, received.released)
+    faults.point("target-after-taken")
+    received.first_turn = instance.poller.after_turn(len(first))
+    # Their counts as staged, for RELEASED's to be put in after the first turn
+    # (take_over): in C, where decoding those is a millisecond at 1000 chardevs.
+    moved = list(map(instance.chardevs.__getitem__, received.sockets))
+    received.counts_at_resume = dict(zip(received.sockets, map(_COUNTS, moved)))
 
 
 async def take_over(instance, received: Received) -> None:
@@ -549,6 +557,17 @@ async def take_over(instance, received: Received) -> None:
     then the rest are opened afresh."""
     if received.resumed_at is None:
         resume(instance, received)
+    # The first turn of serving, every streaming peer waiting on it, has the CPU
+    # before what follows here and before the source's teardown: the source waits
+    # for our end of the channel to close. Bounded: streaming peers may have
+    # nothing to send just now, and then there is no turn to wait for.
+    try:
+        await asyncio.wait_for(received.first_turn, FIRST_TURN_WAIT)
+    except asyncio.TimeoutError:
+        pass
+    received.chan.close()
+    received.released = wire.ReleaseInfo.decode(received.info)
+    apply_counters(instance, received.counts_at_resume, received.released)
     resumed_at = received.resumed_at
     moved = received.sockets
     for name, state in received.plan.capabilities.items():
@@ -586,16 +605,19 @@ async def _open_afresh(instance, chardev) -> None:
         chardev = instance.register(chardev.spec)  # a failed open unregisters it
 
 
-def apply_counters(instance, moved, released: wire.ReleaseInfo) -> None:
+def apply_counters(instance, at_resume: dict, released: wire.ReleaseInfo) -> None:
     """The byte counts of chardevs that moved bytes, but nothing else, since the
-    precopy: the source sends them with RELEASED, out of the downtime's way. The
-    loop has not run since the resume, so no byte has been counted here yet."""
+    precopy: the source sends them with RELEASED, out of the downtime's way. What
+    was counted here since the resume (`at_resume`: label -> the staged counts)
+    is added to them."""
     for entry in released.ignored:
         log.warning("ignored a malformed byte count from the source: %s", entry)
     for label, rx_bytes, tx_bytes in released.counters:
-        if label in moved:
+        if label in at_resume:
             chardev = instance.chardevs[label]
-            chardev.rx_bytes, chardev.tx_bytes = rx_bytes, tx_bytes
+            staged_rx, staged_tx = at_resume[label]
+            chardev.rx_bytes += rx_bytes - staged_rx
+            chardev.tx_bytes += tx_bytes - staged_tx
         else:
             log.warning("ignored a malformed byte count from the source: %s", wire.show(label))
 
