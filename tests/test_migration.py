@@ -363,7 +363,7 @@ def test_the_source_lets_go_only_once_the_target_closes_the_channel_after_its_fi
                                                                                          short_dir):
     """After TAKEN the source waits for the target to close the channel (after
     its first turn of serving), so that its teardown takes no CPU from that
-    turn; a target that never does (stopped here) keeps it STOP_GRACE at most."""
+    turn; a target that never does (stopped here) keeps it CLOSE_WAIT at most."""
     from fdmig.migration import source as sources
     source, path = echo_instance
     sock = connect_unix(path)
@@ -375,7 +375,7 @@ def test_the_source_lets_go_only_once_the_target_closes_the_channel_after_its_fi
         client.execute("migrate", {"uri": f"unix:{short_dir}/rt/web.migrate.sock", "x-fdmig-timeout": 60})
         stopped(target)
         assert source.proc.wait(10) == 0
-    assert time.monotonic() - started >= sources.STOP_GRACE
+    assert time.monotonic() - started >= sources.CLOSE_WAIT
     os.kill(target.pid, signal.SIGCONT)
     target.wait_ready()
     assert echoes(sock, b"served by the target")

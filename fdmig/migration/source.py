@@ -25,6 +25,9 @@ log = logging.getLogger("fdmig")
 # it is given once SIGTERM asks the source to stop.
 TAKEN_TIMEOUT = 10.0
 STOP_GRACE = 1.0
+# After TAKEN, the longest we wait for the target to close the channel (it does
+# once it has served its first turn) before letting go of our copies and exiting.
+CLOSE_WAIT = 1.0
 # After each precopy frame, the loop serves the chardevs for this many times as
 # long as the frame took to make: the precopy (ours, and the target's checking of
 # it) takes at most a quarter of a CPU from serving, as QEMU's max-bandwidth caps
@@ -415,10 +418,10 @@ class SourceSession(Session):
             stop.cancel()
 
     async def _wait_closed(self) -> None:
-        """Until the target closes the channel after TAKEN, STOP_GRACE at most:
+        """Until the target closes the channel after TAKEN, CLOSE_WAIT at most:
         nothing comes on it any more."""
         try:
-            await self.chan.next_event(time.monotonic() + STOP_GRACE)
+            await self.chan.next_event(time.monotonic() + CLOSE_WAIT)
         except (OSError, wire.ProtocolError, channel.ChannelTimeout):
             pass
 

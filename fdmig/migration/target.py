@@ -31,9 +31,9 @@ RELEASE_TIMEOUT = 10.0  # after our ACK, a source silent this long is dropped (i
 # A TCP peer that has not completed its TLS handshake by then is dropped: short,
 # since anyone on the network may connect, and one at a time is heard.
 HANDSHAKE_TIMEOUT = 5.0
-_COUNTS = operator.attrgetter("rx_bytes", "tx_bytes")
 REBIND_WAIT = 2.0  # how long a chardev opened afresh waits for its TCP port to be free
 FIRST_TURN_WAIT = 0.1  # the longest the takeover waits for the first turn of serving (take_over)
+_COUNTS = operator.attrgetter("rx_bytes", "tx_bytes")
 
 
 class Refused(Exception):
