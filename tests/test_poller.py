@@ -8,6 +8,13 @@ import socket
 from fdmig.poller import Poller
 
 
+def _close(poller, pairs) -> None:
+    poller.close()
+    for pair in pairs:
+        for sock in pair:
+            sock.close()
+
+
 def test_fds_registered_while_paused_are_served_at_resume_in_the_order_given():
     async def main():
         poller = Poller(asyncio.get_running_loop())
@@ -24,10 +31,7 @@ def test_fds_registered_while_paused_are_served_at_resume_in_the_order_given():
         while len(served) < len(pairs):
             await asyncio.sleep(0)
         rest = [mine.fileno() for mine, _ in pairs[:2]]
-        poller.close()
-        for pair in pairs:
-            for sock in pair:
-                sock.close()
+        _close(poller, pairs)
         return served, first, rest
 
     served, first, rest = asyncio.run(main())
@@ -107,10 +111,7 @@ def test_after_turn_is_done_once_the_fds_ready_now_have_been_served_and_not_befo
         short = poller.after_turn(n)  # owed more than is ready: the first short dispatch ends the turn
         await short
         at_short = len(served)
-        poller.close()
-        for pair in pairs:
-            for sock in pair:
-                sock.close()
+        _close(poller, pairs)
         return n, at_whole, at_short
 
     n, at_whole, at_short = asyncio.run(main())
