@@ -108,7 +108,7 @@ class Poller:
             self._turn[1] -= len(ready)
             if self._turn[1] <= 0 or len(ready) < MAX_EVENTS:
                 future, self._turn = self._turn[0], None
-                if not future.done():
+                if not future.done():  # a waiter that timed out has cancelled it
                     future.set_result(None)  # its waiter runs after this dispatch
         for fd, events in ready:
             handler = self._handlers.get(fd)

@@ -261,7 +261,7 @@ def measure_handoff(n: int, repeats: int, workdir: str, busy: bool = False, stat
     return result
 
 
-def _read_lines(sock: socket.socket, count: int) -> bytes:
+def _read_lines(sock: socket.socket, count: int) -> memoryview:
     """Read `count` lines of QMP, whole but not parsed, into one buffer made once
     (fresh buffers are page faults: milliseconds of a 2 MB reply); the last line,
     a view of that buffer, good until the next call.
