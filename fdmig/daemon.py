@@ -13,7 +13,7 @@ import signal
 import time
 from collections.abc import AsyncIterator
 
-from fdmig import __version__, frontends, keeper, paths, presentation, qmp, spec as specs, systemd, tcprepair
+from fdmig import __version__, frontends, keeper, pacing, paths, presentation, qmp, spec as specs, systemd, tcprepair
 from fdmig.keeper import Keeper
 from fdmig.chardev import Chardev, quiesce_all, resume_all
 from fdmig.errors import FdmigError
@@ -21,12 +21,9 @@ from fdmig.lifecycle import Lifecycle, MigrationStatus, RunState
 
 log = logging.getLogger("fdmig")
 CAPABILITIES = ("local-char-socket", "x-tcp-repair")
-STATUS_SLICE = 128  # chardev rows made and sent at a time (a tenth of a millisecond or two)
-# After each slice, the loop serves the chardevs (or sleeps) for this many times
-# as long as the slice took, as the precopy is paced (source.PRECOPY_PACE): a
-# status takes at most a quarter of a CPU, which on a busy host is the peers'.
-# A status of 5000 chardevs takes some 50 ms so (a sleep is a millisecond at least).
-STATUS_PACE = 3.0
+# Chardev rows made and sent at a time (a tenth of a millisecond or two), paced
+# (fdmig.pacing): a status of 5000 chardevs takes some 50 ms so.
+STATUS_SLICE = 128
 
 
 def raise_fd_limit() -> None:
@@ -36,7 +33,7 @@ def raise_fd_limit() -> None:
 
 
 async def _rows_in_slices(chardevs: list) -> AsyncIterator[str]:
-    """The status rows' JSON array, a slice at a time, paced (STATUS_PACE): the
+    """The status rows' JSON array, a slice at a time, paced (fdmig.pacing): the
     rows of thousands of chardevs take milliseconds, a pause their peers would
     see."""
     yield "["
@@ -45,7 +42,7 @@ async def _rows_in_slices(chardevs: list) -> AsyncIterator[str]:
         rows = ", ".join(map(presentation.row_json, chardevs[start: start + STATUS_SLICE]))
         yield ", " + rows if start else rows
         if start + STATUS_SLICE < len(chardevs):
-            await asyncio.sleep((time.monotonic() - began) * STATUS_PACE)
+            await pacing.yield_after(began)
     yield "]"
 
 
@@ -81,6 +78,7 @@ class Instance:
         self.service = None  # a `run` instance's fdmig.service.Service
         self.store = None  # ... and its fdmig.fdstore.FdStore
         self._outgoing_task: asyncio.Task | None = None
+        self._framing: asyncio.Task | None = None  # a target's frame_rows(), held (a task is weakly referenced)
         self._announced = False  # READY=1 sent to our own manager
         self._status_scheduled = False
         self._status_sent = ""
@@ -100,11 +98,13 @@ class Instance:
         self.check_new(spec)
         return await self.open_registered(self.register(spec))
 
-    def register(self, spec) -> Chardev:
+    def register(self, spec, frame: bool = True) -> Chardev:
         """Create and wire a chardev without opening it (its bridge partner, if
-        any, must be registered already)."""
+        any, must be registered already). `frame`: its status row's JSON made
+        now, not in the first status; a migration's target stages thousands
+        while the source's peers want the CPU, and frames them later (frame_rows)."""
         chardev = Chardev(spec, self._chardev_changed, self.poller)
-        self._wire(chardev)
+        self._wire(chardev, frame)
         self.chardevs[spec.id] = chardev
         return chardev
 
@@ -149,8 +149,9 @@ class Instance:
                              "(pass one with getfd first)")
         return self.named_fds.pop(spec.fd)
 
-    def _wire(self, chardev: Chardev) -> None:
+    def _wire(self, chardev: Chardev, frame: bool = True) -> None:
         spec = chardev.spec
+        reframe = presentation.frame_row if frame else presentation.forget_row
         if spec.bridge:
             partner = self.chardevs[spec.bridge]
             chardev.frontend = frontends.Bridge(chardev, partner)
@@ -158,10 +159,10 @@ class Instance:
             chardev.feeders.append(partner)
             partner.feeders.append(chardev)
             partner.update_io()
-            presentation.frame_row(partner)
+            reframe(partner)
         else:
             chardev.frontend = frontends.make(chardev)
-        presentation.frame_row(chardev)
+        reframe(chardev)
 
     def _unwire(self, chardev: Chardev) -> None:
         if chardev.spec.bridge and chardev.spec.bridge in self.chardevs:
@@ -170,6 +171,16 @@ class Instance:
             partner.feeders.remove(chardev)
             partner.update_io()
             presentation.frame_row(partner)
+
+    async def frame_rows(self) -> None:
+        """Frame the status rows not framed yet (a migration's staged chardevs),
+        STATUS_SLICE at a time, paced: a status would frame them itself, while
+        every peer waits on the slices."""
+        def frame(chardevs) -> None:
+            for chardev in chardevs:
+                if chardev.row_frame is None:  # a status between two slices may have framed it
+                    presentation.frame_row(chardev)
+        await pacing.in_slices([c for c in self.chardevs.values() if c.row_frame is None], STATUS_SLICE, frame)
 
     def bridged_by(self, label: str) -> str | None:
         for other in self.chardevs.values():
@@ -459,6 +470,7 @@ class Instance:
                  len(received.sockets), received.hello.pid, self.lifecycle.get("downtime-ms"))
         self._announced = True
         systemd.notify(f"MAINPID={os.getpid()}", "READY=1", f"STATUS={self.summary()}")
+        self._framing = asyncio.get_running_loop().create_task(self.frame_rows())
 
     async def stop_service(self) -> None:
         """Stop the service and close its store; after a migration's commit, only

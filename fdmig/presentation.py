@@ -73,6 +73,11 @@ def frame_row(chardev) -> None:
     chardev.row_frame, chardev.row_parts = (head, middle, tail), None
 
 
+def forget_row(chardev) -> None:
+    """The row's JSON is to be framed again (by frame_row, or the next status)."""
+    chardev.row_frame = chardev.row_parts = None
+
+
 def _live_parts(frame, live) -> tuple[str, str]:
     """A row's JSON before its rx-bytes count and after its tx-bytes count."""
     head, middle, tail = frame

@@ -1,6 +1,7 @@
-"""The precopy is paced: between two frames the loop serves the chardevs for
-PRECOPY_PACE times as long as the frame took to make (issue 13: the precopy,
-and the target's checking of it, took the CPU from serving)."""
+"""The precopy is paced (fdmig.pacing): between two frames the source's loop
+serves the chardevs for PACE times as long as the frame took to make, and the
+target takes the sections a slice at a time, paced the same way (issue 13: the
+precopy, and the target's checking of it, took the CPU from serving)."""
 
 import asyncio
 import resource
@@ -9,8 +10,8 @@ import types
 
 import pytest
 
-from fdmig import daemon, poller, spec
-from fdmig.migration import source, wire
+from fdmig import daemon, pacing, poller, spec
+from fdmig.migration import source, target, wire
 
 
 @pytest.mark.timeout(60)
@@ -45,7 +46,7 @@ def test_the_precopy_yields_to_serving_between_frames_for_a_time_in_proportion_t
         async def paced(delay):
             pauses.append(delay)
             await real_sleep(0)
-        monkeypatch.setattr(source.asyncio, "sleep", paced)
+        monkeypatch.setattr(pacing.asyncio, "sleep", paced)
         await session._precopy()
         for sock in (*peers, listener):
             sock.close()
@@ -54,3 +55,27 @@ def test_the_precopy_yields_to_serving_between_frames_for_a_time_in_proportion_t
     asyncio.run(main())
     assert sum(sent) == count and len(sent) == 3
     assert len(pauses) == 2 and all(pause > 0 for pause in pauses)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("paced", [True, False])
+def test_the_target_takes_the_precopy_a_slice_at_a_time_yielding_in_proportion_and_the_downtime_at_once(
+        monkeypatch, paced):
+    taken, pauses, clock = [], [], [100.0]
+
+    def take(sections):
+        taken.append(len(sections))
+        clock[0] += 0.002 * len(sections)  # each section costs 2 ms of this clock
+
+    async def sleep(delay):
+        pauses.append(delay)
+    monkeypatch.setattr(pacing.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(pacing.asyncio, "sleep", sleep)
+    session = target.TargetSession.__new__(target.TargetSession)
+    session.paced, session._take = paced, take
+    asyncio.run(session._take_some(list(range(2 * target.SLICE + 3))))
+    if paced:
+        assert taken == [target.SLICE, target.SLICE, 3]
+        assert pauses == pytest.approx([0.002 * n * pacing.PACE for n in taken])
+    else:
+        assert taken == [2 * target.SLICE + 3] and pauses == []

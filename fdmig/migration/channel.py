@@ -73,14 +73,14 @@ class Channel:
             return b"", []
 
     async def next_event(self, deadline: float | None = None, progress=None):
-        """The next event; `progress()` runs whenever the codec has taken all the
-        data there is and more is awaited (to work on sections as they arrive)."""
+        """The next event; `progress()` is awaited whenever the codec has taken all
+        the data there is and more is to come (to work on sections as they arrive)."""
         while True:
             event = self.codec.next_event()
             if event is not wire.NEED_DATA:
                 return event
             if progress is not None:
-                progress()
+                await progress()
             try:
                 data, fds = self._recv()
             except (BlockingIOError, InterruptedError):

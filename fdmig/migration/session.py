@@ -14,8 +14,8 @@ class Session:
     async def begin(self) -> None:
         """The first step, before any event from the peer."""
 
-    def progress(self) -> None:
-        """Called while a long event (a precopy, a transfer) is still arriving."""
+    async def progress(self) -> None:
+        """Awaited while a long event (a precopy, a transfer) is still arriving."""
 
     def refused(self, reason: str) -> Exception:
         """The exception for the peer's ABORT."""

@@ -14,7 +14,7 @@ import ssl
 import time
 from itertools import compress
 
-from fdmig import __version__, faults, paths, process, systemd, tcprepair, tlscreds
+from fdmig import __version__, faults, pacing, paths, process, systemd, tcprepair, tlscreds
 from fdmig.chardev import read_mark
 from fdmig.lifecycle import MigrationStatus
 from fdmig.migration import channel, form, repair, wire
@@ -28,11 +28,6 @@ STOP_GRACE = 1.0
 # After TAKEN, the longest we wait for the target to close the channel (it does
 # once it has served its first turn) before letting go of our copies and exiting.
 CLOSE_WAIT = 1.0
-# After each precopy frame, the loop serves the chardevs for this many times as
-# long as the frame took to make: the precopy (ours, and the target's checking of
-# it) takes at most a quarter of a CPU from serving, as QEMU's max-bandwidth caps
-# its RAM precopy, at the cost of a precopy four times as long.
-PRECOPY_PACE = 3.0
 _OUTBUF = operator.attrgetter("outbuf")
 _COUNTS_CHANGED = operator.attrgetter("counts_changed")
 
@@ -251,9 +246,9 @@ class SourceSession(Session):
                 if fds_in_batch >= wire.MAX_FDS_PER_FRAME - 1:
                     await self.chan.send(wire.Precopy(batch, more=True), self.deadline)
                     batch, fds_in_batch = [], 0
-                    # Paced: the target takes each frame in as long as we took to make
-                    # it, and on a busy host that CPU is the chardevs' (see PRECOPY_PACE).
-                    await asyncio.sleep((time.monotonic() - began) * PRECOPY_PACE)
+                    # Paced (fdmig.pacing), a frame a piece; the target paces its
+                    # checking of them apart (it costs it more than us their making).
+                    await pacing.yield_after(began)
                     began = time.monotonic()
             await self.chan.send(wire.Precopy(batch), self.deadline)
         finally:
