@@ -686,6 +686,35 @@ def test_a_status_row_shows_what_changed_since_the_last_and_a_bridge_partner_tha
             later[1]["migrations"]) == ("connected", 1000, 2000, 7, 3)
 
 
+def test_a_targets_staged_rows_are_framed_after_the_takeover_and_a_status_before_that_is_whole(tmp_path):
+    """A migration's target stages thousands of chardevs while the source's peers
+    want the CPU: their rows' JSON is not framed then (register frame=False), but
+    by frame_rows (paced) after the takeover. A status in between frames what it
+    shows itself, bridge partners too."""
+    from fdmig import daemon, presentation, spec as specs
+    from fdmig.poller import Poller
+
+    async def main():
+        instance = daemon.Instance("staged", f"{tmp_path}/staged.sock")
+        instance.poller = Poller(asyncio.get_running_loop())
+        count = daemon.STATUS_SLICE + 3
+        for i in range(count):
+            instance.register(specs.parse_spec(f"socket,id=c{i},path=/nonexistent/c{i}.sock"), frame=False)
+        instance.register(specs.parse_spec("socket,id=b,path=/nonexistent/b.sock,server=on,bridge=c0"),
+                          frame=False)
+        unframed = sum(c.row_frame is None for c in instance.chardevs.values())
+        early = json.loads(presentation.row_json(instance.chardevs["c0"]))
+        await instance.frame_rows()
+        framed = all(c.row_frame is not None for c in instance.chardevs.values())
+        return unframed, early, framed, [(json.loads(presentation.row_json(c)), _expected_row(c))
+                                         for c in instance.chardevs.values()]
+
+    unframed, early, framed, rows = asyncio.run(main())
+    assert unframed == daemon.STATUS_SLICE + 4 and framed
+    assert early["frontend"] == "bridge=b"
+    assert all(got == expected for got, expected in rows)
+
+
 def test_an_event_during_a_streamed_reply_comes_after_it_never_inside_its_line(tmp_path):
     """A QMP reply is one line: a MIGRATION event broadcast while a status of
     thousands is going out waits for the end of it."""
