@@ -29,6 +29,9 @@ def stream_flags(chardev) -> tuple[str, ...]:
 
 
 def _set_stream_flags(chardev, flags) -> None:
+    if not flags:  # the common case, thousands of times in a precopy
+        chardev.eof_read = chardev.eof_pending = chardev.eof_sent = chardev.closing = False
+        return
     chardev.eof_read, chardev.eof_pending, chardev.eof_sent, chardev.closing = (
         name in flags for name in wire.STREAM_FLAGS)
 
