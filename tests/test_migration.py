@@ -673,3 +673,44 @@ def test_migrate_cancel_before_the_commit_rolls_back(echo_instance, runtime_dir)
     statuses, reply = asyncio.run(migrate_then_cancel())
     assert statuses[-1] == "cancelled" and reply["status"] == "cancelled"
     stream_is_intact(peer)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("spin, cpus, sleeps", [(True, True, False), (False, True, True), (True, False, True)])
+def test_inside_the_downtime_a_side_polls_for_the_next_message_instead_of_sleeping(monkeypatch, spin, cpus, sleeps):
+    """A process woken from sleep took 0.2 to 0.3 ms to run again, three times in a
+    downtime: there each side polls for the next message (channel.SPIN at most),
+    but only where it may run on two CPUs (on one, the sender needs that CPU)."""
+    import asyncio
+    from fdmig.migration import channel
+
+    monkeypatch.setattr(channel, "_two_cpus", lambda: cpus)
+
+    async def main():
+        a, b = socket.socketpair()
+        source, target = channel.Channel(a, wire.Role.SOURCE), channel.Channel(b, wire.Role.TARGET)
+        tries, slept = [0], [0]
+        real_recv, real_ready = target._recv, target._ready
+
+        def recv():
+            tries[0] += 1
+            if tries[0] == 3:  # the message arrives while the target waits
+                source.send_now(wire.Hello("spin", os.getpid(), "0"))
+            return real_recv()
+
+        async def ready(*args):
+            slept[0] += 1
+            await real_ready(*args)
+        target._recv, target._ready = recv, ready
+        if not (spin and cpus):
+            asyncio.get_running_loop().call_soon(source.send_now, wire.Hello("spin", os.getpid(), "0"))
+        event = await target.next_event(time.monotonic() + 5, spin=spin)
+        source.close()
+        target.close()
+        return event, tries[0], slept[0]
+
+    event, tries, slept = asyncio.run(main())
+    assert isinstance(event, wire.Hello) and event.name == "spin"
+    assert bool(slept) == sleeps
+    if not sleeps:
+        assert tries >= 3

@@ -8,6 +8,7 @@ from fdmig.migration import wire
 class Session:
     chan = None  # channel.Channel
     deadline: float | None = None
+    spin = False  # the next event is awaited inside the downtime (channel.SPIN)
     # (event type, the step that takes it, what the peer is to do, for a message)
     expected: tuple
 
@@ -31,7 +32,7 @@ async def drive(session: Session):
     await session.begin()
     while True:
         kind, step, what = session.expected
-        event = await session.chan.next_event(session.deadline, progress=session.progress)
+        event = await session.chan.next_event(session.deadline, progress=session.progress, spin=session.spin)
         if isinstance(event, kind):
             outcome = await step(event)
             if outcome is not None:

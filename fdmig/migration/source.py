@@ -202,9 +202,11 @@ class SourceSession(Session):
         self.release = self._release_info()
         faults.point("source-after-transfer")
         self.expected = (wire.Ack, self.on_ack, "acknowledging")
+        self.spin = True
 
     async def on_ack(self, _ack) -> bool:
         self.committed = True  # from here on, the connections are the target's
+        self.spin = False
         return True
 
     def refused(self, reason: str) -> Exception:

@@ -265,10 +265,11 @@ class TargetSession(Session):
         gc.freeze()
         await self.chan.send(wire.Held(), self.deadline)
         self.expected = (wire.Transfer, self.on_transfer, "the state")
+        self.spin = True  # the source quiesces as it reads HELD: the downtime has begun
 
     async def on_transfer(self, transfer: wire.Transfer) -> Received:
         self._take(transfer.sections)
-        self.taking = False
+        self.taking = self.spin = False
         for mine in self.own:
             if mine.local_incoming and not self.sockets.get(mine.id):
                 raise Refused(f"chardev {mine.id}: local-incoming=on, but no fd arrived for it")
@@ -419,7 +420,7 @@ class TargetSession(Session):
             faults.point("target-after-ack")
             # The commit point is the source reading our ACK; it may still roll back
             # if its timeout fires first, so nothing is read until it says RELEASED.
-            final = await self.chan.next_event(time.monotonic() + RELEASE_TIMEOUT)
+            final = await self.chan.next_event(time.monotonic() + RELEASE_TIMEOUT, spin=True)
         except channel.ChannelTimeout:
             # Nothing read yet, and the channel closes: a source that wakes up finds
             # it so and rolls back. Waiting on could keep this target forever.
