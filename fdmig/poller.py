@@ -102,6 +102,13 @@ class Poller:
             self._turn = [future, owed]
         return future
 
+    def serve_now(self) -> None:
+        """One dispatch now, not at the loop's next turn: a migration's target
+        serves the fds ready at its resume in the same turn (the loop's select and
+        callback cost a tenth of a millisecond, a third of a downtime of one)."""
+        if not self.paused:
+            self._dispatch()
+
     def _dispatch(self) -> None:
         ready = self._epoll.poll(0, MAX_EVENTS)
         if self._turn is not None:

@@ -117,3 +117,30 @@ def test_after_turn_is_done_once_the_fds_ready_now_have_been_served_and_not_befo
     n, at_whole, at_short = asyncio.run(main())
     assert at_whole == n  # not done after the first dispatch's MAX_EVENTS
     assert at_short == n + 3
+
+
+def test_serve_now_serves_the_ready_fds_at_once_and_counts_toward_the_turn_and_not_while_paused():
+    """A migration's target serves the fds ready at its resume in that same turn
+    of the loop, not the next: serve_now dispatches at once, and that dispatch
+    counts toward after_turn."""
+    async def main():
+        poller = Poller(asyncio.get_running_loop())
+        pairs = [socket.socketpair() for _ in range(3)]
+        served = []
+        poller.pause()
+        for mine, theirs in pairs:
+            mine.setblocking(False)
+            theirs.send(b"x")
+            poller.watch(mine.fileno(), on_read=lambda sock=mine: served.append(sock.recv(1)))
+        poller.serve_now()
+        while_paused = len(served)
+        poller.resume()
+        turn = poller.after_turn(len(pairs))
+        poller.serve_now()  # no await between the resume and here: the loop has not run
+        now, done = len(served), turn.done()
+        _close(poller, pairs)
+        return while_paused, now, done
+
+    while_paused, now, done = asyncio.run(main())
+    assert while_paused == 0
+    assert now == 3 and done

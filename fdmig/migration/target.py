@@ -572,11 +572,12 @@ def resume(instance, received: Received) -> None:
     received.resumed_at = instance.thaw(first)  # every moved chardev starts reading at the same instant
     received.chan.send_now(wire.Taken())
     faults.point("target-after-taken")
-    received.first_turn = instance.poller.after_turn(len(first))
     # Their counts as staged, for RELEASED's to be put in after the first turn
     # (take_over): in C, where decoding those is a millisecond at 1000 chardevs.
     moved = list(map(instance.chardevs.__getitem__, received.sockets))
     received.counts_at_resume = dict(zip(received.sockets, map(_COUNTS, moved)))
+    received.first_turn = instance.poller.after_turn(len(first))
+    instance.poller.serve_now()  # the first turn begins in this one of the loop
 
 
 async def take_over(instance, received: Received) -> None:
