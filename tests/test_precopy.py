@@ -72,7 +72,8 @@ def test_the_target_takes_the_precopy_a_slice_at_a_time_yielding_in_proportion_a
     monkeypatch.setattr(pacing.time, "monotonic", lambda: clock[0])
     monkeypatch.setattr(pacing.asyncio, "sleep", sleep)
     session = target.TargetSession.__new__(target.TargetSession)
-    session.paced, session._take = paced, take
+    session._take = take
+    session.expected = (wire.Precopy if paced else wire.Transfer, None, "")
     asyncio.run(session._take_some(list(range(2 * target.SLICE + 3))))
     if paced:
         assert taken == [target.SLICE, target.SLICE, 3]

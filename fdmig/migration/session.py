@@ -8,7 +8,8 @@ from fdmig.migration import wire
 class Session:
     chan = None  # channel.Channel
     deadline: float | None = None
-    spin = False  # the next event is awaited inside the downtime (channel.SPIN)
+    # The events awaited inside the downtime: polled for (channel.SPIN), not slept on.
+    in_downtime: tuple = ()
     # (event type, the step that takes it, what the peer is to do, for a message)
     expected: tuple
 
@@ -32,7 +33,8 @@ async def drive(session: Session):
     await session.begin()
     while True:
         kind, step, what = session.expected
-        event = await session.chan.next_event(session.deadline, progress=session.progress, spin=session.spin)
+        event = await session.chan.next_event(session.deadline, progress=session.progress,
+                                             spin=kind in session.in_downtime)
         if isinstance(event, kind):
             outcome = await step(event)
             if outcome is not None:

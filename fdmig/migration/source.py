@@ -92,6 +92,8 @@ class SourceSession(Session):
     chardev serves as before. `abandoned` set while no target listens yet cancels
     it: the client that asked has gone."""
 
+    in_downtime = (wire.Ack,)
+
     def __init__(self, instance, address, timeout: float | None, abandoned: asyncio.Event | None = None,
                  tls_creds: str | None = None, hooks: dict | None = None):
         self.instance = instance
@@ -202,11 +204,9 @@ class SourceSession(Session):
         self.release = self._release_info()
         faults.point("source-after-transfer")
         self.expected = (wire.Ack, self.on_ack, "acknowledging")
-        self.spin = True
 
     async def on_ack(self, _ack) -> bool:
         self.committed = True  # from here on, the connections are the target's
-        self.spin = False
         return True
 
     def refused(self, reason: str) -> Exception:

@@ -172,6 +172,10 @@ class TargetSession(Session):
     Refused raised from any step: the source is told why, and everything staged
     or received is dropped (abort)."""
 
+    # The source quiesces as it reads our HELD: TRANSFER comes inside the downtime
+    # (RELEASED too: _acknowledge polls for it itself).
+    in_downtime = (wire.Transfer,)
+
     def __init__(self, instance, chan, own: list, info: dict, who: str = "the source"):
         self.instance = instance
         self.who = who
@@ -191,7 +195,6 @@ class TargetSession(Session):
         self.service = None  # a `run` instance's (wire.ServiceState, notify socket)
         self.stored: dict[int, tuple] = {}  # its store by index: (wire.StoredState, fd)
         self.taking = False  # sections are arriving: take them as they come
-        self.paced = False  # and take them paced: the precopy's, the source serving on
         self.restorer = repair.Restorer()
         # The streaming chardevs' fds by TABLE index, which get their events in our
         # epoll only at the resume, in the order RELEASED's `served` gives.
@@ -244,7 +247,7 @@ class TargetSession(Session):
                 raise Refused(str(exc)) from None
         self.instance.freeze(quiesce=False)
         await self.chan.send(wire.Accept(self.info), self.deadline)
-        self.taking = self.paced = True
+        self.taking = True
         self.expected = (wire.Precopy, self.on_precopy, "its precopy")
 
     async def progress(self) -> None:
@@ -253,7 +256,6 @@ class TargetSession(Session):
 
     async def on_precopy(self, precopy: wire.Precopy) -> None:
         await self._take_some(precopy.sections)
-        self.paced = False  # what comes next is the downtime's
         self.seen = set()
         faults.point("target-after-precopy")
         # What staging and the precopy built lives as long as the chardevs: out of
@@ -265,11 +267,10 @@ class TargetSession(Session):
         gc.freeze()
         await self.chan.send(wire.Held(), self.deadline)
         self.expected = (wire.Transfer, self.on_transfer, "the state")
-        self.spin = True  # the source quiesces as it reads HELD: the downtime has begun
 
     async def on_transfer(self, transfer: wire.Transfer) -> Received:
         self._take(transfer.sections)
-        self.taking = self.spin = False
+        self.taking = False
         for mine in self.own:
             if mine.local_incoming and not self.sockets.get(mine.id):
                 raise Refused(f"chardev {mine.id}: local-incoming=on, but no fd arrived for it")
@@ -312,7 +313,7 @@ class TargetSession(Session):
         Checking and staging one costs us some 50 us, five times what making it
         costs the source, and the source's peers want that CPU meanwhile (at 1000
         streaming peers, a frame's 252 unpaced were their longest pause)."""
-        if self.paced:
+        if self.expected[0] is wire.Precopy:  # the source serving on, not the downtime
             await pacing.in_slices(sections, SLICE, self._take)
         else:
             self._take(sections)
