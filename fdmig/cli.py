@@ -582,8 +582,12 @@ def migrate_in(name, control, channel, tls_creds, chardev_specs, timeout, exec_,
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), metavar="S",
               help="Bound the whole migration; on expiry the source rolls back (exit 4). Default 60.")
 @click.option("--spawn", is_flag=True, help="Start the target (fdmig migrate-in) and migrate to it.")
+@click.option("--reconnect", is_flag=True,
+              help="Let the peers of marked chardevs that cannot move live reconnect at the target "
+                   "(QEMU's remote migration), instead of refusing the migration.")
 @click.option("--json", "as_json", is_flag=True, help="Print the outcome as one JSON object.")
-def migrate_out(name, control, channel, tls_creds, capabilities, release_cmd, reclaim_cmd, timeout, spawn, as_json):
+def migrate_out(name, control, channel, tls_creds, capabilities, release_cmd, reclaim_cmd, timeout, spawn,
+                reconnect, as_json):
     """Migrate an instance's connections live to a target (migrate-in), then exit."""
     control_path = _control_path(name, control)
     address = _channel(control_path, channel, tls_creds, "client")
@@ -595,7 +599,8 @@ def migrate_out(name, control, channel, tls_creds, capabilities, release_cmd, re
     announce = (lambda line: click.echo(f"fdmig: {line}", err=True)) if sys.stderr.isatty() else None
     outcome = migrate_client.migrate_out(control_path, address, capabilities, timeout or 60.0,
                                          spawn, (["--name", name] if name else []) +
-                                         (["--control", control] if control else []), announce, tls_creds, hooks)
+                                         (["--control", control] if control else []), announce, tls_creds, hooks,
+                                         reconnect)
     if as_json:
         import json
         click.echo(json.dumps(outcome, indent=2))

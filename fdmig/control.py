@@ -395,8 +395,9 @@ async def cmd_migrate(conn, arguments):
         raise QMPError("GenericError", "Invalid parameter type for 'x-fdmig-timeout', expected: positive number")
     tls_creds = _arg(arguments, "x-fdmig-tls-creds", str, required=False)
     hooks = {role: _arg(arguments, f"x-fdmig-{role}-cmd", str, required=False) for role in ("release", "reclaim")}
+    reconnect = _arg(arguments, "x-fdmig-reconnect", bool, required=False, default=False)
     _no_extra(arguments, "uri", "x-fdmig-timeout", "x-fdmig-tls-creds", "x-fdmig-release-cmd", "x-fdmig-reclaim-cmd",
-              "detach", "resume", "blk", "inc")
+              "x-fdmig-reconnect", "detach", "resume", "blk", "inc")
     instance = conn.instance
     if instance.run_state is not RunState.RUNNING:
         raise QMPError("GenericError", f"cannot migrate an instance in state {instance.run_state.value}")
@@ -410,7 +411,7 @@ async def cmd_migrate(conn, arguments):
     # The wait for a target to listen is fdmig's own (QEMU's migrate fails at once):
     # it lasts only while the client that asked for it is there.
     instance.migrate(address, timeout, abandoned=conn.gone, tls_creds=tls_creds,
-                     hooks={role: cmd for role, cmd in hooks.items() if cmd})
+                     hooks={role: cmd for role, cmd in hooks.items() if cmd}, reconnect=reconnect)
     return {}
 
 

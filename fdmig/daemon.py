@@ -249,11 +249,12 @@ class Instance:
         return resumed_at
 
     def migrate(self, address, timeout: float | None, abandoned: asyncio.Event | None,
-                tls_creds: str | None = None, hooks: dict | None = None) -> None:
+                tls_creds: str | None = None, hooks: dict | None = None, reconnect: bool = False) -> None:
         """Start a migration to the target at `address` (QMP `migrate`); its outcome
         comes as MIGRATION events. Refused, as QEMU's blockers refuse, if it would
-        lose a chardev. `hooks`: over TCP, the shell commands that move the service
-        address ("release", "reclaim")."""
+        lose a chardev, or make a marked chardev's peer reconnect unless
+        `reconnect` says that is wanted. `hooks`: over TCP, the shell commands
+        that move the service address ("release", "reclaim")."""
         from fdmig.migration import source
         if address.tcp:
             if self.capabilities["local-char-socket"]:
@@ -271,7 +272,7 @@ class Instance:
             if hooks:
                 raise FdmigError("--release-cmd and --reclaim-cmd move the service address to another host: "
                                  "they are for a TCP channel")
-        blocked = source.blockers(self, remote=address.tcp)
+        blocked = source.blockers(self, remote=address.tcp, reconnect=reconnect)
         if blocked:
             raise FdmigError("migration refused, it would lose chardevs: " + "; ".join(blocked))
         self.lifecycle.migration_to(MigrationStatus.SETUP, chardevs=0, error=None, downtime_ms=None,

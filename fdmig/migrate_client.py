@@ -144,8 +144,10 @@ def wait_target(control_path: str, source_pid: int, deadline: float) -> dict:
 
 
 def migrate_out(control_path, address, capabilities, timeout, spawn, instance_args, announce=None,
-                tls_creds: str | None = None, hooks: dict | None = None) -> dict:
-    """`announce(line)` is told, on a terminal, what the migration waits for."""
+                tls_creds: str | None = None, hooks: dict | None = None, reconnect: bool = False) -> dict:
+    """`announce(line)` is told, on a terminal, what the migration waits for.
+    `reconnect`: marked chardevs that cannot move live reconnect instead of the
+    migration being refused."""
     notes = []
     target = None
     with qmp.connect(control_path) as client, interruptible():
@@ -181,6 +183,8 @@ def migrate_out(control_path, address, capabilities, timeout, spawn, instance_ar
                 arguments["x-fdmig-tls-creds"] = os.path.abspath(tls_creds)
             for role, command in (hooks or {}).items():
                 arguments[f"x-fdmig-{role}-cmd"] = command
+            if reconnect:
+                arguments["x-fdmig-reconnect"] = True
             data = _migrate(client, arguments, control_path,
                             source_pid, time.monotonic() + timeout + HANDOVER_GRACE, target, announce, notes)
         except BaseException:

@@ -197,11 +197,27 @@ def test_listening_chardev_moves_and_queued_clients_are_served(daemons, short_di
     assert recv_exactly(third, 1) == b"3"
 
 
-def test_capability_off_says_marked_chardevs_reconnect(daemons, short_dir, last_instance):
+def test_capability_forgotten_refuses_to_drop_a_marked_peer(daemons, short_dir, runtime_dir, last_instance):
+    # Regression: migrate-out said "migrated 0 chardev(s) live", exited 0, and the peer got EOF.
+    path = os.path.join(short_dir, "a.sock")
+    source = daemons("serve", "--name", "web", "--chardev", ECHO.format(path=path))
+    sock = connect_unix(path)
+    sock.sendall(b"1")
+    assert recv_exactly(sock, 1) == b"1"
+    result = run("migrate-out", "--name", "web", "--spawn", "--timeout", "10")
+    assert result.returncode == 1, result.stderr
+    assert "chardev(s) app are marked support-local-migration=on" in result.stderr
+    assert "--capability local-char-socket" in result.stderr and "--reconnect" in result.stderr
+    assert source.proc.poll() is None
+    sock.sendall(b"2")
+    assert recv_exactly(sock, 1) == b"2", "the source stopped serving its peer"
+
+
+def test_reconnect_lets_marked_peers_reconnect_when_asked(daemons, short_dir, last_instance):
     path = os.path.join(short_dir, "a.sock")
     daemons("serve", "--name", "web", "--chardev", ECHO.format(path=path))
     sock = connect_unix(path)
-    result = run("migrate-out", "--name", "web", "--spawn")
+    result = run("migrate-out", "--name", "web", "--spawn", "--reconnect")
     assert result.returncode == 0, result.stderr
     assert "local-char-socket is off: 1 marked chardev(s) (app) will reconnect" in result.stderr
     assert sock.recv(10) == b""

@@ -265,7 +265,12 @@ def test_over_tls_every_chardev_is_opened_afresh_at_the_target_and_its_peers_rec
         wait_states(control_of(runtime_dir), {"app": "connected", "tcp": "connected", "up": "connected"})
 
         target = start_target(daemons, channel_port, creds.target)
-        result = migrate_out(channel_port, creds.source)
+        # The mark says app's peer is to be kept: across hosts it is refused, the
+        # source serving on, until --reconnect says a reconnect is wanted.
+        refused = migrate_out(channel_port, creds.source)
+        assert refused.returncode == 1 and "--reconnect" in refused.stderr, refused.stderr
+        assert echoes(app_peer, b"unix still")
+        result = migrate_out(channel_port, creds.source, "--reconnect")
         assert result.returncode == 0, result.stderr + target.stderr()[-2000:]
         assert "x-tcp-repair is off: 1 marked chardev(s) (app) will reconnect" in result.stderr
         target.wait_ready()

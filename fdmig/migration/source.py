@@ -40,11 +40,13 @@ class MigrationCancelled(MigrationFailed):
     pass
 
 
-def blockers(instance, remote: bool = False) -> list[str]:
+def blockers(instance, remote: bool = False, reconnect: bool = False) -> list[str]:
     """Why a migration now would lose a chardev (QEMU's migration blockers): one
-    the target cannot reopen that would not move live, or a bridge one side of
+    the target cannot reopen that would not move live, a bridge one side of
     which would move while the other reopened, splicing a live peer onto a new
-    session. `remote`: over a TCP channel, where only TCP state can move. Empty
+    session, or (unless `reconnect`: the user chose it) a marked chardev whose
+    connected peer would have to reconnect, the mark saying that peer is to be
+    kept. `remote`: over a TCP channel, where only TCP state can move. Empty
     when nothing would be lost."""
     live = instance.capabilities["local-char-socket"]
     if remote:
@@ -67,6 +69,11 @@ def blockers(instance, remote: bool = False) -> list[str]:
                "enable capability local-char-socket (and mark them support-local-migration=on)")
         reasons.append(f"chardev(s) {', '.join(inherited)} hold an inherited fd (fd=/fdname=) that the "
                        f"target cannot reopen, and would not move live: {how}")
+    kept = [c.label for c in instance.chardevs.values()
+            if c.spec.support_local_migration and not moves[c.label] and c.conn is not None
+            and c.spec.kind not in ("fd", "fdname")]
+    if kept and not reconnect:
+        reasons.append(_would_reconnect(kept, instance.capabilities, remote))
     for chardev in instance.chardevs.values():
         partner = chardev.spec.bridge
         if partner and partner in moves and moves[chardev.label] != moves[partner]:
@@ -74,6 +81,18 @@ def blockers(instance, remote: bool = False) -> list[str]:
             reasons.append(f"bridge {chardev.label}-{partner}: {stays} is not support-local-migration=on, "
                            "so its side would reopen under a live peer's session; mark both or neither")
     return reasons
+
+
+def _would_reconnect(labels: list, capabilities: dict, remote: bool) -> str:
+    named = ", ".join(labels[:5]) + (f" and {len(labels) - 5} more" if len(labels) > 5 else "")
+    if not remote:
+        why, live = "capability local-char-socket is off", "--capability local-char-socket"
+    elif capabilities[repair.CAPABILITY]:
+        why, live = "only TCP connections cross hosts", "a unix channel with --capability local-char-socket"
+    else:
+        why, live = "capability x-tcp-repair is off", "--capability x-tcp-repair (TCP chardevs)"
+    return (f"chardev(s) {named} are marked support-local-migration=on and their connected peers would "
+            f"reconnect ({why}): add {live} to move them live, or --reconnect to let their peers reconnect")
 
 
 def table_entry(chardev, live: bool) -> dict:
