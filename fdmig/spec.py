@@ -6,6 +6,7 @@ every validation rule lives in one place.
 """
 
 import dataclasses
+import difflib
 import functools
 import os
 import re
@@ -24,6 +25,11 @@ _BOOL_KEYS = ("server", "wait", "nodelay", "support-local-migration", "local-inc
 _KEYS = ("id", "path", "host", "port", "fd", "fdname", "server", "wait", "reconnect-ms",
          "nodelay", "support-local-migration", "local-incoming", "frontend", "bridge",
          "logfile", "logappend")
+# QEMU's older spellings, still met in command lines written for it: reconnect=S
+# in seconds (renamed reconnect-ms in QEMU 9.2) and delay=off (nodelay=on). Taken
+# into the current key; never written back, and not offered in messages.
+_LEGACY_KEYS = {"reconnect": "reconnect-ms", "delay": "nodelay"}
+_FLAG_KEYS = (*_BOOL_KEYS, "delay")  # what a key given alone may be
 ADDRESS_KEYS = ("path", "host+port", "fd", "fdname")
 # A chardev's states (fdmig.chardev.State), here so that what only names them
 # (`status --wait`, completion) need not import the chardev machinery.
@@ -181,15 +187,27 @@ def _parse_items(text: str, items: list[str]) -> ChardevSpec:
             raise _fail("SPEC", f"empty item in '{text}'; expected key=value pairs separated by ','")
         key, eq, value = item.partition("=")
         if not eq:
-            if key not in _BOOL_KEYS:
-                raise _fail(key, "needs a value (key=value)" if key in _KEYS else _unknown_key(key))
-            value = "on"  # QEMU's old bare-flag form: `server` means server=on
-        if key not in _KEYS:
+            key, value = _flag_item(key)
+        if key not in _KEYS and key not in _LEGACY_KEYS:
             raise _fail(key, _unknown_key(key))
         if key in fields:
             raise _fail(key, "given twice")
         fields[key] = value
     return build_spec(fields)
+
+
+def _flag_item(item: str) -> tuple[str, str]:
+    """A key given alone, as QEMU's option parser takes it: a boolean key means
+    on (`server` is server=on), the same with `no` in front off (`nowait` is
+    wait=off). `nodelay` is a key of its own, so on, as QEMU makes it too."""
+    if item in _FLAG_KEYS:
+        return item, "on"
+    if item.startswith("no") and item[2:] in _FLAG_KEYS:
+        return item[2:], "off"
+    if item in _KEYS or item in _LEGACY_KEYS:
+        raise _fail(item, "needs a value (key=value)")
+    flags = [*_BOOL_KEYS, *(f"no{key}" for key in _BOOL_KEYS)]
+    raise _fail(item, _unknown_key(item, flags))
 
 
 def _split_items(text: str) -> list[str]:
@@ -210,8 +228,12 @@ def _split_items(text: str) -> list[str]:
     return items
 
 
-def _unknown_key(key: str) -> str:
-    return f"unknown key '{key}'; accepted: {', '.join(_KEYS)}"
+def _unknown_key(key: str, spellings=()) -> str:
+    """The message for an unknown key: the nearest known one (or a flag's
+    spelling, for a key given alone) suggested, then every key accepted."""
+    near = difflib.get_close_matches(key, [*_KEYS, *spellings], n=1)
+    hint = f"did you mean {near[0]}? " if near else ""
+    return f"unknown key; {hint}accepted: {', '.join(_KEYS)}"
 
 
 def build_spec(fields: dict) -> ChardevSpec:
@@ -226,6 +248,7 @@ def _build(fields: dict) -> ChardevSpec:
     # The checks run in this order, so that a SPEC with several mistakes is
     # always told about the same one first.
     _check_keys(fields)
+    _one_spelling(fields)
     label = _label(fields)
     kind = _address_kind(fields)
     spec = dict(id=label, kind=kind, **_flags(fields))
@@ -238,8 +261,15 @@ def _build(fields: dict) -> ChardevSpec:
 
 def _check_keys(fields: dict) -> None:
     for key in fields:
-        if key not in _KEYS:
+        if key not in _KEYS and key not in _LEGACY_KEYS:
             raise _fail(key, _unknown_key(key))
+
+
+def _one_spelling(fields: dict) -> None:
+    """A key and QEMU's older spelling of it (_LEGACY_KEYS) are not both given."""
+    for old, new in _LEGACY_KEYS.items():
+        if old in fields and new in fields:
+            raise _fail(old, f"given with {new}=, which replaced it; accepted: one of them")
 
 
 def _label(fields: dict) -> str:
@@ -264,16 +294,17 @@ def _address_kind(fields: dict) -> str:
 
 def _flags(fields: dict) -> dict:
     """The boolean keys as ChardevSpec arguments."""
-    return dict(server=_flag(fields, "server"), wait=_flag(fields, "wait"),
-                nodelay=_flag(fields, "nodelay"),
+    # QEMU's delay=off is nodelay=on.
+    nodelay = not _flag(fields, "delay", True) if "delay" in fields else _flag(fields, "nodelay")
+    return dict(server=_flag(fields, "server"), wait=_flag(fields, "wait"), nodelay=nodelay,
                 support_local_migration=_flag(fields, "support-local-migration"),
                 local_incoming=_flag(fields, "local-incoming"), logappend=_flag(fields, "logappend"))
 
 
-def _flag(fields: dict, key: str) -> bool:
+def _flag(fields: dict, key: str, default: bool = False) -> bool:
     # A bool from JSON, or a string from a SPEC; anything else is refused in
     # parse_bool's words.
-    value = fields.get(key, False)
+    value = fields.get(key, default)
     if isinstance(value, bool):
         return value
     if not isinstance(value, str):
@@ -324,9 +355,11 @@ def _reconnect_and_wait(fields: dict, server: bool, wait: bool) -> dict:
     """reconnect-ms= and wait=, each of which belongs to one role only."""
     out = {}
     if "reconnect-ms" in fields:
-        out["reconnect_ms"] = _parse_int("reconnect-ms", fields["reconnect-ms"], 0, 86_400_000)
-        if server and out["reconnect_ms"]:
-            raise _fail("reconnect-ms", "only a client reconnects; not accepted with server=on")
+        key, out["reconnect_ms"] = "reconnect-ms", _parse_int("reconnect-ms", fields["reconnect-ms"], 0, 86_400_000)
+    elif "reconnect" in fields:  # QEMU's older key, in seconds
+        key, out["reconnect_ms"] = "reconnect", _parse_int("reconnect", fields["reconnect"], 0, 86_400) * 1000
+    if out.get("reconnect_ms") and server:
+        raise _fail(key, "only a client reconnects; not accepted with server=on")
     if wait and not server:
         raise _fail("wait", "only a server waits for its first peer; accepted with server=on")
     return out

@@ -10,7 +10,7 @@ from hypothesis import example, given, settings, strategies as st
 from fdmig import qmp
 from fdmig.errors import FdmigError, SpecError
 from fdmig.spec import (UNIX_PATH_MAX, ChardevSpec, Held, check_fits, check_set, from_dict, from_qmp, parse_spec)
-from tests.helpers import calls, connect_unix, echoes, free_port, listener, run, run_many
+from tests.helpers import calls, connect_unix, echoes, free_port, listener, run, run_many, status_of
 
 # Also run against the lowest click, rich and psutil pyproject admits (.ci/floor.txt).
 pytestmark = pytest.mark.cli
@@ -150,6 +150,98 @@ def test_a_bare_key_that_is_not_a_flag_needs_a_value():
         parse_spec("id=a,path")
 
 
+@pytest.mark.parametrize("flags, server, wait", [
+    ("server,nowait", True, False),
+    ("server,wait", True, True),
+    ("noserver", False, False),
+    ("noserver,nowait", False, False),
+    ("nowait,server", True, False),
+])
+def test_qemus_flag_forms_a_key_alone_is_on_and_with_no_in_front_off(flags, server, wait):
+    # Issue 21: `server,nowait`, as QEMU's documentation writes it, was refused
+    # with `nowait: unknown key`.
+    spec = parse_spec(f"socket,id=a,path=/x,{flags}")
+    assert (spec.server, spec.wait) == (server, wait)
+
+
+@pytest.mark.parametrize("flag, field, value", [
+    ("support-local-migration", "support_local_migration", True),
+    ("nosupport-local-migration", "support_local_migration", False),
+    ("nodelay", "nodelay", True),  # a key of its own, as QEMU takes it: TCP_NODELAY on
+    ("nonodelay", "nodelay", False),
+    ("delay", "nodelay", False),  # QEMU's older inverse key
+    ("delay=off", "nodelay", True),
+    ("nodelay,delay=off", None, "delay: given with nodelay=, which replaced it"),
+    ("local-incoming", "local_incoming", True),
+    ("logfile=/l,logappend", "logappend", True),
+    ("logfile=/l,nologappend", "logappend", False),
+])
+def test_every_boolean_key_takes_the_flag_forms(flag, field, value):
+    if field is None:
+        with pytest.raises(SpecError, match=value):
+            parse_spec(f"id=a,host=h,port=1,{flag}")
+        return
+    assert getattr(parse_spec(f"id=a,host=h,port=1,{flag}"), field) is value
+
+
+def test_a_flag_given_both_ways_is_given_twice():
+    with pytest.raises(SpecError, match="chardev a: wait: given twice"):
+        parse_spec("id=a,path=/x,server,wait,nowait")
+    with pytest.raises(SpecError, match="chardev a: server: given twice"):
+        parse_spec("id=a,path=/x,server=on,noserver")
+
+
+def test_a_flag_form_with_a_value_is_not_a_key():
+    # QEMU strips `no` only from a key given alone: nowait=on is an unknown key.
+    with pytest.raises(SpecError, match="chardev a: nowait: unknown key; did you mean wait\\?"):
+        parse_spec("id=a,path=/x,server,nowait=on")
+
+
+def test_qemus_older_reconnect_counts_seconds():
+    # QEMU 9.2 renamed reconnect=S to reconnect-ms=MS; command lines written
+    # before mean seconds.
+    spec = parse_spec("socket,id=a,path=/x,reconnect=2")
+    assert spec.reconnect_ms == 2000
+    assert spec.to_spec_string() == "socket,id=a,path=/x,reconnect-ms=2000"
+    assert parse_spec("id=a,path=/x,reconnect=86400").reconnect_ms == 86_400_000
+    qmp_shape = {"id": "a", "backend": {"type": "socket", "data": {
+        "addr": {"type": "unix", "data": {"path": "/x"}}, "reconnect": 3}}}
+    assert from_qmp(qmp_shape).reconnect_ms == 3000
+    for text, problem in (("reconnect=86401", "reconnect: 86401 is out of range; accepted: 0 to 86400"),
+                          ("reconnect=1,reconnect-ms=5", "reconnect: given with reconnect-ms=, which replaced it"),
+                          ("server,reconnect=1", "reconnect: only a client reconnects"),
+                          ("reconnect", "reconnect: needs a value")):
+        with pytest.raises(SpecError, match=f"chardev a: {problem}"):
+            parse_spec(f"id=a,path=/x,{text}")
+
+
+@pytest.mark.parametrize("item, nearest", [
+    ("sever=on", "server"),
+    ("Server=on", "server"),
+    ("reconect=1", "reconnect-ms"),
+    ("reconnectms=1", "reconnect-ms"),
+    ("frontent=echo", "frontend"),
+    ("suport-local-migration=on", "support-local-migration"),
+    ("local_incoming=on", "local-incoming"),
+    ("nowiat", "nowait"),  # alone: a flag's spellings are offered too
+    ("sever", "server"),
+    ("fdnmae=x", "fdname"),
+])
+def test_an_unknown_key_is_told_the_nearest_known_one(item, nearest):
+    with pytest.raises(SpecError) as error:
+        parse_spec(f"id=a,path=/x,{item}")
+    key = item.partition("=")[0]
+    assert str(error.value).startswith(f"chardev a: {key}: unknown key; did you mean {nearest}? accepted: id, path, ")
+
+
+def test_an_unknown_key_like_no_known_one_gets_the_list_alone():
+    with pytest.raises(SpecError) as error:
+        parse_spec("id=a,path=/x,colour=red")
+    assert str(error.value) == ("chardev a: colour: unknown key; accepted: id, path, host, port, fd, fdname, server, "
+                                "wait, reconnect-ms, nodelay, support-local-migration, local-incoming, frontend, "
+                                "bridge, logfile, logappend")
+
+
 def test_leading_socket_is_optional():
     assert parse_spec("socket,id=a,path=/p") == parse_spec("id=a,path=/p")
 
@@ -276,7 +368,7 @@ def test_from_qmp_takes_qemus_shape_as_qemu_sends_it():
     ({"id": "a", "backend": {"type": "socket", "data": {"addr": {"type": "unix", "data": {"path": "/p"}},
                                                          "reconnect-ms": True}}}, "reconnect-ms: 'True' is not a number"),
     ({"id": "a", "backend": {"type": "socket", "data": {"addr": {"type": "unix", "data": {"path": "/p"}},
-                                                         "colour": "red"}}}, "unknown key 'colour'"),
+                                                         "colour": "red"}}}, "colour: unknown key;"),
 ])
 def test_from_qmp_refuses_malformed_arguments_with_specerror(arguments, match):
     with pytest.raises(SpecError, match=match):
@@ -327,6 +419,23 @@ def specs(draw):
 @example(ChardevSpec(id="a", kind="unix", path="/tmp/a,b", logfile="/l,,og"))
 def test_spec_string_round_trip(spec):
     assert parse_spec(spec.to_spec_string()) == spec
+
+
+_FLAGS = ("server", "wait", "nodelay", "support-local-migration", "local-incoming", "logappend")
+
+
+@settings(max_examples=200, deadline=None)
+@given(specs(), st.randoms(use_true_random=False))
+def test_every_boolean_in_qemus_flag_form_parses_to_the_same_spec(spec, random):
+    items = [f"{key}={str(value).replace(',', ',,')}" for key, value in spec.to_dict().items()
+             if key not in _FLAGS]
+    for key in _FLAGS:
+        on = getattr(spec, key.replace("-", "_"))
+        if key == "logappend" and spec.logfile is None or key == "wait" and not spec.server:
+            continue  # refused with their partner key absent, whichever form
+        items.append(key if on else f"no{key}")
+    random.shuffle(items)
+    assert parse_spec(",".join(["socket", *items])) == spec
 
 
 @settings(max_examples=300, deadline=None)
@@ -448,6 +557,17 @@ def test_checking_thousands_of_chardevs_is_linear():
     assert large < small * 8 * 1.2, f"{small} calls for 4,000 chardevs, {large} for 32,000"
 
 
+def test_serve_and_attach_take_qemus_flag_forms(daemons, short_dir, runtime_dir):
+    daemons("serve", "--chardev", f"socket,id=app,path={short_dir}/app.sock,server,nowait,frontend=echo")
+    with connect_unix(f"{short_dir}/app.sock") as peer:
+        assert echoes(peer)
+    result = run("attach", f"id=late,path={short_dir}/late.sock,server,nowait,support-local-migration,reconnect=0")
+    assert result.returncode == 0, result.stderr
+    chardevs = {c["label"]: c for c in status_of(os.path.join(runtime_dir, "default.sock"))["chardevs"]}
+    assert (chardevs["app"]["role"], chardevs["app"]["state"]) == ("server", "listening")
+    assert chardevs["late"]["role"] == "server" and chardevs["late"]["support-local-migration"] is True
+
+
 def test_a_running_instance_refuses_a_second_chardev_on_its_addresses_and_the_first_keeps_them(
         daemons, short_dir, runtime_dir):
     # Issue 9: attach took a second server on a path, the first stayed `listening`
@@ -495,6 +615,8 @@ LONG_PATH = "/tmp/" + "x" * 103  # 108 bytes
 # case: (serve's arguments, how the message names the chardev and the key, what is accepted)
 CLI_MISTAKES = {
     "unknown key": (["--chardev", "socket,id=a,path=/tmp/p,colour=red"], "chardev a: colour:", "accepted: id, path"),
+    "misspelt key": (["--chardev", "socket,id=a,path=/tmp/p,sever=on"], "chardev a: sever:",
+                     "unknown key; did you mean server? accepted: id, path"),
     "missing id": (["--chardev", "socket,path=/tmp/p"], "chardev id:", "id=LABEL"),
     "bad id": (["--chardev", "socket,id=9a,path=/tmp/p"], "chardev id:", "accepted: a letter"),
     "bad number": (["--chardev", "socket,id=a,host=127.0.0.1,port=http"], "chardev a: port:", "accepted: 1 to 65535"),
