@@ -15,6 +15,9 @@ log = logging.getLogger("fdmig")
 MAX_QUEUED_REQUESTS = 32
 MAX_OUTBUF = 16 << 20  # a client that stops reading its events is dropped past this
 MAX_PENDING_FDS = 16
+# Queued after what a client sent before its half-close: the requests ahead of
+# it are answered, then the connection closes.
+_HALF_CLOSED = object()
 
 
 class ControlServer:
@@ -102,6 +105,7 @@ class ControlConnection:
         self._reading = False
         self._writing = False
         self._closing_after_flush = False
+        self._half_closed = False  # the client sent EOF; nothing more is read from it
         self._held: bytearray | None = None  # events held while a reply streams
         self._loop = server._loop
         self._worker: asyncio.Task | None = None
@@ -113,6 +117,8 @@ class ControlConnection:
         self._worker = asyncio.ensure_future(self._work())
 
     def _set_reading(self, on: bool) -> None:
+        if on and self._half_closed:
+            return
         if on != self._reading and not self.closed:
             if on:
                 self._loop.add_reader(self.sock.fileno(), self._on_readable)
@@ -134,7 +140,11 @@ class ControlConnection:
             return
         self._keep_fds(fds)
         if not data:
-            self.close()
+            # A half-close (shutdown(SHUT_WR)), as `printf ... | socat` ends: the
+            # client still reads, and QEMU answers every request it sent before.
+            self._set_reading(False)
+            self._half_closed = True
+            self.queue.put_nowait(_HALF_CLOSED)
             return
         for item in self.codec.receive_data(data):
             if isinstance(item, qmp.Overflow):
@@ -154,6 +164,9 @@ class ControlConnection:
     async def _work(self) -> None:
         while not self.closed:
             item = await self.queue.get()
+            if item is _HALF_CLOSED:
+                self.close_after_flush()
+                return
             if self.queue.qsize() < MAX_QUEUED_REQUESTS // 2:
                 self._set_reading(True)
             if isinstance(item, qmp.BadRequest):
@@ -388,6 +401,22 @@ async def cmd_query_migrate_capabilities(conn, arguments):
     return [{"capability": k, "state": v} for k, v in conn.instance.capabilities.items()]
 
 
+async def cmd_migrate_set_parameters(conn, arguments):
+    """QEMU's newer switch for local migration: `local` is capability
+    local-char-socket, set here as migrate-set-capabilities sets it."""
+    local = _arg(arguments, "local", bool, required=False)
+    _no_extra(arguments, "local")
+    _no_migration(conn.instance)
+    if local is not None:
+        conn.instance.capabilities["local-char-socket"] = local
+    return {}
+
+
+async def cmd_query_migrate_parameters(conn, arguments):
+    _no_extra(arguments)
+    return {"local": conn.instance.capabilities["local-char-socket"]}
+
+
 async def cmd_migrate(conn, arguments):
     uri = _arg(arguments, "uri", str)
     timeout = arguments.get("x-fdmig-timeout")
@@ -498,4 +527,6 @@ COMMANDS = {
     "x-fdmig-restart": cmd_restart,
     "migrate-set-capabilities": cmd_migrate_set_capabilities,
     "query-migrate-capabilities": cmd_query_migrate_capabilities,
+    "migrate-set-parameters": cmd_migrate_set_parameters,
+    "query-migrate-parameters": cmd_query_migrate_parameters,
 }

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import socket
+import subprocess
 import tempfile
 
 import pytest
@@ -415,6 +416,12 @@ def test_before_qmp_capabilities_every_command_is_commandnotfound(instance):
      "does not accept value 'nope'"),
     ("migrate-set-capabilities", {"capabilities": "all"}, "GenericError", "expected: array"),
     ("query-status", {"verbose": True}, "GenericError", "Parameter 'verbose' is unexpected"),
+    ("migrate-set-parameters", {"local": "yes"}, "GenericError", "Invalid parameter type for 'local', expected: "
+                                                                 "boolean"),
+    ("migrate-set-parameters", {"local": 1}, "GenericError", "Invalid parameter type for 'local', expected: boolean"),
+    ("migrate-set-parameters", {"local": None}, "GenericError", "Invalid parameter type for 'local'"),
+    ("migrate-set-parameters", {"downtime-limit": 300}, "GenericError", "Parameter 'downtime-limit' is unexpected"),
+    ("query-migrate-parameters", {"local": True}, "GenericError", "Parameter 'local' is unexpected"),
 ])
 def test_bad_commands_get_qemus_error_classes(instance, command, arguments, error_class, desc):
     async def main():
@@ -438,6 +445,106 @@ def test_capabilities_can_be_set_and_queried(instance):
             await client.execute("migrate-set-capabilities", {"capabilities": caps[:1]})
             assert await client.execute("query-migrate-capabilities") == [caps[0], caps[1]]
     arun(main())
+
+
+def test_migrate_set_parameters_local_is_the_local_char_socket_capability(instance):
+    # QEMU's newer switch for local migration, beside the capability: one switch.
+    def local_char_socket(caps):
+        return next(c["state"] for c in caps if c["capability"] == "local-char-socket")
+
+    async def main():
+        async with qmp_client(instance) as client:
+            try:
+                assert await client.execute("migrate-set-parameters", {"local": True}) == {}
+                assert await client.execute("query-migrate-parameters") == {"local": True}
+                assert local_char_socket(await client.execute("query-migrate-capabilities")) is True
+                assert (await client.execute("x-fdmig-status"))["capabilities"]["local-char-socket"] is True
+                assert await client.execute("migrate-set-parameters", {"local": False}) == {}
+                assert await client.execute("query-migrate-parameters") == {"local": False}
+                assert local_char_socket(await client.execute("query-migrate-capabilities")) is False
+                assert await client.execute("migrate-set-parameters", {}) == {}  # nothing to set: QEMU's no-op
+                assert (await client.execute("query-migrate-parameters"))["local"] is False
+                await client.execute("migrate-set-capabilities", {"capabilities": [
+                    {"capability": "local-char-socket", "state": True}]})
+                assert await client.execute("query-migrate-parameters") == {"local": True}
+            finally:
+                await client.execute("migrate-set-capabilities", {"capabilities": [
+                    {"capability": "local-char-socket", "state": False}]})
+    arun(main())
+
+
+def test_migrate_set_parameters_from_the_cli_client_turns_the_capability_on(instance):
+    with qmp.connect(instance.control) as client:
+        try:
+            client.execute("migrate-set-parameters", {"local": True})
+            assert client.execute("x-fdmig-status")["capabilities"]["local-char-socket"] is True
+        finally:
+            client.execute("migrate-set-parameters", {"local": False})
+        assert client.execute("query-migrate-parameters") == {"local": False}
+
+
+# ----- a client that half-closes --------------------------------------------------------
+
+
+def half_closed_exchange(path, data: bytes) -> list[dict]:
+    """Send `data`, shut down our side, and read every line until the instance
+    closes the connection."""
+    with connect_unix(path, timeout=10) as sock:
+        sock.sendall(data)
+        sock.shutdown(socket.SHUT_WR)
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    return [json.loads(line) for line in received.splitlines()]
+
+
+def test_every_request_sent_before_a_half_close_is_answered_in_order_then_the_connection_closes(instance):
+    # Issue 21: after the client's shutdown(SHUT_WR) the instance closed at once,
+    # and only the first request (if any) was answered.
+    requests = [{"execute": "qmp_capabilities", "id": "caps"},
+                {"execute": "query-status", "id": 1},
+                {"execute": "no-such-command", "id": 2},
+                {"execute": "query-chardev", "id": 3},
+                {"execute": "x-fdmig-status", "id": 4},
+                {"execute": "query-migrate-parameters", "id": 5}]
+    replies = half_closed_exchange(instance.control, b"".join(json.dumps(r).encode() for r in requests))
+    assert "QMP" in replies[0]
+    replies = [r for r in replies[1:] if "event" not in r]
+    assert [r["id"] for r in replies] == ["caps", 1, 2, 3, 4, 5]
+    assert replies[1]["return"]["running"] is True
+    assert replies[2]["error"]["class"] == "CommandNotFound"
+    assert replies[3]["return"][0]["label"] == "app"
+    assert replies[4]["return"]["pid"] == instance.pid
+    assert replies[5]["return"] == {"local": False}
+    assert_echoes(instance)
+
+
+def test_more_requests_than_the_instance_queues_before_a_half_close_are_all_answered(instance):
+    # More than MAX_QUEUED_REQUESTS: the instance stops reading until it has
+    # answered some, and reads the half-close only after them.
+    data = b'{"execute": "qmp_capabilities"}' + b"".join(
+        json.dumps({"execute": "query-status", "id": i}).encode() for i in range(300))
+    replies = [r for r in half_closed_exchange(instance.control, data)[2:] if "event" not in r]
+    assert [r["id"] for r in replies] == list(range(300))
+
+
+def test_a_half_close_right_after_the_greeting_closes_the_connection(instance):
+    assert ["QMP" in r for r in half_closed_exchange(instance.control, b"")] == [True]
+    assert_echoes(instance)
+
+
+@pytest.mark.skipif(shutil.which("socat") is None, reason="needs socat (Debian package socat)")
+def test_printf_into_socat_gets_every_reply(instance):
+    commands = "\n".join(['{"execute":"qmp_capabilities"}', '{"execute":"query-status"}',
+                          '{"execute":"query-migrate-parameters"}']) + "\n"
+    result = subprocess.run(["socat", "-", f"UNIX-CONNECT:{instance.control}"], input=commands,
+                            capture_output=True, text=True, timeout=20)
+    assert result.returncode == 0, result.stderr
+    replies = [json.loads(line) for line in result.stdout.splitlines()]
+    assert "QMP" in replies[0]
+    assert [r for r in replies[1:] if "event" not in r] == [
+        {"return": {}}, {"return": {"status": "running", "running": True, "singlestep": False}},
+        {"return": {"local": False}}]
 
 
 # ----- hostile raw-socket clients ---------------------------------------------------------
