@@ -2,12 +2,15 @@
 table on a terminal, plain text in a pipe, and --json.
 
 Both tables come from one layout, fitted to a width as `ps` and `ss` fit theirs:
-no cell is squeezed into an ellipsis or wrapped inside itself. When the rows are
-wider than the screen the long cells take their short forms (SINCE a time of
-day, PEER `process[pid]`, byte counts `1.5M`); when they still are, the columns
-that do not fit go on a continuation line, indented, as `ss` does; a single cell
-wider than the screen is cut at its edge, as `ps` cuts its last column. Without
-a width (a pipe, for grep and awk) every row is one line.
+no cell is squeezed into an ellipsis or wrapped inside itself, and each chardev
+stays one line. When the rows are wider than the screen the long cells take
+their short forms (SINCE a time of day, PEER `process[pid]`, byte counts
+`1.5M`); when they still are, the columns least wanted on a narrow screen are
+left out (COLUMN_PRIORITY), and a line under the table names them. Only where
+not even LABEL and STATE fit do the columns go on continuation lines, indented,
+as `ss` does; a single cell wider than the screen is cut at its edge, as `ps`
+cuts its last column. Without a width (a pipe, for grep and awk) every column
+is shown and every row is one line.
 """
 
 import calendar
@@ -19,7 +22,12 @@ from fdmig.lifecycle import MigrationStatus, RunState
 
 COLUMNS = ("label", "address", "role", "state", "marks", "frontend", "fd", "peer",
            "rx", "tx", "since")
-STATE_COLUMN = COLUMNS.index("state")
+# Which columns a narrow screen keeps, most wanted first: a chardev is told by
+# its label and state, then where it is and who is on it, then its traffic; its
+# settings (frontend, role, marks) and the fd number are in `--json` and a wide
+# screen. RX and TX go together.
+COLUMN_PRIORITY = (("label",), ("state",), ("address",), ("peer",), ("rx", "tx"), ("frontend",), ("role",),
+                   ("marks",), ("since",), ("fd",))
 STORED_COLUMNS = ("stored", "kind", "fd", "address", "peer", "since")
 GAP = "  "
 INDENT = "  "  # of a continuation line
@@ -37,14 +45,16 @@ def _marks(chardev: dict) -> str:
 
 
 def _peer(chardev: dict) -> str:
+    """`pid 977 (socat)` for a unix peer: an unnamed client socket's address is
+    only `unix:`, which says nothing; a named or TCP peer's address first."""
     peer = chardev.get("peer")
     if not peer:
         return "-"
-    if chardev.get("peer-pid"):
-        peer += f" pid {chardev['peer-pid']}"
-        if chardev.get("peer-process"):
-            peer += f" ({chardev['peer-process']})"
-    return peer
+    pid = chardev.get("peer-pid")
+    if not pid:
+        return peer
+    who = f"pid {pid}" + (f" ({chardev['peer-process']})" if chardev.get("peer-process") else "")
+    return who if peer == "unix:" else f"{peer} {who}"
 
 
 def _short_peer(chardev: dict) -> str:
@@ -100,22 +110,36 @@ def rows(status: dict, compact: bool = False) -> list[tuple[str, ...]]:
     return out
 
 
+def _count(n: int) -> str:
+    return "no chardev" if not n else "1 chardev" if n == 1 else f"{n} chardevs"
+
+
+def _last_migration(mig: dict) -> str:
+    """The last migration in a few words, each thing said once: `completed, 3
+    chardevs moved, downtime 1.1 ms`, `cancelled (no chardev moved)`, `failed (no
+    chardev moved): REASON`."""
+    status = mig["status"]
+    if status == MigrationStatus.NONE.value:
+        return "none"
+    if status in (MigrationStatus.SETUP.value, MigrationStatus.ACTIVE.value):
+        return f"{status} (in progress)"
+    if status != MigrationStatus.COMPLETED.value:
+        text = f"{status} ({_count(mig['chardevs'])} moved)"
+        error = mig.get("error")
+        return f"{text}: {error}" if error and error != status else text
+    text = f"{status}, {_count(mig['chardevs'])} moved"
+    tcp = mig.get("tcp-state")
+    if tcp is not None:  # over a TCP channel: live with their TCP state, or reconnecting
+        text += (f" live with their TCP state ({_bytes(tcp['send-queue-bytes'])} queued to send, "
+                 f"{_bytes(tcp['recv-queue-bytes'])} to read), {len(mig.get('reconnected') or [])} reconnected")
+    if mig.get("downtime-ms") is not None:
+        text += f", downtime {mig['downtime-ms']:.1f} ms"
+    return text
+
+
 def _header_fields(status: dict) -> list[tuple[list[str], str]]:
     """The header's two lines, as (fields, separator)."""
     caps = ", ".join(k for k, v in status["capabilities"].items() if v) or "none"
-    mig = status["migration"]
-    if mig["status"] == MigrationStatus.NONE.value:
-        last = "none"
-    else:
-        last = f"{mig['status']}, {mig['chardevs']} chardev(s) moved"
-        tcp = mig.get("tcp-state")
-        if tcp is not None:  # over a TCP channel: live with their TCP state, or reconnecting
-            last += (f" live with their TCP state ({_bytes(tcp['send-queue-bytes'])} queued to send, "
-                     f"{_bytes(tcp['recv-queue-bytes'])} to read), {len(mig.get('reconnected') or [])} reconnect")
-        if mig.get("downtime-ms") is not None:
-            last += f", downtime {mig['downtime-ms']:.1f} ms"
-        if mig.get("error"):
-            last += f": {mig['error']}"
     state = status["state"]
     if state == RunState.INMIGRATE.value:
         state += " (a migration target, waiting)"
@@ -123,7 +147,7 @@ def _header_fields(status: dict) -> list[tuple[list[str], str]]:
         ([f"instance {status['name']}", f"pid {status['pid']}", f"state {state}",
           f"uptime {status['uptime-s']:.1f} s", f"rss {_bytes(status['rss-bytes'])}",
           f"open fds {status['open-fds']}"], "  "),
-        ([f"capabilities: {caps}", f"last migration: {last}"], "   "),
+        ([f"capabilities: {caps}", f"last migration: {_last_migration(status['migration'])}"], "   "),
     ] + _service_fields(status)
 
 
@@ -158,8 +182,9 @@ def _fill(fields: list[str], sep: str, width: int | None) -> list[str]:
         elif len(field) <= room:
             lines.append((INDENT if lines else "") + field)
         else:
-            for part in textwrap.wrap(field, max(room, 10), break_on_hyphens=False) or [field]:
-                lines.append((INDENT if lines else "") + part)
+            # The indent counts: a wrapped line is no wider than the others.
+            lines += textwrap.wrap(field, max(width, 10 + len(INDENT)), initial_indent=INDENT if lines else "",
+                                   subsequent_indent=INDENT, break_on_hyphens=False) or [field]
     return lines
 
 
@@ -205,13 +230,56 @@ def layout(status: dict, width: int | None = None) -> list[Line]:
     for n, (fields, sep) in enumerate(_header_fields(status)):
         for text in _fill(fields, sep, width):
             lines.append(_cut([(text, "bold" if n == 0 else "")], width))
-    table = rows(status)
-    if width is not None and _table_width(COLUMNS, table) > width:
-        table = rows(status, compact=True)
-    lines += _table_lines(COLUMNS, table, width, STATE_COLUMN)
+    if status["chardevs"]:
+        lines += _chardev_lines(status, width)
+    else:
+        for text in _fill([_no_chardevs(status)], "", width):
+            lines.append(_cut([(text, "")], width))
     if status.get("stored"):
         lines += _table_lines(STORED_COLUMNS, stored_rows(status), width)
     return lines
+
+
+def _no_chardevs(status: dict) -> str:
+    if status["state"] != RunState.RUNNING.value:
+        return "no chardevs"
+    name = "" if status["name"] == "default" else f" --name {status['name']}"
+    return f"no chardevs; add one with: fdmig attach{name} SPEC"
+
+
+def _chardev_lines(status: dict, width: int | None) -> list[Line]:
+    """The chardevs' table: every column where there is room, else the short
+    forms, and the columns that fit in COLUMN_PRIORITY's order."""
+    table = rows(status)
+    if width is None or _table_width(COLUMNS, table) <= width:
+        return _table_lines(COLUMNS, table, width, COLUMNS.index("state"))
+    table = rows(status, compact=True)
+    shown = _columns_that_fit(table, width)
+    columns = [COLUMNS[i] for i in shown]
+    lines = _table_lines(columns, [tuple(row[i] for i in shown) for row in table], width, columns.index("state"))
+    hidden = [column.upper() for i, column in enumerate(COLUMNS) if i not in shown]
+    if hidden:
+        note = f"not shown: {', '.join(hidden)} (see --json)"
+        lines += [_cut([(text, "dim")], width) for text in _fill([note], "", width)]
+    return lines
+
+
+def _columns_that_fit(table, width: int) -> list[int]:
+    """The indexes of the columns that fit `width` together, taken in
+    COLUMN_PRIORITY's order (a group too wide is passed over for the next), in
+    table order. All of them where not even the first two groups fit: those
+    rows are split onto continuation lines anyway."""
+    widths = {column: max([len(column)] + [len(row[i]) for row in table]) for i, column in enumerate(COLUMNS)}
+    chosen: list[str] = []
+    used = -len(GAP)
+    for n, group in enumerate(COLUMN_PRIORITY):
+        need = sum(widths[column] + len(GAP) for column in group)
+        if used + need <= width:
+            chosen += group
+            used += need
+        elif n < 2:
+            return list(range(len(COLUMNS)))
+    return [i for i, column in enumerate(COLUMNS) if column in chosen]
 
 
 def _table_width(columns, table) -> int:
