@@ -526,13 +526,12 @@ async def run_target(instance: Instance, address, own_specs, timeout, exec_argv)
     """migrate-in: wait for one migration, then serve as `serve` would (or exec).
     `address` (a paths.ChannelAddress) None is QEMU's `-incoming defer`: QMP migrate-incoming names it."""
     from fdmig.migration import target
-    stderr_after_commit = _spawn_stderr()
-    received = await _await_migration(instance, address, own_specs, timeout, exec_argv)
+    spawned = os.environ.pop(paths.SPAWNED_ENV, None) == "1"
+    received = await _await_migration(instance, address, own_specs, timeout, exec_argv, spawned)
     if received is None:
         return 0  # stopped while waiting
-    if stderr_after_commit is not None:
-        os.dup2(stderr_after_commit, 2)  # the migrate-out that spawned us may go now
-        os.close(stderr_after_commit)
+    if spawned:
+        _take_up_stdio(received.stdio)  # the migrate-out that spawned us may go now
     if exec_argv:
         target.exec_handover(received, exec_argv)  # does not return
     try:
@@ -545,7 +544,7 @@ async def run_target(instance: Instance, address, own_specs, timeout, exec_argv)
         instance.shutdown()
 
 
-async def _await_migration(instance: Instance, address, own_specs, timeout, exec_argv):
+async def _await_migration(instance: Instance, address, own_specs, timeout, exec_argv, spawned: bool = False):
     """Answer QMP on <name>.incoming.sock and wait for one migration to commit:
     what it brought, or None if the instance is stopped first."""
     from fdmig.control import ControlServer
@@ -559,7 +558,7 @@ async def _await_migration(instance: Instance, address, own_specs, timeout, exec
     instance.control = ControlServer(instance)
     instance.control.bind(paths.incoming_beside(instance.control_path))
     instance.control.start()
-    info = {"pid": os.getpid(), "exec": bool(exec_argv), "control": not exec_argv}
+    info = {"pid": os.getpid(), "exec": bool(exec_argv), "control": not exec_argv, "stdio": spawned}
     if address is not None:
         instance.incoming_channel.set_result(address)
 
@@ -583,18 +582,24 @@ async def _await_migration(instance: Instance, address, own_specs, timeout, exec
         instance.control = None
 
 
-def _spawn_stderr() -> int | None:
-    """The stderr to write to from the commit on, if `migrate-out --spawn` started us
-    (paths.SPAWN_STDERR_ENV); taken out of the environment a service or --exec gets."""
-    value = os.environ.pop(paths.SPAWN_STDERR_ENV, None)
-    try:
-        fd = int(value) if value is not None else -1
-        if fd <= 2:
-            return None
-        os.set_inheritable(fd, False)
-    except (ValueError, OSError):
-        return None
-    return fd
+def _take_up_stdio(stdio: dict[str, int]) -> None:
+    """A target `migrate-out --spawn` started, at the commit: the source's stdout
+    and stderr become ours, so the instance's log goes on where it went, and the
+    pipe to migrate-out closes. What the channel could not carry (a TCP channel
+    carries no fd) goes nowhere rather than to a migrate-out about to exit."""
+    import sys
+    sys.stdout.flush()
+    sys.stderr.flush()
+    for name, number in (("stdout", 1), ("stderr", 2)):
+        fd = stdio.pop(name, None)
+        if fd is None:
+            if number == 2:
+                log.info("the channel carried no log for this instance: from now on it logs nowhere")
+            fd = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(fd, number)
+        os.close(fd)
+    for fd in stdio.values():
+        os.close(fd)
 
 
 async def run_service(instance: Instance, chardev_specs, argv: list[str], options) -> int:

@@ -5,6 +5,7 @@ source serves on; a spawned target that exits first fails it at once."""
 
 import contextlib
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -29,31 +30,34 @@ class Interrupted(Exception):
     """SIGINT or SIGTERM arrived while migrate-out waited."""
 
 
+# Run as `python -P -c LAUNCH ROOT fdmig ARGS...` (ROOT: the package's), so that
+# its command line reads `... fdmig migrate-in --name web` for ps and pgrep -f,
+# and its name (comm) is fdmig, as a console script's is.
+LAUNCH = ("import sys; sys.path.insert(0, sys.argv[1]); del sys.argv[1:3]; "
+          "from fdmig import process; process.set_name('fdmig'); "
+          "from fdmig.cli import main; main(prog_name='fdmig')")
+
+
 def fdmig_command() -> list[str]:
     """This very fdmig: our interpreter, and the package this code was imported
     from (not whichever `fdmig` is first on PATH, nor one in the working directory)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(fdmig.__file__)))
-    return [sys.executable, "-P", "-c",
-            "import sys; sys.path.insert(0, sys.argv.pop(1)); from fdmig.cli import main; main(prog_name='fdmig')",
-            root]
+    return [sys.executable, "-P", "-c", LAUNCH, root, "fdmig"]
 
 
 class Spawned:
-    """A target started by `--spawn`: its own session, its stderr copied to ours
-    (and its last line kept) until it commits, its exit seen through a pidfd."""
+    """A target started by `--spawn`: its own session, its stdout and stderr a pipe
+    copied to our stderr (its last line kept) until it commits and takes up the
+    source's own, its exit seen through a pidfd. No fd of ours goes to it: a
+    script's $(fdmig migrate-out --spawn 2>&1) returns when we do."""
 
     def __init__(self, argv: list[str]):
-        stderr_copy = os.dup(2)
         reader, writer = os.pipe()
         try:
-            # Its stdout is our stderr (it prints nothing there), so that a script's
-            # $(fdmig migrate-out --spawn --json) returns when we do, not when it exits.
-            self.proc = subprocess.Popen(argv, start_new_session=True, stdin=subprocess.DEVNULL, stdout=2,
-                                         stderr=writer, pass_fds=(stderr_copy,),
-                                         env=dict(os.environ, **{paths.SPAWN_STDERR_ENV: str(stderr_copy)}))
+            self.proc = subprocess.Popen(argv, start_new_session=True, stdin=subprocess.DEVNULL, stdout=writer,
+                                         stderr=writer, env=dict(os.environ, **{paths.SPAWNED_ENV: "1"}))
         finally:
             os.close(writer)
-            os.close(stderr_copy)
         self.pidfd = os.pidfd_open(self.proc.pid)
         self.last_line = ""
         self._reader = reader
@@ -84,6 +88,10 @@ class Spawned:
 
     def fileno(self) -> int:
         return self.pidfd
+
+    def flush(self, timeout: float = 2.0) -> None:
+        """Until what the target wrote before it took up the source's log is ours."""
+        self._copier.join(timeout)
 
     def exit_reason(self) -> str:
         code = self.proc.wait()
@@ -185,13 +193,18 @@ def migrate_out(control_path, address, capabilities, timeout, spawn, instance_ar
                 arguments[f"x-fdmig-{role}-cmd"] = command
             if reconnect:
                 arguments["x-fdmig-reconnect"] = True
+            default = not address.tcp and address.path == paths.channel_beside(control_path)
+            hint = "".join(f" {shlex.quote(arg)}" for arg in instance_args +
+                           ([] if default else ["--channel", address.uri]) +
+                           (["--tls-creds", "DIR"] if address.tcp else []))
             data = _migrate(client, arguments, control_path,
-                            source_pid, time.monotonic() + timeout + HANDOVER_GRACE, target, announce, notes)
+                            source_pid, time.monotonic() + timeout + HANDOVER_GRACE, target, announce, notes, hint)
         except BaseException:
             if target is not None:
                 target.stop()
             raise
     if target is not None:
+        target.flush()
         target.close()
     target_info = data.get("x-fdmig-target") or {}
     deadline = time.monotonic() + HANDOVER_GRACE
@@ -226,7 +239,8 @@ def _some(labels: list) -> str:
     return f"{len(labels)} marked chardev(s) ({', '.join(labels[:5])}{', ...' if len(labels) > 5 else ''})"
 
 
-def _migrate(client, arguments, control_path, source_pid, deadline, target, announce, notes) -> dict:
+def _migrate(client, arguments, control_path, source_pid, deadline, target, announce, notes,
+             instance_hint: str = "") -> dict:
     """Start the migration; the MIGRATION event's data once it completed. FdmigError
     (the source serving on) if it failed, was cancelled, or the spawned target
     exited first."""
@@ -254,7 +268,7 @@ def _migrate(client, arguments, control_path, source_pid, deadline, target, anno
             if event["event"] == "X_FDMIG_MIGRATION_WAITING":
                 if announce is not None:
                     who = f"the target (pid {target.proc.pid})" if target is not None else "a target"
-                    how = "" if target is not None else " (start one with: fdmig migrate-in)"
+                    how = "" if target is not None else f" (start one with: fdmig migrate-in{instance_hint})"
                     announce(f"waiting for {who} to listen on {data.get('channel')}{how}")
                 continue
             if data.get("status") in TERMINAL:

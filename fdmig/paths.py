@@ -87,10 +87,11 @@ def parse_channel_uri(uri: str) -> ChannelAddress:
     raise ValueError(f"channel '{uri}' is not understood; accepted: unix:PATH or tcp:HOST:PORT")
 
 
-# A target that `migrate-out --spawn` starts writes its stderr to migrate-out (which
-# keeps its last line, should it fail) until the commit, then to this inherited fd:
-# migrate-out's own stderr, so its log goes on where migrate-out's went.
-SPAWN_STDERR_ENV = "FDMIG_SPAWN_STDERR_FD"
+# Set for a target that `migrate-out --spawn` starts: its stdout and stderr are a
+# pipe to migrate-out (which keeps the last line, should it fail) until the
+# commit; then the source's own, sent over the channel, so the instance's log
+# goes on where it went, and migrate-out's pipe closes when migrate-out is done.
+SPAWNED_ENV = "FDMIG_SPAWNED"
 
 
 def ensure_private_dir(path: str) -> str:

@@ -1,8 +1,21 @@
 """Whether another process lives, and waiting for it to exit, through a pidfd:
-no polling, and no mistaking a recycled pid for the process we meant."""
+no polling, and no mistaking a recycled pid for the process we meant. And our
+own name, as ps shows it."""
 
+import ctypes
 import os
 import select
+
+PR_SET_NAME = 15
+
+
+def set_name(name: str) -> None:
+    """Our name (comm) for ps and pgrep: a process started as `python -c` is
+    named python otherwise. Best effort: nothing depends on it."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_NAME, name.encode()[:15], 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
 
 
 def alive(pid: int) -> bool:

@@ -119,6 +119,8 @@ def test_on_a_terminal_migrate_out_says_it_waits_for_a_target_and_on_which_chann
     proc.communicate(timeout=20)
     os.close(main)
     assert seen.decode().startswith(f"fdmig: waiting for a target to listen on unix:{runtime_dir}/web.migrate.sock")
+    # Regression: the hint left out --name web, and the command it gave, run as is, waited for another.
+    assert "(start one with: fdmig migrate-in --name web)" in seen.decode()
 
 
 def test_a_spawned_target_that_exits_before_the_commit_fails_the_migration_with_its_last_words(web, runtime_dir):
@@ -174,3 +176,38 @@ def test_a_source_whose_target_stops_after_the_commit_still_exits_on_sigterm(dae
     target.wait_ready()
     out, err = migrating.communicate(timeout=20)
     assert echoes(peer), "a connection was lost or read twice"
+
+
+def _spawn_captured(*args) -> subprocess.CompletedProcess:
+    """migrate-out --spawn as a CI script runs it: both streams captured in pipes."""
+    return subprocess.run(FDMIG + ["migrate-out", "--name", "web", "--spawn", *args], capture_output=True,
+                          text=True, stdin=subprocess.DEVNULL, timeout=30)
+
+
+def test_a_captured_migrate_out_returns_and_the_log_follows_the_instance(web, runtime_dir):
+    # Regression: $(fdmig migrate-out --spawn 2>&1) hung until the new holder exited,
+    # which kept migrate-out's stderr as its own.
+    source, path = web
+    peer = connect_unix(path)
+    holders = [source.pid]
+    for _ in range(2):
+        result = _spawn_captured()  # would raise TimeoutExpired while a target held the pipes
+        assert result.returncode == 0, result.stderr
+        with qmp.connect(f"{runtime_dir}/web.sock") as client:
+            holders.append(client.execute("x-fdmig-status")["pid"])
+        # Until its commit, the target's log came through migrate-out...
+        assert "waiting for a source on" in result.stderr
+        assert echoes(peer)
+    # ...and from it on, it goes where the instance's log went: the first holder's stderr.
+    log = source.stderr()
+    for before, after in zip(holders, holders[1:]):
+        assert f"moved live from pid {before}" in log, log[-2000:]
+
+
+def test_a_spawned_target_shows_as_fdmig_migrate_in(web, runtime_dir):
+    result = _spawn_captured()
+    assert result.returncode == 0, result.stderr
+    with qmp.connect(f"{runtime_dir}/web.sock") as client:
+        target = psutil.Process(client.execute("x-fdmig-status")["pid"])
+    assert target.name() == "fdmig"
+    assert "fdmig migrate-in --name web" in " ".join(target.cmdline())

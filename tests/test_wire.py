@@ -788,10 +788,11 @@ def test_every_transition_names_a_sender_that_sends_that_frame_type():
 
 
 def test_target_info_decodes_with_defaults_and_round_trips_through_its_dict():
-    assert TargetInfo.decode({}) == TargetInfo(pid=None, exec=False, control=True)
+    assert TargetInfo.decode({}) == TargetInfo(pid=None, exec=False, control=True, stdio=False)
     info = TargetInfo.decode({"pid": 77, "exec": True, "control": False, "version": "9.9", "later": [1]})
     assert info == TargetInfo(pid=77, exec=True, control=False)  # unknown keys ignored
-    assert list(info.to_dict()) == ["pid", "exec", "control"]
+    assert list(info.to_dict()) == ["pid", "exec", "control", "stdio"]
+    assert TargetInfo.decode({"stdio": True}).stdio
     assert TargetInfo.decode(info.to_dict()) == info
     assert TargetInfo.decode(TargetInfo().to_dict()) == TargetInfo()
     assert TargetInfo.decode({"pid": None}).pid is None

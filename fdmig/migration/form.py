@@ -3,6 +3,7 @@ says whether it changed since the precopy, and how a target takes a section in.
 The chardev itself only quiesces, resumes and holds sockets that moved."""
 
 import operator
+import os
 
 from fdmig.migration import wire
 
@@ -80,6 +81,19 @@ def moves_live(chardev, live: bool) -> bool:
     """Whether a migration moves the chardev's sockets live: marked, or a `run`
     instance's service chardev, whose service holds them and goes on using them."""
     return live and (chardev.spec.support_local_migration or chardev.spec.frontend == "service")
+
+
+def stdio_section() -> list[wire.Section]:
+    """Our stdout and stderr (those open), for a target that takes them up at
+    the commit, so that the instance's log goes on where it went."""
+    fds = {}
+    for name, fd in wire.STDIO.items():
+        try:
+            os.fstat(fd)
+        except OSError:
+            continue
+        fds[name] = fd
+    return [wire.Section(wire.STDIO_SECTION, {}, b"", fds)] if fds else []
 
 
 def service_sections(service, store) -> list[wire.Section]:

@@ -325,6 +325,8 @@ class SourceSession(Session):
                 sections.append(section)
         if self.instance.service is not None:
             sections += form.service_sections(self.instance.service, self.instance.store)
+        if self.target.stdio and not self.address.tcp:
+            sections += form.stdio_section()
         return sections
 
     def _release_info(self) -> dict:

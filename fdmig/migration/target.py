@@ -163,6 +163,7 @@ class Received:
         self.resumed_at: float | None = None  # when the moved chardevs resumed (resume())
         self.first_turn: asyncio.Future | None = None  # done once they have been served a turn
         self.counts_at_resume: dict = {}  # label -> (rx, tx) as staged, at the resume
+        self.stdio: dict[str, int] = {}  # the source's stdout and stderr, by name, if asked for
 
 
 class TargetSession(Session):
@@ -194,6 +195,7 @@ class TargetSession(Session):
         self.seen: set = set()  # labels with a section in the current PRECOPY or TRANSFER
         self.service = None  # a `run` instance's (wire.ServiceState, notify socket)
         self.stored: dict[int, tuple] = {}  # its store by index: (wire.StoredState, fd)
+        self.stdio: dict[str, int] = {}  # the source's stdout and stderr, if we asked for them
         self.taking = False  # sections are arriving: take them as they come
         self.restorer = repair.Restorer()
         # The streaming chardevs' fds by TABLE index, which get their events in our
@@ -296,6 +298,7 @@ class TargetSession(Session):
         self.service, self.stored = None, {}  # the takeover's now, not abort()'s to close
         received = Received(self.hello, self.plan, self.sections, self.sockets, info, self.chan, service,
                             stored, self.restorer, self.deferred)
+        received.stdio, self.stdio = self.stdio, {}
         if not self.info.get("exec"):
             resume(self.instance, received)  # at once: this ends the downtime
         return received
@@ -400,7 +403,10 @@ class TargetSession(Session):
         if label in self.seen:
             raise Refused(f"{label}: a section twice")
         self.seen.add(label)
-        if label == wire.SERVICE_SECTION and set(section.fds) == {"notify"}:
+        if label == wire.STDIO_SECTION and self.info.get("stdio") and section.fds \
+                and set(section.fds) <= set(wire.STDIO):
+            self.stdio = {name: self.chan.take(fd) for name, fd in section.fds.items()}
+        elif label == wire.SERVICE_SECTION and set(section.fds) == {"notify"}:
             state = wire.ServiceState.decode(section.meta)
             sock = check_notify_socket(self.chan.take(section.fds["notify"]),
                                        paths.notify_beside(self.instance.control_path))
@@ -457,6 +463,9 @@ class TargetSession(Session):
             self.service[1].close()
         for _, fd in self.stored.values():
             os.close(fd)
+        for fd in self.stdio.values():
+            os.close(fd)
+        self.stdio = {}
         self.instance.chardevs.clear()
         self.restorer.discard()
         if self.claimed:

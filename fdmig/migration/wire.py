@@ -407,11 +407,14 @@ def _show_number(value: Any) -> str:
 class TargetInfo:
     """Accept.info: who the target is. `pid` is None if it did not say (the source
     then tells systemd nothing); `exec`, it hands the fds on to a program instead
-    of serving them; `control`, it serves a control socket afterwards."""
+    of serving them; `control`, it serves a control socket afterwards; `stdio`,
+    it takes up the source's stdout and stderr at the commit (a target that
+    `migrate-out --spawn` started: the instance's log goes where it went)."""
 
     pid: int | None = None
     exec: bool = False
     control: bool = True
+    stdio: bool = False
 
     @classmethod
     def decode(cls, info: Mapping, error: type[ProtocolError] = RemoteProtocolError) -> "TargetInfo":
@@ -424,7 +427,7 @@ class TargetInfo:
             # The source hands this pid to systemd as MAINPID: never 0, -1 or junk.
             raise error(f"ACCEPT info: pid {_show_number(pid)} is not a process id")
         flags = []
-        for key, default in (("exec", False), ("control", True)):
+        for key, default in (("exec", False), ("control", True), ("stdio", False)):
             value = info.get(key, default)
             if not isinstance(value, bool):
                 raise error(f"ACCEPT info: {key!r} must be a bool, not {type(value).__name__}")
@@ -432,7 +435,7 @@ class TargetInfo:
         return cls(pid, *flags)
 
     def to_dict(self) -> dict:
-        return {"pid": self.pid, "exec": self.exec, "control": self.control}
+        return {"pid": self.pid, "exec": self.exec, "control": self.control, "stdio": self.stdio}
 
 
 @dataclass(frozen=True)
@@ -612,6 +615,8 @@ class SectionState:
 # in a TRANSFER: labels that cannot be chardev ids (those begin with a letter).
 SERVICE_SECTION = "#service"  # its state, and its notify socket as fd "notify"
 STORED_SECTION = "#stored-"  # + an index: one stored fd each, as fd "fd", in the order stored
+STDIO_SECTION = "#stdio"  # the source's stdout and stderr, as fds "stdout" and "stderr"
+STDIO = {"stdout": 1, "stderr": 2}
 RESTART_POLICIES = ("no", "on-failure", "always")
 
 
