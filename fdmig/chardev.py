@@ -19,7 +19,7 @@ import time
 import typing
 
 from fdmig import fdcheck, frontends, nbio, paths
-from fdmig.errors import FdmigError
+from fdmig.errors import FdmigError, SpecError
 from fdmig.spec import STATES
 
 log = logging.getLogger("fdmig")
@@ -282,7 +282,9 @@ class Chardev:
                 sock.setblocking(True)
         except OSError as exc:
             sock.close()
-            error = FdmigError(f"chardev {self.label}: cannot listen on {spec.address}: {exc.strerror}")
+            # An address in use is a SPEC that does not fit (exit 2), as one of our own would be.
+            kind = SpecError if exc.errno == errno.EADDRINUSE else FdmigError
+            error = kind(f"chardev {self.label}: cannot listen on {spec.address}: {exc.strerror}")
             error.errno = exc.errno
             raise error from None
         self.listener = sock

@@ -11,7 +11,7 @@ import time
 
 import click
 
-from fdmig import __version__, paths, qmp
+from fdmig import __version__, instances, paths, qmp
 from fdmig.errors import FdmigError, NoInstanceError, SpecError, TimeoutExpired
 from fdmig.lifecycle import RunState
 from fdmig.spec import STATES, ChardevSpec, FieldError, check_incoming, check_label, check_set, parse_spec
@@ -215,6 +215,7 @@ def serve(name, control, chardev_specs, capabilities, fdstore):
     instance_name = _instance_name(name, control)
     _setup_logging(instance_name)
     from fdmig.daemon import Instance, run
+    instances.check_free(chardevs)
     instance = Instance(instance_name, control_path, capabilities, fdstore=fdstore)
     sys.exit(run(instance, chardevs))
 
@@ -240,7 +241,6 @@ def run(name, control, chardev_specs, capabilities, notify_ready, fdstore_max, r
         stop_timeout, fdstore, command):
     """Run CMD as a service holding its sockets and its fd store (systemd's protocols):
     it keeps its connections across its own restarts (fdmig restart)."""
-    import shutil
     from fdmig.service import Options, parse_signal
     control_path = _control_path(name, control)
     parsed = _parse_specs(chardev_specs)
@@ -253,12 +253,12 @@ def run(name, control, chardev_specs, capabilities, notify_ready, fdstore_max, r
         signum = parse_signal(stop_signal)
     except ValueError as exc:
         raise SpecError(f"--stop-signal: {exc}") from None
-    if shutil.which(command[0]) is None:
-        raise SpecError(f"command '{command[0]}' not found; accepted: a program on PATH, or a path to one")
+    _check_command(command[0], "command")
     _prepare_control(control_path)
     instance_name = _instance_name(name, control)
     _setup_logging(instance_name)
     from fdmig.daemon import Instance, run_with_service
+    instances.check_free(chardevs)
     instance = Instance(instance_name, control_path, capabilities, fdstore=fdstore)
     options = Options(notify_ready, restart_policy, signum, stop_timeout, fdstore_max)
     sys.exit(run_with_service(instance, chardevs, list(command), options))
@@ -267,6 +267,21 @@ def run(name, control, chardev_specs, capabilities, notify_ready, fdstore_max, r
 def _service_by_default(spec: ChardevSpec, text: str) -> ChardevSpec:
     """In `run`, a chardev's frontend is `service` unless its SPEC says otherwise
     (or a bridge relays to it: then it is the bridge's)."""
+def _check_command(program: str, what: str) -> None:
+    """SpecError unless `program` is one that can be run: why not, and what would."""
+    import shutil
+    if shutil.which(program) is not None:
+        return
+    if "/" not in program:
+        raise SpecError(f"{what} '{program}' not found on PATH; accepted: a program on PATH, or a path to one")
+    if os.path.isdir(program):
+        raise SpecError(f"{what} '{program}' is a directory; accepted: a program")
+    if os.path.exists(program):
+        raise SpecError(f"{what} '{program}' is not executable: chmod +x {program}, or name its "
+                        f"interpreter first (-- python3 {program})")
+    raise SpecError(f"{what} '{program}' not found; accepted: a program on PATH, or a path to one")
+
+
     if spec.frontend != "hold" or re.search(r"(^|,)frontend=", text):
         return spec
     return ChardevSpec(**{**spec.__dict__, "frontend": "service"})
@@ -299,7 +314,9 @@ def attach(name, control, spec):
     chardev = parse_spec(spec)
     _no_service([chardev], "fdmig attach")
     with qmp.connect(_control_path(name, control)) as client:
-        _check_against(chardev, client.execute("x-fdmig-status"))
+        status = client.execute("x-fdmig-status")
+        _check_against(chardev, status)
+        instances.check_free([chardev], own_name=status["name"])
         if chardev.fd_is_number:
             fd = int(chardev.fd)
             _check_own_fd(fd, chardev)
@@ -548,11 +565,9 @@ def migrate_in(name, control, channel, tls_creds, chardev_specs, timeout, exec_,
     if command and not exec_:
         raise SpecError(f"unexpected argument '{command[0]}'; a command goes after --exec --")
     if exec_:
-        import shutil
         if not command:
             raise SpecError("--exec needs a command: --exec -- CMD [ARGS]...")
-        if shutil.which(command[0]) is None:
-            raise SpecError(f"--exec: command '{command[0]}' not found")
+        _check_command(command[0], "--exec: command")
     _prepare_control(control_path)
     if address and not address.tcp and \
             os.path.dirname(os.path.abspath(address.path)) == os.path.abspath(paths.runtime_dir()):
@@ -648,6 +663,7 @@ def _mend_fish_completion() -> None:
     substitution cannot tell apart (pallets/click#3502). With those, fdmig speaks
     what click 8.4.2 went back to: its script, and `TYPE,VALUE<TAB>HELP` per item."""
     from click.shell_completion import FishComplete, add_completion_class
+    instances.check_free(chardevs, own_name=_instance_name(name, control))
 
     if "string split \n" not in FishComplete.source_template:
         return

@@ -306,3 +306,15 @@ def test_wait_accepts_every_chardev_state_and_names_them_when_wrong(daemons, sho
     assert result.returncode == 2
     assert result.stderr == ("fdmig: --wait: state 'listen' is not known; accepted: listening, connecting, "
                              "connected, disconnected, awaiting-incoming, migrating, migrated, closed\n")
+
+
+def test_a_command_that_is_not_executable_is_called_so_not_missing(short_dir, runtime_dir):
+    # Regression: `fdmig run -- ./app.py` of a file without +x said "not found".
+    script = os.path.join(short_dir, "app.py")
+    with open(script, "w") as f:
+        f.write("print('hi')\n")
+    result = run("run", "--", script)
+    assert result.returncode == 2
+    assert "is not executable" in result.stderr and f"python3 {script}" in result.stderr, result.stderr
+    missing = run("migrate-in", "--exec", "--", os.path.join(short_dir, "nothing"))
+    assert missing.returncode == 2 and "not found" in missing.stderr, missing.stderr

@@ -1,0 +1,79 @@
+"""Two instances never share a listening address: a second one that would take a
+unix path (or a TCP address) a live instance listens on exits 2 naming that
+instance and chardev, and the first serves on; a path no process listens on is
+taken over, as before."""
+
+import os
+import socket
+
+from tests.helpers import connect_unix, echoes, run, status_of
+
+ECHO = "socket,id={label},path={path},server=on,frontend=echo"
+
+
+def _first(daemons, runtime_dir, path):
+    first = daemons("serve", "--name", "web", "--chardev", ECHO.format(label="app", path=path))
+    return first, os.path.join(runtime_dir, "web.sock")
+
+
+def test_a_second_serve_on_a_live_unix_path_is_refused_naming_its_holder(daemons, short_dir, runtime_dir):
+    # Regression: the second instance took the path, and its exit removed it.
+    path = os.path.join(short_dir, "app.sock")
+    first, control = _first(daemons, runtime_dir, path)
+    result = run("serve", "--name", "other", "--chardev", ECHO.format(label="x", path=path), timeout=20)
+    assert result.returncode == 2, result.stderr
+    assert "instance 'web'" in result.stderr and "chardev app" in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert echoes(connect_unix(path)), "the first instance no longer answers at its path"
+    assert status_of(control)["chardevs"][0]["state"] in ("listening", "connected")
+
+
+def test_a_relative_path_is_compared_as_the_instance_resolves_it(daemons, short_dir, runtime_dir):
+    path = os.path.join(short_dir, "app.sock")
+    _first(daemons, runtime_dir, path)
+    result = run("serve", "--name", "other", "--chardev", ECHO.format(label="x", path="app.sock"),
+                 cwd=short_dir, timeout=20)
+    assert result.returncode == 2 and "instance 'web'" in result.stderr, result.stderr
+
+
+def test_attach_to_another_instances_path_is_refused(daemons, short_dir, runtime_dir):
+    path = os.path.join(short_dir, "app.sock")
+    _first(daemons, runtime_dir, path)
+    daemons("serve", "--name", "other")
+    result = run("attach", "--name", "other", ECHO.format(label="x", path=path))
+    assert result.returncode == 2 and "instance 'web'" in result.stderr, result.stderr
+    assert echoes(connect_unix(path))
+
+
+def test_a_tcp_address_of_a_live_instance_is_refused_naming_it(daemons, runtime_dir):
+    probe = socket.create_server(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    spec = "socket,id={label},host=127.0.0.1,port=%d,server=on,frontend=echo" % port
+    daemons("serve", "--name", "web", "--chardev", spec.format(label="app"))
+    result = run("serve", "--name", "other", "--chardev", spec.format(label="x"), timeout=20)
+    assert result.returncode == 2, result.stderr
+    assert "instance 'web'" in result.stderr and "chardev app" in result.stderr, result.stderr
+
+
+def test_a_path_another_program_listens_on_is_refused(daemons, short_dir):
+    path = os.path.join(short_dir, "theirs.sock")
+    theirs = socket.socket(socket.AF_UNIX)
+    theirs.bind(path)
+    theirs.listen()
+    result = run("serve", "--name", "other", "--chardev", ECHO.format(label="x", path=path), timeout=20)
+    assert result.returncode == 2 and "another process listens" in result.stderr, result.stderr
+    theirs.settimeout(10)
+    client = connect_unix(path)
+    assert theirs.accept()[0] is not None, "their path was taken"
+    client.close()
+    theirs.close()
+
+
+def test_a_path_no_process_listens_on_is_taken_over(daemons, short_dir):
+    path = os.path.join(short_dir, "stale.sock")
+    left = socket.socket(socket.AF_UNIX)
+    left.bind(path)
+    left.close()  # a socket file that nothing listens on: what a killed instance leaves
+    daemons("serve", "--name", "web", "--chardev", ECHO.format(label="app", path=path))
+    assert echoes(connect_unix(path))
