@@ -14,8 +14,8 @@ from tests.helpers import connect_unix, run
 
 CHARDEVS = 130  # a listener and a connection each: 260 fds, two SCM_RIGHTS batches
 
-# (side killed, fault point, who serves afterwards). The README's Reliability
-# table is this one.
+# (side killed, fault point, who serves afterwards). The RELIABILITY section of
+# fdmig-performance(7) says this one in words.
 MATRIX = [
     ("target", "target-after-hello", "source"),
     ("target", "target-after-table", "source"),
