@@ -264,9 +264,6 @@ def run(name, control, chardev_specs, capabilities, notify_ready, fdstore_max, r
     sys.exit(run_with_service(instance, chardevs, list(command), options))
 
 
-def _service_by_default(spec: ChardevSpec, text: str) -> ChardevSpec:
-    """In `run`, a chardev's frontend is `service` unless its SPEC says otherwise
-    (or a bridge relays to it: then it is the bridge's)."""
 def _check_command(program: str, what: str) -> None:
     """SpecError unless `program` is one that can be run: why not, and what would."""
     import shutil
@@ -282,26 +279,79 @@ def _check_command(program: str, what: str) -> None:
     raise SpecError(f"{what} '{program}' not found; accepted: a program on PATH, or a path to one")
 
 
+def _service_by_default(spec: ChardevSpec, text: str) -> ChardevSpec:
+    """In `run`, a chardev's frontend is `service` unless its SPEC says otherwise
+    (or a bridge relays to it: then it is the bridge's)."""
     if spec.frontend != "hold" or re.search(r"(^|,)frontend=", text):
         return spec
     return ChardevSpec(**{**spec.__dict__, "frontend": "service"})
 
 
+# Beyond restart's --timeout: how long the instance has to answer at all.
+ANSWER_GRACE = 10.0
+
+
 @main.command()
 @instance_options
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=90.0, show_default=True,
-              metavar="S", help="How long the new service may take to be ready (exit 4 after).")
+              metavar="S", help="Give up after S seconds, whatever is awaited: the old service's stop or the "
+                                "new one's readiness (exit 4); the restart goes on in the instance.")
 def restart(name, control, timeout):
-    """Restart a `run` instance's service, every listening socket and stored fd kept."""
-    # The instance bounds the stop itself (run --timeout), then the start by ours.
-    with qmp.connect(_control_path(name, control), timeout=timeout + 600) as client:
-        outcome = client.execute("x-fdmig-restart", {"timeout": timeout})
+    """Restart the service of a `run` instance.
+
+    The old service gets its stop signal (SIGKILL after run --timeout), the new
+    one starts with every listening socket and stored fd, held throughout. Exit
+    0 once it is ready; 1 if it exited first or could not be started (with its
+    exit status and last line of stderr); 4 at --timeout, the restart going on
+    in the instance.
+
+    \b
+    Examples:
+      fdmig restart --name web
+      fdmig restart --name web --timeout 30 || fdmig status --name web
+    """
+    control_path = _control_path(name, control)
+    try:
+        with qmp.connect(control_path, timeout=timeout + ANSWER_GRACE) as client:
+            outcome = client.execute("x-fdmig-restart", {"timeout": timeout})
+    except KeyboardInterrupt:
+        raise FdmigError(f"interrupted; {_restart_state(control_path)}") from None
     if outcome["status"] == "ready":
         click.echo(f"service restarted: pid {outcome['pid']}, ready")
         return
-    error = TimeoutExpired if outcome["status"] == "timeout" else FdmigError
-    raise error(f"the service did not come back: {outcome['error']}; its listening sockets and fd store "
-                "stay held: fix it and run fdmig restart again")
+    if outcome["status"] == "timeout":
+        raise TimeoutExpired(f"timed out after {timeout:g} s: {outcome['error']}; the restart goes on in "
+                             "the instance")
+    raise FdmigError(f"the service did not come back: {outcome['error']}; its listening sockets and fd store "
+                     "stay held: fix it and run fdmig restart again")
+
+
+def _restart_state(control_path: str) -> str:
+    """Where a restart stands that this command no longer waits for."""
+    try:
+        with qmp.connect(control_path, timeout=2) as client:
+            service = client.execute("x-fdmig-status").get("service") or {}
+    except (FdmigError, OSError):
+        return "the restart goes on in the instance, which does not answer just now"
+    pid, state = service.get("pid"), service.get("state")
+    if state == "stopping":
+        kill = f"; SIGKILL at {_local_time(service['kill-at'])}" if service.get("kill-at") else ""
+        return f"the restart goes on in the instance: the old service (pid {pid}) is stopping{kill}"
+    if state in ("restarting", "starting"):
+        return f"the restart goes on in the instance: the new service (pid {pid}) is starting, not ready yet"
+    if state == "running":
+        return f"the service (pid {pid}) is running and ready"
+    return f"the service is {state}: fdmig status shows why"
+
+
+def _local_time(iso: str) -> str:
+    """`2026-12-07T05:30:00Z` (status's form) as the local time of day."""
+    import calendar
+    try:
+        when = calendar.timegm(time.strptime(iso, "%Y-%m-%dT%H:%M:%SZ"))
+    except ValueError:
+        return iso
+    return time.strftime("%H:%M:%S", time.localtime(when))
 
 
 @main.command()

@@ -368,7 +368,11 @@ async def cmd_closefd(conn, arguments):
 
 async def cmd_quit(conn, arguments):
     _no_extra(arguments)
-    conn.instance.stopping.set()
+    try:
+        who = f" from pid {paths.peercred(conn.sock)[0]}"
+    except OSError:
+        who = ""
+    conn.instance.request_stop(f"QMP quit{who}")
     return {}
 
 

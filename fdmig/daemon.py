@@ -21,6 +21,9 @@ from fdmig.lifecycle import Lifecycle, MigrationStatus, RunState
 
 log = logging.getLogger("fdmig")
 CAPABILITIES = ("local-char-socket", "x-tcp-repair")
+# Each stops an instance cleanly (a closed terminal's SIGHUP too), exit status 0,
+# as QEMU's "terminating on signal" and as systemd counts them (a clean stop).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 # Chardev rows made and sent at a time (a tenth of a millisecond or two), paced
 # (fdmig.pacing): a status of 5000 chardevs takes some 50 ms so.
 STATUS_SLICE = 128
@@ -66,6 +69,7 @@ class Instance:
         self.listen_fds: dict[str, list[int]] = {}
         self.started = time.time()
         self.stopping = asyncio.Event()
+        self.stop_reason: str | None = None  # "SIGTERM", "QMP quit ...": what asked the instance to stop
         self.control = None  # control.ControlServer
         self.poller = None  # poller.Poller, made on the loop
         self.exit_code = 0
@@ -362,8 +366,30 @@ class Instance:
         loop = asyncio.get_running_loop()
         self.poller = Poller(loop)
         self.listen_fds = systemd.listen_fds()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.stopping.set)
+        # SIGHUP too: a terminal closed under an instance started from it (`fdmig
+        # migrate-in &`) must not kill it uncleaned, its sockets left stale.
+        for sig in STOP_SIGNALS:
+            loop.add_signal_handler(sig, self._on_signal, sig)
+
+    def _on_signal(self, signum: int) -> None:
+        """The first stop signal stops the instance; a second SIGINT (Ctrl-C) kills
+        a service that is being stopped and has not exited yet."""
+        name = signal.Signals(signum).name
+        if not self.stopping.is_set():
+            self.request_stop(name)
+        elif signum == signal.SIGINT and self.service is not None and self.service.kill_now():
+            pass  # the service's log says so
+        else:
+            log.info("%s: stopping already", name)
+
+    def request_stop(self, reason: str) -> None:
+        """Stop the instance, as SIGTERM or QMP quit asks: a `run` instance's
+        service first, then the chardevs; every socket of its own removed."""
+        if self.stopping.is_set():
+            return
+        self.stop_reason = reason
+        log.info("stopping on %s", reason)
+        self.stopping.set()
 
     async def start(self, chardev_specs, announce: bool = True) -> None:
         """Open the control socket and the chardevs; READY=1 once they are open
@@ -479,7 +505,7 @@ class Instance:
         if self.service is None:
             return
         if not self.handed_over:
-            await self.service.stop()
+            await self.service.stop(interactive=self.stop_reason == "SIGINT")
         self.service.close(unlink=not self.handed_over)
         self.store.close()
 
@@ -511,6 +537,8 @@ class Instance:
         for fd in self.named_fds.values():
             os.close(fd)
         self.named_fds.clear()
+        if not self.handed_over and self.stop_reason is not None:
+            log.info("instance %s stopped (pid %d), its sockets removed", self.name, os.getpid())
 
 
 async def run_instance(instance: Instance, chardev_specs) -> int:
@@ -569,17 +597,22 @@ async def _await_migration(instance: Instance, address, own_specs, timeout, exec
 
     receiving = asyncio.ensure_future(receive())
     stopping = asyncio.ensure_future(instance.stopping.wait())
+    stopped = False
     try:
         await asyncio.wait([receiving, stopping], return_when=asyncio.FIRST_COMPLETED)
         if not receiving.done():
             receiving.cancel()
             await asyncio.gather(receiving, return_exceptions=True)
+            stopped = True
             return None
         stopping.cancel()
         return receiving.result()
     finally:
         instance.control.close()
         instance.control = None
+        if stopped:
+            log.info("instance %s stopped before a migration arrived (pid %d), its sockets removed",
+                     instance.name, os.getpid())
 
 
 def _take_up_stdio(stdio: dict[str, int]) -> None:

@@ -18,6 +18,7 @@ import shlex
 import shutil
 import signal
 import socket
+import sys
 import time
 
 from fdmig import fdpass, notify, paths, process
@@ -29,6 +30,13 @@ BACKOFF_MAX = 10.0
 # sh execs CMD in its own process, so $$ is CMD's pid: LISTEN_PID must be the pid
 # of the process that reads it, known only once that process exists.
 _SHIM = 'if [ -n "${LISTEN_FDS-}" ]; then LISTEN_PID=$$; export LISTEN_PID; fi; exec "$@"'
+# How long a failed restart waits for the last line of the new service's stderr
+# (its copier ends once every holder of the pipe's write end has exited).
+LAST_LINE_WAIT = 1.0
+MAX_LAST_LINE = 4096
+# The copier of a service's stderr (fdmig/stderrcopy.py, run as a script: it
+# imports nothing of fdmig's, and `ps` shows its file's name).
+_COPIER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "stderrcopy.py")
 
 
 class State(enum.Enum):
@@ -85,6 +93,13 @@ class Service:
         self._exited = asyncio.Event()
         self._became_ready = asyncio.Event()
         self._stopping_on_purpose = False
+        self._closing = False  # the instance stops: no start from now on
+        self._stopping: asyncio.Task | None = None  # a stop under way (a restart's or the last)
+        self._restarting: asyncio.Task | None = None  # a restart under way, whoever waits for it
+        self._stopping_pid: int | None = None
+        self.kill_at: float | None = None  # while stopping: when SIGKILL comes (time.time())
+        self._stderr: StderrCopy | None = None  # the current start's
+        self._copies: list[StderrCopy] = []
         self._backoff = BACKOFF_FIRST
         self._retry: asyncio.TimerHandle | None = None
         self._loop = asyncio.get_running_loop()
@@ -136,7 +151,9 @@ class Service:
         # Lifted above the range they go to, so no dup2 in the child clobbers one
         # still to move; close-on-exec, so the lifted copies vanish at the exec.
         lifted = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, first + len(named)) for _, fd in named]
-        actions = [(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0)]
+        stderr = self._copy_stderr()
+        actions = [(os.POSIX_SPAWN_DUP2, stderr.write_end, 2)] if stderr is not None else []
+        actions += [(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0)]
         actions += [(os.POSIX_SPAWN_DUP2, fd, first + i) for i, fd in enumerate(lifted)]
         env = {k: v for k, v in os.environ.items() if k not in ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES")}
         env["NOTIFY_SOCKET"] = self.notify_path
@@ -151,6 +168,9 @@ class Service:
         finally:
             for fd in lifted:
                 os.close(fd)
+            if stderr is not None:
+                stderr.started()  # the copier ends when the service (or nothing) holds the pipe
+        self._stderr = stderr
         self._spawned_at = time.monotonic()
         self.main_pid = self._spawned_pid = pid
         self.ready = False
@@ -164,6 +184,21 @@ class Service:
             self._to(State.STARTING)
         if not self.options.notify_ready:
             self._now_ready()
+
+    def _copy_stderr(self) -> "StderrCopy | None":
+        """The copier of the next start's stderr; None (the service writes to our
+        stderr itself, its last line unknown) if it cannot be started."""
+        self._copies = [copy for copy in self._copies if not copy.done.is_set()]
+        if not sys.executable:
+            return None
+        try:
+            copy = StderrCopy(self._loop)
+        except OSError as exc:
+            log.warning("service: its stderr goes to ours uncopied (its last line will not be known): %s",
+                        exc.strerror)
+            return None
+        self._copies.append(copy)
+        return copy
 
     def _supervise(self, pid: int) -> None:
         self._unsupervise()
@@ -244,7 +279,7 @@ class Service:
 
     def _restart_now(self) -> None:
         self._retry = None
-        if self.state in (State.EXITED, State.FAILED):
+        if self.state in (State.EXITED, State.FAILED) and not self._closing:
             self.restarts += 1
             self._to(State.RESTARTING)
             try:
@@ -253,28 +288,64 @@ class Service:
                 log.error("service: %s", exc)
                 self._to(State.FAILED)
 
-    async def stop(self) -> None:
-        """Stop signal, then SIGKILL after the stop timeout; until it has exited."""
+    def _cancel_retry(self) -> None:
         if self._retry is not None:
             self._retry.cancel()
             self._retry = None
-        if not self.alive:
-            return
+
+    async def stop(self, interactive: bool = False) -> None:
+        """The instance stops: the service gets the stop signal, SIGKILL after the
+        stop timeout (or at kill_now()), and is never started again; returns once
+        it has exited. A stop under way (a restart's) is joined. `interactive`:
+        the instance stops on SIGINT, a terminal's Ctrl-C: the log says that a
+        second one kills the service now."""
+        self._closing = True
+        self._cancel_retry()
+        if self._stopping is not None and not self._stopping.done() and interactive:
+            log.info("service: stopping pid %s (SIGKILL in %g s; Ctrl-C again to kill now)", self._stopping_pid,
+                     max(0.0, round((self.kill_at or time.time()) - time.time())))
+        await self._stop(interactive)
+
+    async def _stop(self, interactive: bool = False) -> None:
+        if self._stopping is None or self._stopping.done():
+            if not self.alive:
+                return
+            self._stopping = asyncio.ensure_future(self._stop_now(interactive))
+        # Shielded: a waiter that goes (a restart's client hung up) leaves it running.
+        await asyncio.shield(self._stopping)
+
+    async def _stop_now(self, interactive: bool) -> None:
+        """Stop signal, then SIGKILL after the stop timeout; until it has exited."""
         self._stopping_on_purpose = True
+        pid = self._stopping_pid = self.main_pid
+        timeout = self.options.stop_timeout
         try:
             if self.state is not State.STOPPING:
                 self._to(State.STOPPING)
             self._stop_sent = time.monotonic()
+            self.kill_at = time.time() + timeout
             self._signal(self.options.stop_signal)
+            log.info("service: %s sent; stopping pid %s (SIGKILL in %g s%s)", _signal_name(self.options.stop_signal),
+                     pid, timeout, "; Ctrl-C again to kill now" if interactive else "")
             try:
-                await asyncio.wait_for(self._exited.wait(), self.options.stop_timeout)
+                await asyncio.wait_for(self._exited.wait(), timeout)
             except asyncio.TimeoutError:
-                log.warning("service: pid %s did not stop within %g s; SIGKILL", self.main_pid,
-                            self.options.stop_timeout)
+                log.warning("service: pid %s did not stop within %g s; SIGKILL", pid, timeout)
                 self._signal(signal.SIGKILL)
                 await self._exited.wait()
         finally:
             self._stopping_on_purpose = False
+            self.kill_at = None
+
+    def kill_now(self) -> bool:
+        """SIGKILL to a service that is being stopped and has not exited yet (a
+        second Ctrl-C); whether there was one."""
+        if self._stopping is None or self._stopping.done() or not self.alive:
+            return False
+        log.warning("service: SIGKILL to pid %s now (Ctrl-C again)", self.main_pid)
+        self.kill_at = time.time()
+        self._signal(signal.SIGKILL)
+        return True
 
     def _signal(self, signum: int) -> None:
         try:
@@ -284,29 +355,78 @@ class Service:
 
     async def restart(self, timeout: float | None) -> dict:
         """`fdmig restart`: stop, start again with the chardevs and the whole store,
-        wait until ready. The store and the listeners are held throughout."""
-        if self.state in (State.STOPPING, State.RESTARTING):
-            raise FdmigError(f"the service is {self.state.value} already")
+        and wait until ready, `timeout` seconds at most, whatever is awaited: the
+        stop (SIGKILL after the stop timeout) or the readiness. The stop and the
+        start are a task of the service's own, which goes on without a waiter (a
+        client that timed out or hung up): a restart under way is joined, never
+        begun twice. The store and the listeners are held throughout."""
+        if self._closing:
+            raise FdmigError("the instance is stopping: its service is not started again")
+        loop = self._loop
+        deadline = None if timeout is None else loop.time() + timeout
+
+        def remaining() -> float | None:
+            return None if deadline is None else max(0.0, deadline - loop.time())
+        task = self._restarting
+        if task is None or task.done():
+            task = self._restarting = asyncio.ensure_future(self._restart_now_stopped())
+        await asyncio.wait({task}, timeout=remaining())
+        if not task.done():
+            return {"status": "timeout", "waiting-for": "stop", "pid": self._stopping_pid,
+                    "error": self._still_stopping()}
+        started = {"error": "the restart was given up: the instance handed its service over"} \
+            if task.cancelled() else task.result()
+        if "error" in started:
+            return {"status": "failed", "pid": None, "error": started["error"]}
+        pid, stderr = started["pid"], started["stderr"]
+        outcome = await self.wait_ready(remaining())
+        if outcome == "ready":
+            return {"status": "ready", "pid": pid, "error": None}
+        if outcome == "timeout":
+            waiting = " (no READY=1 from it yet)" if self.options.notify_ready else ""
+            return {"status": "timeout", "waiting-for": "ready", "pid": pid,
+                    "error": f"the new service (pid {pid}) is not ready yet{waiting}"}
+        line = await stderr.last_line(LAST_LINE_WAIT) if stderr is not None else None
+        return {"status": "failed", "pid": pid, "exit-status": self.exit_status, "last-line": line,
+                "error": f"the new service (pid {pid}) {_ended(self.exit_status)} before it was ready"
+                         + (f": {line}" if line else "")}
+
+    async def _restart_now_stopped(self) -> dict:
+        """A restart's own task: the service stopped, started again. {"pid", "stderr"}
+        of the new one, or {"error"}."""
+        self._cancel_retry()
         self._stop_sent = self._exit_seen = None
-        await self.stop()
+        await self._stop()
+        if self._closing:
+            return {"error": "the instance stopped meanwhile: the service is not started again"}
         self.restarts += 1
         self._to(State.RESTARTING)
         try:
             self.start()
         except FdmigError as exc:
             self._to(State.FAILED)
-            return {"status": "failed", "pid": None, "error": str(exc)}
+            return {"error": str(exc)}
         self._log_handover()
-        outcome = await self.wait_ready(timeout)
-        error = {"ready": None, "timeout": f"not ready within {timeout:g} s" if timeout else "not ready",
-                 "exited": f"it exited before it was ready ({self.exit_status})"}[outcome]
-        return {"status": {"exited": "failed"}.get(outcome, outcome), "pid": self.main_pid, "error": error}
+        return {"pid": self.main_pid, "stderr": self._stderr}
+
+    def _still_stopping(self) -> str:
+        """What a restart still waits for while the old service has not exited."""
+        pid = self._stopping_pid
+        if self.kill_at is None:
+            return f"the old service (pid {pid}) has not stopped yet"
+        when = time.strftime("%H:%M:%S", time.localtime(self.kill_at))
+        left = self.kill_at - time.time()
+        if left <= 0:
+            return f"the old service (pid {pid}) has not exited yet; SIGKILL sent at {when}"
+        return (f"the old service (pid {pid}) has not stopped yet; SIGKILL at {when} "
+                f"(in {left:.0f} s, run --timeout {self.options.stop_timeout:g} s)")
 
     def supervise_running(self, pid: int | None) -> None:
         """A migration's target: the service runs already (not our child, so how
         it ends is not ours to read); supervise it from here on."""
         self.main_pid = pid
         self._spawned_pid = None
+        self._stderr = None  # its copier is the source's child: its last line is not known here
         if pid is None:
             return
         self._exited.clear()
@@ -324,8 +444,13 @@ class Service:
     def close(self, unlink: bool = True) -> None:
         """Stop hearing and supervising. `unlink=False` after a migration's commit:
         the notify socket's path, and the socket itself, are the target's now."""
-        if self._retry is not None:
-            self._retry.cancel()
+        self._cancel_retry()
+        for task in (self._restarting, self._stopping):
+            if task is not None and not task.done():
+                task.cancel()  # handed over: the target supervises the service now
+        for copy in self._copies:
+            copy.close()
+        self._copies = []
         self._unsupervise()
         self.hear(False)
         self.sock.close()
@@ -423,9 +548,117 @@ class Service:
     # ----- reporting ---------------------------------------------------------
 
     def status(self) -> dict:
+        kill_at = None
+        if self.kill_at is not None:
+            kill_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.kill_at))
         return {"pid": self.main_pid, "state": self.state.value, "ready": self.ready,
                 "status-text": self.status_text, "restarts": self.restarts, "command": list(self.argv),
-                "fdstore-max": self.store.limit, "fdstore-refused": self.store.refused}
+                "fdstore-max": self.store.limit, "fdstore-refused": self.store.refused,
+                "stop-timeout-s": self.options.stop_timeout, "kill-at": kill_at}
+
+
+class StderrCopy:
+    """One start's stderr: a pipe whose write end becomes the service's fd 2 and
+    whose read end a copier process (fdmig/stderrcopy.py) holds, started here.
+    Every byte goes on to run's stderr; the last line comes back when the copier
+    ends, for the message of a restart that failed (as `migrate-out --spawn`
+    gives a target's). The copier is a process of its own, not a thread of the
+    holder, because the service outlives a holder that migrates away or is
+    killed, and its stderr must not break (EPIPE, SIGPIPE) with it."""
+
+    def __init__(self, loop):
+        self._loop = loop
+        self.line: str | None = None
+        self.done = asyncio.Event()
+        read_end, self.write_end = os.pipe2(os.O_CLOEXEC)
+        report, report_write = os.pipe2(os.O_CLOEXEC)
+        try:
+            actions = [(os.POSIX_SPAWN_DUP2, read_end, 0), (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0),
+                       (os.POSIX_SPAWN_DUP2, report_write, 3)]
+            # Its own session: a terminal's Ctrl-C or hangup is not for it.
+            self.pid = os.posix_spawn(sys.executable, [sys.executable, "-I", "-S", _COPIER, str(MAX_LAST_LINE)],
+                                      {}, file_actions=actions, setsid=True)
+        except BaseException:
+            os.close(self.write_end)
+            os.close(report)
+            raise
+        finally:
+            os.close(read_end)
+            os.close(report_write)
+        self._report = report
+        self._pidfd = process.pidfd(self.pid)
+        if self._pidfd is None:  # cannot happen for a child not reaped yet; be safe
+            self._on_exit()
+        else:
+            loop.add_reader(self._pidfd, self._on_exit)
+
+    def started(self) -> None:
+        """The service has its copy of the write end: ours must go, or the copier
+        never sees the end of it."""
+        if self.write_end >= 0:
+            os.close(self.write_end)
+            self.write_end = -1
+
+    def _on_exit(self) -> None:
+        if self._pidfd is not None:
+            self._loop.remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = None
+        try:
+            os.waitpid(self.pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+        data = b""
+        while True:  # it has exited: what it wrote is all there
+            try:
+                chunk = os.read(self._report, MAX_LAST_LINE + 1)
+            except OSError:
+                break
+            if not chunk:
+                break
+            data += chunk
+        os.close(self._report)
+        self._report = -1
+        self.line = data.decode(errors="replace").strip()[-MAX_LAST_LINE:] or None
+        self.done.set()
+
+    async def last_line(self, timeout: float) -> str | None:
+        """The service's last line on stderr, once its copier has ended (within
+        `timeout`: a child of the service may hold the pipe on); None if unknown."""
+        try:
+            await asyncio.wait_for(self.done.wait(), timeout)
+        except asyncio.TimeoutError:
+            return None
+        return self.line
+
+    def close(self) -> None:
+        """Let go of the copier: it runs on, reparented, until the service ends."""
+        self.started()
+        if self._pidfd is not None:
+            self._loop.remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = None
+        if self._report >= 0:
+            os.close(self._report)
+            self._report = -1
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+def _ended(exit_status: str | None) -> str:
+    """`exit status 1` as `exited with status 1`, `killed by X` as `was killed by X`."""
+    if exit_status is None:
+        return "ended"
+    if exit_status.startswith("exit status "):
+        return "exited with status " + exit_status[len("exit status "):]
+    if exit_status.startswith("killed by "):
+        return "was " + exit_status
+    return f"ended ({exit_status})"
 
 
 def _describe_status(code: int) -> str:

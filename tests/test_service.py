@@ -7,6 +7,7 @@ import array
 import http.client
 import json
 import os
+import re
 import select
 import shutil
 import signal
@@ -763,6 +764,131 @@ def test_a_service_that_ignores_the_stop_signal_is_killed_after_the_timeout(pupp
     second = puppets.next(daemon)
     assert service_of(runtime_dir)["pid"] == second.pid
 
+def wait_logged(daemon, predicate, what: str, timeout: float = 10.0) -> str:
+    """The daemon's log once `predicate(log)` holds: a line the service wrote to
+    its stderr reaches it through a copier process, whose end the test cannot await."""
+    deadline = time.monotonic() + timeout
+    while not predicate(daemon.stderr()):
+        assert time.monotonic() < deadline, f"not logged within {timeout} s: {what}: {daemon.stderr()[-2000:]}"
+        time.sleep(0.02)
+    return daemon.stderr()
+
+
+def wait_stopping(runtime_dir: str) -> dict:
+    """The service once the instance is stopping it (the stop signal sent, the log
+    line that says so written: both happen in the turn that makes it so)."""
+    return wait_status(runtime_dir, lambda s: s["service"]["state"] == "stopping", "the service stopping")["service"]
+
+
+@pytest.mark.timeout(60)
+def test_restart_timeout_bounds_the_wait_for_a_service_that_will_not_stop_and_the_restart_goes_on(
+        puppets, daemons, runtime_dir):
+    # Regression: restart --timeout 3 waited out run --timeout (90 s) before the wait it bounds.
+    daemon = start_run(daemons, "--timeout", "300", command=puppets.command)
+    first = puppets.next(daemon)
+    first.request({"ignore-stop": True})
+    began = time.monotonic()
+    result = restart("--timeout", "1", timeout=30)
+    assert result.returncode == 4, result.stderr
+    assert time.monotonic() - began < 20
+    assert f"the old service (pid {first.pid}) has not stopped yet; SIGKILL at " in result.stderr, result.stderr
+    assert "run --timeout 300 s" in result.stderr and "the restart goes on in the instance" in result.stderr
+    service = service_of(runtime_dir)
+    assert (service["state"], service["pid"], service["stop-timeout-s"]) == ("stopping", first.pid, 300)
+    assert service["kill-at"]
+    os.kill(first.pid, signal.SIGKILL)  # what run --timeout would do later: the restart it began goes on
+    second = puppets.next(daemon)
+    status = wait_status(runtime_dir, lambda s: s["service"]["pid"] == second.pid and s["service"]["ready"],
+                         "the restart that went on without its client")
+    assert status["service"]["restarts"] == 1
+
+
+def test_a_restart_joins_a_restart_under_way(puppets, daemons, runtime_dir):
+    daemon = start_run(daemons, "--timeout", "300", command=puppets.command)
+    first = puppets.next(daemon)
+    first.request({"ignore-stop": True})
+    waiting_for_the_first = f"the old service (pid {first.pid}) has not stopped yet"
+    for _ in range(2):  # the second joins the first: no error, no second stop
+        result = restart("--timeout", "0.5", timeout=30)
+        assert result.returncode == 4 and waiting_for_the_first in result.stderr, result.stderr
+    os.kill(first.pid, signal.SIGKILL)
+    second = puppets.next(daemon)
+    status = wait_status(runtime_dir, lambda s: s["service"]["pid"] == second.pid and s["service"]["ready"],
+                         "the second start")
+    assert status["service"]["restarts"] == 1
+    result = restart()
+    assert result.returncode == 0, result.stderr
+    third = puppets.next(daemon)  # the next start is this restart's: none came in between
+    assert result.stdout.strip() == f"service restarted: pid {third.pid}, ready"
+    assert service_of(runtime_dir)["restarts"] == 2
+
+
+def test_restart_says_what_it_still_awaits_when_the_new_service_is_not_ready(daemons, runtime_dir, short_dir):
+    marker = os.path.join(short_dir, "hang")
+    start_run(daemons, "--notify", command=STORE_ECHO + ["--hang-if-exists", marker])
+    open(marker, "w").close()
+    result = restart("--timeout", "1")
+    assert result.returncode == 4, result.stderr
+    pid = service_of(runtime_dir)["pid"]
+    assert f"the new service (pid {pid}) is not ready yet (no READY=1 from it yet)" in result.stderr, result.stderr
+
+
+def test_a_failed_restart_says_the_new_services_exit_status_and_last_line_of_stderr(
+        daemons, runtime_dir, short_dir):
+    # Regression: it said "it exited before it was ready (exit status 1)", and not why.
+    marker = os.path.join(short_dir, "fail")
+    script = f'echo "warming up" >&2; exec {" ".join(STORE_ECHO)} --fail-if-exists {marker}'
+    daemon = start_run(daemons, "--notify", command=["sh", "-c", script])
+    open(marker, "w").close()
+    result = restart()
+    assert result.returncode == 1, result.stderr
+    said = re.search(r"the new service \(pid (\d+)\) exited with status 1 before it was ready: (.*?); its "
+                     r"listening sockets and fd store stay held", result.stderr)
+    assert said, result.stderr
+    assert said.group(2) == f"store_echo {said.group(1)}: failing at start, {marker} exists"
+    wait_logged(daemon, lambda log: log.splitlines().count("warming up") == 2 and said.group(2) in log,
+                "every line of both starts")  # run's stderr has every line of it
+    assert service_of(runtime_dir)["state"] == "failed"
+
+
+def test_a_service_keeps_a_working_stderr_after_its_holder_is_killed(puppets, daemons, runtime_dir):
+    # The service's stderr goes through a pipe (its last line is kept for restart's
+    # message): the copier at its other end is not the holder, so it outlives it.
+    daemon = start_run(daemons, command=puppets.command)
+    puppet = puppets.next(daemon)
+    daemon.proc.kill()
+    daemon.proc.wait(10)
+    answer = puppet.request({"run": ["sh", "-c", "echo written after the holder died >&2"]})
+    assert answer["rc"] == 0  # no EPIPE, no SIGPIPE
+    os.kill(puppet.pid, signal.SIGTERM)
+    assert puppet.stop_signal() == "SIGTERM" and puppet.exited()
+    wait_logged(daemon, lambda log: "written after the holder died" in log, "the line")
+
+
+def test_ctrl_c_during_restart_says_where_the_service_stands_and_the_restart_goes_on(
+        puppets, daemons, runtime_dir):
+    # Regression: click's "Aborted!" only, and the restart was given up with the
+    # client: the old service stopped, and no new one started.
+    daemon = start_run(daemons, "--timeout", "300", command=puppets.command)
+    first = puppets.next(daemon)
+    first.request({"ignore-stop": True})
+    restarting = subprocess.Popen(FDMIG + ["restart", "--name", "web"], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
+    try:
+        wait_stopping(runtime_dir)
+        restarting.send_signal(signal.SIGINT)
+        out, err = restarting.communicate(timeout=20)
+    finally:
+        restarting.kill()
+    assert restarting.returncode == 1, err
+    assert "Aborted!" not in err and err.count("\n") == 1, err
+    assert (f"interrupted; the restart goes on in the instance: the old service (pid {first.pid}) is stopping; "
+            "SIGKILL at ") in err, err
+    os.kill(first.pid, signal.SIGKILL)
+    second = puppets.next(daemon)
+    wait_status(runtime_dir, lambda s: s["service"]["pid"] == second.pid, "the new service")
+
+
 
 # -- exits by itself: the --restart policy ---------------------------------------------------
 
@@ -818,6 +944,39 @@ def test_sigterm_to_run_stops_the_service_with_its_stop_signal_closes_everything
     for sock in (path, control_path(runtime_dir), os.path.join(runtime_dir, "web.notify.sock")):
         assert not os.path.exists(sock), sock
     ours.close()
+
+@pytest.mark.parametrize("signum", [signal.SIGHUP, signal.SIGINT], ids=["SIGHUP", "SIGINT"])
+def test_sighup_and_sigint_to_run_stop_the_service_first_remove_every_socket_and_exit_0(
+        signum, puppets, daemons, runtime_dir, short_dir):
+    # Regression: SIGHUP (a closed terminal) killed it: exit 129, the service left
+    # running, every socket file left behind.
+    path = os.path.join(short_dir, "app.sock")
+    daemon = start_run(daemons, "--chardev", f"id=app,path={path},server=on", command=puppets.command)
+    puppet = puppets.next(daemon)
+    puppet.notify("STATUS=serving")  # its signal handlers are set once it answers
+    daemon.proc.send_signal(signum)
+    assert puppet.stop_signal() == "SIGTERM"  # --stop-signal, whatever stopped the instance
+    assert daemon.proc.wait(20) == 0, daemon.stderr()
+    assert f"stopping on {signum.name}" in daemon.stderr()
+    for sock in (path, control_path(runtime_dir), os.path.join(runtime_dir, "web.notify.sock")):
+        assert not os.path.exists(sock), sock
+
+
+@pytest.mark.timeout(60)
+def test_a_second_sigint_kills_a_service_that_will_not_stop(puppets, daemons, runtime_dir):
+    daemon = start_run(daemons, "--timeout", "300", command=puppets.command)
+    puppet = puppets.next(daemon)
+    puppet.request({"ignore-stop": True})
+    daemon.proc.send_signal(signal.SIGINT)
+    wait_stopping(runtime_dir)
+    assert f"stopping pid {puppet.pid} (SIGKILL in 300 s; Ctrl-C again to kill now)" in daemon.stderr()
+    assert daemon.proc.poll() is None
+    daemon.proc.send_signal(signal.SIGINT)
+    assert puppet.exited()
+    assert daemon.proc.wait(20) == 0, daemon.stderr()
+    assert f"service: pid {puppet.pid} ended (killed by SIGKILL)" in daemon.stderr()
+    assert not os.path.exists(control_path(runtime_dir))
+
 
 
 # -- a real LISTEN_FDS server ---------------------------------------------------------------
