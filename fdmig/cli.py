@@ -99,7 +99,10 @@ def _bad_value(message: str, kind) -> str:
 
 
 def _complete_names(ctx, param, incomplete):
-    return [n for n in paths.instance_names() if n.startswith(incomplete)]
+    """The names of the instances that answer now (a short timeout each, asked all
+    at once): not those a killed instance left a stale socket for."""
+    from fdmig import listing
+    return [n for n in listing.answering_names() if n.startswith(incomplete)]
 
 
 def _complete_labels(ctx, param, incomplete):
@@ -287,7 +290,7 @@ def _service_by_default(spec: ChardevSpec, text: str) -> ChardevSpec:
     return ChardevSpec(**{**spec.__dict__, "frontend": "service"})
 
 
-# Beyond restart's --timeout: how long the instance has to answer at all.
+# Beyond restart's and stop's --timeout: how long the instance has to answer at all.
 ANSWER_GRACE = 10.0
 
 
@@ -328,6 +331,7 @@ def restart(name, control, timeout):
 
 def _restart_state(control_path: str) -> str:
     """Where a restart stands that this command no longer waits for."""
+    from fdmig import listing
     try:
         with qmp.connect(control_path, timeout=2) as client:
             service = client.execute("x-fdmig-status").get("service") or {}
@@ -335,7 +339,7 @@ def _restart_state(control_path: str) -> str:
         return "the restart goes on in the instance, which does not answer just now"
     pid, state = service.get("pid"), service.get("state")
     if state == "stopping":
-        kill = f"; SIGKILL at {_local_time(service['kill-at'])}" if service.get("kill-at") else ""
+        kill = f"; SIGKILL at {listing.local_time(service['kill-at'])}" if service.get("kill-at") else ""
         return f"the restart goes on in the instance: the old service (pid {pid}) is stopping{kill}"
     if state in ("restarting", "starting"):
         return f"the restart goes on in the instance: the new service (pid {pid}) is starting, not ready yet"
@@ -344,14 +348,58 @@ def _restart_state(control_path: str) -> str:
     return f"the service is {state}: fdmig status shows why"
 
 
-def _local_time(iso: str) -> str:
-    """`2026-12-07T05:30:00Z` (status's form) as the local time of day."""
-    import calendar
-    try:
-        when = calendar.timegm(time.strptime(iso, "%Y-%m-%dT%H:%M:%SZ"))
-    except ValueError:
-        return iso
-    return time.strftime("%H:%M:%S", time.localtime(when))
+@main.command()
+@instance_options
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=120.0, show_default=True,
+              metavar="S", help="How long to wait for the instance to exit (exit 4 after; it goes on stopping).")
+def stop(name, control, timeout):
+    """Stop an instance cleanly (QMP quit).
+
+    The instance stops as on SIGTERM: a `run` instance stops its service first
+    (SIGKILL after its run --timeout), and every socket file of the instance is
+    removed; a migration target still waiting (migrate-in) stops too. Exit 0
+    once the instance's process has exited, 3 if no instance answers, 4 at
+    --timeout (the instance goes on stopping).
+
+    \b
+    Examples:
+      fdmig stop --name web
+      fdmig stop --control /run/app/fdmig.sock --timeout 10
+    """
+    from fdmig import listing
+    stopped = listing.stop(_control_path(name, control), timeout)
+    click.echo(f"stopped instance {stopped['name']} (pid {stopped['pid']})")
+
+
+@main.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print the instances as one JSON array.")
+def list_instances(as_json):
+    """List the instances in the runtime dir.
+
+    One row each: name, pid, state, chardevs (a count), control socket. A
+    control socket nobody listens on (an instance killed outright left it) is
+    stale, with no pid: the next serve of that name replaces it; one whose
+    process does not answer within 2 s is unresponsive. A migration target
+    still waiting (migrate-in) shows state inmigrate.
+
+    \b
+    Examples:
+      fdmig list
+      fdmig list --json | jq -r '.[] | select(.state == "stale") | .name'
+    """
+    from fdmig import listing
+    rows = listing.find()
+    if as_json:
+        import json
+        click.echo(json.dumps(rows, indent=2))
+    elif sys.stdout.isatty():
+        from rich.console import Console
+        if rows:
+            Console().print(listing.rich_table(rows))
+        else:
+            Console().print(f"no instance in {paths.runtime_dir()}")
+    elif rows:
+        click.echo(listing.plain(rows))  # in a pipe one row per line, for grep and awk
 
 
 @main.command()
