@@ -49,6 +49,26 @@ def sockets(directory: str | None = None) -> list[tuple[str, str]]:
     return [(stem, path) for stem, _, path in sorted(found)]
 
 
+def statuses(timeout: float = PROBE_TIMEOUT) -> list[tuple[str, str, dict | None]]:
+    """(name, control path, status or None where nothing answers) of each control
+    socket of the runtime dir, asked all at once."""
+    def ask(item):
+        name, path = item
+        try:
+            with qmp.connect(path, timeout=timeout) as client:
+                return name, path, client.execute("x-fdmig-status")
+        except (FdmigError, OSError, EOFError, ValueError):
+            return name, path, None
+    return _each(ask, sockets())
+
+
+def _each(work, found: list) -> list:
+    if not found:
+        return []
+    with ThreadPoolExecutor(max_workers=min(32, len(found))) as pool:
+        return list(pool.map(work, found))
+
+
 def probe(name: str, path: str, timeout: float, details: bool = True) -> dict:
     """One row of `list`: what the instance at `path` says of itself (with
     `details`: its status; without, only that it answers)."""
@@ -72,11 +92,7 @@ def probe(name: str, path: str, timeout: float, details: bool = True) -> dict:
 
 def find(timeout: float = PROBE_TIMEOUT, details: bool = True, directory: str | None = None) -> list[dict]:
     """A row for each control socket of the runtime dir, asked all at once."""
-    found = sockets(directory)
-    if not found:
-        return []
-    with ThreadPoolExecutor(max_workers=min(32, len(found))) as pool:
-        return list(pool.map(lambda item: probe(*item, timeout, details), found))
+    return _each(lambda item: probe(*item, timeout, details), sockets(directory))
 
 
 def answering_names(timeout: float = COMPLETION_TIMEOUT) -> list[str]:

@@ -77,3 +77,14 @@ def test_a_path_no_process_listens_on_is_taken_over(daemons, short_dir):
     left.close()  # a socket file that nothing listens on: what a killed instance leaves
     daemons("serve", "--name", "web", "--chardev", ECHO.format(label="app", path=path))
     assert echoes(connect_unix(path))
+
+
+def test_a_migration_target_may_name_its_sources_path(daemons, short_dir, runtime_dir):
+    # The target opens the path afresh once its source hands it over: not a conflict.
+    path = os.path.join(short_dir, "app.sock")
+    _first(daemons, runtime_dir, path)
+    target = daemons("migrate-in", "--name", "web", "--chardev", ECHO.format(label="app", path=path), ready=False)
+    result = run("migrate-out", "--name", "web", timeout=40)
+    assert result.returncode == 0, result.stderr + target.stderr()[-2000:]
+    target.wait_ready()
+    assert echoes(connect_unix(path))
