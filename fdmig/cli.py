@@ -215,10 +215,10 @@ def serve(name, control, chardev_specs, capabilities, fdstore):
     for spec in chardevs:
         check_incoming(spec, incoming=False)
     _prepare_control(control_path)
+    instances.check_free(chardevs)
     instance_name = _instance_name(name, control)
     _setup_logging(instance_name)
     from fdmig.daemon import Instance, run
-    instances.check_free(chardevs)
     instance = Instance(instance_name, control_path, capabilities, fdstore=fdstore)
     sys.exit(run(instance, chardevs))
 
@@ -258,10 +258,10 @@ def run(name, control, chardev_specs, capabilities, notify_ready, fdstore_max, r
         raise SpecError(f"--stop-signal: {exc}") from None
     _check_command(command[0], "command")
     _prepare_control(control_path)
+    instances.check_free(chardevs)
     instance_name = _instance_name(name, control)
     _setup_logging(instance_name)
     from fdmig.daemon import Instance, run_with_service
-    instances.check_free(chardevs)
     instance = Instance(instance_name, control_path, capabilities, fdstore=fdstore)
     options = Options(notify_ready, restart_policy, signum, stop_timeout, fdstore_max)
     sys.exit(run_with_service(instance, chardevs, list(command), options))
@@ -667,6 +667,7 @@ def migrate_in(name, control, channel, tls_creds, chardev_specs, timeout, exec_,
             raise SpecError("--exec needs a command: --exec -- CMD [ARGS]...")
         _check_command(command[0], "--exec: command")
     _prepare_control(control_path)
+    instances.check_free(chardevs, own_name=_instance_name(name, control))
     if address and not address.tcp and \
             os.path.dirname(os.path.abspath(address.path)) == os.path.abspath(paths.runtime_dir()):
         paths.ensure_private_dir(paths.runtime_dir())
@@ -761,7 +762,6 @@ def _mend_fish_completion() -> None:
     substitution cannot tell apart (pallets/click#3502). With those, fdmig speaks
     what click 8.4.2 went back to: its script, and `TYPE,VALUE<TAB>HELP` per item."""
     from click.shell_completion import FishComplete, add_completion_class
-    instances.check_free(chardevs, own_name=_instance_name(name, control))
 
     if "string split \n" not in FishComplete.source_template:
         return
