@@ -65,7 +65,14 @@ def _usage_error(exc: click.UsageError, where: str) -> click.ClickException:
         param = exc.param
         name = max(param.opts, key=len) if isinstance(param, click.Option) else param.human_readable_name
         return CliError(f"{name}: {_bad_value(exc.message, param.type)}", exc.exit_code)
-    message = exc.format_message().rstrip(".")
+    if isinstance(exc, click.MissingParameter) and isinstance(getattr(exc.param, "type", None), click.Choice):
+        param = exc.param
+        name = max(param.opts, key=len) if isinstance(param, click.Option) else param.human_readable_name
+        return CliError(f"missing {exc.param_type or 'argument'} {name}; accepted: "
+                        f"{', '.join(map(str, param.type.choices))}", exc.exit_code)
+    # click's "no such option '--jsn'. Did you mean '--json'?" as one clause.
+    message = re.sub(r"\.\s+Did you mean (.*)\?$", r" (did you mean \1?)", exc.format_message().strip())
+    message = message.rstrip(".")
     if exc.ctx is not None:
         where = exc.ctx.command_path
     return CliError(f"{message[:1].lower()}{message[1:]}; see '{where} --help'", exc.exit_code)
@@ -121,13 +128,16 @@ def _complete_labels(ctx, param, incomplete):
 
 def instance_options(func):
     func = click.option("--control", metavar="PATH",
-                        help="Control socket path (default: <runtime-dir>/<name>.sock).")(func)
+                        help="Control socket path (default: NAME.sock in the runtime dir).")(func)
     func = click.option("--name", "-n", metavar="NAME", shell_complete=_complete_names,
                         help="Instance name (default: 'default').")(func)
     return func
 
 
 CAPABILITIES = ["local-char-socket", "x-tcp-repair"]
+CHARDEV_HELP = ("A chardev, in QEMU's -chardev syntax: socket,id=LABEL, then path=P or host=H,port=N (or "
+                "fd=N, fdname=NAME), and server=on, support-local-migration=on, frontend=... as needed "
+                "(man fdmig).")
 capability_option = click.option("--capability", "capabilities", multiple=True,
                                  type=click.Choice(CAPABILITIES), help="Enable a migration capability.")
 fdstore_option = click.option("--fdstore", "fdstore", is_flag=True,
@@ -195,20 +205,39 @@ def _setup_logging(name: str) -> None:
 def main():
     """Hand live socket connections from one process to another.
 
-    An instance holds labelled socket chardevs (QEMU's -chardev socket syntax) and
-    answers QMP on a control socket; migrate-out/migrate-in move its connections
-    live to a new process: the peers see a pause, never a reconnect.
+    An instance holds sockets (chardevs, in QEMU's -chardev syntax) and answers
+    QMP on a control socket. `fdmig run` keeps a program's sockets across its
+    restarts; migrate-out moves an instance's connections live to a new
+    process: the peers see a pause, never a reconnect. man fdmig tells more.
+
+    \b
+    Examples:
+      fdmig demo
+      fdmig run --notify --chardev id=web,host=::,port=80,server=on -- ./app.py
+      fdmig restart
     """
 
 
 @main.command()
 @instance_options
 @click.option("--chardev", "chardev_specs", multiple=True, metavar="SPEC",
-              help="A chardev: socket,id=LABEL,path=P|host=H,port=N|fd=N|fdname=NAME[,server=on]...")
+              help=CHARDEV_HELP)
 @capability_option
 @fdstore_option
 def serve(name, control, chardev_specs, capabilities, fdstore):
-    """Run an instance holding the given chardevs until SIGTERM or QMP quit."""
+    """Run an instance holding the given chardevs.
+
+    It serves until fdmig stop, SIGTERM, SIGINT or SIGHUP, which stop it
+    cleanly, or until it migrates away (fdmig migrate-out).
+
+    \b
+    Examples:
+      fdmig serve --capability local-char-socket --chardev \\
+        id=app,path=/tmp/a.sock,server=on,frontend=echo,support-local-migration=on
+      fdmig serve --name proxy \\
+        --chardev id=front,host=0.0.0.0,port=2323,server=on,bridge=back \\
+        --chardev id=back,host=192.0.2.7,port=23,reconnect-ms=500
+    """
     control_path = _control_path(name, control)
     chardevs = _parse_specs(chardev_specs)
     _no_service(chardevs, "fdmig serve")
@@ -242,8 +271,19 @@ def serve(name, control, chardev_specs, capabilities, fdstore):
 @click.argument("command", nargs=-1, required=True, metavar="-- CMD [ARGS]...")
 def run(name, control, chardev_specs, capabilities, notify_ready, fdstore_max, restart_policy, stop_signal,
         stop_timeout, fdstore, command):
-    """Run CMD as a service holding its sockets and its fd store (systemd's protocols):
-    it keeps its connections across its own restarts (fdmig restart)."""
+    """Run a program that keeps its sockets across its own restarts.
+
+    CMD gets the chardevs' sockets from fd 3 on (systemd's socket activation:
+    LISTEN_FDS, LISTEN_FDNAMES) and a NOTIFY_SOCKET whose fd store (FDSTORE=1)
+    keeps what it stores; fdmig restart starts it again with all of them.
+
+    \b
+    Examples:
+      fdmig run --name web --notify \\
+        --chardev id=http,host=0.0.0.0,port=8080,server=on -- ./server.py
+      fdmig run --restart on-failure \\
+        --chardev id=sock,path=/run/app.sock,server=on -- app --serve
+    """
     from fdmig.service import Options, parse_signal
     control_path = _control_path(name, control)
     parsed = _parse_specs(chardev_specs)
@@ -408,7 +448,13 @@ def list_instances(as_json):
 def attach(name, control, spec):
     """Add a chardev to a running instance (QMP chardev-add).
 
-    With fd=N, this command's own descriptor N is passed to the instance."""
+    With fd=N, this command's own descriptor N is passed to the instance.
+
+    \b
+    Examples:
+      fdmig attach --name web id=admin,path=/tmp/adm.sock,server=on,frontend=echo
+      fdmig attach --name web id=up,host=192.0.2.7,port=5000,reconnect-ms=500
+    """
     chardev = parse_spec(spec)
     _no_service([chardev], "fdmig attach")
     with qmp.connect(_control_path(name, control)) as client:
@@ -468,7 +514,14 @@ def _check_own_fd(fd: int, chardev: ChardevSpec) -> None:
 @instance_options
 @click.argument("label", shell_complete=_complete_labels)
 def detach(name, control, label):
-    """Remove a chardev from a running instance (QMP chardev-remove); its peer sees EOF."""
+    """Remove a chardev from an instance (QMP chardev-remove).
+
+    Its peer sees EOF; a listening chardev's socket file is removed.
+
+    \b
+    Example:
+      fdmig detach --name web admin
+    """
     with qmp.connect(_control_path(name, control)) as client:
         client.execute("chardev-remove", {"id": label})
     click.echo(f"detached {label}")
@@ -492,7 +545,18 @@ def _parse_wait(value: str) -> tuple[str, str]:
 @click.option("--timeout", type=click.FloatRange(min=0), default=None, metavar="S",
               help="With --wait: give up after S seconds (default 30).")
 def status(name, control, as_json, watch, wait, timeout):
-    """Show an instance: its chardevs, peers, counters and last migration."""
+    """Show an instance: chardevs, peers, counters, migration.
+
+    A table on a terminal, one line per chardev in a pipe, one JSON object
+    with --json; --wait LABEL=STATE waits for a chardev's state (exit 4 at
+    --timeout), for scripts.
+
+    \b
+    Examples:
+      fdmig status --name web
+      fdmig status --name web --json | jq '.chardevs[] | {label, state}'
+      fdmig status --name web --wait app=connected --timeout 10
+    """
     control_path = _control_path(name, control)
     if timeout is not None and not wait:
         raise SpecError("--timeout goes with --wait LABEL=STATE")
@@ -629,14 +693,14 @@ def _hooks(tls_creds: str | None, **given) -> dict:
 
 
 tls_creds_option = click.option("--tls-creds", metavar="DIR",
-                                help="TLS credentials of a TCP channel (ca-cert.pem, server-/client-cert.pem "
-                                     "and -key.pem, QEMU's tls-creds-x509 layout).")
+                                help="The directory of a TCP channel's TLS certificates and keys, laid "
+                                     "out as QEMU's are (see man fdmig-migrate-out).")
 
 
 @main.command("migrate-in")
 @instance_options
 @click.option("--channel", metavar="unix:PATH|tcp:HOST:PORT|defer",
-              help="Migration channel (default: <runtime-dir>/<name>.migrate.sock); "
+              help="Migration channel (default: NAME.migrate.sock in the runtime dir); "
                    "'defer': wait for QMP migrate-incoming on <name>.incoming.sock.")
 @tls_creds_option
 @click.option("--chardev", "chardev_specs", multiple=True, metavar="SPEC",
@@ -654,7 +718,17 @@ tls_creds_option = click.option("--tls-creds", metavar="DIR",
 @click.argument("command", nargs=-1, metavar="[-- CMD [ARGS]...]")
 def migrate_in(name, control, channel, tls_creds, chardev_specs, timeout, exec_, fdstore, claim_cmd, release_cmd,
                command):
-    """Start a target instance that waits for a migration, then serves (or execs CMD)."""
+    """Start a target that waits for a migration, then serves.
+
+    It takes the source's chardevs live over the channel and then serves as
+    `serve` would, under the same name and control socket; with --exec, it
+    execs CMD with them instead (systemd's socket activation).
+
+    \b
+    Examples:
+      fdmig migrate-in --name web
+      fdmig migrate-in --name web --exec -- ./server.py
+    """
     control_path = _control_path(name, control)
     address = _channel(control_path, channel, tls_creds, "server", defer=True)
     hooks = _hooks(tls_creds, claim=("--claim-cmd", claim_cmd), release=("--release-cmd", release_cmd))
@@ -683,7 +757,7 @@ def migrate_in(name, control, channel, tls_creds, chardev_specs, timeout, exec_,
 @main.command("migrate-out")
 @instance_options
 @click.option("--channel", metavar="unix:PATH|tcp:HOST:PORT",
-              help="Migration channel (default: <runtime-dir>/<name>.migrate.sock).")
+              help="Migration channel (default: NAME.migrate.sock in the runtime dir).")
 @tls_creds_option
 @click.option("--capability", "capabilities", multiple=True, type=click.Choice(CAPABILITIES),
               help="Enable a capability before migrating.")
@@ -702,7 +776,18 @@ def migrate_in(name, control, channel, tls_creds, chardev_specs, timeout, exec_,
 @click.option("--json", "as_json", is_flag=True, help="Print the outcome as one JSON object.")
 def migrate_out(name, control, channel, tls_creds, capabilities, release_cmd, reclaim_cmd, timeout, spawn,
                 reconnect, as_json):
-    """Migrate an instance's connections live to a target (migrate-in), then exit."""
+    """Move an instance's connections live to a new process.
+
+    The target is a `fdmig migrate-in` of the same name, or one that --spawn
+    starts (the upgrade in one command). Exit 0 once the target serves and the
+    source has exited; 1 with the reason if it failed, the source serving on;
+    4 at --timeout.
+
+    \b
+    Examples:
+      fdmig migrate-out --name web --spawn
+      fdmig migrate-out --name web --capability local-char-socket --spawn --json
+    """
     control_path = _control_path(name, control)
     address = _channel(control_path, channel, tls_creds, "client")
     hooks = _hooks(tls_creds, release=("--release-cmd", release_cmd), reclaim=("--reclaim-cmd", reclaim_cmd))
@@ -728,8 +813,16 @@ def migrate_out(name, control, channel, tls_creds, capabilities, release_cmd, re
 @click.option("--migrations", default=5, show_default=True, type=click.IntRange(1, 1000),
               help="How many live migrations to run.")
 def demo(migrations):
-    """A self-contained live handoff: an echo chardev, a peer streaming numbered
-    records, and several migrations to fresh processes. Exit 1 if anything was lost."""
+    """Show a live handoff through several migrations.
+
+    An echo chardev, a peer streaming numbered records, and several
+    migrations to fresh processes, with what the peer saw. Exit 1 if
+    anything was lost.
+
+    \b
+    Example:
+      fdmig demo --migrations 10
+    """
     from fdmig import demo as demo_module
     sys.exit(demo_module.run(migrations))
 
@@ -782,12 +875,19 @@ if os.environ.get("_FDMIG_COMPLETE", "").startswith("fish"):
 
 
 @main.command()
-@click.argument("shell", type=click.Choice(["bash", "zsh", "fish"]))
+@click.argument("shell", type=click.Choice(["bash", "zsh", "fish"]), metavar="SHELL")
 def completion(shell):
-    """Print the shell completion script for this fdmig and the click it runs on.
-    Load it at shell start: eval "$(fdmig completion bash)" in ~/.bashrc, the
-    same with zsh in ~/.zshrc (after compinit), fdmig completion fish | source
-    in fish's config.fish."""
+    """Print the shell completion script (bash, zsh or fish).
+
+    The script matches this fdmig and the click it runs on. Load it at shell
+    start.
+
+    \b
+    Examples:
+      eval "$(fdmig completion bash)"       # in ~/.bashrc
+      eval "$(fdmig completion zsh)"        # in ~/.zshrc, after compinit
+      fdmig completion fish | source        # in ~/.config/fish/config.fish
+    """
     from click.shell_completion import get_completion_class
     if shell == "fish":
         _mend_fish_completion()

@@ -46,10 +46,30 @@ OPTION_MISTAKES = {
                               "fdmig: --timeout: -1 is out of range; accepted: a number, 0 or more"),
     "demo migrations 0": (["demo", "--migrations", "0"],
                           "fdmig: --migrations: 0 is out of range; accepted: 1 to 1000"),
-    "unknown option": (["status", "--jsn"], "fdmig: no such option"),
+    # Issue 21: "Did you mean '--json'?; see", and the choices over four lines.
+    "unknown option": (["status", "--jsn"],
+                       "fdmig: no such option '--jsn' (did you mean '--json'?); see 'fdmig status --help'"),
     "unknown command": (["statu"], "fdmig: no such command 'statu'"),
     "missing argument": (["attach"], "fdmig: missing argument 'SPEC'; see 'fdmig attach --help'"),
+    "missing choice": (["completion"], "fdmig: missing argument SHELL; accepted: bash, zsh, fish"),
 }
+
+
+def test_help_fits_80_columns_names_every_command_whole_and_ends_with_examples(runtime_dir, monkeypatch):
+    # Issue 21: summaries cut with "...", a word broken across lines, no examples anywhere.
+    from fdmig.cli import main
+    commands = sorted(main.commands)
+    monkeypatch.setenv("COLUMNS", "80")
+    results = run_many([[command, "--help"] for command in commands] + [["--help"]])
+    for command, result in zip(commands + ["fdmig"], results):
+        assert result.returncode == 0, result.stderr
+        lines = result.stdout.splitlines()
+        assert all(len(line) <= 80 for line in lines), f"{command}: {[l for l in lines if len(l) > 80]}"
+        assert "Example" in result.stdout, f"{command} --help shows no example"
+        assert not re.search(r"[a-z]-$", "\n".join(lines), re.M), f"{command}: a word broken across lines"
+    listing = results[-1].stdout.split("Commands:")[1]
+    assert "..." not in listing, listing
+    assert set(re.findall(r"^  (\S+)", listing, re.M)) == set(commands)
 
 
 def test_option_errors_are_one_fdmig_line_and_exit_2(runtime_dir):
@@ -171,13 +191,14 @@ def test_status_on_an_80_column_terminal_is_readable(daemons, short_dir, runtime
     assert all(len(line) <= 80 for line in lines), screen
     assert "…" not in screen, screen
     shown = screen.split()
-    for word in ("LABEL", "ADDRESS", "PEER", "SINCE", f"unix:{path}", "connected", f"unix:{short_dir}/metrics.sock"):
+    for word in ("LABEL", "ADDRESS", "STATE", "PEER", f"unix:{path}", "connected", f"unix:{short_dir}/metrics.sock"):
         assert word in shown, f"{word!r} is not shown whole:\n{screen}"
     assert any(word.endswith(f"[{os.getpid()}]") for word in shown), screen  # the peer: this test's process
+    # Issue 21: one line per chardev; the columns left out to make room are named.
     rows = [line for line in lines if line.startswith(("app ", "metrics "))]
-    assert [row.split()[:4] for row in rows] == [["app", f"unix:{path}", "server", "connected"],
-                                                 ["metrics", f"unix:{short_dir}/metrics.sock", "server",
-                                                  "listening"]]
+    assert [row.split()[:3] for row in rows] == [["app", f"unix:{path}", "connected"],
+                                                 ["metrics", f"unix:{short_dir}/metrics.sock", "listening"]], screen
+    assert any(line.startswith("not shown:") and "--json" in line for line in lines), screen
 
 
 def test_ctrl_c_ends_status_watch_with_exit_0_and_no_aborted(daemons):
