@@ -1,13 +1,15 @@
 """The documentation keeps up with the code: a man page for every command that
-documents every option, pages that render without a warning, and shell
-completion that comes from the installed fdmig (`fdmig completion SHELL`, and
-loaders in completions/ that ask it) and works in real bash, zsh and fish
-against a running instance."""
+documents every option, pages that render without a warning, shell completion
+that comes from the installed fdmig (`fdmig completion SHELL`, and loaders in
+completions/ that ask it) and works in real bash, zsh and fish against a
+running instance, and a README a newcomer reads through, whose examples run as
+written."""
 
 import os
 import re
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import sysconfig
@@ -419,3 +421,170 @@ def test_fish_completion_offers_subcommands_and_labels_of_running_instance(
     _serve_app_and_db(daemons, short_dir)
     assert fish_complete("fdmig detach ", fdmig_bin, load) == ["app", "db"]
     assert fish_complete("fdmig detach --name ", fdmig_bin, load) == ["default"]
+
+
+# ----- (e) the README: a newcomer's document, whose examples run as written ----------
+
+README = ROOT / "README.md"
+# The quick start: one command to see it work, one to test it, each one line.
+QUICK_START = [
+    "python3 -m venv .venv && .venv/bin/pip install . && .venv/bin/fdmig demo",
+    "python3 -m venv .venv && .venv/bin/pip install -e '.[test]' && .venv/bin/python -m pytest",
+]
+
+
+def readme_section(heading: str) -> str:
+    """The text under the README's `## heading`, up to the next heading of that level."""
+    text = README.read_text()
+    match = re.search(rf"^## {re.escape(heading)}\n(.*?)(?=^## |\Z)", text, re.S | re.M)
+    assert match, f"README has no section '## {heading}'"
+    return match.group(1)
+
+
+def code_blocks(text: str, language: str) -> list[str]:
+    return re.findall(rf"^```{language}\n(.*?)^```", text, re.S | re.M)
+
+
+def test_readme_is_short_enough_to_read_through():
+    lines = README.read_text().splitlines()
+    assert len(lines) <= 400, f"README.md has {len(lines)} lines; at most 400"
+    performance = readme_section("Performance").rstrip("\n").splitlines()
+    assert len(performance) + 1 <= 60, f"README's Performance has {len(performance) + 1} lines; at most 60"
+
+
+def test_readme_first_screen_shows_the_quick_start_verbatim_each_command_one_line():
+    first_screen = README.read_text().splitlines()[:40]
+    for command in QUICK_START:
+        assert command in first_screen, f"the README's first 40 lines lack, as a line of its own: {command}"
+
+
+def test_ci_runs_the_readme_test_command_verbatim():
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert QUICK_START[1] in ci, f".ci/run does not run the README's test command: {QUICK_START[1]}"
+
+
+def test_readme_refers_only_to_man_pages_that_exist_and_names_the_new_ones():
+    text = README.read_text()
+    ours = {p.stem: p.suffix[1:] for p in ALL_PAGES}
+    for name, section in re.findall(r"(fdmig[\w-]*)\((\d)\)", text):
+        assert ours.get(name) == section, f"README refers to {name}({section}), which is not in man/"
+    for page in ("fdmig-performance(7)", "fdmig-systemd(7)", "fdmig(1)"):
+        assert page in text
+
+
+def test_readme_walk_through_starts_no_target_that_dies_with_its_terminal():
+    # Regression (issue 21): `fdmig migrate-in &` in a terminal is killed with it (SIGHUP).
+    text = README.read_text()
+    assert not re.search(r"migrate-in[^\n]*&\s*$", text, re.M), "a target started in the background of a shell"
+    assert "fdmig migrate-out --spawn" in text and "fdmig stop" in text and "fdmig list" in text
+
+
+class _RecordStream:
+    """A fast client: numbered records sent as fast as a window of them in flight
+    allows; each must come back once and in order, and no EOF."""
+
+    RECORD = b"%011d\n"
+    SIZE = 12
+
+    def __init__(self, sock, window: int = 256):
+        import threading
+        sock.settimeout(30)
+        self.sock, self.sent, self.echoed, self.error, self.closing = sock, 0, 0, None, False
+        self._room = threading.Semaphore(window)
+        self._stop = threading.Event()
+        self._progress = threading.Condition()
+        self._threads = [threading.Thread(target=self._send, daemon=True),
+                         threading.Thread(target=self._receive, daemon=True)]
+        for thread in self._threads:
+            thread.start()
+
+    def _send(self):
+        while not self._stop.is_set():
+            if self._room.acquire(timeout=0.05):
+                record = self.RECORD % self.sent
+                self.sent += 1
+                try:
+                    self.sock.sendall(record)
+                except OSError as exc:
+                    return self._fail(f"send failed: {exc}")
+
+    def _receive(self):
+        buf = b""
+        while True:
+            try:
+                data = self.sock.recv(65536)
+            except OSError as exc:
+                return self._fail(f"receive failed: {exc}")
+            if not data:
+                return self._fail("EOF")
+            buf += data
+            while len(buf) >= self.SIZE:
+                record, buf = buf[:self.SIZE], buf[self.SIZE:]
+                if record != self.RECORD % self.echoed:
+                    return self._fail(f"expected record {self.echoed}, got {record!r}: a record was lost")
+                with self._progress:
+                    self.echoed += 1
+                    self._progress.notify_all()
+                self._room.release()
+
+    def _fail(self, error):
+        with self._progress:
+            if not self.closing:
+                self.error = self.error or error
+            self._progress.notify_all()
+
+    def wait_echoed(self, count: int, timeout: float = 20.0):
+        with self._progress:
+            self._progress.wait_for(lambda: self.echoed >= count or self.error, timeout)
+        assert self.error is None, self.error
+        assert self.echoed >= count, f"{self.echoed} of {count} records echoed within {timeout} s"
+
+    def finish(self) -> int:
+        """Stops sending, waits for every record sent to come back; the count."""
+        self._stop.set()
+        self._threads[0].join(10)
+        self.wait_echoed(self.sent)
+        with self._progress:
+            self.closing = True
+        self.sock.shutdown(socket.SHUT_RDWR)
+        self._threads[1].join(10)
+        self.sock.close()
+        return self.echoed
+
+
+@pytest.mark.timeout(120)
+def test_readme_server_py_loses_no_record_of_fast_clients_through_restarts(daemons, runtime_dir, tmp_path):
+    """The README's server.py under the README's own `fdmig run` line: fast clients
+    stream through ten restarts, and every record comes back once, in order. A
+    server killed by SIGTERM between its recv and its sendall (the README's before
+    issue 21) lost a record in about one restart of six."""
+    from tests.helpers import free_port, status_of
+    section = readme_section("Keep your program's connections across its restarts")
+    (program,) = [block for block in code_blocks(section, "python") if block.startswith("# server.py")]
+    (server := tmp_path / "server.py").write_text(program)
+    (line,) = [line for block in code_blocks(section, "sh") for line in block.splitlines()
+               if line.startswith("fdmig run ")]
+    words = shlex.split(line.split("#")[0])
+    assert words[-3:] == ["--", "python3", "server.py"], words
+    port = free_port()
+    options = [re.sub(r"port=\d+", f"port={port}", word) for word in words[2:-3]]
+    name = options[options.index("--name") + 1]
+    daemon = daemons("run", *options, "--", sys.executable, str(server), cwd=tmp_path)
+
+    streams = [_RecordStream(socket.create_connection(("127.0.0.1", port), timeout=10)) for _ in range(3)]
+    control = os.path.join(runtime_dir, f"{name}.sock")
+    try:
+        for stream in streams:
+            stream.wait_echoed(100)
+        pids = {status_of(control)["service"]["pid"]}
+        for _ in range(10):
+            result = run("restart", "--name", name, timeout=60)
+            assert result.returncode == 0, result.stderr
+            pids.add(status_of(control)["service"]["pid"])
+            for stream in streams:  # the new program echoes, and nothing before it was lost
+                stream.wait_echoed(stream.sent + 1)
+        assert len(pids) == 11
+        assert len(status_of(control)["stored"]) == 3
+        assert all(stream.finish() > 100 for stream in streams)
+    except AssertionError as failure:
+        raise AssertionError(f"{failure}\nfdmig run's log:\n{daemon.stderr()[-4000:]}") from None

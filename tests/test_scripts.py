@@ -1,4 +1,5 @@
-"""The README's script for CI, run exactly as a user would paste it."""
+"""The scripts of the README and the man pages, run exactly as a user would
+paste them."""
 
 import os
 import re
@@ -9,13 +10,24 @@ import sys
 import pytest
 
 README = os.path.join(os.path.dirname(__file__), "..", "README.md")
+MAN = os.path.join(os.path.dirname(__file__), "..", "man")
 
 
 def readme_block(heading: str) -> str:
     with open(README) as f:
         text = f.read()
-    section = text.split(f"#{'##' if heading.startswith('Live TCP') else '#'} {heading}\n", 1)[1]
+    section = text.split(f"## {heading}\n", 1)[1]
     return re.search(r"```sh\n(.*?)```", section, re.S).group(1)
+
+
+def man_example(page: str, first_line: str) -> str:
+    """The example of man/`page` (an .EX block) that begins with `first_line`, as
+    a reader copies it from the rendered page."""
+    from tests.test_docs import plain
+    with open(os.path.join(MAN, page)) as f:
+        blocks = re.findall(r"^\.EX\n(.*?)^\.EE\n", f.read(), re.S | re.M)
+    (block,) = [block for block in blocks if block.startswith(first_line)]
+    return plain(block)
 
 
 @pytest.mark.skipif(not (shutil.which("jq") and shutil.which("socat")), reason="needs jq and socat")
@@ -30,15 +42,15 @@ def test_readme_smoke_script_passes(tmp_path):
     assert result.stdout.count("true") == 3
 
 
-def test_readme_walk_through_moves_a_live_tcp_connection_between_two_namespaces(tmp_path):
-    """The README's cross-host walk-through, pasted into sh as root: the client
-    streams through the migration and counts every record back."""
+def test_man_page_walk_through_moves_a_live_tcp_connection_between_two_namespaces(tmp_path):
+    """fdmig-migrate-out(1)'s cross-host walk-through, pasted into sh as root: the
+    client streams through the migration and counts every record back."""
     from tests import netns
     why = netns.unavailable()
     if why is not None or shutil.which("openssl") is None:
         pytest.skip(why or "needs openssl")
     script = tmp_path / "walk.sh"
-    script.write_text(readme_block("Live TCP connections to another host: `x-tcp-repair`"))
+    script.write_text(man_example("fdmig-migrate-out.1", "set \\-e\nwork=$(mktemp"))
     bindir = os.path.dirname(sys.executable)
     env = dict(os.environ, PATH=f"{bindir}:{os.environ['PATH']}")
     env.pop("FDMIG_RUNTIME_DIR", None)
