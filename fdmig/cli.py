@@ -266,11 +266,16 @@ def serve(name, control, chardev_specs, capabilities, fdstore):
 @click.option("--stop-signal", default="SIGTERM", show_default=True, metavar="SIG",
               help="The signal that stops the service (a name or a number).")
 @click.option("--timeout", "stop_timeout", type=click.FloatRange(min=0, min_open=True), default=90.0,
-              show_default=True, metavar="S", help="How long a stopping service has before SIGKILL.")
+              show_default=True, metavar="S", help="How long a stopping (or draining) service has before SIGKILL.")
+@click.option("--overlap", is_flag=True,
+              help="Restart as Server::Starter does: the new service starts beside the old one, which drains "
+                   "once the new one is ready (for servers that drain on their stop signal).")
+@click.option("--ready-delay", type=click.FloatRange(min=0), default=None, metavar="S",
+              help="With --overlap and no --notify: a new service alive this long is ready (default 1).")
 @fdstore_option
 @click.argument("command", nargs=-1, required=True, metavar="-- CMD [ARGS]...")
 def run(name, control, chardev_specs, capabilities, notify_ready, fdstore_max, restart_policy, stop_signal,
-        stop_timeout, fdstore, command):
+        stop_timeout, overlap, ready_delay, fdstore, command):
     """Run a program that keeps its sockets across its own restarts.
 
     CMD gets the chardevs' sockets from fd 3 on (systemd's socket activation:
@@ -303,7 +308,11 @@ def run(name, control, chardev_specs, capabilities, notify_ready, fdstore_max, r
     _setup_logging(instance_name)
     from fdmig.daemon import Instance, run_with_service
     instance = Instance(instance_name, control_path, capabilities, fdstore=fdstore)
-    options = Options(notify_ready, restart_policy, signum, stop_timeout, fdstore_max)
+    if ready_delay is not None and not overlap:
+        raise SpecError("--ready-delay goes with --overlap: without it, a restart starts the new service only "
+                        "once the old one has exited")
+    options = Options(notify_ready, restart_policy, signum, stop_timeout, fdstore_max, overlap,
+                      1.0 if ready_delay is None else ready_delay)
     sys.exit(run_with_service(instance, chardevs, list(command), options))
 
 
@@ -363,15 +372,15 @@ def restart(name, control, timeout):
         click.echo(f"service restarted: pid {outcome['pid']}, ready")
         return
     if outcome["status"] == "timeout":
-        raise TimeoutExpired(f"timed out after {timeout:g} s: {outcome['error']}; the restart goes on in "
-                             "the instance")
+        goes_on = "; the restart goes on in the instance" if outcome.get("goes-on", True) else ""
+        raise TimeoutExpired(f"timed out after {timeout:g} s: {outcome['error']}{goes_on}")
     raise FdmigError(f"the service did not come back: {outcome['error']}; its listening sockets and fd store "
                      "stay held: fix it and run fdmig restart again")
 
 
 def _restart_state(control_path: str) -> str:
     """Where a restart stands that this command no longer waits for."""
-    from fdmig import listing
+    from fdmig import render
     try:
         with qmp.connect(control_path, timeout=2) as client:
             service = client.execute("x-fdmig-status").get("service") or {}
@@ -379,7 +388,7 @@ def _restart_state(control_path: str) -> str:
         return "the restart goes on in the instance, which does not answer just now"
     pid, state = service.get("pid"), service.get("state")
     if state == "stopping":
-        kill = f"; SIGKILL at {listing.local_time(service['kill-at'])}" if service.get("kill-at") else ""
+        kill = f"; SIGKILL at {render.local_time(service['kill-at'])}" if service.get("kill-at") else ""
         return f"the restart goes on in the instance: the old service (pid {pid}) is stopping{kill}"
     if state in ("restarting", "starting"):
         return f"the restart goes on in the instance: the new service (pid {pid}) is starting, not ready yet"

@@ -260,6 +260,9 @@ class Instance:
         `reconnect` says that is wanted. `hooks`: over TCP, the shell commands
         that move the service address ("release", "reclaim")."""
         from fdmig.migration import source
+        if self.service is not None and self.service.restart_under_way:
+            raise FdmigError("a restart of the service is under way: migrate once it has ended (fdmig restart "
+                             "returns then)")
         if address.tcp:
             if self.capabilities["local-char-socket"]:
                 raise FdmigError("capability local-char-socket passes fds, which cannot cross hosts: turn it off "
@@ -472,13 +475,15 @@ class Instance:
         self.store.refused = state.fdstore_refused
         for entry, fd in stored:
             self.store.adopt(entry.name, fd, entry.poll, entry.stored_at)
-        options = Options(state.notify_ready, state.restart, state.stop_signal, state.stop_timeout, state.fdstore_max)
+        options = Options(state.notify_ready, state.restart, state.stop_signal, state.stop_timeout, state.fdstore_max,
+                          state.overlap, state.ready_delay)
         self.service = Service(list(state.argv), paths.notify_beside(self.control_path), self.store,
                                self.service_fds, options, on_change=self._service_changed, sock=sock)
         service = self.service
         service.state, service.ready = State(state.state), state.ready
         service.status_text, service.restarts = state.status_text, state.restarts
         service.supervise_running(state.pid)
+        service.adopt_draining(state.draining)
         log.info("service: pid %s taken over with %d stored fd(s)", state.pid, len(self.store))
 
     def took_over(self, received) -> None:

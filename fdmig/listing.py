@@ -10,7 +10,7 @@ import stat
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from fdmig import paths, process, qmp
+from fdmig import paths, process, qmp, render
 from fdmig.errors import FdmigError, NoInstanceError, TimeoutExpired
 
 PROBE_TIMEOUT = 2.0  # `list`: how long an instance has to answer
@@ -172,16 +172,6 @@ def stop(control_path: str, timeout: float) -> dict:
                          f"{_still_stopping(control_path, pid)}; it goes on stopping")
 
 
-def local_time(iso: str) -> str:
-    """`2026-12-07T05:30:00Z` (status's form) as the local time of day."""
-    import calendar
-    try:
-        when = calendar.timegm(time.strptime(iso, "%Y-%m-%dT%H:%M:%SZ"))
-    except ValueError:
-        return iso
-    return time.strftime("%H:%M:%S", time.localtime(when))
-
-
 def _wait_readable(fd: int, timeout: float) -> bool:
     import select
     return bool(select.select([fd], [], [], timeout)[0])
@@ -196,6 +186,6 @@ def _still_stopping(control_path: str, pid: int) -> str:
         return "it no longer answers, and has not exited"
     service = status.get("service") if status.get("pid") == pid else None
     if service and service.get("pid") and service.get("state") == "stopping":
-        kill = f"; SIGKILL at {local_time(service['kill-at'])}" if service.get("kill-at") else ""
+        kill = f"; SIGKILL at {render.local_time(service['kill-at'])}" if service.get("kill-at") else ""
         return f"its service (pid {service['pid']}) has not stopped yet{kill}"
     return "it is still closing"

@@ -5,6 +5,7 @@ own name, as ps shows it."""
 import ctypes
 import os
 import select
+import signal
 
 PR_SET_NAME = 15
 
@@ -86,3 +87,14 @@ def descends_from(pid: int, ancestor: int) -> bool:
             return False
         pid = parent_of(pid)
     return False
+
+
+def describe_status(code: int) -> str:
+    """How a child ended, from its wait status: `exit status N`, `killed by SIGX`."""
+    if os.WIFSIGNALED(code):
+        sig = os.WTERMSIG(code)
+        try:
+            return f"killed by {signal.Signals(sig).name}"
+        except ValueError:
+            return f"killed by signal {sig}"
+    return f"exit status {os.WEXITSTATUS(code)}"

@@ -162,7 +162,20 @@ def _service_fields(status: dict) -> list[tuple[list[str], str]]:
               f"refused {service['fdstore-refused']}"]
     if service.get("status-text"):
         fields.append(f"status: {service['status-text']}")
-    return [(fields, ", ")]
+    # A line for each older generation that drains (run --overlap).
+    draining = [([f"draining: pid {entry['pid']}", f"since {local_time(entry.get('since'))}",
+                  f"SIGKILL at {local_time(entry.get('kill-at'))}"], ", ") for entry in service.get("draining") or []]
+    return [(fields, ", ")] + draining
+
+
+def local_time(iso: str | None) -> str:
+    """`2026-12-07T05:30:00Z` (status's form) as the local time of day."""
+    if not iso:
+        return "-"
+    try:
+        return time.strftime("%H:%M:%S", time.localtime(calendar.timegm(time.strptime(iso, "%Y-%m-%dT%H:%M:%SZ"))))
+    except ValueError:
+        return iso
 
 
 def header(status: dict) -> list[str]:

@@ -23,20 +23,16 @@ import time
 
 from fdmig import fdpass, notify, paths, process
 from fdmig.errors import FdmigError
+from fdmig.generation import Generation, Phase
+from fdmig.servicelog import LAST_LINE_WAIT, StderrCopy
 
 log = logging.getLogger("fdmig")
 BACKOFF_FIRST = 0.1  # --restart: the first delay, doubling while the service keeps failing
 BACKOFF_MAX = 10.0
+OVERLAP_GRACE = 2.0  # past restart's --timeout, for an overlapping restart to say how it ended
 # sh execs CMD in its own process, so $$ is CMD's pid: LISTEN_PID must be the pid
 # of the process that reads it, known only once that process exists.
 _SHIM = 'if [ -n "${LISTEN_FDS-}" ]; then LISTEN_PID=$$; export LISTEN_PID; fi; exec "$@"'
-# How long a failed restart waits for the last line of the new service's stderr
-# (its copier ends once every holder of the pipe's write end has exited).
-LAST_LINE_WAIT = 1.0
-MAX_LAST_LINE = 4096
-# The copier of a service's stderr (fdmig/stderrcopy.py, run as a script: it
-# imports nothing of fdmig's, and `ps` shows its file's name).
-_COPIER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "stderrcopy.py")
 
 
 class State(enum.Enum):
@@ -50,10 +46,12 @@ class State(enum.Enum):
 
 S = State
 TRANSITIONS = {
-    S.STARTING: (S.RUNNING, S.STOPPING, S.EXITED, S.FAILED),
-    S.RUNNING: (S.RUNNING, S.STOPPING, S.EXITED, S.FAILED),
+    # RESTARTING from these: --overlap, the old generation serving on meanwhile.
+    S.STARTING: (S.RUNNING, S.STOPPING, S.RESTARTING, S.EXITED, S.FAILED),
+    S.RUNNING: (S.RUNNING, S.STOPPING, S.RESTARTING, S.EXITED, S.FAILED),
     S.STOPPING: (S.STOPPING, S.RESTARTING, S.EXITED, S.FAILED),
-    S.RESTARTING: (S.STARTING, S.FAILED),
+    # A failed overlapping restart leaves the old generation serving: RUNNING again.
+    S.RESTARTING: (S.STARTING, S.RUNNING, S.FAILED),
     S.EXITED: (S.RESTARTING,),
     S.FAILED: (S.RESTARTING,),
 }
@@ -68,6 +66,8 @@ class Options:
     stop_signal: int = signal.SIGTERM  # --stop-signal
     stop_timeout: float = 90.0  # --timeout: SIGKILL after it
     fdstore_max: int = 1024  # --fdstore-max
+    overlap: bool = False  # --overlap: a restart starts the new generation beside the old
+    ready_delay: float = 1.0  # --ready-delay: with --overlap and no --notify, alive this long is ready
 
 
 class Service:
@@ -102,6 +102,12 @@ class Service:
         self._copies: list[StderrCopy] = []
         self._backoff = BACKOFF_FIRST
         self._retry: asyncio.TimerHandle | None = None
+        self._ready_timer: asyncio.TimerHandle | None = None  # --overlap without --notify: --ready-delay
+        # --overlap: the old generation while a new one starts beside it, and those
+        # that drain (or a new one that failed, being stopped), oldest first.
+        self._old: Generation | None = None
+        self.draining: list[Generation] = []
+        self._generation_gone = asyncio.Event()
         self._loop = asyncio.get_running_loop()
         self.sock = sock if sock is not None else _bind_notify(notify_path)
         self._notify_inode = os.stat(notify_path).st_ino
@@ -121,6 +127,8 @@ class Service:
                 self._loop.remove_reader(self.sock.fileno())
                 if self._pidfd is not None:
                     self._loop.remove_reader(self._pidfd)
+            for generation in self._generations():
+                generation.watch(on)
             self._hearing = on
 
     # ----- states ------------------------------------------------------------
@@ -134,6 +142,10 @@ class Service:
     @property
     def alive(self) -> bool:
         return self._pidfd is not None
+
+    @property
+    def restart_under_way(self) -> bool:
+        return self._restarting is not None and not self._restarting.done()
 
     # ----- starting ----------------------------------------------------------
 
@@ -183,6 +195,14 @@ class Service:
         if self.state is not State.STARTING:
             self._to(State.STARTING)
         if not self.options.notify_ready:
+            if self.options.overlap:  # alive --ready-delay after its start: ready
+                self._ready_timer = self._loop.call_later(self.options.ready_delay, self._ready_if_alive, pid)
+            else:
+                self._now_ready()
+
+    def _ready_if_alive(self, pid: int) -> None:
+        self._ready_timer = None
+        if self.alive and self._spawned_at is not None and self.state is State.STARTING and pid == self.main_pid:
             self._now_ready()
 
     def _copy_stderr(self) -> "StderrCopy | None":
@@ -237,13 +257,146 @@ class Service:
             return "ready"
         return "exited" if self._exited.is_set() else "timeout"
 
+    # ----- generations (--overlap) -------------------------------------------
+
+    def _generations(self) -> list[Generation]:
+        return ([self._old] if self._old is not None else []) + self.draining
+
+    def _detach(self) -> Generation:
+        """The current process as a generation of its own (it serves on, or is to
+        be stopped); no process is current after it."""
+        self._cancel_ready_timer()
+        pidfd = self._pidfd
+        if pidfd is not None and self._hearing:
+            self._loop.remove_reader(pidfd)
+        self._pidfd = None
+        generation = Generation(self._loop, self.main_pid, self._spawned_pid == self.main_pid,
+                                self._generation_exited, pidfd=pidfd, stderr=self._stderr)
+        generation.watch(self._hearing)
+        self.main_pid = self._spawned_pid = None
+        self._stderr = None
+        self.ready = False
+        return generation
+
+    def _reattach(self, generation: Generation) -> None:
+        """The old generation current again: a new one failed beside it."""
+        self._unsupervise()
+        self.main_pid = generation.pid
+        self._spawned_pid = generation.pid if generation.spawned else None
+        self._stderr = generation.stderr
+        self._pidfd = generation.take_pidfd()
+        if self._pidfd is not None and self._hearing:
+            self._loop.add_reader(self._pidfd, self._on_exit)
+        self.exit_status = None
+        self._exited.clear()
+        self._now_ready()
+        if self.state is not State.RUNNING:
+            self._to(State.RUNNING)
+
+    def _generation_exited(self, generation: Generation) -> None:
+        self._drain()  # what it sent before it exited is still queued: take it
+        if generation is self._old:
+            log.warning("service: the old generation (pid %d) %s while a new one started", generation.pid,
+                        _ended(generation.exit_status))
+        elif generation in self.draining:
+            self.draining.remove(generation)
+            took = time.time() - generation.since if generation.since else 0.0
+            how = "drained" if generation.phase is Phase.EXITED and generation.kill_at and \
+                generation.kill_at > time.time() else "ended"
+            log.info("service: generation pid %d %s after %.1f s (%s)", generation.pid, how, took,
+                     generation.exit_status)
+        self._generation_gone.set()
+        self.on_change()
+
+    def _drain_generation(self, generation: Generation) -> None:
+        """Send a generation the stop signal; SIGKILL after the stop timeout."""
+        generation.drain(self.options.stop_signal, self.options.stop_timeout)
+        self.draining.append(generation)
+        log.info("service: generation pid %d drains: %s sent (SIGKILL in %g s)", generation.pid,
+                 _signal_name(self.options.stop_signal), self.options.stop_timeout)
+
+    async def _restart_overlapped(self, timeout: float | None) -> dict:
+        """`fdmig restart` with --overlap: the new generation starts beside the old
+        one; once it is ready the old one drains, else the new one is stopped and
+        the old one serves on, never signalled. The outcome as restart() gives it."""
+        self._cancel_retry()
+        if not self.alive:  # nothing serves: nothing to overlap
+            started = await self._restart_now_stopped()
+            if "error" in started:
+                return {"status": "failed", "pid": None, "error": started["error"]}
+            return await self._outcome(started["pid"], started["stderr"], timeout)
+        self.restarts += 1
+        self._to(State.RESTARTING)
+        old = self._old = self._detach()
+        try:
+            self.start()
+        except FdmigError as exc:
+            self._old = None
+            self._reattach(old)
+            return {"status": "failed", "pid": None, "error": f"{exc}; the old generation (pid {old.pid}) serves on"}
+        pid, stderr = self.main_pid, self._stderr
+        outcome = await self.wait_ready(timeout)
+        self._old = None
+        if outcome == "ready":
+            if old.alive:
+                self._drain_generation(old)
+            self.on_change()
+            return {"status": "ready", "pid": pid, "error": None}
+        result = await self._outcome(pid, stderr, timeout, outcome)
+        result["goes-on"] = False  # it has ended: the new generation stopped, the old one serving
+        if outcome == "timeout":
+            result["error"] = f"the new generation (pid {pid}) was not ready within {timeout:g} s: it is stopped"
+            if self.alive:
+                self._drain_generation(self._detach())  # it is stopped, as a drain is
+        if old.alive:
+            self._reattach(old)
+            result["error"] += f"; the old generation (pid {old.pid}) serves on"
+        else:
+            old.close()
+            result["error"] += "; the old generation had exited meanwhile: no generation serves"
+            if self.state is not State.FAILED:
+                self._to(State.FAILED)
+        self.on_change()
+        return result
+
+    async def _outcome(self, pid: int, stderr, timeout: float | None, outcome: str | None = None) -> dict:
+        """A started service's readiness (awaited, unless `outcome` is known) as
+        restart() reports it."""
+        if outcome is None:
+            outcome = await self.wait_ready(timeout)
+        if outcome == "ready":
+            return {"status": "ready", "pid": pid, "error": None}
+        if outcome == "timeout":
+            waiting = " (no READY=1 from it yet)" if self.options.notify_ready else ""
+            return {"status": "timeout", "waiting-for": "ready", "pid": pid,
+                    "error": f"the new service (pid {pid}) is not ready yet{waiting}"}
+        line = await stderr.last_line(LAST_LINE_WAIT) if stderr is not None else None
+        return {"status": "failed", "pid": pid, "exit-status": self.exit_status, "last-line": line,
+                "error": f"the new service (pid {pid}) {_ended(self.exit_status)} before it was ready"
+                         + (f": {line}" if line else "")}
+
+    def _cancel_ready_timer(self) -> None:
+        if self._ready_timer is not None:
+            self._ready_timer.cancel()
+            self._ready_timer = None
+
     # ----- exiting -----------------------------------------------------------
 
     def _on_exit(self) -> None:
         self._exit_seen = time.monotonic()
+        self._cancel_ready_timer()
         self._unsupervise()
         self.exit_status = self._reap()
         self._drain()  # what it sent before it exited is still queued: take it
+        if self._old is not None:
+            # A new generation that ended beside the old one: the restart says so,
+            # and the old one serves on. No state of the service's changes.
+            log.warning("service: the new generation (pid %s) %s before it was ready", self.main_pid,
+                        _ended(self.exit_status))
+            self.main_pid = None
+            self.ready = False
+            self._exited.set()
+            return
         on_purpose = self._stopping_on_purpose
         # A main process that was not our child (MAINPID=, or one a migration brought)
         # ended in a way only its parent may read: that counts as a failure, so that
@@ -271,7 +424,7 @@ class Service:
         if pid is not None:
             try:
                 _, code = os.waitpid(pid, os.WNOHANG)
-                status = _describe_status(code)
+                status = process.describe_status(code)
             except ChildProcessError:
                 pass
             self._spawned_pid = None
@@ -304,7 +457,13 @@ class Service:
         if self._stopping is not None and not self._stopping.done() and interactive:
             log.info("service: stopping pid %s (SIGKILL in %g s; Ctrl-C again to kill now)", self._stopping_pid,
                      max(0.0, round((self.kill_at or time.time()) - time.time())))
+        if self._old is not None and self._old.alive:
+            self._drain_generation(self._old)  # a restart under way: the old generation stops too
         await self._stop(interactive)
+        # Those that drain have their stop signal and their SIGKILL due already.
+        while any(generation.alive for generation in self.draining):
+            self._generation_gone.clear()
+            await self._generation_gone.wait()
 
     async def _stop(self, interactive: bool = False) -> None:
         if self._stopping is None or self._stopping.done():
@@ -340,8 +499,13 @@ class Service:
     def kill_now(self) -> bool:
         """SIGKILL to a service that is being stopped and has not exited yet (a
         second Ctrl-C); whether there was one."""
+        draining = [generation for generation in self.draining if generation.alive]
+        for generation in draining:
+            log.warning("service: SIGKILL to the draining generation pid %d now (Ctrl-C again)", generation.pid)
+            generation.kill_at = time.time()
+            generation.signal(signal.SIGKILL)
         if self._stopping is None or self._stopping.done() or not self.alive:
-            return False
+            return bool(draining)
         log.warning("service: SIGKILL to pid %s now (Ctrl-C again)", self.main_pid)
         self.kill_at = time.time()
         self._signal(signal.SIGKILL)
@@ -369,27 +533,29 @@ class Service:
             return None if deadline is None else max(0.0, deadline - loop.time())
         task = self._restarting
         if task is None or task.done():
-            task = self._restarting = asyncio.ensure_future(self._restart_now_stopped())
-        await asyncio.wait({task}, timeout=remaining())
+            # With --overlap the task bounds its wait for the new generation itself:
+            # one not ready by then is stopped, whether a client still waits or not.
+            work = self._restart_overlapped(timeout) if self.options.overlap else self._restart_now_stopped()
+            task = self._restarting = asyncio.ensure_future(work)
+        # --overlap: the task decides at the deadline itself; its answer follows at once.
+        await asyncio.wait({task}, timeout=remaining() + OVERLAP_GRACE * self.options.overlap
+                           if deadline is not None else None)
         if not task.done():
+            if self.options.overlap:
+                return {"status": "timeout", "waiting-for": "ready", "pid": self.main_pid,
+                        "error": f"the new generation (pid {self.main_pid}) is not ready yet; it is stopped at "
+                                 "the first restart's --timeout, and the old one serves on meanwhile"}
             return {"status": "timeout", "waiting-for": "stop", "pid": self._stopping_pid,
                     "error": self._still_stopping()}
-        started = {"error": "the restart was given up: the instance handed its service over"} \
-            if task.cancelled() else task.result()
+        if task.cancelled():
+            return {"status": "failed", "pid": None,
+                    "error": "the restart was given up: the instance handed its service over"}
+        if self.options.overlap:
+            return task.result()
+        started = task.result()
         if "error" in started:
             return {"status": "failed", "pid": None, "error": started["error"]}
-        pid, stderr = started["pid"], started["stderr"]
-        outcome = await self.wait_ready(remaining())
-        if outcome == "ready":
-            return {"status": "ready", "pid": pid, "error": None}
-        if outcome == "timeout":
-            waiting = " (no READY=1 from it yet)" if self.options.notify_ready else ""
-            return {"status": "timeout", "waiting-for": "ready", "pid": pid,
-                    "error": f"the new service (pid {pid}) is not ready yet{waiting}"}
-        line = await stderr.last_line(LAST_LINE_WAIT) if stderr is not None else None
-        return {"status": "failed", "pid": pid, "exit-status": self.exit_status, "last-line": line,
-                "error": f"the new service (pid {pid}) {_ended(self.exit_status)} before it was ready"
-                         + (f": {line}" if line else "")}
+        return await self._outcome(started["pid"], started["stderr"], remaining())
 
     async def _restart_now_stopped(self) -> dict:
         """A restart's own task: the service stopped, started again. {"pid", "stderr"}
@@ -421,6 +587,18 @@ class Service:
         return (f"the old service (pid {pid}) has not stopped yet; SIGKILL at {when} "
                 f"(in {left:.0f} s, run --timeout {self.options.stop_timeout:g} s)")
 
+    def adopt_draining(self, draining) -> None:
+        """A migration's target: the generations that drain at the source, each
+        supervised from here on, its SIGKILL due when it was there; none is
+        signalled again."""
+        for pid, since, kill_at, killed in draining:
+            generation = Generation(self._loop, pid, False, self._generation_exited)
+            generation.drain(self.options.stop_signal, kill_at - since, since=since, killed=killed)
+            generation.watch(self._hearing)
+            self.draining.append(generation)
+            log.info("service: generation pid %d drains, as it did at the source (SIGKILL at %s)", pid,
+                     time.strftime("%H:%M:%S", time.localtime(kill_at)))
+
     def supervise_running(self, pid: int | None) -> None:
         """A migration's target: the service runs already (not our child, so how
         it ends is not ours to read); supervise it from here on."""
@@ -451,6 +629,9 @@ class Service:
         for copy in self._copies:
             copy.close()
         self._copies = []
+        self._cancel_ready_timer()
+        for generation in self._generations():
+            generation.close()  # unsignalled: after a commit, the target's to supervise
         self._unsupervise()
         self.hear(False)
         self.sock.close()
@@ -477,25 +658,48 @@ class Service:
             log.warning("service: notify socket: %s", exc)
             return False
         pid = creds[0] if creds else None
-        reason = self._refusal(pid, complete)
+        reason, older = self._refusal(pid, complete)
         if reason is not None:
             self._refuse(pid, reason, fds)
+        elif older is not None:
+            self._apply_older(pid, older, notify.parse(data), fds)
         else:
             self._apply(pid, notify.parse(data), fds)
         return True
 
-    def _refusal(self, pid: int | None, complete: bool) -> str | None:
+    def _refusal(self, pid: int | None, complete: bool) -> tuple[str | None, Generation | None]:
+        """Why a message is refused (None: taken), and the older generation it
+        comes from, if not from the newest."""
         if pid is None:
-            return "it carried no credentials"
+            return "it carried no credentials", None
         if not complete:
-            return f"it was truncated (over {notify.MAX_MESSAGE} bytes, or too many fds)"
+            return f"it was truncated (over {notify.MAX_MESSAGE} bytes, or too many fds)", None
         main = self.main_pid
         # The main process itself even if it has exited since (its last words, an
         # FDSTORE= just before it exits, are drained at its exit); anyone else must
-        # be its live descendant.
+        # be its live descendant. Generations are told apart by that ancestry.
         if main is not None and process.descends_from(pid, main):
-            return None
-        return f"pid {pid} is not the service (pid {main or 'none'}) or one of its descendants"
+            return None, None
+        for generation in self._generations():
+            if process.descends_from(pid, generation.pid):
+                return None, generation
+        return f"pid {pid} is not the service (pid {main or 'none'}) or one of its descendants", None
+
+    def _apply_older(self, pid: int, generation: Generation, message: notify.Message, fds: list[int]) -> None:
+        """A message from an older generation (--overlap): its store is kept for the
+        next start; READY=1, STATUS=, MAINPID= and the like are the newest's to say."""
+        said = [key for key, given in (("READY=1", message.ready), ("STATUS=", message.status is not None),
+                                       ("MAINPID=", message.mainpid is not None), ("RELOADING=1", message.reloading),
+                                       ("STOPPING=1", message.stopping)) if given]
+        if said:
+            log.info("service: pid %d of the %s generation (pid %d) sent %s: ignored, only the newest's count",
+                     pid, generation.phase.value, generation.pid, ", ".join(said))
+        stored = len(fds) if message.fdstore else 0
+        self._apply(pid, dataclasses.replace(message, ready=False, status=None, mainpid=None, reloading=False,
+                                             stopping=False), fds)
+        if stored:
+            log.info("service: pid %d of the %s generation (pid %d) stored %d fd(s) as %s: kept for the next start",
+                     pid, generation.phase.value, generation.pid, stored, message.fdname or notify.DEFAULT_FDNAME)
 
     def _refuse(self, pid, reason: str, fds: list[int]) -> None:
         for fd in fds:
@@ -554,93 +758,8 @@ class Service:
         return {"pid": self.main_pid, "state": self.state.value, "ready": self.ready,
                 "status-text": self.status_text, "restarts": self.restarts, "command": list(self.argv),
                 "fdstore-max": self.store.limit, "fdstore-refused": self.store.refused,
-                "stop-timeout-s": self.options.stop_timeout, "kill-at": kill_at}
-
-
-class StderrCopy:
-    """One start's stderr: a pipe whose write end becomes the service's fd 2 and
-    whose read end a copier process (fdmig/stderrcopy.py) holds, started here.
-    Every byte goes on to run's stderr; the last line comes back when the copier
-    ends, for the message of a restart that failed (as `migrate-out --spawn`
-    gives a target's). The copier is a process of its own, not a thread of the
-    holder, because the service outlives a holder that migrates away or is
-    killed, and its stderr must not break (EPIPE, SIGPIPE) with it."""
-
-    def __init__(self, loop):
-        self._loop = loop
-        self.line: str | None = None
-        self.done = asyncio.Event()
-        read_end, self.write_end = os.pipe2(os.O_CLOEXEC)
-        report, report_write = os.pipe2(os.O_CLOEXEC)
-        try:
-            actions = [(os.POSIX_SPAWN_DUP2, read_end, 0), (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0),
-                       (os.POSIX_SPAWN_DUP2, report_write, 3)]
-            # Its own session: a terminal's Ctrl-C or hangup is not for it.
-            self.pid = os.posix_spawn(sys.executable, [sys.executable, "-I", "-S", _COPIER, str(MAX_LAST_LINE)],
-                                      {}, file_actions=actions, setsid=True)
-        except BaseException:
-            os.close(self.write_end)
-            os.close(report)
-            raise
-        finally:
-            os.close(read_end)
-            os.close(report_write)
-        self._report = report
-        self._pidfd = process.pidfd(self.pid)
-        if self._pidfd is None:  # cannot happen for a child not reaped yet; be safe
-            self._on_exit()
-        else:
-            loop.add_reader(self._pidfd, self._on_exit)
-
-    def started(self) -> None:
-        """The service has its copy of the write end: ours must go, or the copier
-        never sees the end of it."""
-        if self.write_end >= 0:
-            os.close(self.write_end)
-            self.write_end = -1
-
-    def _on_exit(self) -> None:
-        if self._pidfd is not None:
-            self._loop.remove_reader(self._pidfd)
-            os.close(self._pidfd)
-            self._pidfd = None
-        try:
-            os.waitpid(self.pid, os.WNOHANG)
-        except ChildProcessError:
-            pass
-        data = b""
-        while True:  # it has exited: what it wrote is all there
-            try:
-                chunk = os.read(self._report, MAX_LAST_LINE + 1)
-            except OSError:
-                break
-            if not chunk:
-                break
-            data += chunk
-        os.close(self._report)
-        self._report = -1
-        self.line = data.decode(errors="replace").strip()[-MAX_LAST_LINE:] or None
-        self.done.set()
-
-    async def last_line(self, timeout: float) -> str | None:
-        """The service's last line on stderr, once its copier has ended (within
-        `timeout`: a child of the service may hold the pipe on); None if unknown."""
-        try:
-            await asyncio.wait_for(self.done.wait(), timeout)
-        except asyncio.TimeoutError:
-            return None
-        return self.line
-
-    def close(self) -> None:
-        """Let go of the copier: it runs on, reparented, until the service ends."""
-        self.started()
-        if self._pidfd is not None:
-            self._loop.remove_reader(self._pidfd)
-            os.close(self._pidfd)
-            self._pidfd = None
-        if self._report >= 0:
-            os.close(self._report)
-            self._report = -1
+                "stop-timeout-s": self.options.stop_timeout, "kill-at": kill_at, "overlap": self.options.overlap,
+                "draining": [generation.row() for generation in self.draining if generation.alive]}
 
 
 def _signal_name(signum: int) -> str:
@@ -659,16 +778,6 @@ def _ended(exit_status: str | None) -> str:
     if exit_status.startswith("killed by "):
         return "was " + exit_status
     return f"ended ({exit_status})"
-
-
-def _describe_status(code: int) -> str:
-    if os.WIFSIGNALED(code):
-        sig = os.WTERMSIG(code)
-        try:
-            return f"killed by {signal.Signals(sig).name}"
-        except ValueError:
-            return f"killed by signal {sig}"
-    return f"exit status {os.WEXITSTATUS(code)}"
 
 
 def _bind_notify(path: str) -> socket.socket:

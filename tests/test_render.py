@@ -295,3 +295,17 @@ def test_status_of_an_instance_without_chardevs_says_how_to_add_one_and_that_wor
     assert run(*command, f"socket,id=app,path={short_dir}/app.sock,server=on").returncode == 0
     assert run("status").stdout.splitlines()[3].split()[:4] == ["app", f"unix:{short_dir}/app.sock", "server",
                                                               "listening"]
+
+
+def test_a_run_instance_shows_a_line_for_each_draining_generation():
+    since, kill_at = 1796600000, 1796600090
+    service = {"pid": 300, "state": "running", "ready": True, "status-text": None, "restarts": 2,
+               "command": ["gunicorn"], "fdstore-max": 1024, "fdstore-refused": 0, "overlap": True,
+               "draining": [{"pid": 100, "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(since)),
+                             "kill-at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(kill_at))},
+                            {"pid": 200, "since": None, "kill-at": None}]}
+    lines = render.header(dict(a_status(), service=service, stored=[]))
+    clock = time.strftime("%H:%M:%S", time.localtime(since))
+    assert f"draining: pid 100, since {clock}, SIGKILL at " in "\n".join(lines)
+    assert [line.split(",")[0] for line in lines if line.startswith("draining")] == ["draining: pid 100",
+                                                                                    "draining: pid 200"]

@@ -1206,3 +1206,25 @@ def _starts(sections):
         starts.append(n)
         n += len(section.fds)
     return starts
+
+
+def _service_state(**more) -> "wire.ServiceState":
+    from fdmig.migration import wire
+    return wire.ServiceState(("gunicorn", "app:app"), 300, "running", True, None, 2, True, "no", 15, 90.0, 1024, 0,
+                             **more)
+
+
+def test_a_service_section_carries_its_draining_generations_and_refuses_junk():
+    from fdmig.migration import wire
+    state = _service_state(overlap=True, ready_delay=0.5,
+                           draining=((100, 1796600000.0, 1796600090.0, False), (200, 1796600010.0, 1.7966001e9, True)))
+    assert wire.ServiceState.decode(state.to_meta()) == state
+    older = {k: v for k, v in _service_state().to_meta().items() if k not in ("overlap", "ready-delay", "draining")}
+    assert wire.ServiceState.decode(older) == _service_state()  # a source before --overlap
+    for junk, said in (([{"pid": 0, "since": 1, "kill-at": 2}], "is not a process id"),
+                       ([{"pid": 7, "since": "now", "kill-at": 2}], "must be times"),
+                       ([{"pid": 7, "since": 1, "kill-at": 2, "killed": 1}], "'killed' must be a bool"),
+                       ({"pid": 7}, "must be a list"),
+                       ([{"pid": 7, "since": 1, "kill-at": 2}] * (wire.MAX_DRAINING + 1), "at most")):
+        with pytest.raises(RemoteProtocolError, match=said):
+            wire.ServiceState.decode(dict(state.to_meta(), draining=junk))

@@ -5,6 +5,7 @@ The chardev itself only quiesces, resumes and holds sockets that moved."""
 import operator
 import os
 
+from fdmig.generation import Phase
 from fdmig.migration import wire
 
 
@@ -103,7 +104,10 @@ def service_sections(service, store) -> list[wire.Section]:
     options = service.options
     state = wire.ServiceState(tuple(service.argv), service.main_pid, service.state.value, service.ready,
                               service.status_text, service.restarts, options.notify_ready, options.restart,
-                              int(options.stop_signal), float(options.stop_timeout), store.limit, store.refused)
+                              int(options.stop_signal), float(options.stop_timeout), store.limit, store.refused,
+                              options.overlap, float(options.ready_delay),
+                              tuple((g.pid, g.since, g.kill_at, g.phase is Phase.KILLED)
+                                    for g in service.draining if g.alive))
     sections = [wire.Section(wire.SERVICE_SECTION, state.to_meta(), b"", {"notify": service.sock.fileno()})]
     for index, entry in enumerate(store.entries):
         stored = wire.StoredState(entry.name, entry.poll, entry.stored_at)

@@ -618,6 +618,7 @@ STORED_SECTION = "#stored-"  # + an index: one stored fd each, as fd "fd", in th
 STDIO_SECTION = "#stdio"  # the source's stdout and stderr, as fds "stdout" and "stderr"
 STDIO = {"stdout": 1, "stderr": 2}
 RESTART_POLICIES = ("no", "on-failure", "always")
+MAX_DRAINING = 1024  # draining generations a service's section may name
 
 
 @dataclass(frozen=True)
@@ -638,12 +639,21 @@ class ServiceState:
     stop_timeout: float
     fdstore_max: int
     fdstore_refused: int
+    # --overlap, --ready-delay, and the generations that drain: (pid, since,
+    # kill_at, killed: sent SIGKILL already), times as time.time() gives them.
+    # Optional on the wire.
+    overlap: bool = False
+    ready_delay: float = 1.0
+    draining: tuple[tuple[int, float, float, bool], ...] = ()
 
     def to_meta(self) -> dict:
         return {"argv": list(self.argv), "pid": self.pid, "state": self.state, "ready": self.ready,
                 "status-text": self.status_text, "restarts": self.restarts, "notify": self.notify_ready,
                 "restart": self.restart, "stop-signal": self.stop_signal, "stop-timeout": self.stop_timeout,
-                "fdstore-max": self.fdstore_max, "fdstore-refused": self.fdstore_refused}
+                "fdstore-max": self.fdstore_max, "fdstore-refused": self.fdstore_refused,
+                "overlap": self.overlap, "ready-delay": self.ready_delay,
+                "draining": [{"pid": pid, "since": since, "kill-at": kill_at, "killed": killed}
+                             for pid, since, kill_at, killed in self.draining]}
 
     @classmethod
     def decode(cls, meta: Mapping) -> "ServiceState":
@@ -674,9 +684,36 @@ class ServiceState:
             counts[key] = _field(meta, key, int, where, RemoteProtocolError)
             if counts[key] < 0:
                 raise RemoteProtocolError(f"{where}: {key!r} must not be negative")
+        overlap = meta.get("overlap", False)
+        if not isinstance(overlap, bool):
+            raise RemoteProtocolError(f"{where}: 'overlap' must be a bool")
+        ready_delay = meta.get("ready-delay", 1.0)
+        if not (isinstance(ready_delay, (int, float)) and not isinstance(ready_delay, bool) and ready_delay >= 0):
+            raise RemoteProtocolError(f"{where}: 'ready-delay' must be a number, 0 or more")
         return cls(tuple(argv), pid, _field(meta, "state", str, where, RemoteProtocolError), flags["ready"],
                    status_text, counts["restarts"], flags["notify"], restart, counts["stop-signal"], float(timeout),
-                   counts["fdstore-max"], counts["fdstore-refused"])
+                   counts["fdstore-max"], counts["fdstore-refused"], overlap, float(ready_delay),
+                   _draining(meta.get("draining", []), where))
+
+
+def _draining(entries: Any, where: str) -> tuple[tuple[int, float, float, bool], ...]:
+    """The draining generations of a service's section: a pid each, and when its
+    drain began and its SIGKILL is due."""
+    if not isinstance(entries, list) or len(entries) > MAX_DRAINING:
+        raise RemoteProtocolError(f"{where}: 'draining' must be a list of at most {MAX_DRAINING}")
+    found = []
+    for entry in entries:
+        pid = entry.get("pid") if isinstance(entry, dict) else None
+        if not (_is_int(pid) and pid > 0):
+            raise RemoteProtocolError(f"{where}: a draining generation's pid {_show_number(pid)} is not a process id")
+        times = [entry.get(key) for key in ("since", "kill-at")]
+        if not all(isinstance(t, (int, float)) and not isinstance(t, bool) and 0 <= t < 1e12 for t in times):
+            raise RemoteProtocolError(f"{where}: draining generation pid {pid}: 'since' and 'kill-at' must be times")
+        killed = entry.get("killed", False)
+        if not isinstance(killed, bool):
+            raise RemoteProtocolError(f"{where}: draining generation pid {pid}: 'killed' must be a bool")
+        found.append((pid, float(times[0]), float(times[1]), killed))
+    return tuple(found)
 
 
 @dataclass(frozen=True)
