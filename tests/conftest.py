@@ -1,4 +1,6 @@
-"""Fixtures: a private runtime dir per test and a factory of fdmig daemons."""
+"""Fixtures: a private runtime dir per test and a factory of fdmig daemons; and the
+needs(...) mark (tests/helpers.py): a skip where a program is missing, a failure
+under FDMIG_TEST_REQUIRE_TOOLS=1."""
 
 import json
 import os
@@ -8,7 +10,30 @@ import tempfile
 
 import pytest
 
-from tests.helpers import Daemon, run
+from tests.helpers import Daemon, missing, require, run, tools_required
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "needs(*programs): runs these programs from Debian packages "
+                                       "(tests.helpers.needs; FDMIG_TEST_REQUIRE_TOOLS=1 fails where they are missing)")
+
+
+def pytest_collection_modifyitems(items):
+    """A test marked needs(...) whose programs are missing skips, reported at the test."""
+    if tools_required():
+        return  # pytest_runtest_setup fails it instead
+    for item in items:
+        why = missing(*_needed_by(item))
+        if why is not None:
+            item.add_marker(pytest.mark.skip(reason=why))
+
+
+def pytest_runtest_setup(item):
+    require(*_needed_by(item))
+
+
+def _needed_by(item) -> list[str]:
+    return [program for mark in item.iter_markers("needs") for program in mark.args]
 
 
 @pytest.fixture

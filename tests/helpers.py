@@ -1,9 +1,11 @@
 """Helpers for tests: real fdmig processes, readiness through a real NOTIFY_SOCKET
-(never a sleep), and small socket utilities."""
+(never a sleep), small socket utilities, and what a test needs from Debian
+packages (needs, require, present)."""
 
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -12,7 +14,89 @@ import tempfile
 import threading
 import time
 
+import pytest
+
 FDMIG = [sys.executable, "-m", "fdmig"]
+
+# Every program a test runs by name from a Debian package, with that package:
+# what .ci/run installs (tests/test_packaging.py holds the two together). Left out:
+# sh and timeout, which POSIX asks of every system.
+DEBIAN_PACKAGES = {
+    "bash": "bash",
+    "zsh": "zsh",
+    "fish": "fish",
+    "man": "man-db",
+    "jq": "jq",
+    "socat": "socat",
+    "haproxy": "haproxy",
+    "openssl": "openssl",
+    "ip": "iproute2",
+    "arping": "iputils-arping",
+    "setpriv": "util-linux",
+    "systemd-notify": "systemd",
+    "systemd-socket-activate": "systemd",
+    "s6-fdholder-daemon": "s6",
+    "s6-fdholderd": "s6",
+    "s6-fdholder-setdump": "s6",
+    "s6-fdholder-getdump": "s6",
+    "s6-fdholder-transferdump": "s6",
+    "s6-fdholder-list": "s6",
+}
+
+# With this set to 1 (as .ci/run sets it, having installed every package above), a
+# test that would skip for a missing program fails instead: CI never skips one quietly.
+REQUIRE_TOOLS = "FDMIG_TEST_REQUIRE_TOOLS"
+
+
+def missing(*programs: str) -> str | None:
+    """Why a test that runs `programs` cannot run here ("needs socat (Debian
+    package socat)"), or None when every one is on PATH."""
+    unknown = [program for program in programs if program not in DEBIAN_PACKAGES]
+    assert not unknown, f"{unknown}: add them to DEBIAN_PACKAGES in tests/helpers.py and to .ci/run"
+    absent = [program for program in programs if shutil.which(program) is None]
+    if not absent:
+        return None
+    return "needs " + ", ".join(f"{program} (Debian package {DEBIAN_PACKAGES[program]})" for program in absent)
+
+
+def tools_required() -> bool:
+    return os.environ.get(REQUIRE_TOOLS, "") not in ("", "0")
+
+
+def _fail_for(why: str):
+    __tracebackhide__ = True  # reported at the test's line, not here
+    pytest.fail(f"{why}; {REQUIRE_TOOLS}=1 makes this a failure, not a skip", pytrace=False)
+
+
+def needs(*programs: str) -> pytest.MarkDecorator:
+    """Mark a test (or a module, as pytestmark) that runs `programs`: it skips
+    where one is missing, and fails there under FDMIG_TEST_REQUIRE_TOOLS=1
+    (tests/conftest.py acts on the mark)."""
+    missing(*programs)  # each must be in DEBIAN_PACKAGES
+    return pytest.mark.needs(*programs)
+
+
+def require(*programs: str) -> None:
+    """Inside a test or a fixture: skip it where one of `programs` is missing,
+    or fail under FDMIG_TEST_REQUIRE_TOOLS=1."""
+    __tracebackhide__ = True  # reported at the test's line, not here
+    why = missing(*programs)
+    if why is None:
+        return
+    if tools_required():
+        _fail_for(why)
+    pytest.skip(why)
+
+
+def present(*programs: str) -> bool:
+    """For the part of a test that checks what `programs` add: whether they are
+    all here. False where one is missing, except under FDMIG_TEST_REQUIRE_TOOLS=1,
+    where that fails the test."""
+    __tracebackhide__ = True
+    why = missing(*programs)
+    if why is not None and tools_required():
+        _fail_for(why)
+    return why is None
 
 
 def run(*args, timeout=30, **kwargs) -> subprocess.CompletedProcess:

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from tests.helpers import Pump, connect_unix, recv_exactly, run, status_of, wait_states
+from tests.helpers import Pump, connect_unix, needs, recv_exactly, run, status_of, wait_states
 
 MARK = "support-local-migration=on"
 
@@ -168,6 +168,7 @@ def socat_echo(short_dir):
     proc.wait()
 
 
+@needs("socat")
 @pytest.mark.parametrize("migrating", [False, True], ids=["", "through-a-migration"])
 def test_64_mib_through_a_bridge_to_socat_echo_and_half_closed_come_back_whole(
         daemons, short_dir, socat_echo, last_instance, migrating):

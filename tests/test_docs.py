@@ -22,7 +22,7 @@ from fdmig import __version__
 from fdmig.chardev import STATES
 from fdmig.cli import main
 from fdmig.spec import _KEYS as SPEC_KEYS
-from tests.helpers import run
+from tests.helpers import needs, require, run
 
 ROOT = Path(__file__).resolve().parent.parent
 MAN = ROOT / "man"
@@ -178,7 +178,7 @@ def _render_command(page: Path) -> list[str] | None:
 def test_man_page_renders_without_warnings(page):
     command = _render_command(page)
     if command is None:
-        pytest.skip("neither man nor groff is installed")
+        require("man")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LC_", "LANG", "MAN"))}
     env.update(LC_ALL="C.UTF-8", MANWIDTH="80")
     result = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
@@ -276,8 +276,7 @@ _SYNTAX_CHECK = {"bash": ["bash", "-n"], "zsh": ["zsh", "-n"], "fish": ["fish", 
 @pytest.mark.parametrize("load", ["command", "loader"])
 @pytest.mark.parametrize("shell", sorted(COMPLETION_FILES))
 def test_completion_script_parses_in_its_shell(shell, load, fdmig_bin, tmp_path):
-    if shutil.which(shell) is None:
-        pytest.skip(f"{shell} is not installed")
+    require(shell)
     if load == "loader":
         script = COMPLETIONS / COMPLETION_FILES[shell]
     else:
@@ -375,11 +374,13 @@ def _serve_app_and_db(daemons, short_dir):
     assert result.returncode == 0, result.stderr
 
 
+@needs("bash")
 @pytest.mark.parametrize("load", ["loader", "command"])
 def test_bash_completion_offers_subcommands(fdmig_bin, runtime_dir, load):
     assert bash_complete(["fdmig", "det"], fdmig_bin, load) == ["detach"]
 
 
+@needs("bash")
 @pytest.mark.parametrize("load", ["loader", "command"])
 def test_bash_completion_offers_labels_and_instance_name_of_running_instance(
         daemons, short_dir, runtime_dir, fdmig_bin, load):
@@ -388,7 +389,7 @@ def test_bash_completion_offers_labels_and_instance_name_of_running_instance(
     assert bash_complete(["fdmig", "detach", "--name", ""], fdmig_bin, load) == ["default"]
 
 
-@pytest.mark.skipif(shutil.which("zsh") is None, reason="zsh is not installed")
+@needs("zsh")
 @pytest.mark.parametrize("load", ["loader", "command"])
 def test_zsh_completion_offers_subcommands_and_labels_of_running_instance(
         daemons, short_dir, runtime_dir, fdmig_bin, load):
@@ -412,7 +413,7 @@ def test_wheel_installs_every_man_page_under_share_man(tmp_path):
         assert any(n.endswith(f".data/data/share/man/man{section}/{page}") for n in names), page
 
 
-@pytest.mark.skipif(shutil.which("fish") is None, reason="fish is not installed")
+@needs("fish")
 @pytest.mark.parametrize("load", ["loader", "command"])
 def test_fish_completion_offers_subcommands_and_labels_of_running_instance(
         daemons, short_dir, runtime_dir, fdmig_bin, load):

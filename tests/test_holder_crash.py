@@ -11,7 +11,8 @@ import sys
 
 import pytest
 
-from tests.helpers import connect_unix, connect_when_bound, recv_exactly, run, status_of, wait_states, wait_status
+from tests.helpers import (connect_unix, connect_when_bound, needs, recv_exactly, run, status_of, wait_states,
+                           wait_status)
 
 FDMIG = [sys.executable, "-m", "fdmig"]
 
@@ -83,6 +84,7 @@ def test_a_holder_stopped_gracefully_takes_its_fds_out_of_the_store(daemons, sho
     peer.close()
 
 
+@needs("systemd-socket-activate")
 @pytest.mark.timeout(60)
 def test_a_stored_fd_that_is_not_what_the_spec_says_is_refused_and_the_chardev_opens_afresh(short_dir, runtime_dir):
     # systemd's own socket activation hands a listener bound elsewhere under the label's name.

@@ -15,8 +15,8 @@ import psutil
 import pytest
 
 from fdmig import qmp
-from tests.helpers import (FDMIG, Pump, as_uid, connect_unix, free_port, listener, read_exactly_fd, recv_exactly, run,
-                           run_many, status_of, wait_state, wait_states)
+from tests.helpers import (FDMIG, Pump, as_uid, connect_unix, free_port, listener, needs, read_exactly_fd, recv_exactly,
+                           run, run_many, status_of, wait_state, wait_states)
 
 # Also run against the lowest click, rich and psutil pyproject admits (.ci/floor.txt).
 pytestmark = pytest.mark.cli
@@ -51,6 +51,7 @@ def echo_server(path: str, label: str = "app", extra: str = "") -> str:
 # ----- echo, peers, status ---------------------------------------------------------------
 
 
+@needs("socat")
 def test_echo_round_trip_with_socat_and_status_names_the_peer(daemons, short_dir, runtime_dir):
     path = f"{short_dir}/app.sock"
     daemons("serve", "--chardev", echo_server(path, extra=",support-local-migration=on"))

@@ -1,12 +1,16 @@
 """Packaging: the lowest versions pyproject.toml admits for the runtime
-dependencies are the versions .ci/run proves them with (.ci/floor.txt)."""
+dependencies are the versions .ci/run proves them with (.ci/floor.txt), and
+.ci/run installs every Debian package a test asks for, then lets none skip."""
 
 import re
 import tomllib
 from pathlib import Path
 
+from tests.helpers import DEBIAN_PACKAGES, REQUIRE_TOOLS
+
 ROOT = Path(__file__).resolve().parent.parent
 FLOOR = ROOT / ".ci" / "floor.txt"
+CI_RUN = ROOT / ".ci" / "run"
 
 _NAME = r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?"
 _VERSION = r"[0-9]+(?:\.[0-9]+)*"
@@ -64,3 +68,24 @@ def test_floor_pins_are_the_lower_bounds_pyproject_admits():
                 for name in sorted(set(bounds) & set(pins)) if release(bounds[name]) != release(pins[name])]
     assert not disagree, ("pyproject.toml's lower bounds and the floor .ci/run tests with disagree:\n"
                           + "\n".join(disagree))
+
+
+def ci_installs() -> dict[str, str]:
+    """Each `command -v PROGRAM >/dev/null || need+=(PACKAGE)` line of .ci/run."""
+    return dict(re.findall(r"^command -v (\S+) >/dev/null \|\| need\+=\((\S+)\)$", CI_RUN.read_text(), re.M))
+
+
+def test_ci_installs_the_package_of_every_program_a_test_needs():
+    installs = ci_installs()
+    wrong = [f"{program}: tests/helpers.py says {DEBIAN_PACKAGES[program]}, .ci/run installs {package}"
+             for program, package in installs.items() if DEBIAN_PACKAGES.get(program, package) != package]
+    assert not wrong, "\n".join(wrong)
+    missed = sorted(set(DEBIAN_PACKAGES.values()) - set(installs.values()))
+    assert not missed, f".ci/run does not install {missed}, which tests/helpers.py's DEBIAN_PACKAGES names"
+
+
+def test_ci_turns_a_skip_for_a_missing_program_into_a_failure_before_any_test_runs():
+    lines = CI_RUN.read_text().splitlines()
+    required = lines.index(f"export {REQUIRE_TOOLS}=1")
+    runs = [n for n, line in enumerate(lines) if "-m pytest" in line and not line.lstrip().startswith("#")]
+    assert runs and all(n > required for n in runs), f".ci/run runs pytest before it sets {REQUIRE_TOOLS}=1"

@@ -17,7 +17,7 @@ from qemu.qmp.models import Greeting
 
 from fdmig import qmp
 from fdmig.errors import FdmigError
-from tests.helpers import Daemon, connect_unix, recv_exactly
+from tests.helpers import Daemon, connect_unix, needs, recv_exactly
 
 # ----- the codec, without sockets ----------------------------------------------------
 
@@ -533,7 +533,7 @@ def test_a_half_close_right_after_the_greeting_closes_the_connection(instance):
     assert_echoes(instance)
 
 
-@pytest.mark.skipif(shutil.which("socat") is None, reason="needs socat (Debian package socat)")
+@needs("socat")
 def test_printf_into_socat_gets_every_reply(instance):
     commands = "\n".join(['{"execute":"qmp_capabilities"}', '{"execute":"query-status"}',
                           '{"execute":"query-migrate-parameters"}']) + "\n"

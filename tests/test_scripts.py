@@ -3,11 +3,12 @@ paste them."""
 
 import os
 import re
-import shutil
 import subprocess
 import sys
 
 import pytest
+
+from tests.helpers import needs
 
 README = os.path.join(os.path.dirname(__file__), "..", "README.md")
 MAN = os.path.join(os.path.dirname(__file__), "..", "man")
@@ -30,7 +31,7 @@ def man_example(page: str, first_line: str) -> str:
     return plain(block)
 
 
-@pytest.mark.skipif(not (shutil.which("jq") and shutil.which("socat")), reason="needs jq and socat")
+@needs("jq", "socat")
 def test_readme_smoke_script_passes(tmp_path):
     script = tmp_path / "smoke.sh"
     script.write_text(readme_block("Use in scripts"))
@@ -42,13 +43,14 @@ def test_readme_smoke_script_passes(tmp_path):
     assert result.stdout.count("true") == 3
 
 
+@needs("ip", "arping", "openssl")
 def test_man_page_walk_through_moves_a_live_tcp_connection_between_two_namespaces(tmp_path):
     """fdmig-migrate-out(1)'s cross-host walk-through, pasted into sh as root: the
     client streams through the migration and counts every record back."""
     from tests import netns
     why = netns.unavailable()
-    if why is not None or shutil.which("openssl") is None:
-        pytest.skip(why or "needs openssl")
+    if why is not None:
+        pytest.skip(why)
     script = tmp_path / "walk.sh"
     script.write_text(man_example("fdmig-migrate-out.1", "set \\-e\nwork=$(mktemp"))
     bindir = os.path.dirname(sys.executable)

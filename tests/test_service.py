@@ -9,7 +9,6 @@ import json
 import os
 import re
 import select
-import shutil
 import signal
 import socket
 import subprocess
@@ -375,7 +374,7 @@ def test_without_notify_the_service_is_ready_once_started(puppets, daemons, runt
     assert (service["pid"], service["state"], service["ready"]) == (puppet.pid, "running", True)
 
 
-@pytest.mark.skipif(shutil.which("systemd-notify") is None, reason="needs systemd-notify")
+@helpers.needs("systemd-notify")
 def test_systemd_notify_from_the_service_sets_ready_and_the_status_text(puppets, daemons, runtime_dir):
     daemon = start_run(daemons, "--notify", command=puppets.command, ready=False)
     puppet = puppets.next(daemon)

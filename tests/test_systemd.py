@@ -4,7 +4,6 @@ activation in (systemd-socket-activate in front of fdmig) and out (migrate-in
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -13,7 +12,7 @@ import textwrap
 import pytest
 
 from fdmig.demo import Peer
-from tests.helpers import FDMIG, Notify, connect_unix, connect_when_bound, recv_exactly, run
+from tests.helpers import FDMIG, Notify, connect_unix, connect_when_bound, needs, recv_exactly, run
 
 ECHO = "socket,id=app,path={path},server=on,frontend=echo,support-local-migration=on"
 
@@ -45,7 +44,7 @@ def test_status_and_stopping_are_notified(daemons, short_dir):
     daemon.notify.wait_for("STOPPING", "1")
 
 
-@pytest.mark.skipif(shutil.which("systemd-socket-activate") is None, reason="needs systemd-socket-activate")
+@needs("systemd-socket-activate")
 def test_systemd_socket_activation_hands_a_listener_to_serve(runtime_dir, short_dir):
     path = os.path.join(short_dir, "act.sock")
     notify = Notify(short_dir)

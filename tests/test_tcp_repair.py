@@ -9,7 +9,6 @@ reset, through each migration and each failure."""
 import json
 import os
 import selectors
-import shutil
 import socket
 import threading
 import time
@@ -19,12 +18,13 @@ import pytest
 
 from fdmig import qmp
 from tests import netns
-from tests.helpers import Daemon, run, status_of, wait_states
+from tests.helpers import Daemon, needs, run, status_of, wait_states
 from tests.netns import HOST_A, HOST_B, SERVICE
 from tests.test_tls_channel import creds  # noqa: F401  (the certificates, made once per module)
 
-_why = netns.unavailable()
-pytestmark = pytest.mark.skipif(_why is not None, reason=f"cross-host tests: {_why}")
+_why = netns.unavailable(check_programs=False)
+pytestmark = [needs(*netns.PROGRAMS, "openssl"),
+              pytest.mark.skipif(_why is not None, reason=f"cross-host tests: {_why}")]
 
 PORT = 7000
 CHANNEL_PORT = 4444
@@ -381,7 +381,7 @@ def test_hooks_are_refused_over_a_unix_channel(world, streaming):
     streaming.finish()
 
 
-@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv (util-linux)")
+@needs("setpriv")
 def test_without_cap_net_admin_the_source_refuses_x_tcp_repair(hosts, world):
     world.start("a", "serve", "--name", "web", "--capability", "x-tcp-repair",
                 "--chardev", ECHO.format(label="e0", port=PORT))

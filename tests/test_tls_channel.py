@@ -18,8 +18,8 @@ import pytest
 
 from fdmig import paths, qmp
 from fdmig.migration import wire
-from tests.helpers import (connect_unix, echoes, free_port, listener, read_event, run, send_chunks, status_of,
-                           wait_states)
+from tests.helpers import (connect_unix, echoes, free_port, listener, read_event, require, run, send_chunks,
+                           status_of, wait_states)
 
 ECHO = "socket,id=app,path={path},server=on,frontend=echo"
 NO_TLS_CREDS = "a TCP channel needs --tls-creds DIR"
@@ -92,8 +92,7 @@ def creds(tmp_path_factory):
     `target` and `source` as the two hosts of a migration each hold theirs
     (the CA and their own key only), `both` for a --spawn on one host, and
     `foreign`: the right CA, but a client certificate that the other CA signed."""
-    if shutil.which("openssl") is None:
-        pytest.skip("the openssl command is not installed")
+    require("openssl")
     base = tmp_path_factory.mktemp("tls")
     work = base / "work"
     work.mkdir()

@@ -6,14 +6,13 @@ ListenStream=/FileDescriptorName= through systemd-socket-activate."""
 import os
 import re
 import shlex
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import Notify, connect_unix, connect_when_bound, recv_exactly
+from tests.helpers import Notify, connect_unix, connect_when_bound, needs, recv_exactly
 
 PAGE = Path(__file__).resolve().parent.parent / "man" / "fdmig-systemd.7"
 
@@ -70,7 +69,7 @@ def test_notify_service_starts_ready_and_reloads_live(runtime_dir, short_dir):
         notify.close()
 
 
-@pytest.mark.skipif(shutil.which("systemd-socket-activate") is None, reason="needs systemd-socket-activate")
+@needs("systemd-socket-activate")
 def test_socket_activated_service_serves_the_units_socket_and_reloads_live(runtime_dir, short_dir):
     socket_unit = next(b for b in unit_blocks() if "[Socket]" in b)
     unit = service("fdname=")

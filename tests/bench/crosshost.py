@@ -22,7 +22,7 @@ import time
 from tests import netns
 from tests.bench import median_ms
 from tests.bench.handoff import ProbeControl, Probes, _raise_fd_limit
-from tests.helpers import FDMIG, Notify
+from tests.helpers import FDMIG, Notify, missing
 from tests.netns import HOST_A, HOST_B, SERVICE
 
 PROBES = 50
@@ -49,7 +49,8 @@ RECORD = 16
 
 
 def available() -> str | None:
-    return netns.unavailable()
+    """Why the cross-host handoff cannot be measured here (make_creds runs openssl), or None."""
+    return netns.unavailable() or missing("openssl")
 
 
 def _start(hosts, host, args, workdir, env, ready=True):

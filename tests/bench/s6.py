@@ -63,10 +63,14 @@ def raise_nofile() -> int:
     return hard
 
 
+# What this baseline runs, all from Debian's package s6 (s6-fdholder-daemon execs
+# into s6-fdholderd).
+PROGRAMS = ("s6-fdholder-daemon", "s6-fdholderd", "s6-fdholder-setdump", "s6-fdholder-transferdump",
+            "s6-fdholder-getdump", "s6-fdholder-list")
+
+
 def available() -> bool:
-    return all(shutil.which(p) for p in
-               ("s6-fdholder-daemon", "s6-fdholder-setdump", "s6-fdholder-transferdump",
-                "s6-fdholder-getdump", "s6-fdholder-list"))
+    return all(shutil.which(p) for p in PROGRAMS)
 
 
 def write_rules(rulesdir: str) -> None:
