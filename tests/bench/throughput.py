@@ -115,9 +115,11 @@ def measure_startup(argv: list[str], repeats: int, env=None) -> list[float]:
 
 
 def startup_commands() -> dict[str, list[str]]:
-    """What a user types: the installed `fdmig` script when there is one."""
-    import shutil
-    fdmig = [shutil.which("fdmig")] if shutil.which("fdmig") else FDMIG
+    """What a user types: the `fdmig` script installed beside this interpreter (in
+    its venv, say) when there is one, not whichever fdmig PATH finds first."""
+    import sysconfig
+    script = os.path.join(sysconfig.get_path("scripts"), "fdmig")
+    fdmig = [script] if os.access(script, os.X_OK) else FDMIG
     return {"python3 -c pass": [sys.executable, "-c", "pass"],
             "fdmig --version": fdmig + ["--version"],
             "fdmig status": fdmig + ["status", "--name", "startup"]}
