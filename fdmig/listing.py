@@ -49,7 +49,7 @@ def sockets(directory: str | None = None) -> list[tuple[str, str]]:
     return [(stem, path) for stem, _, path in sorted(found)]
 
 
-def statuses(timeout: float = PROBE_TIMEOUT) -> list[tuple[str, str, dict | None]]:
+def statuses(timeout: float = PROBE_TIMEOUT, directory: str | None = None) -> list[tuple[str, str, dict | None]]:
     """(name, control path, status or None where nothing answers) of each control
     socket of the runtime dir, asked all at once."""
     def ask(item):
@@ -59,7 +59,7 @@ def statuses(timeout: float = PROBE_TIMEOUT) -> list[tuple[str, str, dict | None
                 return name, path, client.execute("x-fdmig-status")
         except (FdmigError, OSError, EOFError, ValueError):
             return name, path, None
-    return _each(ask, sockets())
+    return _each(ask, sockets(directory))
 
 
 def _each(work, found: list) -> list:
@@ -69,35 +69,45 @@ def _each(work, found: list) -> list:
         return list(pool.map(work, found))
 
 
-def probe(name: str, path: str, timeout: float, details: bool = True) -> dict:
-    """One row of `list`: what the instance at `path` says of itself (with
-    `details`: its status; without, only that it answers)."""
-    row = {"name": name, "pid": None, "state": STALE, "chardevs": None, "control": path}
+def find(timeout: float = PROBE_TIMEOUT, directory: str | None = None) -> list[dict]:
+    """A row of `list` for each control socket of the runtime dir: what the
+    instance there says of itself; stale where nobody listens, unresponsive
+    where a process listens and does not answer. A socket that is a chardev of
+    an instance that answers (its path in the runtime dir) is none of them."""
+    found = statuses(timeout, directory)
+    chardev_paths = {os.path.realpath(row["address"][len("unix:"):])
+                     for _, _, status in found if status is not None
+                     for row in status.get("chardevs") or [] if row.get("address", "").startswith("unix:")}
+    rows = []
+    for name, path, status in found:
+        row = {"name": name, "pid": None, "state": STALE, "chardevs": None, "control": path}
+        if status is not None:
+            row.update(pid=status.get("pid"), state=status.get("state"), chardevs=len(status.get("chardevs") or []))
+        elif os.path.realpath(path) in chardev_paths:
+            continue
+        else:
+            # A listener that does not answer (hung, or not an instance of ours) is
+            # not stale: the next serve would not replace it.
+            pid = paths.socket_owner_pid(path)
+            if pid is not None:
+                row.update(pid=pid, state=UNRESPONSIVE)
+        rows.append(row)
+    return rows
+
+
+def _answers(path: str, timeout: float) -> bool:
     try:
-        with qmp.connect(path, timeout=timeout) as client:
-            if not details:
-                return {**row, "pid": paths.peercred(client.sock)[0], "state": "answers"}
-            status = client.execute("x-fdmig-status")
-    except NoInstanceError:
-        # Nobody listens, or whoever does is not an instance of ours. A listener
-        # that is not fdmig (a foreign uid's) is not stale: the next serve
-        # would not replace it.
-        pid = paths.socket_owner_pid(path)
-        return row if pid is None else {**row, "pid": pid, "state": UNRESPONSIVE}
-    except (TimeoutExpired, FdmigError, OSError):
-        return {**row, "pid": paths.socket_owner_pid(path), "state": UNRESPONSIVE}
-    return {**row, "pid": status.get("pid"), "state": status.get("state"),
-            "chardevs": len(status.get("chardevs") or [])}
-
-
-def find(timeout: float = PROBE_TIMEOUT, details: bool = True, directory: str | None = None) -> list[dict]:
-    """A row for each control socket of the runtime dir, asked all at once."""
-    return _each(lambda item: probe(*item, timeout, details), sockets(directory))
+        with qmp.connect(path, timeout=timeout):
+            return True
+    except (FdmigError, OSError, EOFError, ValueError):
+        return False
 
 
 def answering_names(timeout: float = COMPLETION_TIMEOUT) -> list[str]:
     """The names of the instances that answer now (for completion)."""
-    return sorted({row["name"] for row in find(timeout, details=False) if row["state"] == "answers"})
+    found = sockets()
+    answers = _each(lambda item: _answers(item[1], timeout), found)
+    return sorted({name for (name, _), ok in zip(found, answers) if ok})
 
 
 # ----- rendering -------------------------------------------------------------------

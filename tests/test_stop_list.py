@@ -244,3 +244,12 @@ def test_name_completion_offers_only_instances_that_answer(daemons, runtime_dir)
     waiting_target(daemons, runtime_dir, "next")
     assert completed_names() == ["next", "web", "www"]
     assert completed_names("w") == ["web", "www"]
+
+
+def test_a_chardev_socket_in_the_runtime_dir_is_not_listed_as_an_instance(daemons, runtime_dir):
+    # Regression: a chardev's unix socket in the runtime dir showed as an unresponsive instance.
+    os.makedirs(runtime_dir, exist_ok=True)
+    daemons("serve", "--name", "web", "--chardev", f"id=app,path={runtime_dir}/app.sock,server=on,frontend=echo")
+    result = run("list", "--json")
+    assert result.returncode == 0, result.stderr
+    assert [row["name"] for row in json.loads(result.stdout)] == ["web"], result.stdout
