@@ -271,7 +271,8 @@ def serve(name, control, chardev_specs, capabilities, fdstore):
               help="Restart as Server::Starter does: the new service starts beside the old one, which drains "
                    "once the new one is ready (for servers that drain on their stop signal).")
 @click.option("--ready-delay", type=click.FloatRange(min=0), default=None, metavar="S",
-              help="With --overlap and no --notify: a new service alive this long is ready (default 1).")
+              help="With --overlap: a new service alive this long (after its READY=1, with --notify) is ready "
+                   "(default 1 s; 0 with --notify).")
 @fdstore_option
 @click.argument("command", nargs=-1, required=True, metavar="-- CMD [ARGS]...")
 def run(name, control, chardev_specs, capabilities, notify_ready, fdstore_max, restart_policy, stop_signal,
@@ -311,8 +312,9 @@ def run(name, control, chardev_specs, capabilities, notify_ready, fdstore_max, r
     if ready_delay is not None and not overlap:
         raise SpecError("--ready-delay goes with --overlap: without it, a restart starts the new service only "
                         "once the old one has exited")
-    options = Options(notify_ready, restart_policy, signum, stop_timeout, fdstore_max, overlap,
-                      1.0 if ready_delay is None else ready_delay)
+    if ready_delay is None:
+        ready_delay = 0.0 if notify_ready else 1.0
+    options = Options(notify_ready, restart_policy, signum, stop_timeout, fdstore_max, overlap, ready_delay)
     sys.exit(run_with_service(instance, chardevs, list(command), options))
 
 

@@ -67,7 +67,9 @@ class Options:
     stop_timeout: float = 90.0  # --timeout: SIGKILL after it
     fdstore_max: int = 1024  # --fdstore-max
     overlap: bool = False  # --overlap: a restart starts the new generation beside the old
-    ready_delay: float = 1.0  # --ready-delay: with --overlap and no --notify, alive this long is ready
+    # --ready-delay, with --overlap: how long a new start must live (after its
+    # READY=1, with --notify) before it is ready; 1 s by default, 0 with --notify.
+    ready_delay: float = 1.0
 
 
 class Service:
@@ -738,7 +740,14 @@ class Service:
         if message.stopping and self.state in (State.STARTING, State.RUNNING):
             self._to(State.STOPPING)
         if message.ready and self.alive:
-            self._now_ready()
+            if self.options.overlap and self.options.ready_delay and self.state is State.STARTING:
+                # A server may say READY=1 before it serves (gunicorn: before its
+                # workers exist): it must live --ready-delay on before it counts.
+                if self._ready_timer is None:
+                    self._ready_timer = self._loop.call_later(self.options.ready_delay, self._ready_if_alive,
+                                                              self.main_pid)
+            else:
+                self._now_ready()
         self.on_change()
 
     def _main_pid_is(self, pid: int) -> None:

@@ -3,14 +3,20 @@
 packages (needs, require, present)."""
 
 import contextlib
+import fcntl
 import json
 import os
+import pty
+import re
+import select
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
+import termios
 import threading
 import time
 
@@ -414,3 +420,33 @@ def calls(work) -> int:
     finally:
         sys.setprofile(None)
     return count
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def on_a_terminal(args, columns: int, timeout: float = 30) -> str:
+    """What an fdmig command writes to a terminal `columns` wide (a real pty, as a
+    user's shell runs it), without colours; it must exit 0."""
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES", "NO_COLOR")}
+    env.update(COLUMNS=str(columns), TERM="xterm-256color")
+    proc = subprocess.Popen(FDMIG + list(args), stdin=subprocess.DEVNULL, stdout=slave, stderr=slave, env=env)
+    os.close(slave)
+    out = bytearray()
+    deadline = time.monotonic() + timeout
+    try:
+        while select.select([master], [], [], max(0.0, deadline - time.monotonic()))[0]:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: the command has exited and closed the terminal
+                break
+            if not chunk:
+                break
+            out += chunk
+    finally:
+        os.close(master)
+    text = _ANSI.sub("", out.decode()).replace("\r", "")
+    assert proc.wait(timeout) == 0, text
+    return text

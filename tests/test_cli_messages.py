@@ -3,23 +3,18 @@ wrong and what is accepted, `status` that reads at 80 columns and that finds a
 waiting migration target, a watch that ends quietly, a demo whose numbers add
 up, and commands that start without the machinery they do not use."""
 
-import fcntl
 import json
 import os
-import pty
 import re
-import select
 import signal
 import socket
-import struct
 import subprocess
-import termios
 import time
 
 import pytest
 
 from fdmig import demo
-from tests.helpers import FDMIG, connect_unix, recv_exactly, run, run_many, wait_state
+from tests.helpers import FDMIG, connect_unix, on_a_terminal, recv_exactly, run, run_many, wait_state
 from tests.test_docs import MAN, line_text, sections
 
 pytestmark = pytest.mark.cli
@@ -146,34 +141,6 @@ def test_status_of_a_name_only_a_waiting_target_holds_shows_the_target(daemons, 
     assert [(c["label"], c["state"]) for c in status["chardevs"]] == [("app", "awaiting-incoming")]
     nobody = run("status", "--name", "other")
     assert nobody.returncode == 3 and nobody.stderr == f"fdmig: no instance answers at {runtime_dir}/other.sock\n"
-
-
-def on_a_terminal(args, columns: int, timeout: float = 30) -> str:
-    """What an fdmig command writes to a terminal `columns` wide (a real pty)."""
-    master, slave = pty.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
-    env = dict(os.environ, COLUMNS=str(columns), TERM="xterm-256color")
-    env.pop("NO_COLOR", None)
-    proc = subprocess.Popen(FDMIG + list(args), stdin=subprocess.DEVNULL, stdout=slave, stderr=slave, env=env)
-    os.close(slave)
-    out = b""
-    deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([master], [], [], 1)
-            if not ready:
-                continue
-            try:
-                chunk = os.read(master, 65536)
-            except OSError:  # EIO: the command has exited and closed the terminal
-                break
-            if not chunk:
-                break
-            out += chunk
-    finally:
-        os.close(master)
-        proc.wait(10)
-    return ANSI.sub("", out.decode()).replace("\r", "")
 
 
 def test_status_on_an_80_column_terminal_is_readable(daemons, short_dir, runtime_dir):

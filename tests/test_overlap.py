@@ -274,6 +274,31 @@ def test_a_crash_under_overlap_restarts_as_on_failure_does(daemons, runtime_dir)
     assert after["service"]["pid"] != old and after["service"]["draining"] == []
 
 
+# READY=1, then (where the flag file exists) an exit 0.3 s later: a build that says
+# it is ready before it can serve, and dies.
+READY_THEN_DIE = ("import os, socket, sys, time\n"
+                  "s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)\n"
+                  "s.sendto(b'READY=1', os.environ['NOTIFY_SOCKET'])\n"
+                  "if os.path.exists(sys.argv[1]):\n"
+                  "    time.sleep(0.3)\n"
+                  "    sys.exit('dies after READY=1')\n"
+                  "time.sleep(600)\n")
+
+
+@pytest.mark.timeout(60)
+def test_with_notify_a_ready_delay_keeps_the_old_generation_until_the_new_one_has_lived_it(
+        daemons, runtime_dir, short_dir):
+    flag = os.path.join(short_dir, "die")
+    start_run(daemons, "--overlap", "--notify", "--ready-delay", "2",
+              command=[sys.executable, "-c", READY_THEN_DIE, flag])
+    old = service_of(runtime_dir)["pid"]
+    open(flag, "w").close()
+    result = restart()
+    assert result.returncode == 1, result.stderr
+    assert "dies after READY=1" in result.stderr and f"the old generation (pid {old}) serves on" in result.stderr
+    assert service_of(runtime_dir)["pid"] == old and psutil.pid_exists(old)
+
+
 def test_ready_delay_goes_with_overlap(runtime_dir):
     result = run("run", "--ready-delay", "2", "--", "true")
     assert result.returncode == 2 and "--ready-delay goes with --overlap" in result.stderr, result.stderr

@@ -3,21 +3,15 @@ every column when there is room; at 80 columns still one line per chardev, the
 least wanted columns giving way, never a cell cut to `ADDRE…` or a peer wrapped
 over four lines; then the real `fdmig status` on a terminal and in a pipe."""
 
-import fcntl
 import os
-import pty
 import re
-import select
-import struct
-import subprocess
-import termios
 import time
 
 import psutil
 import pytest
 
 from fdmig import render
-from tests.helpers import FDMIG, connect_unix, echoes, run
+from tests.helpers import connect_unix, echoes, on_a_terminal, run
 
 pytestmark = pytest.mark.cli
 
@@ -241,31 +235,9 @@ def test_the_last_migration_says_each_thing_once(migration, said):
 # ----- the real `fdmig status` -------------------------------------------------------
 
 
-def status_on_a_terminal(columns: int, timeout: float = 20.0) -> list[str]:
-    """`fdmig status` with its output on a pseudo-terminal `columns` wide, as a
-    user's shell runs it: the lines it drew, without their colours."""
-    master, slave = pty.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
-    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES", "NO_COLOR")}
-    env["TERM"] = "xterm-256color"
-    with subprocess.Popen(FDMIG + ["status"], stdin=subprocess.DEVNULL, stdout=slave, stderr=subprocess.PIPE,
-                          env=env) as proc:
-        os.close(slave)
-        out = bytearray()
-        deadline = time.monotonic() + timeout
-        try:
-            while select.select([master], [], [], max(0.0, deadline - time.monotonic()))[0]:
-                try:
-                    chunk = os.read(master, 65536)
-                except OSError:  # EIO: the last holder of the terminal's far end closed it
-                    break
-                if not chunk:
-                    break
-                out += chunk
-        finally:
-            os.close(master)
-        assert proc.wait(timeout) == 0, proc.stderr.read()
-    return [ANSI.sub("", line).rstrip() for line in out.decode().replace("\r\n", "\n").splitlines()]
+def status_on_a_terminal(columns: int) -> list[str]:
+    """`fdmig status` on a pseudo-terminal `columns` wide: the lines it drew."""
+    return [line.rstrip() for line in on_a_terminal(["status"], columns).splitlines()]
 
 
 def test_status_on_an_80_column_terminal_draws_each_chardev_on_one_line_with_its_peer(daemons, short_dir):

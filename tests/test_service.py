@@ -763,6 +763,7 @@ def test_a_service_that_ignores_the_stop_signal_is_killed_after_the_timeout(pupp
     second = puppets.next(daemon)
     assert service_of(runtime_dir)["pid"] == second.pid
 
+
 def wait_logged(daemon, predicate, what: str, timeout: float = 10.0) -> str:
     """The daemon's log once `predicate(log)` holds: a line the service wrote to
     its stderr reaches it through a copier process, whose end the test cannot await."""
@@ -888,7 +889,6 @@ def test_ctrl_c_during_restart_says_where_the_service_stands_and_the_restart_goe
     wait_status(runtime_dir, lambda s: s["service"]["pid"] == second.pid, "the new service")
 
 
-
 # -- exits by itself: the --restart policy ---------------------------------------------------
 
 def test_restart_always_starts_the_service_again_after_a_clean_exit(puppets, daemons, runtime_dir):
@@ -944,6 +944,7 @@ def test_sigterm_to_run_stops_the_service_with_its_stop_signal_closes_everything
         assert not os.path.exists(sock), sock
     ours.close()
 
+
 @pytest.mark.parametrize("signum", [signal.SIGHUP, signal.SIGINT], ids=["SIGHUP", "SIGINT"])
 def test_sighup_and_sigint_to_run_stop_the_service_first_remove_every_socket_and_exit_0(
         signum, puppets, daemons, runtime_dir, short_dir):
@@ -975,7 +976,6 @@ def test_a_second_sigint_kills_a_service_that_will_not_stop(puppets, daemons, ru
     assert daemon.proc.wait(20) == 0, daemon.stderr()
     assert f"service: pid {puppet.pid} ended (killed by SIGKILL)" in daemon.stderr()
     assert not os.path.exists(control_path(runtime_dir))
-
 
 
 # -- a real LISTEN_FDS server ---------------------------------------------------------------

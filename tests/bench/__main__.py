@@ -17,7 +17,7 @@ import sys
 import tempfile
 import time
 
-from tests.bench import crosshost, floor, handoff, median_ms, s6, service, throughput
+from tests.bench import crosshost, floor, handoff, median_ms, overlap, s6, service, throughput
 
 
 def ratio(a, b) -> str:
@@ -37,7 +37,8 @@ def _status_fields(h) -> dict:
             "status-parse-ms": median_ms(h["status-parse"])}
 
 
-def run(sizes, busy_sizes, repeats, bridge_bytes, startup_repeats, workdir, service_sizes=(), cross_sizes=()) -> dict:
+def run(sizes, busy_sizes, repeats, bridge_bytes, startup_repeats, workdir, service_sizes=(), cross_sizes=(),
+        overlap_repeats=0) -> dict:
     results = {"machine": machine(), "handoff": [], "busy": [], "service": [], "crosshost": [],
                "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     for n in sizes:
@@ -70,6 +71,9 @@ def run(sizes, busy_sizes, repeats, bridge_bytes, startup_repeats, workdir, serv
         print(f"service restart n={n} ...", file=sys.stderr, flush=True)
         reps = repeats if n < 1000 else max(3, repeats // 2)
         results["service"].append(service.measure(n, reps, tempfile.mkdtemp(dir=workdir)))
+    if overlap_repeats and overlap.available() is None:
+        print("restarting gunicorn under load ...", file=sys.stderr, flush=True)
+        results["overlap"] = overlap.measure(overlap_repeats, tempfile.mkdtemp(dir=workdir))
     why = crosshost.available()
     if cross_sizes and why is None:
         results["crosshost"] = crosshost.measure_all(cross_sizes, repeats, workdir, crosshost.make_creds(workdir))
@@ -155,6 +159,8 @@ def markdown(results: dict) -> str:
                   f"the pause a live handoff of {first['n']} chardev(s) costs."]
     if results.get("service"):
         lines += ["", *service_markdown(results["service"])]
+    if results.get("overlap"):
+        lines += ["", *overlap.markdown(results["overlap"])]
     if results.get("crosshost"):
         lines += ["", *crosshost.markdown(results["crosshost"])]
     elif results.get("crosshost-skipped"):
@@ -246,13 +252,16 @@ def main(argv=None) -> int:
     parser.add_argument("--cross-sizes", default="1,100,1000",
                         help="TCP connections moved between network namespaces (root only)")
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--overlap-repeats", type=int, default=3,
+                        help="restarts of gunicorn under load per way of restarting (0: none)")
     parser.add_argument("--out", default="bench-results")
     args = parser.parse_args(argv)
     floor.raise_nofile()
     if args.quick:
         sizes, busy_sizes, repeats, bridge_bytes, startup_repeats = [1, 10], [10], 2, 8 << 20, 3
-        service_sizes, cross_sizes = [1, 10], [1]
+        service_sizes, cross_sizes, overlap_repeats = [1, 10], [1], 0
     else:
+        overlap_repeats = args.overlap_repeats
         sizes = [int(n) for n in args.sizes.split(",")]
         busy_sizes = [int(n) for n in args.busy_sizes.split(",") if n]
         service_sizes = [int(n) for n in args.service_sizes.split(",") if n]
@@ -260,7 +269,8 @@ def main(argv=None) -> int:
         repeats, bridge_bytes, startup_repeats = args.repeats, 1 << 30, 15
     workdir = tempfile.mkdtemp(prefix="fdmig-bench-", dir="/tmp")
     try:
-        results = run(sizes, busy_sizes, repeats, bridge_bytes, startup_repeats, workdir, service_sizes, cross_sizes)
+        results = run(sizes, busy_sizes, repeats, bridge_bytes, startup_repeats, workdir, service_sizes, cross_sizes,
+                      overlap_repeats)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     os.makedirs(args.out, exist_ok=True)

@@ -33,8 +33,11 @@ def request(port: int, path: str, out, lock) -> None:
         result = {"ok": False, "error": repr(exc)}
     result.update(start=start, ms=round((time.monotonic() - began) * 1000, 3))
     with lock:
-        out.write(json.dumps(result) + "\n")
-        out.flush()
+        try:
+            out.write(json.dumps(result) + "\n")
+            out.flush()
+        except (BrokenPipeError, ValueError):
+            pass  # the reader has gone: it wants no more results
 
 
 def main() -> None:

@@ -1,0 +1,229 @@
+"""Restarting a server people run, under load: gunicorn (2 workers, --preload,
+READY=1) restarted by `fdmig run --overlap`, by fdmig's stop-then-start, and by
+Server::Starter (Debian's `start_server`, restarted by HUP, gunicorn bound with
+`--bind fd://3`), on the same application and the same load.
+
+The load comes from a process of its own (tests/services/load.py): a request
+over a fresh connection every 10 ms, and one request of SLOW seconds in flight;
+the restart comes RESTART_AT seconds into that one. gunicorn says READY=1
+before its workers exist; `--ready-delay 1` has the new generation live a second
+past it before the old one drains, as Server::Starter's default --interval does. Reported for each: the
+longest of the fresh requests, the requests that failed, how long the restart
+took (`fdmig restart` to its exit; Server::Starter's HUP returns at once, so from
+the HUP to the first request the new generation serves), and the same with a
+build that fails to start (the import raises): the requests that failed then.
+
+    python -m tests.bench.overlap [REPEATS]
+"""
+
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+from tests.helpers import FDMIG, free_port
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SLOW = 3.0  # the request in flight across the restart, seconds
+RESTART_AT = 0.5  # seconds into it
+AFTER = 1.5  # load goes on this long after the slow request ended
+INTERVAL = 0.01
+CASES = ("fdmig run --overlap", "fdmig run --overlap --ready-delay 1", "fdmig run (stop, then start)",
+         "Server::Starter")
+
+
+def available() -> str | None:
+    """Why this part cannot run here, or None."""
+    try:
+        import gunicorn  # noqa: F401
+    except ImportError:
+        return "needs gunicorn (the test extra)"
+    return None
+
+
+def _gunicorn(*bind: str) -> list[str]:
+    import gunicorn.config
+    command = [sys.executable, "-m", "gunicorn", "--preload", "--workers", "2", "--graceful-timeout", "30", *bind]
+    if hasattr(gunicorn.config, "ControlSocketDisable"):
+        command.append("--no-control-socket")
+    return command + ["tests.services.drain_app:app"]
+
+
+class _Load:
+    """tests/services/load.py as a process of its own; its results once it ends."""
+
+    def __init__(self, port: int, path: str = "/", interval: float = INTERVAL):
+        self.proc = subprocess.Popen([sys.executable, "-m", "tests.services.load", str(port), path, str(interval)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+        self.results: list[dict] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.results.append(json.loads(line))
+
+    def first_ok_by_other_than(self, master: str | None) -> float | None:
+        """When (time.time()) a request served by another master than `master` ended first."""
+        ends = [r["start"] + r["ms"] / 1000 for r in list(self.results)
+                if r["ok"] and r["by"].split()[0] != master]
+        return min(ends) if ends else None
+
+    def stop(self) -> list[dict]:
+        self.proc.stdin.close()
+        self.proc.wait(80)
+        self._reader.join(10)
+        return self.results
+
+
+def _wait(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+class _Fdmig:
+    def __init__(self, workdir: str, port: int, options: list[str], env: dict):
+        self.env = dict(env, FDMIG_RUNTIME_DIR=os.path.join(workdir, "rt"))
+        self.proc = subprocess.Popen(FDMIG + ["run", "--name", "bench", "--notify", *options, "--chardev",
+                                              f"id=http,host=127.0.0.1,port={port},server=on", "--", *_gunicorn()],
+                                     env=self.env, cwd=ROOT, stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def restart(self) -> tuple[float, bool]:
+        began = time.monotonic()
+        done = subprocess.run(FDMIG + ["restart", "--name", "bench", "--timeout", "30"], env=self.env,
+                              capture_output=True, text=True)
+        return time.monotonic() - began, done.returncode == 0
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(60)
+
+
+class _ServerStarter:
+    def __init__(self, workdir: str, port: int, env: dict):
+        # start_server names the listener's fd in SERVER_STARTER_PORT (host:port=FD).
+        command = _gunicorn("--bind", "fd://FD")
+        shell = ('fd=${SERVER_STARTER_PORT##*=}; for a; do shift; set -- "$@" "${a/FD/$fd}"; done; exec "$@"')
+        self.proc = subprocess.Popen(["start_server", f"--port=127.0.0.1:{port}", "--", "bash", "-c", shell,
+                                      "gunicorn", *command], env=env, cwd=ROOT, stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+    def restart(self) -> tuple[None, bool]:
+        self.proc.send_signal(signal.SIGHUP)
+        return None, True
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+def measure_once(case: str, workdir: str, broken: bool = False) -> dict:
+    """One restart of `case` under load; with `broken`, of a build that fails."""
+    port = free_port()
+    begun = os.path.join(workdir, "begun")
+    os.makedirs(begun, exist_ok=True)
+    flag = os.path.join(workdir, "broken")
+    env = dict(os.environ, DRAIN_APP_BEGUN=begun, DRAIN_APP_BROKEN=flag)
+    server = _ServerStarter(workdir, port, env) if case == "Server::Starter" else \
+        _Fdmig(workdir, port, case.split(" (")[0].split()[2:], env)
+    try:
+        probe = _Load(port, interval=0.05)
+        _wait(lambda: any(r["ok"] for r in probe.results), 30, "the server to answer")
+        first = next(r for r in probe.results if r["ok"])["by"].split()[0]
+        probe.stop()
+        load = _Load(port)
+        before = set(os.listdir(begun))
+        slow = _Load(port, f"/slow?{SLOW:g}", interval=3600)
+        _wait(lambda: set(os.listdir(begun)) != before, 20, "the slow request to begin")
+        time.sleep(RESTART_AT)  # the restart comes this far into the slow request, as a deploy would
+        if broken:
+            open(flag, "w").close()
+        hup_at = time.time()
+        took, ok = server.restart()
+        _wait(lambda: slow.results, SLOW + 30, "the slow request to end")
+        time.sleep(AFTER)
+        results = load.stop()
+        slow.stop()
+        if took is None and not broken:
+            served = load.first_ok_by_other_than(first)
+            took = served - hup_at if served is not None else None
+    finally:
+        server.stop()
+        if os.path.exists(flag):
+            os.unlink(flag)
+    fresh = [r for r in results if r["ok"]]
+    return {"longest-ms": max((r["ms"] for r in fresh), default=None), "failed": len(results) - len(fresh),
+            "requests": len(results), "restart-ms": None if took is None else round(took * 1000, 1),
+            "restart-ok": ok, "slow-ok": bool(slow.results and slow.results[0]["ok"])}
+
+
+def measure(repeats: int, workdir: str) -> list[dict]:
+    rows = []
+    for case in CASES:
+        if case == "Server::Starter" and shutil.which("start_server") is None:
+            continue
+        runs = [measure_once(case, tempfile.mkdtemp(dir=workdir)) for _ in range(repeats)]
+        broken = [measure_once(case, tempfile.mkdtemp(dir=workdir), broken=True) for _ in range(repeats)]
+        restarts = [r["restart-ms"] for r in runs if r["restart-ms"] is not None]
+        rows.append({"case": case, "repeats": repeats,
+                     "longest-ms": statistics.median(r["longest-ms"] for r in runs),
+                     "failed": sum(r["failed"] for r in runs), "requests": sum(r["requests"] for r in runs),
+                     "restart-ms": statistics.median(restarts) if restarts else None,
+                     "slow-ok": all(r["slow-ok"] for r in runs),
+                     "broken-failed": sum(r["failed"] for r in broken),
+                     "broken-requests": sum(r["requests"] for r in broken),
+                     "broken-longest-ms": statistics.median(r["longest-ms"] for r in broken)})
+    return rows
+
+
+def markdown(rows: list[dict]) -> list[str]:
+    if not rows:
+        return []
+    starter = next((r for r in rows if r["case"] == "Server::Starter"), None)
+    lines = ["### Restarting gunicorn under load", "",
+             f"gunicorn (2 workers, `--preload`) serving tests/services/drain_app.py; a request over a fresh "
+             f"connection every {INTERVAL * 1000:g} ms from a process of its own, and one of {SLOW:g} s in flight; "
+             f"the restart {RESTART_AT:g} s into it (tests/bench/overlap.py). Medians of "
+             f"{rows[0]['repeats']} restarts; failures summed over them. A broken build: the application's import "
+             "raises in the new generation.", "",
+             "| restarted by | longest fresh request | vs Server::Starter | failed | restart took "
+             "| slow request served | broken build: failed | broken build: longest |",
+             "|---|---:|---:|---:|---:|---|---:|---:|"]
+    for row in rows:
+        versus = f"{row['longest-ms'] / starter['longest-ms']:.1f}x" if starter and starter["longest-ms"] else "-"
+        took = f"{row['restart-ms']:.0f} ms" if row["restart-ms"] is not None else "-"
+        lines.append(f"| {row['case']} | {row['longest-ms']:.1f} ms | {versus} | {row['failed']} of "
+                     f"{row['requests']} | {took} | {'yes' if row['slow-ok'] else 'no'} | "
+                     f"{row['broken-failed']} of {row['broken-requests']} | {row['broken-longest-ms']:.1f} ms |")
+    lines += ["", "Server::Starter's restart is from its HUP to the first request the new generation served."]
+    return lines
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    why = available()
+    if why:
+        print(f"skipped: {why}", file=sys.stderr)
+        return 0
+    with tempfile.TemporaryDirectory(prefix="fdm-ov-", dir="/tmp") as workdir:
+        rows = measure(int(argv[0]) if argv else 3, workdir)
+    print("\n".join(markdown(rows)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
