@@ -459,8 +459,13 @@ class Service:
         if self._stopping is not None and not self._stopping.done() and interactive:
             log.info("service: stopping pid %s (SIGKILL in %g s; Ctrl-C again to kill now)", self._stopping_pid,
                      max(0.0, round((self.kill_at or time.time()) - time.time())))
-        if self._old is not None and self._old.alive:
-            self._drain_generation(self._old)  # a restart under way: the old generation stops too
+        task = self._restarting
+        if self.options.overlap and task is not None and not task.done():
+            task.cancel()  # an overlapping restart ends here: neither generation serves on
+            await asyncio.gather(task, return_exceptions=True)
+        old, self._old = self._old, None
+        if old is not None and old.alive:
+            self._drain_generation(old)
         await self._stop(interactive)
         # Those that drain have their stop signal and their SIGKILL due already.
         while any(generation.alive for generation in self.draining):

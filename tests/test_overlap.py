@@ -15,7 +15,7 @@ import time
 import psutil
 import pytest
 
-from tests.helpers import connect_unix, free_port, needs, recv_exactly, run, status_of, wait_status
+from tests.helpers import FDMIG, free_port, needs, recv_exactly, run, status_of, wait_status
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 APP = "tests.services.drain_app"
@@ -297,6 +297,31 @@ def test_with_notify_a_ready_delay_keeps_the_old_generation_until_the_new_one_ha
     assert result.returncode == 1, result.stderr
     assert "dies after READY=1" in result.stderr and f"the old generation (pid {old}) serves on" in result.stderr
     assert service_of(runtime_dir)["pid"] == old and psutil.pid_exists(old)
+
+
+@pytest.mark.timeout(60)
+def test_stop_during_an_overlapping_restart_stops_both_generations(daemons, runtime_dir, short_dir):
+    flag = os.path.join(short_dir, "mute")  # the new generation never says READY=1
+    # The old generation drains for 1.5 s after its stop signal, as a server with
+    # requests in flight does; the new one never says READY=1.
+    mute = ("import os, signal, socket, sys, time\n"
+            "if not os.path.exists(sys.argv[1]):\n"
+            "    signal.signal(signal.SIGTERM, lambda *_: (time.sleep(1.5), sys.exit(0)))\n"
+            "    socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM).sendto(b'READY=1', os.environ['NOTIFY_SOCKET'])\n"
+            "time.sleep(600)\n")
+    daemon = start_run(daemons, "--overlap", "--notify", command=[sys.executable, "-c", mute, flag])
+    old = service_of(runtime_dir)["pid"]
+    open(flag, "w").close()
+    restarting = subprocess.Popen(FDMIG + ["restart", "--name", "web", "--timeout", "50"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    new = wait_status(os.path.join(runtime_dir, "web.sock"), lambda s: s["service"]["pid"] not in (None, old),
+                      "the new generation started")["service"]["pid"]
+    stopped = run("stop", "--name", "web", "--timeout", "20")
+    assert stopped.returncode == 0, stopped.stderr
+    assert daemon.proc.wait(10) == 0
+    assert not psutil.pid_exists(old) and not psutil.pid_exists(new)
+    _, err = restarting.communicate(timeout=20)
+    assert restarting.returncode != 0, err
 
 
 def test_ready_delay_goes_with_overlap(runtime_dir):
