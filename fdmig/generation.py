@@ -46,6 +46,7 @@ class Generation:
         self.since: float | None = None  # when it began to drain (time.time())
         self.kill_at: float | None = None  # when SIGKILL comes (time.time())
         self.exit_status: str | None = None
+        self.killed = False  # it was sent SIGKILL (its drain lasted too long)
         self.stderr = stderr  # service.StderrCopy of its start, if ours
         self._loop = loop
         self._on_exit = on_exit
@@ -59,6 +60,7 @@ class Generation:
         if phase not in TRANSITIONS[self.phase]:
             raise RuntimeError(f"generation pid {self.pid}: {self.phase.value} -> {phase.value}")  # a bug
         self.phase = phase
+        self.killed = self.killed or phase is Phase.KILLED
 
     @property
     def alive(self) -> bool:

@@ -23,7 +23,7 @@ import time
 
 from fdmig import fdpass, notify, paths, process
 from fdmig.errors import FdmigError
-from fdmig.generation import Generation, Phase
+from fdmig.generation import Generation
 from fdmig.servicelog import LAST_LINE_WAIT, StderrCopy
 
 log = logging.getLogger("fdmig")
@@ -303,10 +303,8 @@ class Service:
         elif generation in self.draining:
             self.draining.remove(generation)
             took = time.time() - generation.since if generation.since else 0.0
-            how = "drained" if generation.phase is Phase.EXITED and generation.kill_at and \
-                generation.kill_at > time.time() else "ended"
-            log.info("service: generation pid %d %s after %.1f s (%s)", generation.pid, how, took,
-                     generation.exit_status)
+            log.info("service: generation pid %d %s after %.1f s (%s)", generation.pid,
+                     "was killed" if generation.killed else "drained", took, generation.exit_status)
         self._generation_gone.set()
         self.on_change()
 
