@@ -48,6 +48,7 @@ class Generation:
         self.exit_status: str | None = None
         self.killed = False  # it was sent SIGKILL (its drain lasted too long)
         self.stderr = stderr  # service.StderrCopy of its start, if ours
+        self.status_text: str | None = None  # its last STATUS=, to show again should it serve again
         self._loop = loop
         self._on_exit = on_exit
         self._kill: object = None  # the TimerHandle of the SIGKILL

@@ -151,16 +151,20 @@ class Service:
 
     # ----- starting ----------------------------------------------------------
 
-    def start(self) -> None:
+    def start(self, beside: bool = False) -> None:
         """Start CMD with the chardevs' fds and the whole store. FdmigError if it
-        cannot be executed."""
+        cannot be executed. `beside`: an older generation serves on with the same
+        open files, whose flags are then left as they are."""
         if shutil.which(self.argv[0]) is None:
             raise FdmigError(f"cannot execute {self.argv[0]}: command not found")
         named = list(self.chardev_fds()) + self.store.named_fds()
-        for _, fd in named:
-            # Blocking, as socket activation hands them: O_NONBLOCK belongs to the open
-            # file, so a service that set it would otherwise leave it to the next one.
-            os.set_blocking(fd, True)
+        if not beside:
+            for _, fd in named:
+                # Blocking, as socket activation hands them: O_NONBLOCK belongs to the open
+                # file, so a service that set it would otherwise leave it to the next one.
+                # Not under a generation still serving: the open file is its too, and
+                # taking its O_NONBLOCK away would hang it in accept().
+                os.set_blocking(fd, True)
         first = 3
         # Lifted above the range they go to, so no dup2 in the child clobbers one
         # still to move; close-on-exec, so the lifted copies vanish at the exec.
@@ -280,9 +284,25 @@ class Service:
         self.ready = False
         return generation
 
+    async def _stopped_words(self, generation: Generation) -> str:
+        """How a generation sent its stop signal ended, if it does within a moment
+        (a restart's answer should not wait for its drain): its exit status and
+        last line of stderr."""
+        deadline = self._loop.time() + LAST_LINE_WAIT
+        while generation.alive:
+            self._generation_gone.clear()
+            try:
+                await asyncio.wait_for(self._generation_gone.wait(), max(0.0, deadline - self._loop.time()))
+            except asyncio.TimeoutError:
+                return ": it is being stopped"
+        line = await generation.stderr.last_line(LAST_LINE_WAIT) if generation.stderr is not None else None
+        ended = _ended(generation.exit_status) if not generation.alive else "is being stopped"
+        return f": stopped, it {ended}" + (f": {line}" if line else "")
+
     def _reattach(self, generation: Generation) -> None:
         """The old generation current again: a new one failed beside it."""
         self._unsupervise()
+        self.status_text = generation.status_text
         self.main_pid = generation.pid
         self._spawned_pid = generation.pid if generation.spawned else None
         self._stderr = generation.stderr
@@ -328,8 +348,9 @@ class Service:
         self.restarts += 1
         self._to(State.RESTARTING)
         old = self._old = self._detach()
+        old.status_text = self.status_text
         try:
-            self.start()
+            self.start(beside=True)
         except FdmigError as exc:
             self._old = None
             self._reattach(old)
@@ -345,9 +366,11 @@ class Service:
         result = await self._outcome(pid, stderr, timeout, outcome)
         result["goes-on"] = False  # it has ended: the new generation stopped, the old one serving
         if outcome == "timeout":
-            result["error"] = f"the new generation (pid {pid}) was not ready within {timeout:g} s: it is stopped"
+            result["error"] = f"the new generation (pid {pid}) was not ready within {timeout:g} s"
             if self.alive:
-                self._drain_generation(self._detach())  # it is stopped, as a drain is
+                new = self._detach()
+                self._drain_generation(new)  # it is stopped, as a drain is
+                result["error"] += await self._stopped_words(new)
         if old.alive:
             self._reattach(old)
             result["error"] += f"; the old generation (pid {old.pid}) serves on"

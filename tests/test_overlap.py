@@ -324,6 +324,58 @@ def test_stop_during_an_overlapping_restart_stops_both_generations(daemons, runt
     assert restarting.returncode != 0, err
 
 
+# Non-blocking on its listener, as event-loop servers are; where the flag file
+# exists at its start, a build that cannot start.
+NONBLOCKING = ("import fcntl, os, sys, time\n"
+               "if os.path.exists(sys.argv[1]):\n"
+               "    sys.exit('this build cannot start')\n"
+               "fcntl.fcntl(3, fcntl.F_SETFL, fcntl.fcntl(3, fcntl.F_GETFL) | os.O_NONBLOCK)\n"
+               "time.sleep(600)\n")
+
+
+def _fd_flags(pid: int, fd: int) -> int:
+    with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+        return int(next(line for line in f if line.startswith("flags:")).split()[1], 8)
+
+
+@pytest.mark.timeout(60)
+def test_a_new_generation_leaves_the_old_ones_listener_as_the_old_one_set_it(daemons, runtime_dir, short_dir):
+    # Regression: each start made the listener blocking again, and the open file is
+    # the old generation's too: it then hung in accept() at its stop signal.
+    flag = os.path.join(short_dir, "broken")
+    port = free_port()
+    start_run(daemons, "--overlap", "--ready-delay", "0.5", "--chardev", f"id=http,host=127.0.0.1,port={port},server=on",
+              command=[sys.executable, "-c", NONBLOCKING, flag])
+    old = service_of(runtime_dir)["pid"]
+    deadline = time.monotonic() + 10
+    while not _fd_flags(old, 3) & os.O_NONBLOCK:  # no event for another process's fcntl
+        assert time.monotonic() < deadline, "the service did not set O_NONBLOCK"
+        time.sleep(0.01)
+    open(flag, "w").close()
+    result = restart()
+    assert result.returncode == 1 and "this build cannot start" in result.stderr, result.stderr
+    assert service_of(runtime_dir)["pid"] == old
+    assert _fd_flags(old, 3) & os.O_NONBLOCK, "the old generation's listener was made blocking"
+
+
+@pytest.mark.timeout(60)
+def test_a_new_generation_stopped_at_the_timeout_says_how_it_ended(daemons, runtime_dir, short_dir):
+    flag = os.path.join(short_dir, "mute")
+    mute = ("import os, socket, sys, time\n"
+            "if os.path.exists(sys.argv[1]):\n"
+            "    print('never ready', file=sys.stderr, flush=True)\n"
+            "else:\n"
+            "    socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM).sendto(b'READY=1', os.environ['NOTIFY_SOCKET'])\n"
+            "time.sleep(600)\n")
+    start_run(daemons, "--overlap", "--notify", command=[sys.executable, "-c", mute, flag])
+    old = service_of(runtime_dir)["pid"]
+    open(flag, "w").close()
+    result = restart("--timeout", "2")
+    assert result.returncode == 4, result.stderr
+    assert "was not ready within 2 s: stopped, it was killed by SIGTERM: never ready" in result.stderr, result.stderr
+    assert f"the old generation (pid {old}) serves on" in result.stderr
+
+
 def test_ready_delay_goes_with_overlap(runtime_dir):
     result = run("run", "--ready-delay", "2", "--", "true")
     assert result.returncode == 2 and "--ready-delay goes with --overlap" in result.stderr, result.stderr
