@@ -126,6 +126,12 @@ def _complete_labels(ctx, param, incomplete):
     return [label for label in labels if label.startswith(incomplete)]
 
 
+def _complete_program(ctx, param, incomplete):
+    """After `--`: a program and its arguments, completed as the shell completes paths."""
+    from click.shell_completion import CompletionItem
+    return [CompletionItem(incomplete, type="file")]
+
+
 def instance_options(func):
     func = click.option("--control", metavar="PATH",
                         help="Control socket path (default: NAME.sock in the runtime dir).")(func)
@@ -274,7 +280,7 @@ def serve(name, control, chardev_specs, capabilities, fdstore):
               help="With --overlap: a new service alive this long (after its READY=1, with --notify) is ready "
                    "(default 1 s; 0 with --notify).")
 @fdstore_option
-@click.argument("command", nargs=-1, required=True, metavar="-- CMD [ARGS]...")
+@click.argument("command", nargs=-1, required=True, metavar="-- CMD [ARGS]...", shell_complete=_complete_program)
 def run(name, control, chardev_specs, capabilities, notify_ready, fdstore_max, restart_policy, stop_signal,
         stop_timeout, overlap, ready_delay, fdstore, command):
     """Run a program that keeps its sockets across its own restarts.
@@ -376,6 +382,8 @@ def restart(name, control, timeout):
     if outcome["status"] == "timeout":
         goes_on = "; the restart goes on in the instance" if outcome.get("goes-on", True) else ""
         raise TimeoutExpired(f"timed out after {timeout:g} s: {outcome['error']}{goes_on}")
+    if outcome.get("old-serves"):  # --overlap: nothing changed
+        raise FdmigError(f"restart failed: {outcome['error']}; fix it and run fdmig restart again")
     raise FdmigError(f"the service did not come back: {outcome['error']}; its listening sockets and fd store "
                      "stay held: fix it and run fdmig restart again")
 
@@ -726,7 +734,7 @@ tls_creds_option = click.option("--tls-creds", metavar="DIR",
 @click.option("--release-cmd", metavar="CMD",
               help="TCP channel: a shell command that gives the address up again, run if the migration "
                    "fails after --claim-cmd ran.")
-@click.argument("command", nargs=-1, metavar="[-- CMD [ARGS]...]")
+@click.argument("command", nargs=-1, metavar="[-- CMD [ARGS]...]", shell_complete=_complete_program)
 def migrate_in(name, control, channel, tls_creds, chardev_specs, timeout, exec_, fdstore, claim_cmd, release_cmd,
                command):
     """Start a target that waits for a migration, then serves.

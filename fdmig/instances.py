@@ -51,8 +51,8 @@ def check_free(specs, own_name: str | None = None) -> None:
     for spec in servers:
         if spec.kind == "unix" and (handed is None or handed.conflict(spec) is None) \
                 and unix_listening(spec.path):
-            raise SpecError(f"chardev {spec.id}: unix:{spec.path} is in use: another process listens on it; "
-                            "stop it, or choose another path")
+            raise SpecError(f"chardev {spec.id}: unix:{spec.path} is in use: {_listener(spec.path)} listens on "
+                            "it; stop it, or choose another path")
 
 
 def _passed_names() -> set:
@@ -80,6 +80,19 @@ def _listening(status: dict, held=None):
         if row.get("role") == "server" and row.get("spec") and row.get("state") in LISTENING:
             held.add(parse_spec(row["spec"]))
     return held
+
+
+def _listener(path: str) -> str:
+    """Who listens at a unix path, as a message names it: `pid N (name)` where
+    this user may see it (a service orphaned by a holder killed outright, say)."""
+    import psutil
+    try:
+        for conn in psutil.net_connections(kind="unix"):
+            if conn.laddr == path and conn.pid:  # psutil gives unix sockets no state
+                return f"pid {conn.pid} ({psutil.Process(conn.pid).name()})"
+    except (psutil.Error, OSError):
+        pass
+    return "another process"
 
 
 def unix_listening(path: str) -> bool:

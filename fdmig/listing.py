@@ -156,6 +156,12 @@ def stop(control_path: str, timeout: float) -> dict:
         except NoInstanceError as exc:
             missing = missing or exc
     if client is None:
+        if os.path.exists(control_path) and paths.socket_owner_pid(control_path) is None:
+            # Left by an instance killed outright: `list` calls it stale. Cleared,
+            # so that the name is free and `list` no longer shows it.
+            paths.remove_stale_socket(control_path, "control")
+            raise NoInstanceError(f"no instance answers at {control_path}; removed the stale socket an "
+                                  "instance killed outright left there")
         raise missing
     with client:
         status = client.execute("x-fdmig-status")

@@ -354,7 +354,8 @@ class Service:
         except FdmigError as exc:
             self._old = None
             self._reattach(old)
-            return {"status": "failed", "pid": None, "error": f"{exc}; the old generation (pid {old.pid}) serves on"}
+            return {"status": "failed", "pid": None, "old-serves": True,
+                    "error": f"{exc}; the old generation (pid {old.pid}) serves on"}
         pid, stderr = self.main_pid, self._stderr
         outcome = await self.wait_ready(timeout)
         self._old = None
@@ -374,6 +375,7 @@ class Service:
         if old.alive:
             self._reattach(old)
             result["error"] += f"; the old generation (pid {old.pid}) serves on"
+            result["old-serves"] = True
         else:
             old.close()
             result["error"] += "; the old generation had exited meanwhile: no generation serves"
@@ -425,8 +427,10 @@ class Service:
         # ended in a way only its parent may read: that counts as a failure, so that
         # --restart on-failure starts it again.
         failed = self.exit_status != "exit status 0" and not on_purpose
+        never_ready = not self.ready and self.state is State.STARTING and not on_purpose
         log.log(logging.INFO if on_purpose or not failed else logging.WARNING,
-                "service: pid %s ended (%s)", self.main_pid, self.exit_status)
+                "service: pid %s ended (%s)%s", self.main_pid, self.exit_status,
+                " before it was ready" if never_ready else "")
         self.main_pid = None
         self.ready = False
         if self.state is not State.STOPPING or not on_purpose:
@@ -438,6 +442,9 @@ class Service:
             delay, self._backoff = self._backoff, min(self._backoff * 2, BACKOFF_MAX)
             log.info("service: starting again in %g s (--restart %s)", delay, policy)
             self._retry = self._loop.call_later(delay, self._restart_now)
+        elif failed and not self._closing:
+            # Nothing starts it again: say what will (the listeners and the store are held).
+            log.warning("service: not started again (--restart %s); fix it and run fdmig restart", policy)
 
     def _reap(self) -> str:
         """How our child ended, or that it is not known: the main process was not
@@ -643,9 +650,9 @@ class Service:
         new one's start: the part of a restart's pause that is fdmig's."""
         if self._stop_sent is None or self._exit_seen is None:
             return
-        log.info("service: restart: pid exited %.1f ms after the stop signal; the new one started %.1f ms "
-                 "after that exit", (self._exit_seen - self._stop_sent) * 1000,
-                 (self._spawned_at - self._exit_seen) * 1000)
+        log.info("service: restart: pid %s exited %.1f ms after the stop signal; the new one started %.1f ms "
+                 "after that exit (pid %s)", self._stopping_pid, (self._exit_seen - self._stop_sent) * 1000,
+                 (self._spawned_at - self._exit_seen) * 1000, self.main_pid)
 
     def close(self, unlink: bool = True) -> None:
         """Stop hearing and supervising. `unlink=False` after a migration's commit:

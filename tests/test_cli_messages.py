@@ -306,3 +306,12 @@ def test_a_command_that_is_not_executable_is_called_so_not_missing(short_dir, ru
     assert "is not executable" in result.stderr and f"python3 {script}" in result.stderr, result.stderr
     missing = run("migrate-in", "--exec", "--", os.path.join(short_dir, "nothing"))
     assert missing.returncode == 2 and "not found" in missing.stderr, missing.stderr
+
+
+def test_after_the_double_dash_completion_offers_paths(runtime_dir):
+    # Issue 21: `fdmig run -- <TAB>` completed nothing.
+    for words in ("fdmig run -- ./se", "fdmig run --name web -- python3 ./se", "fdmig migrate-in --exec -- ./se"):
+        env = dict(os.environ, _FDMIG_COMPLETE="bash_complete", COMP_WORDS=words,
+                   COMP_CWORD=str(len(words.split()) - 1))
+        done = subprocess.run(FDMIG, env=env, capture_output=True, text=True, timeout=30)
+        assert done.stdout.split() == ["file,./se"], (words, done.stdout, done.stderr)

@@ -116,8 +116,10 @@ def test_stop_exits_3_when_no_instance_answers(daemons, runtime_dir):
     assert result.returncode == 3
     assert result.stderr.strip() == f"fdmig: no instance answers at {control(runtime_dir)}"
     killed(daemons("serve", "--name", "web"))
-    result = run("stop", "--name", "web")  # a stale socket: nobody to stop
+    result = run("stop", "--name", "web")  # a stale socket: nobody to stop, a name to free
     assert result.returncode == 3, result.stderr
+    assert "removed the stale socket" in result.stderr
+    assert not os.path.exists(control(runtime_dir)) and json.loads(run("list", "--json").stdout) == []
 
 
 # ----- fdmig list -------------------------------------------------------------------
