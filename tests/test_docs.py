@@ -480,6 +480,25 @@ def test_readme_walk_through_starts_no_target_that_dies_with_its_terminal():
     assert "fdmig migrate-out --spawn" in text and "fdmig stop" in text and "fdmig list" in text
 
 
+def test_readme_tells_a_newcomer_what_the_examples_assume():
+    # Regression: a new user's report. The quick start installs into .venv, and
+    # the rest says `fdmig`; server.py is run as ./server.py by `run --help`;
+    # the runtime dir of root; a `fdmig run` that dies with its terminal; gunicorn
+    # saying READY=1 before its workers import the application.
+    quick_start = readme_section("Quick start")
+    assert ". .venv/bin/activate" in quick_start
+    section = readme_section("Keep your program's connections across its restarts")
+    (program,) = [block for block in code_blocks(section, "python") if "# server.py" in block]
+    assert program.startswith("#!/usr/bin/env python3\n")
+    assert "chmod +x server.py" in section
+    assert "SIGHUP" in section and "setsid -f fdmig run" in section and "fdmig-systemd(7)" in section
+    (gunicorn,) = [line for line in section.splitlines() if line.startswith("| gunicorn |")]
+    assert "--notify" in gunicorn and "--ready-delay 1" in gunicorn and "--preload" in gunicorn
+    text = README.read_text()
+    for directory in ("$FDMIG_RUNTIME_DIR", "$XDG_RUNTIME_DIR/fdmig", "/run/fdmig", "/tmp/fdmig-UID"):
+        assert directory in text, f"README does not name the runtime dir {directory}"
+
+
 class _RecordStream:
     """A fast client: numbered records sent as fast as a window of them in flight
     allows; each must come back once and in order, and no EOF."""
@@ -561,7 +580,8 @@ def test_readme_server_py_loses_no_record_of_fast_clients_through_restarts(daemo
     issue 21) lost a record in about one restart of six."""
     from tests.helpers import free_port, status_of
     section = readme_section("Keep your program's connections across its restarts")
-    (program,) = [block for block in code_blocks(section, "python") if block.startswith("# server.py")]
+    (program,) = [block for block in code_blocks(section, "python")
+                  if block.startswith("#!/usr/bin/env python3\n# server.py")]
     (server := tmp_path / "server.py").write_text(program)
     (line,) = [line for block in code_blocks(section, "sh") for line in block.splitlines()
                if line.startswith("fdmig run ")]
