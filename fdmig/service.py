@@ -18,7 +18,6 @@ import shlex
 import shutil
 import signal
 import socket
-import sys
 import time
 
 from fdmig import fdpass, notify, paths, process
@@ -215,8 +214,6 @@ class Service:
         """The copier of the next start's stderr; None (the service writes to our
         stderr itself, its last line unknown) if it cannot be started."""
         self._copies = [copy for copy in self._copies if not copy.done.is_set()]
-        if not sys.executable:
-            return None
         try:
             copy = StderrCopy(self._loop)
         except OSError as exc:
