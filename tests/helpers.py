@@ -450,3 +450,84 @@ def on_a_terminal(args, columns: int, timeout: float = 30) -> str:
     text = _ANSI.sub("", out.decode()).replace("\r", "")
     assert proc.wait(timeout) == 0, text
     return text
+
+
+class Stream:
+    """A peer streaming numbered records through an echo service; each record must
+    come back once and in order, and the connection must never see EOF."""
+
+    RECORD = b"%011d\n"
+    SIZE = 12
+
+    def __init__(self, sock: socket.socket, window: int = 128):
+        sock.settimeout(20)
+        self.sock = sock
+        self.sent = 0  # counted before sendall: an echo may be back before it returns
+        self.echoed = 0
+        self.error: str | None = None
+        self._room = threading.Semaphore(window)
+        self._stop = threading.Event()
+        self._closing = False
+        self._progress = threading.Condition()
+        self._threads = [threading.Thread(target=self._send, daemon=True),
+                         threading.Thread(target=self._receive, daemon=True)]
+        for thread in self._threads:
+            thread.start()
+
+    def _send(self):
+        while not self._stop.is_set():
+            if not self._room.acquire(timeout=0.05):
+                continue
+            record = self.RECORD % self.sent
+            self.sent += 1
+            try:
+                self.sock.sendall(record)
+            except OSError as exc:
+                self._fail(f"send failed: {exc}")
+                return
+
+    def _receive(self):
+        buf = b""
+        while True:
+            try:
+                data = self.sock.recv(65536)
+            except OSError as exc:
+                self._fail(f"receive failed: {exc}")
+                return
+            if not data:
+                self._fail("EOF")
+                return
+            buf += data
+            while len(buf) >= self.SIZE:
+                record, buf = buf[:self.SIZE], buf[self.SIZE:]
+                if record != self.RECORD % self.echoed:
+                    self._fail(f"expected record {self.echoed}, got {record!r}")
+                    return
+                with self._progress:
+                    self.echoed += 1
+                    self._progress.notify_all()
+                self._room.release()
+
+    def _fail(self, error: str):
+        with self._progress:
+            if not self._closing:
+                self.error = self.error or error
+            self._progress.notify_all()
+
+    def wait_echoed(self, count: int, timeout: float = 20.0) -> None:
+        with self._progress:
+            self._progress.wait_for(lambda: self.echoed >= count or self.error, timeout)
+        assert self.error is None, self.error
+        assert self.echoed >= count, f"{self.echoed} of {count} records echoed within {timeout} s"
+
+    def finish(self, timeout: float = 20.0) -> int:
+        """Stops sending, waits for every record sent to come back; the count."""
+        self._stop.set()
+        self._threads[0].join(timeout)
+        self.wait_echoed(self.sent, timeout)
+        with self._progress:
+            self._closing = True
+        self.sock.shutdown(socket.SHUT_RDWR)
+        self._threads[1].join(timeout)
+        self.sock.close()
+        return self.echoed

@@ -499,86 +499,13 @@ def test_readme_tells_a_newcomer_what_the_examples_assume():
         assert directory in text, f"README does not name the runtime dir {directory}"
 
 
-class _RecordStream:
-    """A fast client: numbered records sent as fast as a window of them in flight
-    allows; each must come back once and in order, and no EOF."""
-
-    RECORD = b"%011d\n"
-    SIZE = 12
-
-    def __init__(self, sock, window: int = 256):
-        import threading
-        sock.settimeout(30)
-        self.sock, self.sent, self.echoed, self.error, self.closing = sock, 0, 0, None, False
-        self._room = threading.Semaphore(window)
-        self._stop = threading.Event()
-        self._progress = threading.Condition()
-        self._threads = [threading.Thread(target=self._send, daemon=True),
-                         threading.Thread(target=self._receive, daemon=True)]
-        for thread in self._threads:
-            thread.start()
-
-    def _send(self):
-        while not self._stop.is_set():
-            if self._room.acquire(timeout=0.05):
-                record = self.RECORD % self.sent
-                self.sent += 1
-                try:
-                    self.sock.sendall(record)
-                except OSError as exc:
-                    return self._fail(f"send failed: {exc}")
-
-    def _receive(self):
-        buf = b""
-        while True:
-            try:
-                data = self.sock.recv(65536)
-            except OSError as exc:
-                return self._fail(f"receive failed: {exc}")
-            if not data:
-                return self._fail("EOF")
-            buf += data
-            while len(buf) >= self.SIZE:
-                record, buf = buf[:self.SIZE], buf[self.SIZE:]
-                if record != self.RECORD % self.echoed:
-                    return self._fail(f"expected record {self.echoed}, got {record!r}: a record was lost")
-                with self._progress:
-                    self.echoed += 1
-                    self._progress.notify_all()
-                self._room.release()
-
-    def _fail(self, error):
-        with self._progress:
-            if not self.closing:
-                self.error = self.error or error
-            self._progress.notify_all()
-
-    def wait_echoed(self, count: int, timeout: float = 20.0):
-        with self._progress:
-            self._progress.wait_for(lambda: self.echoed >= count or self.error, timeout)
-        assert self.error is None, self.error
-        assert self.echoed >= count, f"{self.echoed} of {count} records echoed within {timeout} s"
-
-    def finish(self) -> int:
-        """Stops sending, waits for every record sent to come back; the count."""
-        self._stop.set()
-        self._threads[0].join(10)
-        self.wait_echoed(self.sent)
-        with self._progress:
-            self.closing = True
-        self.sock.shutdown(socket.SHUT_RDWR)
-        self._threads[1].join(10)
-        self.sock.close()
-        return self.echoed
-
-
 @pytest.mark.timeout(120)
 def test_readme_server_py_loses_no_record_of_fast_clients_through_restarts(daemons, runtime_dir, tmp_path):
     """The README's server.py under the README's own `fdmig run` line: fast clients
     stream through ten restarts, and every record comes back once, in order. A
     server killed by SIGTERM between its recv and its sendall (the README's before
     issue 21) lost a record in about one restart of six."""
-    from tests.helpers import free_port, status_of
+    from tests.helpers import Stream, free_port, status_of
     section = readme_section("Keep your program's connections across its restarts")
     (program,) = [block for block in code_blocks(section, "python")
                   if block.startswith("#!/usr/bin/env python3\n# server.py")]
@@ -592,7 +519,7 @@ def test_readme_server_py_loses_no_record_of_fast_clients_through_restarts(daemo
     name = options[options.index("--name") + 1]
     daemon = daemons("run", *options, "--", sys.executable, str(server), cwd=tmp_path)
 
-    streams = [_RecordStream(socket.create_connection(("127.0.0.1", port), timeout=10)) for _ in range(3)]
+    streams = [Stream(socket.create_connection(("127.0.0.1", port), timeout=10)) for _ in range(3)]
     control = os.path.join(runtime_dir, f"{name}.sock")
     try:
         for stream in streams:
