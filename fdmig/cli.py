@@ -71,7 +71,8 @@ def _usage_error(exc: click.UsageError, where: str) -> click.ClickException:
         return CliError(f"missing {exc.param_type or 'argument'} {name}; accepted: "
                         f"{', '.join(map(str, param.type.choices))}", exc.exit_code)
     # click's "no such option '--jsn'. Did you mean '--json'?" as one clause.
-    message = re.sub(r"\.\s+Did you mean (.*)\?$", r" (did you mean \1?)", exc.format_message().strip())
+    # (click 8.1 writes it without the full stop.)
+    message = re.sub(r"\.?\s+Did you mean (.*)\?$", r" (did you mean \1?)", exc.format_message().strip())
     message = message.rstrip(".")
     if exc.ctx is not None:
         where = exc.ctx.command_path
