@@ -4,6 +4,7 @@ Heavy modules (asyncio, rich, psutil) are imported inside the commands that use
 them, so `fdmig --version` and `fdmig status` start fast.
 """
 
+import errno
 import os
 import re
 import sys
@@ -489,15 +490,18 @@ def attach(name, control, spec):
             chardev = ChardevSpec(**{**chardev.__dict__, "fd": passed_name})
         try:
             client.execute("chardev-add", chardev.to_qmp())
-        except FdmigError:
+        except FdmigError as exc:
             if chardev.kind == "fd" and chardev.fd.startswith("attach-"):
                 try:
                     client.execute("closefd", {"fdname": chardev.fd})  # do not leave our fd behind
                 except FdmigError:
                     pass  # the instance had taken it already, and closed it
             # Another client may have taken the label or the address since we
-            # looked: that is still a SPEC that does not fit (exit 2), not a failure.
+            # looked: that is still a SPEC that does not fit (exit 2), not a failure;
+            # so is an address some other program holds (QMP says it in words only).
             _check_against(chardev, client.execute("x-fdmig-status"))
+            if os.strerror(errno.EADDRINUSE) in str(exc):
+                raise SpecError(str(exc)) from None
             raise
         state = next((c["state"] for c in client.execute("x-fdmig-status")["chardevs"]
                       if c["label"] == chardev.id), "?")

@@ -89,3 +89,12 @@ def test_a_migration_target_may_name_its_sources_path(daemons, short_dir, runtim
     assert result.returncode == 0, result.stderr + target.stderr()[-2000:]
     target.wait_ready()
     assert echoes(connect_unix(path))
+
+
+def test_attach_of_a_tcp_port_another_program_holds_exits_2(daemons):
+    theirs = socket.create_server(("127.0.0.1", 0))
+    port = theirs.getsockname()[1]
+    daemons("serve", "--name", "web")
+    result = run("attach", "--name", "web", f"id=x,host=127.0.0.1,port={port},server=on")
+    assert result.returncode == 2 and "Address already in use" in result.stderr, result.stderr
+    theirs.close()
