@@ -165,6 +165,9 @@ def _service_fields(status: dict) -> list[tuple[list[str], str]]:
     # A line for each older generation that drains (run --overlap).
     draining = [([f"draining: pid {entry['pid']}", f"since {local_time(entry.get('since'))}",
                   f"SIGKILL at {local_time(entry.get('kill-at'))}"], ", ") for entry in service.get("draining") or []]
+    beside = service.get("serving-beside")
+    if beside:
+        draining.insert(0, ([f"serving: pid {beside['pid']} (the old generation, until the new one is ready)"], ""))
     return [(fields, ", ")] + draining
 
 

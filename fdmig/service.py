@@ -798,7 +798,9 @@ class Service:
                 "status-text": self.status_text, "restarts": self.restarts, "command": list(self.argv),
                 "fdstore-max": self.store.limit, "fdstore-refused": self.store.refused,
                 "stop-timeout-s": self.options.stop_timeout, "kill-at": kill_at, "overlap": self.options.overlap,
-                "draining": [generation.row() for generation in self.draining if generation.alive]}
+                "draining": [generation.row() for generation in self.draining if generation.alive],
+                # While a new generation starts beside it (--overlap): the one that serves.
+                "serving-beside": {"pid": self._old.pid} if self._old is not None and self._old.alive else None}
 
 
 def _signal_name(signum: int) -> str:

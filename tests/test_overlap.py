@@ -314,8 +314,11 @@ def test_stop_during_an_overlapping_restart_stops_both_generations(daemons, runt
     open(flag, "w").close()
     restarting = subprocess.Popen(FDMIG + ["restart", "--name", "web", "--timeout", "50"],
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    new = wait_status(os.path.join(runtime_dir, "web.sock"), lambda s: s["service"]["pid"] not in (None, old),
-                      "the new generation started")["service"]["pid"]
+    during = wait_status(os.path.join(runtime_dir, "web.sock"), lambda s: s["service"]["pid"] not in (None, old),
+                         "the new generation started")["service"]
+    new = during["pid"]
+    assert during["serving-beside"] == {"pid": old} and during["state"] == "starting"
+    assert f"serving: pid {old} (the old generation" in run("status", "--name", "web").stdout
     stopped = run("stop", "--name", "web", "--timeout", "20")
     assert stopped.returncode == 0, stopped.stderr
     assert daemon.proc.wait(10) == 0
