@@ -12,7 +12,7 @@ import time
 
 import click
 
-from fdmig import __version__, instances, paths, qmp
+from fdmig import __version__, paths, qmp
 from fdmig.errors import FdmigError, NoInstanceError, SpecError, TimeoutExpired
 from fdmig.lifecycle import RunState
 from fdmig.spec import STATES, ChardevSpec, FieldError, check_incoming, check_label, check_set, parse_spec
@@ -252,7 +252,7 @@ def serve(name, control, chardev_specs, capabilities, fdstore):
     for spec in chardevs:
         check_incoming(spec, incoming=False)
     _prepare_control(control_path)
-    instances.check_free(chardevs)
+    _check_free(chardevs)
     instance_name = _instance_name(name, control)
     _setup_logging(instance_name)
     from fdmig.daemon import Instance, run
@@ -312,7 +312,7 @@ def run(name, control, chardev_specs, capabilities, notify_ready, fdstore_max, r
         raise SpecError(f"--stop-signal: {exc}") from None
     _check_command(command[0], "command")
     _prepare_control(control_path)
-    instances.check_free(chardevs)
+    _check_free(chardevs)
     instance_name = _instance_name(name, control)
     _setup_logging(instance_name)
     from fdmig.daemon import Instance, run_with_service
@@ -324,6 +324,11 @@ def run(name, control, chardev_specs, capabilities, notify_ready, fdstore_max, r
         ready_delay = 0.0 if notify_ready else 1.0
     options = Options(notify_ready, restart_policy, signum, stop_timeout, fdstore_max, overlap, ready_delay)
     sys.exit(run_with_service(instance, chardevs, list(command), options))
+
+
+def _check_free(chardevs, own_name: str | None = None) -> None:
+    from fdmig import instances  # asks every instance: only for the commands that listen
+    instances.check_free(chardevs, own_name)
 
 
 def _check_command(program: str, what: str) -> None:
@@ -481,7 +486,7 @@ def attach(name, control, spec):
     with qmp.connect(_control_path(name, control)) as client:
         status = client.execute("x-fdmig-status")
         _check_against(chardev, status)
-        instances.check_free([chardev], own_name=status["name"])
+        _check_free([chardev], own_name=status["name"])
         if chardev.fd_is_number:
             fd = int(chardev.fd)
             _check_own_fd(fd, chardev)
@@ -765,7 +770,7 @@ def migrate_in(name, control, channel, tls_creds, chardev_specs, timeout, exec_,
             raise SpecError("--exec needs a command: --exec -- CMD [ARGS]...")
         _check_command(command[0], "--exec: command")
     _prepare_control(control_path)
-    instances.check_free(chardevs, own_name=_instance_name(name, control))
+    _check_free(chardevs, own_name=_instance_name(name, control))
     if address and not address.tcp and \
             os.path.dirname(os.path.abspath(address.path)) == os.path.abspath(paths.runtime_dir()):
         paths.ensure_private_dir(paths.runtime_dir())

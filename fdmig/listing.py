@@ -8,9 +8,8 @@ not once per instance after it."""
 import os
 import stat
 import time
-from concurrent.futures import ThreadPoolExecutor
 
-from fdmig import paths, process, qmp, render
+from fdmig import paths, process, qmp
 from fdmig.errors import FdmigError, NoInstanceError, TimeoutExpired
 
 PROBE_TIMEOUT = 2.0  # `list`: how long an instance has to answer
@@ -65,6 +64,7 @@ def statuses(timeout: float = PROBE_TIMEOUT, directory: str | None = None) -> li
 def _each(work, found: list) -> list:
     if not found:
         return []
+    from concurrent.futures import ThreadPoolExecutor  # threads: not for every command's start
     with ThreadPoolExecutor(max_workers=min(32, len(found))) as pool:
         return list(pool.map(work, found))
 
@@ -202,6 +202,7 @@ def _still_stopping(control_path: str, pid: int) -> str:
         return "it no longer answers, and has not exited"
     service = status.get("service") if status.get("pid") == pid else None
     if service and service.get("pid") and service.get("state") == "stopping":
-        kill = f"; SIGKILL at {render.local_time(service['kill-at'])}" if service.get("kill-at") else ""
+        from fdmig.render import local_time
+        kill = f"; SIGKILL at {local_time(service['kill-at'])}" if service.get("kill-at") else ""
         return f"its service (pid {service['pid']}) has not stopped yet{kill}"
     return "it is still closing"
