@@ -1208,7 +1208,7 @@ def _starts(sections):
     return starts
 
 
-def _service_state(**more) -> "wire.ServiceState":
+def _service_state(**more):
     from fdmig.migration import wire
     return wire.ServiceState(("gunicorn", "app:app"), 300, "running", True, None, 2, True, "no", 15, 90.0, 1024, 0,
                              **more)
