@@ -39,8 +39,10 @@ class Generation:
     status in `exit_status`). `spawned`: it is our child, whose status we reap;
     one a migration brought is not, and how it ended is not ours to read."""
 
-    def __init__(self, loop, pid: int, spawned: bool, on_exit, pidfd: int | None = None, stderr=None):
+    def __init__(self, loop, pid: int, spawned: bool, on_exit, pidfd: int | None = None, stderr=None,
+                 pgid: int | None = None):
         self.pid = pid
+        self.pgid = pgid  # its process group, SIGKILLed whole
         self.spawned = spawned
         self.phase = Phase.SERVING
         self.since: float | None = None  # when it began to drain (time.time())
@@ -101,13 +103,23 @@ class Generation:
             self._kill = self._loop.call_later(0.05, self.kill)
             return
         if self.phase is Phase.DRAINING:
-            self._to(Phase.KILLED)
             log.warning("service: generation pid %d did not drain within %g s; SIGKILL", self.pid,
                         self.kill_at - self.since)
-            self.signal(signal.SIGKILL)
+            self.kill_now()
+
+    def kill_now(self) -> None:
+        """SIGKILL to it and its process group, now (its drain is over, or a
+        second Ctrl-C says so)."""
+        if self.phase in (Phase.SERVING, Phase.DRAINING):
+            if self.phase is Phase.SERVING:
+                self._to(Phase.DRAINING)
+            self._to(Phase.KILLED)
+        process.kill_all(self._pidfd, self.pgid)
 
     def signal(self, signum: int) -> None:
-        if self._pidfd is not None:
+        if signum == signal.SIGKILL:
+            self.kill_now()
+        elif self._pidfd is not None:
             try:
                 signal.pidfd_send_signal(self._pidfd, signum)
             except OSError:

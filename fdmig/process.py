@@ -98,3 +98,29 @@ def describe_status(code: int) -> str:
         except ValueError:
             return f"killed by signal {sig}"
     return f"exit status {os.WEXITSTATUS(code)}"
+
+
+def group_of(pid: int) -> int | None:
+    """The process group a service leads (started in a session of its own), or
+    None where that is not one to signal: gone, or fdmig's own."""
+    try:
+        pgid = os.getpgid(pid)
+    except OSError:
+        return None
+    return pgid if pgid != os.getpgrp() else None
+
+
+def kill_all(pidfd: int | None, pgid: int | None) -> None:
+    """SIGKILL to a service's process and the rest of its process group: its
+    children would otherwise live on as orphans holding its sockets, as
+    systemd's KillMode=control-group kills every process of a unit."""
+    if pidfd is not None:
+        try:
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        except OSError:
+            pass  # gone meanwhile: its exit is on its way
+    if pgid is not None:
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except OSError:
+            pass  # nobody left in it

@@ -89,6 +89,7 @@ class Service:
         self.restarts = 0
         self.exit_status: str | None = None
         self._spawned_pid: int | None = None  # our child, reaped with waitpid
+        self._pgid: int | None = None  # its process group, SIGKILLed whole
         self._pidfd: int | None = None
         self._stop_sent = self._exit_seen = self._spawned_at = None  # a restart's timings, for the log
         self._exited = asyncio.Event()
@@ -190,6 +191,7 @@ class Service:
         self._stderr = stderr
         self._spawned_at = time.monotonic()
         self.main_pid = self._spawned_pid = pid
+        self._pgid = pid  # it leads a session, and a process group, of its own (setsid)
         self.ready = False
         self.status_text = None
         self.exit_status = None
@@ -274,7 +276,7 @@ class Service:
             self._loop.remove_reader(pidfd)
         self._pidfd = None
         generation = Generation(self._loop, self.main_pid, self._spawned_pid == self.main_pid,
-                                self._generation_exited, pidfd=pidfd, stderr=self._stderr)
+                                self._generation_exited, pidfd=pidfd, stderr=self._stderr, pgid=self._pgid)
         generation.watch(self._hearing)
         self.main_pid = self._spawned_pid = None
         self._stderr = None
@@ -302,6 +304,7 @@ class Service:
         self.status_text = generation.status_text
         self.main_pid = generation.pid
         self._spawned_pid = generation.pid if generation.spawned else None
+        self._pgid = generation.pgid
         self._stderr = generation.stderr
         self._pidfd = generation.take_pidfd()
         if self._pidfd is not None and self._hearing:
@@ -535,7 +538,7 @@ class Service:
         for generation in draining:
             log.warning("service: SIGKILL to the draining generation pid %d now (Ctrl-C again)", generation.pid)
             generation.kill_at = time.time()
-            generation.signal(signal.SIGKILL)
+            generation.kill_now()
         if self._stopping is None or self._stopping.done() or not self.alive:
             return bool(draining)
         log.warning("service: SIGKILL to pid %s now (Ctrl-C again)", self.main_pid)
@@ -544,6 +547,9 @@ class Service:
         return True
 
     def _signal(self, signum: int) -> None:
+        if signum == signal.SIGKILL:
+            process.kill_all(self._pidfd, self._pgid)
+            return
         try:
             signal.pidfd_send_signal(self._pidfd, signum)
         except (OSError, TypeError):
@@ -581,7 +587,8 @@ class Service:
                     "error": self._still_stopping()}
         if task.cancelled():
             return {"status": "failed", "pid": None,
-                    "error": "the restart was given up: the instance handed its service over"}
+                    "error": "the instance is stopping: the restart was abandoned" if self._closing else
+                    "the restart was given up: the instance handed its service over"}
         if self.options.overlap:
             return task.result()
         started = task.result()
@@ -624,7 +631,7 @@ class Service:
         supervised from here on, its SIGKILL due when it was there; none is
         signalled again."""
         for pid, since, kill_at, killed in draining:
-            generation = Generation(self._loop, pid, False, self._generation_exited)
+            generation = Generation(self._loop, pid, False, self._generation_exited, pgid=process.group_of(pid))
             generation.drain(self.options.stop_signal, kill_at - since, since=since, killed=killed)
             generation.watch(self._hearing)
             self.draining.append(generation)
@@ -639,6 +646,7 @@ class Service:
         self._stderr = None  # its copier is the source's child: its last line is not known here
         if pid is None:
             return
+        self._pgid = process.group_of(pid)
         self._exited.clear()
         self._supervise(pid)
 

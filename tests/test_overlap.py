@@ -379,6 +379,24 @@ def test_a_new_generation_stopped_at_the_timeout_says_how_it_ended(daemons, runt
     assert f"the old generation (pid {old}) serves on" in result.stderr
 
 
+@pytest.mark.timeout(60)
+def test_sigkill_at_the_timeout_takes_the_services_children_too(daemons, runtime_dir):
+    # Regression: only the main process was killed; a child that ignores the stop
+    # signal lived on, orphaned, holding the service's sockets.
+    family = ["sh", "-c", "trap '' TERM; python3 -c 'import time; time.sleep(600)' & wait"]
+    daemon = start_run(daemons, "--overlap", "--ready-delay", "0.2", "--timeout", "1", command=family)
+    main = psutil.Process(service_of(runtime_dir)["pid"])
+    deadline = time.monotonic() + 10
+    while not main.children():  # no event for another process's fork
+        assert time.monotonic() < deadline, "the service started no child"
+        time.sleep(0.01)
+    child = main.children()[0]
+    assert restart().returncode == 0  # the old generation: SIGKILL at 1 s
+    assert child.wait(20) is not None or not child.is_running()
+    stopped = run("stop", "--name", "web", "--timeout", "20")
+    assert stopped.returncode == 0, stopped.stderr
+
+
 def test_ready_delay_goes_with_overlap(runtime_dir):
     result = run("run", "--ready-delay", "2", "--", "true")
     assert result.returncode == 2 and "--ready-delay goes with --overlap" in result.stderr, result.stderr
