@@ -12,12 +12,17 @@ from fdmig.errors import SpecError
 LISTENING = ("listening", "connected", "disconnected", "migrating")
 
 
-def _absolute(spec):
-    """`spec` with a relative unix path made ours: another instance's are its own."""
-    if spec.kind != "unix" or os.path.isabs(spec.path):
+def _resolved(spec, cwd: str | None = None):
+    """`spec` with its unix path as the kernel finds it: relative to `cwd` (ours
+    by default: another instance's relative paths are relative to its own), and
+    its directory's symlinks resolved, so that two spellings of one socket file
+    are one address. The file itself is not resolved: it may not exist yet."""
+    if spec.kind != "unix":
         return spec
     from fdmig.spec import ChardevSpec
-    return ChardevSpec(**{**spec.__dict__, "path": os.path.abspath(spec.path)})
+    path = os.path.join(cwd if cwd is not None else os.getcwd(), spec.path)
+    path = os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
+    return ChardevSpec(**{**spec.__dict__, "path": path})
 
 
 def check_free(specs, own_name: str | None = None) -> None:
@@ -28,7 +33,7 @@ def check_free(specs, own_name: str | None = None) -> None:
     checked against its own instance elsewhere. A unix path some other process
     listens on is refused too; one that no process listens on is taken over."""
     adopted = _passed_names()
-    servers = [_absolute(spec) for spec in specs
+    servers = [_resolved(spec) for spec in specs
                if spec.server and spec.kind in ("unix", "inet") and not spec.local_incoming
                and f"{spec.id}.listener" not in adopted]
     if not servers:
@@ -70,15 +75,15 @@ def _listening(status: dict, held=None):
     """The addresses an instance's server chardevs listen on, from its status
     (added to `held`, if given)."""
     from fdmig.spec import Addresses, parse_spec
+    try:  # its relative paths are relative to its working directory
+        cwd = os.readlink(f"/proc/{status['pid']}/cwd")
+    except OSError:
+        cwd = None  # unknown: compared as if ours
     if held is None:
-        try:  # its relative paths are relative to its working directory
-            cwd = os.readlink(f"/proc/{status['pid']}/cwd")
-        except OSError:
-            cwd = ""
-        held = Addresses(cwd)
+        held = Addresses("/")  # every path in it resolved already
     for row in status.get("chardevs", []):
         if row.get("role") == "server" and row.get("spec") and row.get("state") in LISTENING:
-            held.add(parse_spec(row["spec"]))
+            held.add(_resolved(parse_spec(row["spec"]), cwd))
     return held
 
 

@@ -160,6 +160,9 @@ def stop(control_path: str, timeout: float) -> dict:
             # Left by an instance killed outright: `list` calls it stale. Cleared,
             # so that the name is free and `list` no longer shows it.
             paths.remove_stale_socket(control_path, "control")
+            notify = paths.notify_beside(control_path)  # a `run` instance's, as dead
+            if os.path.exists(notify):
+                paths.remove_stale_socket(notify, "notify socket")
             raise NoInstanceError(f"no instance answers at {control_path}; removed the stale socket an "
                                   "instance killed outright left there")
         raise missing

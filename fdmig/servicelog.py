@@ -20,7 +20,8 @@ MAX_LAST_LINE = 4096
 # a stopping unit sends are ignored (inherited as ignored by the pipeline), so
 # the service's last words are never lost.
 _COPIER = ("trap '' INT TERM HUP QUIT; "
-           f"tee -p /dev/fd/4 4>&1 >&2 | grep -av '^[[:space:]]*$' | tail -n 1 | tail -c {MAX_LAST_LINE} >&3")
+           f"tee -p /dev/fd/4 4>&1 >&2 | {{ grep -av '^[[:space:]]*$' | tail -n 1 | tail -c {MAX_LAST_LINE} >&3; }} "
+           "2>/dev/null")  # the last line's reader may have gone (a holder that moved away): no word of it
 _COPIER_ENV = {"PATH": "/usr/bin:/bin", "LC_ALL": "C"}
 
 

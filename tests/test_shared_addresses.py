@@ -98,3 +98,16 @@ def test_attach_of_a_tcp_port_another_program_holds_exits_2(daemons):
     result = run("attach", "--name", "web", f"id=x,host=127.0.0.1,port={port},server=on")
     assert result.returncode == 2 and "Address already in use" in result.stderr, result.stderr
     theirs.close()
+
+
+def test_a_path_through_a_symlinked_directory_is_the_same_address(daemons, short_dir, runtime_dir):
+    # Regression: the second instance took the first one's socket file through a
+    # symlink to its directory, and removed it when it stopped.
+    os.mkdir(os.path.join(short_dir, "real"))
+    os.symlink(os.path.join(short_dir, "real"), os.path.join(short_dir, "link"))
+    path = os.path.join(short_dir, "real", "app.sock")
+    _first(daemons, runtime_dir, path)
+    result = run("serve", "--name", "other", "--chardev",
+                 ECHO.format(label="x", path=os.path.join(short_dir, "link", "app.sock")), timeout=20)
+    assert result.returncode == 2 and "instance 'web'" in result.stderr, result.stderr
+    assert echoes(connect_unix(path))
