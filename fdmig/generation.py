@@ -14,6 +14,7 @@ import signal
 import time
 
 from fdmig import process
+from fdmig.presentation import utc_iso
 
 log = logging.getLogger("fdmig")
 
@@ -117,8 +118,9 @@ class Generation:
         process.kill_all(self._pidfd, self.pgid)
 
     def signal(self, signum: int) -> None:
+        """Its stop signal (SIGKILL, if that is the stop signal, to its whole group)."""
         if signum == signal.SIGKILL:
-            self.kill_now()
+            process.kill_all(self._pidfd, self.pgid)
         elif self._pidfd is not None:
             try:
                 signal.pidfd_send_signal(self._pidfd, signum)
@@ -168,4 +170,4 @@ class Generation:
 
 
 def _iso(when: float | None) -> str | None:
-    return None if when is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when))
+    return None if when is None else utc_iso(when)

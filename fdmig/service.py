@@ -23,6 +23,7 @@ import time
 from fdmig import fdpass, notify, paths, process
 from fdmig.errors import FdmigError
 from fdmig.generation import Generation
+from fdmig.presentation import utc_iso
 from fdmig.servicelog import LAST_LINE_WAIT, StderrCopy
 
 log = logging.getLogger("fdmig")
@@ -341,10 +342,7 @@ class Service:
         the old one serves on, never signalled. The outcome as restart() gives it."""
         self._cancel_retry()
         if not self.alive:  # nothing serves: nothing to overlap
-            started = await self._restart_now_stopped()
-            if "error" in started:
-                return {"status": "failed", "pid": None, "error": started["error"]}
-            return await self._outcome(started["pid"], started["stderr"], timeout)
+            return await self._started_outcome(await self._restart_now_stopped(), timeout)
         self.restarts += 1
         self._to(State.RESTARTING)
         old = self._old = self._detach()
@@ -591,10 +589,14 @@ class Service:
                     "the restart was given up: the instance handed its service over"}
         if self.options.overlap:
             return task.result()
-        started = task.result()
+        return await self._started_outcome(task.result(), remaining())
+
+    async def _started_outcome(self, started: dict, timeout: float | None) -> dict:
+        """What _restart_now_stopped() gave, as restart() reports it once the new
+        service is ready (or not, within `timeout`)."""
         if "error" in started:
             return {"status": "failed", "pid": None, "error": started["error"]}
-        return await self._outcome(started["pid"], started["stderr"], remaining())
+        return await self._outcome(started["pid"], started["stderr"], timeout)
 
     async def _restart_now_stopped(self) -> dict:
         """A restart's own task: the service stopped, started again. {"pid", "stderr"}
@@ -799,9 +801,7 @@ class Service:
     # ----- reporting ---------------------------------------------------------
 
     def status(self) -> dict:
-        kill_at = None
-        if self.kill_at is not None:
-            kill_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.kill_at))
+        kill_at = utc_iso(self.kill_at) if self.kill_at is not None else None
         return {"pid": self.main_pid, "state": self.state.value, "ready": self.ready,
                 "status-text": self.status_text, "restarts": self.restarts, "command": list(self.argv),
                 "fdstore-max": self.store.limit, "fdstore-refused": self.store.refused,
