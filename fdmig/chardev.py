@@ -7,6 +7,7 @@ delivered.
 """
 
 import asyncio
+import dataclasses
 import enum
 import itertools
 import errno
@@ -18,7 +19,7 @@ import socket
 import time
 import typing
 
-from fdmig import fdcheck, frontends, nbio, paths
+from fdmig import backends, fdcheck, frontends, nbio, paths
 from fdmig.errors import FdmigError, SpecError
 from fdmig.spec import STATES
 
@@ -89,7 +90,10 @@ def fd_limit_error(label: str) -> FdmigError:
 
 
 def peer_identity(conn: socket.socket) -> tuple[str, int | None, str | None]:
-    """(peer address, pid, process name) of a connected socket."""
+    """(peer address, pid, process name) of a connected socket (or what the fd
+    of another backend leads to)."""
+    if conn.family is None:
+        return conn.peer, None, None
     if conn.family == socket.AF_UNIX:
         try:
             name = conn.getpeername()
@@ -125,7 +129,7 @@ class Chardev:
                  "closing", "conn", "connected_since", "counts_changed", "eof_pending", "eof_read", "eof_sent",
                  "feeders", "first_peer", "frontend", "label", "listener", "migrations", "outbuf", "paused_from",
                  "peer", "pinned", "pipe", "row_frame", "row_parts", "rx_bytes", "served", "settled", "spec", "state",
-                 "tx_bytes")
+                 "stream", "tx_bytes")
 
     def __init__(self, spec, on_change, poller):
         self.spec = spec
@@ -181,6 +185,9 @@ class Chardev:
         self.row_frame: tuple | None = None
         self.row_parts: tuple | None = None
         self.served = 0  # when it last read from its peer, as a count of every chardev's reads (_SERVED)
+        # A socket's stream: it ends, half-closes, is peeked at and spliced. The other
+        # backends' fds are the far end itself, open for as long as the chardev is.
+        self.stream = spec.backend == "socket"
 
     # ----- opening -----------------------------------------------------------
 
@@ -191,6 +198,16 @@ class Chardev:
         the checks a migrated fd passes."""
         if self.spec.logfile:
             self._open_logfile(append=self.spec.logappend)
+        if not self.stream:
+            for fd in saved:
+                if fd is not None:  # kept by an older fdmig: a pty, tty or FIFO is opened afresh
+                    os.close(fd)
+            try:
+                self._open_end()
+            except BaseException:
+                self._close_logfile()
+                raise
+            return
         listener, conn = (self._saved_socket(fd, role) for fd, role in zip(saved, ("listener", "conn")))
         try:
             if adopted_fd is not None:
@@ -214,6 +231,18 @@ class Chardev:
         except BaseException:
             self._close_logfile()
             raise
+
+    def _open_end(self) -> None:
+        """A pty, serial, pipe, udp or file chardev: its fds opened, held from
+        now until it closes."""
+        end = backends.open_end(self.spec, self.label)
+        if self.spec.kind == "pty":
+            # The kernel named the slave: the spec says which, in status and in a
+            # migration's table, whose target checks the master it gets against it.
+            self.spec = dataclasses.replace(self.spec, path=end.peer)
+            self.row_frame = self.row_parts = None
+            log.info("chardev %s: char device redirected to %s", self.label, end.peer)
+        self._attach(end)
 
     def _saved_socket(self, fd: int | None, role: str) -> socket.socket | None:
         if fd is None:
@@ -388,9 +417,10 @@ class Chardev:
         self._stale = False
         live = self.conn is not None
         if self.frontend.reads:
-            want_read = live and not (self.eof_read or self.closing) and self.frontend.can_receive()
+            want_read = (live and not (self.eof_read or self.closing) and self.frontend.can_receive()
+                         and self.spec.reads)
         else:
-            want_read = live and not self._hold_unread
+            want_read = live and not self._hold_unread and self.stream  # a peek, which only a socket has
         want_write = live and bool(self.pending)
         # A held fd with bytes waiting is not read, but its peer leaving still counts.
         want_hangup = live and not want_read and not self.frontend.reads and self._hold_unread
@@ -613,7 +643,11 @@ class Chardev:
 
     def end_session(self) -> None:
         """A bridge partner's peer is gone: finish ours after what can still be
-        delivered; with no connection, what waits for one is dropped."""
+        delivered; with no connection, what waits for one is dropped. Another
+        backend's fd stays open: the far end (a program on a pty, a line) goes on."""
+        if self.conn is not None and not self.stream:
+            self._reset_stream()
+            return
         if self.conn is not None:
             self.finish("its bridge partner's session ended")
             return
@@ -745,12 +779,14 @@ class Chardev:
             sock.close()
 
     def sockets(self) -> dict[str, socket.socket]:
-        """The sockets a migration moves, by role."""
+        """The sockets a migration moves, by role (another backend's fds too)."""
         found = {}
         if self.listener is not None:
             found["listener"] = self.listener
         if self.conn is not None:
             found["conn"] = self.conn
+            if not self.stream:
+                found.update(self.conn.extra())
         return found
 
     def released(self) -> None:

@@ -508,9 +508,10 @@ def attach(name, control, spec):
             if os.strerror(errno.EADDRINUSE) in str(exc):
                 raise SpecError(str(exc)) from None
             raise
-        state = next((c["state"] for c in client.execute("x-fdmig-status")["chardevs"]
-                      if c["label"] == chardev.id), "?")
-    click.echo(f"attached {chardev.id}: {chardev.role} {chardev.address} ({state})")
+        row = next((c for c in client.execute("x-fdmig-status")["chardevs"] if c["label"] == chardev.id), {})
+    address = row.get("address", chardev.address)  # a pty's, as the kernel named it
+    described = f"{chardev.role} {address}" if chardev.role else address
+    click.echo(f"attached {chardev.id}: {described} ({row.get('state', '?')})")
 
 
 def _check_against(chardev: ChardevSpec, status: dict) -> None:

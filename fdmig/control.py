@@ -315,8 +315,9 @@ async def cmd_chardev_add(conn: ControlConnection, arguments: dict):
     _no_extra(arguments, "id", "backend")
     _running(conn)
     spec = specs.from_qmp(arguments)
-    await conn.instance.add_chardev(spec)
-    return {}
+    chardev = await conn.instance.add_chardev(spec)
+    # QEMU's ChardevReturn: a pty's slave, as the kernel named it.
+    return {"pty": chardev.spec.path} if spec.kind == "pty" else {}
 
 
 async def cmd_chardev_remove(conn, arguments):

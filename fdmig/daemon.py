@@ -127,7 +127,7 @@ class Instance:
             if adopted_fd is not None and not spec.fd_is_number and chardev.fd is None:
                 os.close(adopted_fd)
             raise
-        log.info("chardev %s: %s %s (%s)", spec.id, spec.role, spec.address, chardev.state.value)
+        log.info("chardev %s: %s (%s)", spec.id, chardev.spec.described, chardev.state.value)
         self.report_status()
         return chardev
 

@@ -115,7 +115,7 @@ class Bridge(Frontend):
 
     @property
     def on_demand(self) -> bool:
-        return not self.chardev.spec.server and self.partner.spec.server
+        return self.chardev.spec.role == "client" and self.partner.spec.server
 
     def target(self):
         return self.partner
@@ -131,7 +131,8 @@ class Bridge(Frontend):
         # Spliced only while nothing waits in user space for the partner (bytes a
         # migration carried), so order holds; and only bytes we need not see (no logfile).
         partner = self.partner
-        if partner.conn is None or partner.outbuf or self.chardev.logging:
+        if partner.conn is None or partner.outbuf or self.chardev.logging or not (partner.stream and
+                                                                                   self.chardev.stream):
             return None
         return partner if partner.has_pipe() else None
 
@@ -157,6 +158,12 @@ class Bridge(Frontend):
         partner = self.partner
         if partner.closing:
             return  # the session's end is under way already
+        if not partner.stream:
+            # A pty's program, a line, a FIFO: no session of theirs ends with a peer's.
+            log.info("bridge %s-%s: %s's peer left (%s); %s stays open for the next one", self.chardev.label,
+                     partner.label, self.chardev.label, reason, partner.label)
+            partner.end_session()
+            return
         had_session = partner.conn is not None
         dropped = undelivered + (0 if had_session else partner.pending)
         if lost and (had_session or dropped):

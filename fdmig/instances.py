@@ -1,7 +1,8 @@
-"""The rule that two instances never share a listening address, checked before
-`serve`, `run`, `attach` or `migrate-in` listens: against what the live
-instances of the runtime dir (fdmig.listing) say they listen on, and against
-the kernel's table of listening unix sockets."""
+"""The rule that two instances never share a listening address (nor a tty or a
+FIFO, which both would read), checked before `serve`, `run`, `attach` or
+`migrate-in` opens one: against what the live instances of the runtime dir
+(fdmig.listing) say they hold, and against the kernel's table of listening
+unix sockets."""
 
 import os
 
@@ -10,6 +11,7 @@ from fdmig.errors import SpecError
 
 # The states of a server chardev that hold its listening socket.
 LISTENING = ("listening", "connected", "disconnected", "migrating")
+READ_DEVICES = ("serial", "pipe")  # what a second reader would take bytes from
 
 
 def _resolved(spec, cwd: str | None = None):
@@ -17,11 +19,14 @@ def _resolved(spec, cwd: str | None = None):
     by default: another instance's relative paths are relative to its own), and
     its directory's symlinks resolved, so that two spellings of one socket file
     are one address. The file itself is not resolved: it may not exist yet."""
-    if spec.kind != "unix":
+    if spec.kind != "unix" and spec.kind not in READ_DEVICES:
         return spec
     from fdmig.spec import ChardevSpec
     path = os.path.join(cwd if cwd is not None else os.getcwd(), spec.path)
-    path = os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
+    if spec.kind in READ_DEVICES:
+        path = os.path.realpath(path)  # a device's or a FIFO's symlinks lead to one file
+    else:
+        path = os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
     return ChardevSpec(**{**spec.__dict__, "path": path})
 
 
@@ -34,8 +39,8 @@ def check_free(specs, own_name: str | None = None) -> None:
     listens on is refused too; one that no process listens on is taken over."""
     adopted = _passed_names()
     servers = [_resolved(spec) for spec in specs
-               if spec.server and spec.kind in ("unix", "inet") and not spec.local_incoming
-               and f"{spec.id}.listener" not in adopted]
+               if (spec.server and spec.kind in ("unix", "inet") or spec.kind in READ_DEVICES)
+               and not spec.local_incoming and f"{spec.id}.listener" not in adopted]
     if not servers:
         return
     handed = None  # what the instance `own_name` listens on: ours to take
@@ -82,7 +87,8 @@ def _listening(status: dict, held=None):
     if held is None:
         held = Addresses("/")  # every path in it resolved already
     for row in status.get("chardevs", []):
-        if row.get("role") == "server" and row.get("spec") and row.get("state") in LISTENING:
+        held_open = row.get("role") == "server" or row.get("backend") in READ_DEVICES
+        if held_open and row.get("spec") and row.get("state") in LISTENING:
             held.add(_resolved(parse_spec(row["spec"]), cwd))
     return held
 

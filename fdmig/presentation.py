@@ -15,7 +15,7 @@ def utc_iso(timestamp: float) -> str:
 def status_row(spec, state: str, frontend: str) -> dict:
     """A chardev's row in `status`, with nothing live in it yet (no fd, peer, bytes):
     what a waiting target shows for the chardevs it will hold."""
-    return {"label": spec.id, "address": spec.address, "role": spec.role, "state": state,
+    return {"label": spec.id, "backend": spec.backend, "address": spec.address, "role": spec.role, "state": state,
             "support-local-migration": spec.support_local_migration, "local-incoming": spec.local_incoming,
             "frontend": frontend, "fd": None, "peer": None, "peer-pid": None, "peer-process": None,
             "rx-bytes": 0, "tx-bytes": 0, "connected-since": None, "migrations": 0,
@@ -32,7 +32,7 @@ def qmp_chardev(chardev) -> dict:
     """QEMU's query-chardev entry; the filename is `unix:P,server=on`, prefixed
     `disconnected:` when there is no peer."""
     name = chardev.spec.address
-    if chardev.spec.server:
+    if chardev.spec.server and chardev.stream:
         name += ",server=on"
     if chardev.conn is None:
         name = "disconnected:" + name

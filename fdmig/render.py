@@ -105,7 +105,7 @@ def rows(status: dict, compact: bool = False) -> list[tuple[str, ...]]:
         else:
             peer, rx, tx = _peer(c), _bytes(c["rx-bytes"]), _bytes(c["tx-bytes"])
             since = c.get("connected-since") or "-"
-        out.append((c["label"], c["address"], c["role"], c["state"], _marks(c), c["frontend"],
+        out.append((c["label"], c["address"], c["role"] or "-", c["state"], _marks(c), c["frontend"],
                     str(c["fd"]) if c["fd"] is not None else "-", peer, rx, tx, since))
     return out
 

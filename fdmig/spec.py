@@ -1,4 +1,4 @@
-"""Chardev SPECs: QEMU's `-chardev socket,...` syntax and QEMU's chardev-add shape.
+"""Chardev SPECs: QEMU's `-chardev BACKEND,...` syntax and QEMU's chardev-add shape.
 
 One ChardevSpec is the single description of a chardev; the command line, QMP's
 chardev-add, `status` and the migration table all convert to and from it here, so
@@ -21,10 +21,25 @@ _ID_RE = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*\Z")
 _DIGITS_RE = re.compile(r"[0-9]+\Z")
 FD_MAX = 2**31 - 1  # a C int
 _BOOLS = {"on": True, "true": True, "yes": True, "off": False, "false": False, "no": False}
-_BOOL_KEYS = ("server", "wait", "nodelay", "support-local-migration", "local-incoming", "logappend")
+_BOOL_KEYS = ("server", "wait", "nodelay", "support-local-migration", "local-incoming", "logappend", "append")
 _KEYS = ("id", "path", "host", "port", "fd", "fdname", "server", "wait", "reconnect-ms",
          "nodelay", "support-local-migration", "local-incoming", "frontend", "bridge",
          "logfile", "logappend")
+# QEMU's backends that hold an fd worth keeping (DESIGN "Other backends"), and
+# the keys each takes beside _COMMON_KEYS: the SPEC's first word picks one.
+BACKENDS = ("socket", "pty", "serial", "pipe", "udp", "file")
+_BACKEND_ALIASES = {"tty": "serial"}
+_COMMON_KEYS = ("id", "support-local-migration", "local-incoming", "frontend", "bridge", "logfile", "logappend")
+_BACKEND_KEYS = {
+    "pty": (),
+    "serial": ("path",),
+    "pipe": ("path",),
+    "udp": ("host", "port", "localaddr", "localport"),
+    "file": ("path", "append"),
+}
+# What a backend's fd can do: a file is written, never read.
+_UNREAD = ("file",)
+_DEVICE_KINDS = ("serial", "pipe", "file")  # opened by path: one chardev per path
 # QEMU's older spellings, still met in command lines written for it: reconnect=S
 # in seconds (renamed reconnect-ms in QEMU 9.2) and delay=off (nodelay=on). Taken
 # into the current key; never written back, and not offered in messages.
@@ -40,7 +55,10 @@ STATES = ("listening", "connecting", "connected", "disconnected", "awaiting-inco
 @dataclasses.dataclass(frozen=True)
 class ChardevSpec:
     id: str
-    kind: str  # "unix", "inet", "fd" or "fdname"
+    # A socket's address kind ("unix", "inet", "fd" or "fdname"), or the other
+    # backend it is ("pty", "serial", "pipe", "udp", "file"): each names what
+    # the chardev's fds are, which is what every check of them asks.
+    kind: str
     path: str | None = None
     host: str | None = None
     port: int | None = None
@@ -56,14 +74,30 @@ class ChardevSpec:
     bridge: str | None = None
     logfile: str | None = None
     logappend: bool = False
+    localaddr: str | None = None  # udp: the address its socket is bound to
+    localport: int | None = None
+    append: bool = False  # file: written on at its end, not truncated first
+
+    @property
+    def backend(self) -> str:
+        return self.kind if self.kind in _BACKEND_KEYS else "socket"
 
     @property
     def address(self) -> str:
+        """QEMU's query-chardev filename forms (the pty's path is the kernel's, known
+        once it is open; a udp socket's local end after '@')."""
+        kind = self.kind
+        if kind == "pty":
+            return f"pty:{self.path}" if self.path else "pty"
+        if kind in ("serial", "pipe", "file"):
+            return f"{kind}:{self.path}"
+        if kind == "udp":
+            local = f"@{_bracketed(self.localaddr or '')}:{self.localport or 0}"
+            return f"udp:{_bracketed(self.host)}:{self.port}{local}"
         if self.kind == "unix":
             return f"unix:{self.path}"
         if self.kind == "inet":
-            host = f"[{self.host}]" if ":" in self.host else self.host
-            return f"tcp:{host}:{self.port}"
+            return f"tcp:{_bracketed(self.host)}:{self.port}"
         if self.kind == "fd":
             return f"fd:{self.fd}"
         return f"fdname:{self.fdname}"
@@ -74,8 +108,21 @@ class ChardevSpec:
         return self.kind == "fd" and self.fd.isdigit()
 
     @property
-    def role(self) -> str:
+    def role(self) -> str | None:
+        """A socket's role; None for the other backends, which have none."""
+        if self.kind in _BACKEND_KEYS:
+            return None
         return "server" if self.server else "client"
+
+    @property
+    def described(self) -> str:
+        """Its role and address, as a log line names the chardev."""
+        return f"{self.role} {self.address}" if self.role else self.address
+
+    @property
+    def reads(self) -> bool:
+        """Whether its fd is ever read (a file is only written)."""
+        return self.kind not in _UNREAD
 
     def to_dict(self) -> dict:
         """The SPEC as kebab-case keys with only what differs from the defaults."""
@@ -92,6 +139,8 @@ class ChardevSpec:
                 continue
             out[field.name.replace("_", "-")] = value
         out["id"] = self.id
+        if self.backend != "socket":
+            out["backend"] = self.backend
         return out
 
     def to_spec_string(self) -> str:
@@ -99,8 +148,10 @@ class ChardevSpec:
 
     @functools.cached_property
     def _spec_string(self) -> str:
-        parts = ["socket"]
+        parts = [self.backend]
         for key, value in self._dict.items():
+            if key == "backend":
+                continue
             if isinstance(value, bool):
                 value = "on" if value else "off"
             parts.append(f"{key}={str(value).replace(',', ',,')}")  # QEMU's escape for ','
@@ -108,6 +159,8 @@ class ChardevSpec:
 
     def to_qmp(self) -> dict:
         """chardev-add arguments in QEMU's shape (fdmig's own members added to `data`)."""
+        if self.backend != "socket":
+            return _backend_qmp(self)
         if self.kind == "unix":
             addr = {"type": "unix", "data": {"path": self.path}}
         elif self.kind == "inet":
@@ -177,10 +230,9 @@ def parse_spec(text: str) -> ChardevSpec:
 
 
 def _parse_items(text: str, items: list[str]) -> ChardevSpec:
-    if items and items[0] and "=" not in items[0]:
-        backend = items.pop(0)
-        if backend != "socket":
-            raise _fail("backend", f"'{backend}' is not supported; accepted: socket")
+    backend = "socket"
+    if items and items[0] and "=" not in items[0] and not _is_flag(items[0]):
+        backend = _backend(items.pop(0))
     fields: dict[str, str] = {}
     for item in items:
         if not item:
@@ -188,12 +240,35 @@ def _parse_items(text: str, items: list[str]) -> ChardevSpec:
         key, eq, value = item.partition("=")
         if not eq:
             key, value = _flag_item(key)
-        if key not in _KEYS and key not in _LEGACY_KEYS:
-            raise _fail(key, _unknown_key(key))
+        if key not in _keys(backend) and (backend != "socket" or key not in _LEGACY_KEYS):
+            raise _fail(key, _unknown_key(key, backend=backend))
         if key in fields:
             raise _fail(key, "given twice")
         fields[key] = value
-    return build_spec(fields)
+    if backend != "socket":
+        fields["backend"] = backend
+    return build_spec(fields, from_user=True)
+
+
+def _is_flag(word: str) -> bool:
+    return word in _KEYS or word in _FLAG_KEYS or (word.startswith("no") and word[2:] in _FLAG_KEYS)
+
+
+def _backend(word: str) -> str:
+    """The SPEC's first word: a backend's name (or an alias of one)."""
+    backend = _BACKEND_ALIASES.get(word, word)
+    if backend not in BACKENDS:
+        near = difflib.get_close_matches(word, [*BACKENDS, *_BACKEND_ALIASES], n=1)
+        hint = f"did you mean {near[0]}? " if near else ""
+        raise _fail("backend", f"'{word}' is not supported; {hint}accepted: {', '.join(BACKENDS)} (tty: serial)")
+    return backend
+
+
+def _keys(backend: str) -> tuple:
+    if backend == "socket":
+        return _KEYS
+    keys = (*_COMMON_KEYS, *_BACKEND_KEYS[backend])
+    return tuple(k for k in keys if not (backend in _UNREAD and k in ("logfile", "logappend")))
 
 
 def _flag_item(item: str) -> tuple[str, str]:
@@ -228,20 +303,114 @@ def _split_items(text: str) -> list[str]:
     return items
 
 
-def _unknown_key(key: str, spellings=()) -> str:
+def _unknown_key(key: str, spellings=(), backend: str = "socket") -> str:
     """The message for an unknown key: the nearest known one (or a flag's
     spelling, for a key given alone) suggested, then every key accepted."""
-    near = difflib.get_close_matches(key, [*_KEYS, *spellings], n=1)
+    keys = _keys(backend)
+    near = difflib.get_close_matches(key, [*keys, *spellings], n=1)
     hint = f"did you mean {near[0]}? " if near else ""
-    return f"unknown key; {hint}accepted: {', '.join(_KEYS)}"
+    if backend != "socket":
+        if key in _KEYS or key in _BACKEND_KEYS["udp"] or key == "append":
+            return f"not a key of a {backend} chardev; accepted: {', '.join(keys)}"
+        return f"unknown key for a {backend} chardev; {hint}accepted: {', '.join(keys)}"
+    return f"unknown key; {hint}accepted: {', '.join(keys)}"
 
 
-def build_spec(fields: dict) -> ChardevSpec:
-    """Validate kebab-case fields (strings from a SPEC, or JSON values) into a spec."""
+def build_spec(fields: dict, from_user: bool = False) -> ChardevSpec:
+    """Validate kebab-case fields (strings from a SPEC, or JSON values) into a spec.
+    `from_user`: a SPEC or chardev-add, not a migration's table (which names the
+    pty a chardev holds)."""
     try:
+        backend = fields.get("backend", "socket")
+        if backend == "socket":
+            fields = {k: v for k, v in fields.items() if k != "backend"}
+        else:
+            if not isinstance(backend, str):
+                raise _fail("backend", f"'{backend}' is not supported; accepted: {', '.join(BACKENDS)}")
+            return _build_other(_backend(backend), fields, from_user)
         return _build(fields)
     except FieldError as exc:
         raise exc.naming(_valid_label(fields.get("id"))) from None
+
+
+def _build_other(backend: str, fields: dict, from_user: bool) -> ChardevSpec:
+    """A pty, serial, pipe, udp or file chardev: its keys, then what all share."""
+    keys = _keys(backend)
+    for key in fields:
+        if key == "path" and backend == "pty":
+            if from_user:
+                raise _fail("path", "the kernel names a pty's slave when it opens (status shows it); "
+                                    "accepted: pty,id=LABEL")
+        elif key != "backend" and key not in keys:
+            raise _fail(key, _unknown_key(key, backend=backend))
+    label = _label(fields)
+    flags = _flags(fields)
+    spec = dict(id=label, kind=backend, support_local_migration=flags["support_local_migration"],
+                local_incoming=flags["local_incoming"], logappend=flags["logappend"])
+    if backend == "pty":
+        if fields.get("path") not in (None, ""):
+            spec["path"] = _device_path(fields["path"])
+    elif backend in ("serial", "pipe", "file"):
+        if fields.get("path") in (None, ""):
+            raise _fail("path", f"missing; a {backend} chardev needs path=")
+        spec["path"] = _device_path(fields["path"])
+        spec["append"] = _flag(fields, "append")
+    else:
+        spec.update(_udp_address(fields))
+    spec.update(_frontend(fields, label))
+    if backend in _UNREAD and spec["frontend"] in ("echo", "sink"):
+        raise _fail("frontend", f"a {backend} chardev is written, never read, so it has nothing to "
+                                f"{spec['frontend']}; accepted: hold, bridge=LABEL, service")
+    spec.update(_logfile(fields, spec["logappend"]))
+    return ChardevSpec(**spec)
+
+
+def _device_path(value) -> str:
+    path = str(value)
+    if "\0" in path:
+        raise _fail("path", "contains a NUL byte")
+    return path
+
+
+def _udp_address(fields: dict) -> dict:
+    """QEMU's udp keys: the peer host= (localhost if not given) and port=, the
+    local localaddr= and localport= (any address, a fresh port if not given)."""
+    host = str(fields.get("host") or "localhost")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if fields.get("port") in (None, ""):
+        raise _fail("port", "missing; a udp chardev sends to host= and port=")
+    out = {"host": host, "port": _parse_int("port", fields["port"], 1, 65535)}
+    localaddr = fields.get("localaddr")
+    if localaddr not in (None, ""):
+        localaddr = str(localaddr)
+        out["localaddr"] = localaddr[1:-1] if localaddr.startswith("[") and localaddr.endswith("]") else localaddr
+    if fields.get("localport") not in (None, "", 0, "0"):
+        out["localport"] = _parse_int("localport", fields["localport"], 0, 65535)
+    return out
+
+
+def _bracketed(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def _backend_qmp(spec: ChardevSpec) -> dict:
+    """chardev-add arguments in QEMU's shape for a backend other than socket."""
+    kind = spec.kind
+    if kind == "pty":
+        data = {}
+    elif kind in ("serial", "pipe"):
+        data = {"device": spec.path}
+    elif kind == "file":
+        data = {"out": spec.path}
+    else:
+        data = {"remote": {"type": "inet", "data": {"host": spec.host, "port": str(spec.port)}}}
+        if spec.localaddr or spec.localport:
+            data["local"] = {"type": "inet", "data": {"host": spec.localaddr or "", "port": str(spec.localport or 0)}}
+    for key, value in spec.to_dict().items():
+        if key not in ("id", "backend", "path", "host", "port", "localaddr", "localport"):
+            data[key] = value
+    return {"id": spec.id, "backend": {"type": kind, "data": data}}
 
 
 def _build(fields: dict) -> ChardevSpec:
@@ -409,8 +578,12 @@ def from_qmp(arguments: dict) -> ChardevSpec:
     backend = arguments.get("backend")
     if not isinstance(backend, dict):
         raise SpecError("chardev-add: Parameter 'backend' is missing")
-    if backend.get("type") != "socket":
-        raise SpecError(f"chardev-add: backend type '{backend.get('type')}' is not supported; accepted: socket")
+    kind = _BACKEND_ALIASES.get(backend.get("type"), backend.get("type"))
+    if kind not in BACKENDS:
+        raise SpecError(f"chardev-add: backend type '{backend.get('type')}' is not supported; "
+                        f"accepted: {', '.join(BACKENDS)}")
+    if kind != "socket":
+        return _from_qmp_other(arguments.get("id"), kind, backend.get("data", {}))
     data = backend.get("data")
     if not isinstance(data, dict) or not isinstance(data.get("addr"), dict):
         raise SpecError("chardev-add: Parameter 'backend.data.addr' is missing")
@@ -438,6 +611,33 @@ def from_qmp(arguments: dict) -> ChardevSpec:
     if not isinstance(fields["id"], str):
         raise SpecError("chardev-add: Parameter 'id' is missing or not a string")
     return build_spec({k: v for k, v in fields.items() if v is not None})
+
+
+def _from_qmp_other(label, kind: str, data) -> ChardevSpec:
+    """chardev-add of a pty, serial, pipe, udp or file chardev, in QEMU's shapes
+    (ChardevHostdev's device, ChardevFile's out, ChardevUdp's remote and local)."""
+    if not isinstance(data, dict):
+        raise SpecError("chardev-add: Parameter 'backend.data' must be an object")
+    fields = {k: v for k, v in data.items() if k not in ("device", "out", "remote", "local")}
+    if kind in ("serial", "pipe"):
+        fields["path"] = data.get("device")
+    elif kind == "file":
+        fields["path"] = data.get("out")
+    elif kind == "udp":
+        for member, host, port in (("remote", "host", "port"), ("local", "localaddr", "localport")):
+            addr = data.get(member)
+            if addr is None and member == "local":
+                continue
+            if not isinstance(addr, dict) or not isinstance(addr.get("data"), dict) or addr.get("type") != "inet":
+                raise SpecError(f"chardev-add: Parameter 'backend.data.{member}' must be an inet address")
+            fields[host], fields[port] = addr["data"].get("host"), addr["data"].get("port")
+    for key, value in fields.items():
+        if value is not None and not isinstance(value, (str, int, bool)):
+            raise SpecError(f"chardev-add: Invalid parameter type for '{key}'")
+    if not isinstance(label, str):
+        raise SpecError("chardev-add: Parameter 'id' is missing or not a string")
+    fields.update(id=label, backend=kind)
+    return build_spec({k: v for k, v in fields.items() if v is not None}, from_user=True)
 
 
 def check_set(specs, cwd: str | None = None) -> None:
@@ -538,6 +738,7 @@ class Addresses:
         self._servers: dict[str, str] = {}  # unix path -> label
         self._clients: dict[str, dict[str, None]] = {}  # unix path -> labels, in order
         self._tcp: dict[int, dict[str, str]] = {}  # port -> host -> label
+        self._devices: dict[str, str] = {}  # a serial, pipe or file chardev's path -> label
 
     def _path(self, path: str) -> str:
         path = os.path.normpath(os.path.join(self._cwd, path))
@@ -551,6 +752,9 @@ class Addresses:
     def conflict(self, spec: ChardevSpec) -> tuple[str, str] | None:
         """(label, address) of a chardev held that `spec` may not share an address
         with, or None."""
+        if spec.kind in _DEVICE_KINDS:
+            label = self._devices.get(self._path(spec.path))
+            return None if label is None else (label, spec.address)
         if spec.kind == "unix":
             path = self._path(spec.path)
             label = self._servers.get(path)
@@ -575,6 +779,9 @@ class Addresses:
         if found is None:
             return
         label, address = found
+        if spec.kind in _DEVICE_KINDS:
+            raise _fail("path", f"{spec.path} is chardev {label}'s already; two chardevs of one instance "
+                                "never open one device, FIFO or file (both would read or write it)", spec.id)
         if spec.kind == "unix":
             raise _fail("path", f"{address} is chardev {label}'s already; two chardevs of one instance share "
                                 "a unix path only if both are clients (server=off)", spec.id)
@@ -583,7 +790,9 @@ class Addresses:
 
     def add(self, item) -> None:
         spec = self._spec(item)
-        if spec.kind == "unix":
+        if spec.kind in _DEVICE_KINDS:
+            self._devices.setdefault(self._path(spec.path), spec.id)
+        elif spec.kind == "unix":
             path = self._path(spec.path)
             if spec.server:
                 self._servers.setdefault(path, spec.id)
@@ -594,7 +803,11 @@ class Addresses:
 
     def remove(self, item) -> None:
         spec = self._spec(item)
-        if spec.kind == "unix":
+        if spec.kind in _DEVICE_KINDS:
+            path = self._path(spec.path)
+            if self._devices.get(path) == spec.id:
+                del self._devices[path]
+        elif spec.kind == "unix":
             path = self._path(spec.path)
             if spec.server:
                 if self._servers.get(path) == spec.id:

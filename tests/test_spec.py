@@ -246,9 +246,10 @@ def test_leading_socket_is_optional():
     assert parse_spec("socket,id=a,path=/p") == parse_spec("id=a,path=/p")
 
 
-def test_other_backends_are_refused():
-    with pytest.raises(SpecError, match="backend: 'pty' is not supported; accepted: socket"):
-        parse_spec("pty,id=a")
+def test_backends_fdmig_does_not_hold_are_refused_naming_those_it_does():
+    with pytest.raises(SpecError, match="backend: 'vc' is not supported; accepted: socket, pty, serial, "
+                                        "pipe, udp, file"):
+        parse_spec("vc,id=a")
 
 
 @pytest.mark.parametrize("text", ["", ",", "socket,", "id=a,,path=/p", "id=a,path=/p,"])
@@ -354,7 +355,7 @@ def test_from_qmp_takes_qemus_shape_as_qemu_sends_it():
 @pytest.mark.parametrize("arguments, match", [
     ([], "arguments must be an object"),
     ({"id": "a"}, "'backend' is missing"),
-    ({"id": "a", "backend": {"type": "file", "data": {}}}, "backend type 'file' is not supported"),
+    ({"id": "a", "backend": {"type": "vc", "data": {}}}, "backend type 'vc' is not supported"),
     ({"id": "a", "backend": {"type": "socket", "data": {}}}, "backend.data.addr' is missing"),
     ({"id": "a", "backend": {"type": "socket", "data": {"addr": {"type": "unix"}}}}, "addr.data' is missing"),
     ({"id": "a", "backend": {"type": "socket", "data": {"addr": {"type": "vsock", "data": {}}}}},
@@ -635,7 +636,9 @@ CLI_MISTAKES = {
                     "accepted: on/off, true/false, yes/no"),
     "unknown frontend": (["--chardev", "socket,id=a,path=/tmp/p,frontend=cat"], "chardev a: frontend:",
                          "accepted: hold, echo, sink, bridge"),
-    "other backend": (["--chardev", "pty,id=a"], "chardev a: backend:", "accepted: socket"),
+    "other backend": (["--chardev", "vc,id=a"], "chardev a: backend:", "accepted: socket, pty, serial"),
+    "a file to echo": (["--chardev", "file,id=a,path=/tmp/f,frontend=echo"], "chardev a: frontend:",
+                       "written, never read"),
     "local-incoming on serve": (["--chardev", "socket,id=a,path=/tmp/p,local-incoming=on"],
                                 "chardev a: local-incoming:", "only migrate-in"),
     # Issue 9: with several chardevs, the message said `chardev frontend:`, as if

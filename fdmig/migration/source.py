@@ -69,9 +69,16 @@ def blockers(instance, remote: bool = False, reconnect: bool = False) -> list[st
                "enable capability local-char-socket (and mark them support-local-migration=on)")
         reasons.append(f"chardev(s) {', '.join(inherited)} hold an inherited fd (fd=/fdname=) that the "
                        f"target cannot reopen, and would not move live: {how}")
+    ptys = [c.label for c in instance.chardevs.values() if c.spec.kind == "pty" and not moves[c.label]]
+    if ptys:
+        how = ("detach them first (a pty cannot cross hosts)" if remote else
+               "mark them support-local-migration=on" if live else
+               "enable capability local-char-socket (and mark them support-local-migration=on)")
+        reasons.append(f"chardev(s) {', '.join(ptys)} are ptys, which move only live (a new pty would hang up "
+                       f"the program on the old one): {how}")
     kept = [c.label for c in instance.chardevs.values()
             if c.spec.support_local_migration and not moves[c.label] and c.conn is not None
-            and c.spec.kind not in ("fd", "fdname")]
+            and c.spec.kind not in ("fd", "fdname", "pty")]
     if kept and not reconnect:
         reasons.append(_would_reconnect(kept, instance.capabilities, remote))
     for chardev in instance.chardevs.values():
@@ -100,7 +107,7 @@ def table_entry(chardev, live: bool) -> dict:
     refuse before the commit a migration that would exceed its fd limit."""
     entry = chardev.spec.to_dict()
     if form.moves_live(chardev, live):
-        entry["x-fds"] = (chardev.listener is not None) + (chardev.conn is not None)
+        entry["x-fds"] = len(chardev.sockets())
     return entry
 
 

@@ -7,6 +7,7 @@ A source that is malformed, foreign or mismatched is refused with a log line and
 the target goes on waiting for the next one."""
 
 import asyncio
+import dataclasses
 import errno
 import fcntl
 import gc
@@ -18,7 +19,7 @@ import socket
 import ssl
 import time
 
-from fdmig import faults, fdcheck, nbio, pacing, paths, process, spec as specs, tcprepair, tlscreds
+from fdmig import backends, faults, fdcheck, nbio, pacing, paths, process, spec as specs, tcprepair, tlscreds
 from fdmig.chardev import FD_RESERVE
 from fdmig.errors import FdmigError, SpecError, TimeoutExpired
 from fdmig.lifecycle import MigrationStatus
@@ -89,9 +90,10 @@ async def make_plan(own: list, table: wire.Table, remote: bool = False) -> Plan:
             if not theirs.support_local_migration:
                 raise Refused(f"chardev {mine.id}: local-incoming=on, but the source does not mark it "
                               "support-local-migration=on")
+            if mine.kind == "pty" and theirs.kind == "pty" and not mine.path:
+                mine = dataclasses.replace(mine, path=theirs.path)  # the pty that comes, whichever it is
             if (mine.address, mine.role) != (theirs.address, theirs.role) and theirs.kind not in ("fd", "fdname"):
-                raise Refused(f"chardev {mine.id}: {mine.role} {mine.address} here, but "
-                              f"{theirs.role} {theirs.address} on the source")
+                raise Refused(f"chardev {mine.id}: {mine.described} here, but {theirs.described} on the source")
         result[mine.id] = mine
     order = [e["id"] for e in table.chardevs] + [m.id for m in own if m.id not in source]
     try:
@@ -104,6 +106,8 @@ async def make_plan(own: list, table: wire.Table, remote: bool = False) -> Plan:
 def check_fd(fd: int, role: str, spec, label: str) -> socket.socket:
     """Take ownership of `fd` (closed if refused) as a socket, if it is what `spec`
     says a `role` fd must be (fdcheck)."""
+    if spec.backend != "socket":
+        return _owned(fd, backends.check, role, spec, label)  # non-blocking already, as the source held it
     sock = _owned(fd, fdcheck.stream_socket, spec, label, role)
     if spec.frontend != "service":
         # Not a service's: O_NONBLOCK belongs to the open file, which the running
@@ -359,7 +363,10 @@ class TargetSession(Session):
                     by_role.pop(role).close()  # gone on the source since the precopy
                 for role, index in section.fds.items():  # into what abort() closes
                     by_role[role] = check_fd(self.chan.take(index), role, spec, section.label)
-            form.restore(chardev, state, section.outbuf, by_role.get("conn"), by_role.get("listener"))
+            conn = by_role.get("conn")
+            if conn is not None and spec.backend != "socket":
+                conn = backends.join(spec, by_role)
+            form.restore(chardev, state, section.outbuf, conn, by_role.get("listener"))
             if not by_role:
                 del self.sockets[section.label]  # nothing moves: opened afresh, as unmarked ones
             elif not chardev.watched:
@@ -682,6 +689,9 @@ def exec_handover(received: Received, argv: list[str]) -> None:
         if "listener" in by_role:
             names.append(f"{label}.listener")
             socks.append(by_role["listener"])
+        if "out" in by_role:  # a pipe's FIFO written, beside the one read
+            names.append(f"{label}.out")
+            socks.append(by_role["out"])
     received.chan.send_now(wire.Taken())  # the program reads only after exec
     received.chan.close()
     first = systemd.SD_LISTEN_FDS_START
