@@ -26,6 +26,11 @@ def test_quick_benchmark_writes_its_table_json_and_figures(tmp_path):
     for row in data["handoff"]:
         assert row["downtime-ms"] > 0 and row["peer-pause-ms"] > 0 and row["floor-ms"] > 0
     assert data["bridge"]["fdmig-mib-s"] > 0 and data["reconnect-ms"] > 0
+    # Each other backend moved live, its far ends timing their pause, beside its kernel floor.
+    assert [row["backend"] for row in data["backends"]] == ["pty", "serial", "pipe", "udp"]
+    for row in data["backends"]:
+        assert row["downtime-ms"] > 0 and row["peer-pause-ms"] > 0 and row["floor-ms"] > 0
+    assert "| backend | chardevs | downtime |" in result.stdout
     for row in (data["handoff"][-1], data["busy"][-1]):  # the status calls, idle and streaming peers
         assert row["status-pause-ms"] > 0 and row["status-quiet-pause-ms"] > 0 and row["status-parse-ms"] > 0
     assert "| chardevs | peers streaming | longest peer pause, 3 status calls |" in result.stdout

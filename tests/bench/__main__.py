@@ -17,7 +17,7 @@ import sys
 import tempfile
 import time
 
-from tests.bench import crosshost, floor, handoff, median_ms, overlap, s6, service, throughput
+from tests.bench import backends, crosshost, floor, handoff, median_ms, overlap, s6, service, throughput
 
 
 def ratio(a, b) -> str:
@@ -38,8 +38,8 @@ def _status_fields(h) -> dict:
 
 
 def run(sizes, busy_sizes, repeats, bridge_bytes, startup_repeats, workdir, service_sizes=(), cross_sizes=(),
-        overlap_repeats=0) -> dict:
-    results = {"machine": machine(), "handoff": [], "busy": [], "service": [], "crosshost": [],
+        overlap_repeats=0, backend_sizes=()) -> dict:
+    results = {"machine": machine(), "handoff": [], "busy": [], "service": [], "crosshost": [], "backends": [],
                "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     for n in sizes:
         print(f"handoff n={n} ...", file=sys.stderr, flush=True)
@@ -67,6 +67,8 @@ def run(sizes, busy_sizes, repeats, bridge_bytes, startup_repeats, workdir, serv
         results["busy"].append({"n": n, "downtime-ms": median_ms(h["downtime"]), "peer-pause-ms": median_ms(h["pause"]),
                                 "quiet-pause-ms": median_ms(h["quiet-pause"]), "floor-ms": floor_ms, "repeats": reps,
                                 **_status_fields(h)})
+    if backend_sizes:
+        results["backends"] = backends.measure_all(backend_sizes, repeats, workdir)
     for n in service_sizes:
         print(f"service restart n={n} ...", file=sys.stderr, flush=True)
         reps = repeats if n < 1000 else max(3, repeats // 2)
@@ -153,6 +155,8 @@ def markdown(results: dict) -> str:
                          f"{row['quiet-pause-ms']} ms | {_pause_ratio(row)} | {row['floor-ms']} ms | "
                          f"{ratio(row['downtime-ms'], row['floor-ms'])} |")
     lines += status_markdown(results)
+    if results.get("backends"):
+        lines += ["", *backends.markdown(results["backends"])]
     first = results["handoff"][0]
     lines += ["", f"Restart without handoff (peer: EOF to first echo from the new process): "
                   f"{results['reconnect-ms']} ms, {ratio(results['reconnect-ms'], first['peer-pause-ms'])} "
@@ -251,6 +255,8 @@ def main(argv=None) -> int:
     parser.add_argument("--service-sizes", default="1,100,1000", help="stored connections for the service restart")
     parser.add_argument("--cross-sizes", default="1,100,1000",
                         help="TCP connections moved between network namespaces (root only)")
+    parser.add_argument("--backend-sizes", default="1,100,1000",
+                        help="chardevs of each other backend (pty, serial, pipe, udp) moved live")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--overlap-repeats", type=int, default=3,
                         help="restarts of gunicorn under load per way of restarting (0: none)")
@@ -259,18 +265,19 @@ def main(argv=None) -> int:
     floor.raise_nofile()
     if args.quick:
         sizes, busy_sizes, repeats, bridge_bytes, startup_repeats = [1, 10], [10], 2, 8 << 20, 3
-        service_sizes, cross_sizes, overlap_repeats = [1, 10], [1], 0
+        service_sizes, cross_sizes, overlap_repeats, backend_sizes = [1, 10], [1], 0, [1]
     else:
         overlap_repeats = args.overlap_repeats
         sizes = [int(n) for n in args.sizes.split(",")]
         busy_sizes = [int(n) for n in args.busy_sizes.split(",") if n]
         service_sizes = [int(n) for n in args.service_sizes.split(",") if n]
         cross_sizes = [int(n) for n in args.cross_sizes.split(",") if n]
+        backend_sizes = [int(n) for n in args.backend_sizes.split(",") if n]
         repeats, bridge_bytes, startup_repeats = args.repeats, 1 << 30, 15
     workdir = tempfile.mkdtemp(prefix="fdmig-bench-", dir="/tmp")
     try:
         results = run(sizes, busy_sizes, repeats, bridge_bytes, startup_repeats, workdir, service_sizes, cross_sizes,
-                      overlap_repeats)
+                      overlap_repeats, backend_sizes)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     os.makedirs(args.out, exist_ok=True)

@@ -65,7 +65,18 @@ def measure_floor(n: int, repeats: int, warmup: int = 1) -> list[float]:
     if 2 * n + 64 > limit:
         raise ValueError(f"n={n} needs {2 * n} fds here, RLIMIT_NOFILE is {limit}")
     pairs = [socket.socketpair() for _ in range(n)]
-    fds = [a.fileno() for a, _ in pairs]
+    try:
+        return measure_fds([a.fileno() for a, _ in pairs], repeats, warmup)
+    finally:
+        for a, b in pairs:
+            a.close()
+            b.close()
+
+
+def measure_fds(fds: list[int], repeats: int, warmup: int = 1) -> list[float]:
+    """As measure_floor, for the fds given (of any kind: a pty's, a FIFO's), which
+    stay the caller's to close."""
+    n = len(fds)
     batches = [fds[i:i + MAX_FDS_PER_MSG] for i in range(0, n, MAX_FDS_PER_MSG)]
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     child = None
@@ -94,7 +105,7 @@ def measure_floor(n: int, repeats: int, warmup: int = 1) -> list[float]:
         if child is not None:
             child.kill()
             err = child.communicate(timeout=5)[1]
-        raise RuntimeError(f"floor n={n}: {e}; child: {err.decode(errors='replace').strip()}") from e
+        raise RuntimeError(f"floor of {n} fds: {e}; child: {err.decode(errors='replace').strip()}") from e
     finally:
         ours.close()
         theirs.close()
@@ -106,9 +117,6 @@ def measure_floor(n: int, repeats: int, warmup: int = 1) -> list[float]:
                 child.wait()
         if child is not None and child.stderr:
             child.stderr.close()
-        for a, b in pairs:
-            a.close()
-            b.close()
 
 
 def main(argv: list[str]) -> int:

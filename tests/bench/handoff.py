@@ -156,11 +156,19 @@ def _probe_loop(socks, ctl) -> None:
 
 
 def start_instance(args, workdir, env):
+    """An instance, once ready; its log kept apart, and shown if it fails to start."""
     notify = Notify(workdir)
-    proc = subprocess.Popen(FDMIG + args, env=dict(env, NOTIFY_SOCKET=notify.path),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
-    notify.wait_for("READY", "1", timeout=120)
-    notify.close()
+    log_path = os.path.join(workdir, f"instance-{len(os.listdir(workdir))}.log")
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(FDMIG + args, env=dict(env, NOTIFY_SOCKET=notify.path),
+                                stdout=subprocess.DEVNULL, stderr=log, stdin=subprocess.DEVNULL)
+    try:
+        notify.wait_for("READY", "1", timeout=120)
+    except TimeoutError:
+        with open(log_path, errors="replace") as log:
+            raise RuntimeError(f"the instance did not start: {log.read()[-2000:]}") from None
+    finally:
+        notify.close()
     return proc
 
 
