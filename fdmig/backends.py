@@ -23,7 +23,7 @@ import stat
 import struct
 import termios
 
-from fdmig.errors import FdmigError
+from fdmig.errors import FdmigError, SpecError
 
 log = logging.getLogger("fdmig")
 
@@ -76,6 +76,14 @@ class End:
     def fileno(self) -> int:
         return self._read
 
+    def local_port(self) -> int:
+        """A udp socket's port, as bound."""
+        sock = socket.socket(fileno=self._read)
+        try:
+            return sock.getsockname()[1]
+        finally:
+            sock.detach()
+
     def extra(self) -> dict:
         """The fds that move beside "conn", by role."""
         return {role: fd for role, fd in self.fds.items() if role != "conn"}
@@ -86,13 +94,14 @@ class End:
 
     def recv(self, size: int, flags: int = 0) -> bytes:
         """What waits to be read; BlockingIOError when nothing does. A read of
-        nothing is no end here: an empty datagram, or a tty with no carrier."""
+        nothing ends only a tty (hung up: it reads so from then on, as QEMU
+        takes it); an empty datagram is no end."""
         try:
             data = os.read(self._read, size)
         except ConnectionRefusedError:
             self._refused()
             raise BlockingIOError(errno.EAGAIN, "nothing to read") from None
-        if not data:
+        if not data and self.kind != "serial":
             raise BlockingIOError(errno.EAGAIN, "nothing to read")
         return data
 
@@ -171,6 +180,9 @@ def _open_pipe(spec, fds: dict) -> str:
         for role, path in zip(("conn", "out"), both):
             fds[role] = Fd(os.open(path, os.O_RDWR | _FLAGS))
     else:
+        if spec.frontend == "echo":
+            raise SpecError(f"chardev {spec.id}: frontend: echo on one FIFO both ways reads back its own "
+                            f"echoes; accepted: {spec.path}.in and {spec.path}.out (mkfifo both) for an echo")
         fds["conn"] = Fd(os.open(spec.path, os.O_RDWR | _FLAGS))
     for fd in fds.values():
         if not stat.S_ISFIFO(os.fstat(fd.fd).st_mode):

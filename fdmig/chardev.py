@@ -236,12 +236,15 @@ class Chardev:
         """A pty, serial, pipe, udp or file chardev: its fds opened, held from
         now until it closes."""
         end = backends.open_end(self.spec, self.label)
+        # What the kernel chose goes into the spec, for status and for a migration's
+        # table: the pty's slave (whose master the target checks against it), and
+        # a udp socket's local port (a target opening it afresh binds it again).
         if self.spec.kind == "pty":
-            # The kernel named the slave: the spec says which, in status and in a
-            # migration's table, whose target checks the master it gets against it.
             self.spec = dataclasses.replace(self.spec, path=end.peer)
-            self.row_frame = self.row_parts = None
             log.info("chardev %s: char device redirected to %s", self.label, end.peer)
+        elif self.spec.kind == "udp" and not self.spec.localport:
+            self.spec = dataclasses.replace(self.spec, localport=end.local_port())
+        self.row_frame = self.row_parts = None
         self._attach(end)
 
     def _saved_socket(self, fd: int | None, role: str) -> socket.socket | None:
@@ -422,12 +425,14 @@ class Chardev:
         else:
             want_read = live and not self._hold_unread and self.stream  # a peek, which only a socket has
         want_write = live and bool(self.pending)
-        # A held fd with bytes waiting is not read, but its peer leaving still counts.
-        want_hangup = live and not want_read and not self.frontend.reads and self._hold_unread
+        # A held fd with bytes waiting is not read, but its peer leaving still counts;
+        # so does the close of a peer whose half-close ended nothing (a console's user).
+        waits_close = self.eof_read and self.frontend.waits_close
+        want_hangup = live and not want_read and (not self.frontend.reads and self._hold_unread or waits_close)
         if (want_read, want_write, want_hangup) != (self._reading, self._writing, self._hangup):
             self._poller.watch(self.conn.fileno(), self._on_readable if want_read else None,
                                self._on_writable if want_write else None,
-                               self._on_hangup if want_hangup else None, defer=defer)
+                               self._on_hangup if want_hangup else None, defer=defer, half_close=not waits_close)
             self._reading, self._writing, self._hangup = want_read, want_write, want_hangup
         want_accept = (self.listener is not None and not live and not self._accept_paused
                        and self.frontend.may_accept())
@@ -572,7 +577,7 @@ class Chardev:
         self.update_io()
 
     def _on_hangup(self) -> None:
-        self._lost("peer closed the connection (unread bytes dropped)")
+        self._lost("peer closed the connection" + ("" if self.eof_read else " (unread bytes dropped)"))
 
     def write(self, data: bytes) -> None:
         self.outbuf += data

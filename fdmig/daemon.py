@@ -455,7 +455,8 @@ class Instance:
         self.report_status()
 
     def service_fds(self) -> list[tuple[str, int]]:
-        """The `service` chardevs' fds, in the order they were given, by label."""
+        """The `service` chardevs' fds, in the order they were given, by label (a
+        pipe's second FIFO as LABEL.out)."""
         found = []
         for chardev in self.chardevs.values():
             if chardev.spec.frontend == "service":
@@ -464,6 +465,9 @@ class Instance:
                                 chardev.state.value)
                     continue
                 found.append((chardev.label, chardev.fd))
+                out = chardev.conn.fds.get("out") if not chardev.stream and chardev.conn else None
+                if out is not None:  # a pipe's FIFO written, beside the one read
+                    found.append((f"{chardev.label}.out", out.fd))
         return found
 
     def adopt_service(self, state, sock, stored: list) -> None:

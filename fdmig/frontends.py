@@ -22,6 +22,7 @@ READ_SIZE = 64 * 1024
 class Frontend:
     name = "hold"
     reads = False
+    waits_close = False  # after the peer's EOF, watch for its close (Bridge)
     watched = True  # the chardev watches its sockets at all
     on_demand = False  # connects only for a session (a bridge's client side)
 
@@ -141,7 +142,16 @@ class Bridge(Frontend):
         if partner.frontend.on_demand and partner.conn is None and not partner.connecting:
             partner.connect_for_session()
 
+    @property
+    def waits_close(self) -> bool:
+        # A pty's program, a line, a FIFO neither take an EOF nor send one: after
+        # its peer's half-close, the session goes on delivering to the peer until
+        # the peer closes.
+        return not self.partner.stream
+
     def eof(self) -> None:
+        if self.waits_close:
+            return
         self.partner.pass_eof()
         self._end_if_done()
 

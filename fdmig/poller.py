@@ -41,15 +41,18 @@ class Poller:
         loop.add_reader(self._epoll.fileno(), self._dispatch)
         self._turn: list | None = None  # [future, events still owed] (after_turn)
 
-    def watch(self, fd: int, on_read=None, on_write=None, on_hangup=None, defer: bool = True) -> None:
+    def watch(self, fd: int, on_read=None, on_write=None, on_hangup=None, defer: bool = True,
+              half_close: bool = True) -> None:
         """Watch fd for reading, writing and/or the peer hanging up (an fd that is
-        held, never read, still learns that its peer left); all None stops. While
-        paused, an fd new to the epoll gets its events at resume(), in the order
-        it is given, unless `defer` is off: then at once (a syscall each, which
-        inside a downtime only an fd whose order matters is worth)."""
-        mask = (IN if on_read else 0) | (OUT if on_write else 0) | (HANGUP if on_hangup else 0)
+        held, never read, still learns that its peer left); all None stops. A
+        hangup is the peer's half-close too, unless `half_close` is off: then only
+        its whole close (POLLHUP), after an EOF already read. While paused, an fd
+        new to the epoll gets its events at resume(), in the order it is given,
+        unless `defer` is off: then at once (a syscall each, which inside a
+        downtime only an fd whose order matters is worth)."""
+        mask = (IN if on_read else 0) | (OUT if on_write else 0) | (HANGUP if on_hangup and half_close else 0)
         old = self._handlers.get(fd)
-        if not mask:
+        if not mask and on_hangup is None:
             if old is not None:
                 del self._handlers[fd]
                 self._deferred.pop(fd, None)

@@ -150,8 +150,8 @@ class ChardevSpec:
     def _spec_string(self) -> str:
         parts = [self.backend]
         for key, value in self._dict.items():
-            if key == "backend":
-                continue
+            if key == "backend" or key == "path" and self.kind == "pty":
+                continue  # a pty's path is the kernel's, not a key a SPEC gives
             if isinstance(value, bool):
                 value = "on" if value else "off"
             parts.append(f"{key}={str(value).replace(',', ',,')}")  # QEMU's escape for ','
@@ -240,7 +240,8 @@ def _parse_items(text: str, items: list[str]) -> ChardevSpec:
         key, eq, value = item.partition("=")
         if not eq:
             key, value = _flag_item(key)
-        if key not in _keys(backend) and (backend != "socket" or key not in _LEGACY_KEYS):
+        if key not in _keys(backend) and (backend != "socket" or key not in _LEGACY_KEYS) \
+                and (backend, key) != ("pty", "path"):  # refused in build_spec's words
             raise _fail(key, _unknown_key(key, backend=backend))
         if key in fields:
             raise _fail(key, "given twice")

@@ -370,8 +370,6 @@ def test_a_console_user_and_the_program_on_the_pty_talk_across_migrations_withou
     assert program.noted() == ""
 
 
-@pytest.mark.xfail(strict=True, reason="a console user who half-closes keeps the console forever: after its EOF "
-                                       "the socket side stops reading and never notices the peer's close")
 def test_a_console_user_who_sends_eof_then_leaves_frees_the_console_for_the_next(
         serve, processes, short_dir, runtime_dir):
     """`echo cmd | socat - UNIX-CONNECT:console.sock` half-closes, then closes:
@@ -575,9 +573,6 @@ def test_a_serial_line_is_never_hung_up_and_keeps_the_termios_its_user_set(serve
 
 
 @needs("socat")
-@pytest.mark.xfail(strict=True, reason="a serial line whose far end hangs up (its pty master closed, a USB "
-                                       "adapter unplugged) makes the instance spin at 100% CPU: the hung-up "
-                                       "tty polls readable for ever and each read of nothing is retried")
 def test_a_serial_line_whose_far_end_hangs_up_does_not_make_the_instance_spin(
         processes, serve, short_dir, runtime_dir):
     """A virtual serial line (socat PTY) whose far end exits: the instance goes
@@ -774,8 +769,6 @@ def test_attach_status_query_chardev_and_detach_speak_each_backends_address(serv
     assert not hung_up(master), "the detached serial line was hung up (the test holds its slave too)"
 
 
-@pytest.mark.xfail(strict=True, reason="attach checks the new SPEC against every held chardev's spec string, and "
-                                       "a pty's (pty,id=L,path=/dev/pts/N) does not parse: exit 2 naming the pty")
 def test_attach_works_on_an_instance_that_holds_a_pty(serve, short_dir, runtime_dir):
     """A user with a console (a pty) adds another chardev beside it."""
     serve("pty,id=term")

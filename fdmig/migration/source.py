@@ -106,6 +106,8 @@ def table_entry(chardev, live: bool) -> dict:
     """The chardev's spec, and how many fds will come for it, so the target can
     refuse before the commit a migration that would exceed its fd limit."""
     entry = chardev.spec.to_dict()
+    if chardev.spec.kind == "file":
+        entry["append"] = True  # a target that opens it afresh goes on writing at its end, never truncates
     if form.moves_live(chardev, live):
         entry["x-fds"] = len(chardev.sockets())
     return entry

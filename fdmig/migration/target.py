@@ -78,6 +78,10 @@ async def make_plan(own: list, table: wire.Table, remote: bool = False) -> Plan:
     result = dict(source)
     for mine in own:
         theirs = source.get(mine.id)
+        if theirs is not None and theirs.kind == "pty" and not mine.local_incoming:
+            raise Refused(f"chardev {mine.id}: the source's pty moves only live, but this target would open "
+                          "a new one (hanging up the program on it): mark it local-incoming=on here, or leave "
+                          "it out and the target adopts it")
         if mine.local_incoming:
             if theirs is None:
                 raise Refused(f"chardev {mine.id}: local-incoming=on, but the source has no such chardev")
