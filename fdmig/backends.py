@@ -175,9 +175,8 @@ def _open_pipe(spec, fds: dict) -> str:
     """`P.in` read and `P.out` written when both exist, else `P` both ways, as
     QEMU does. Opened read-write: the open never waits for a far end, and no
     far end's close is ever an EOF here."""
-    both = [f"{spec.path}.in", f"{spec.path}.out"]
-    if all(os.path.exists(path) for path in both):
-        for role, path in zip(("conn", "out"), both):
+    if _split(spec.path):
+        for role, path in zip(("conn", "out"), (f"{spec.path}.in", f"{spec.path}.out")):
             fds[role] = Fd(os.open(path, os.O_RDWR | _FLAGS))
     else:
         if spec.frontend == "echo":
@@ -238,6 +237,18 @@ def make_raw(fd: int) -> None:
 
 ROLES = {"pty": ("conn", "slave"), "serial": ("conn",), "pipe": ("conn", "out"), "udp": ("conn",),
          "file": ("conn",)}
+
+
+def roles(spec) -> tuple[str, ...]:
+    """The roles of the fds a chardev of `spec` holds, as it would open them here."""
+    if spec.kind == "pipe" and not _split(spec.path):
+        return ("conn",)
+    return ROLES[spec.kind]
+
+
+def _split(path: str) -> bool:
+    """Whether a pipe at `path` is two FIFOs, P.in and P.out, as QEMU looks for them."""
+    return os.path.exists(f"{path}.in") and os.path.exists(f"{path}.out")
 
 
 def check(fd: int, role: str, spec, label: str) -> Fd:
@@ -302,7 +313,7 @@ def _check_serial(fd: int, found, role: str, spec) -> str:
 def _check_pipe(fd: int, found, role: str, spec) -> str:
     if not stat.S_ISFIFO(found.st_mode):
         return "is not a FIFO"
-    split = os.path.exists(f"{spec.path}.in") and os.path.exists(f"{spec.path}.out")
+    split = _split(spec.path)
     if role == "out" and not split:
         return f"arrived for {spec.path}.out, which does not exist here"
     path = {"conn": f"{spec.path}.in", "out": f"{spec.path}.out"}[role] if split else spec.path

@@ -771,9 +771,6 @@ def test_after_the_refused_sources_a_valid_source_moves_its_pty_udp_serial_and_p
             os.close(fd)
 
 
-@pytest.mark.xfail(strict=True, reason="a target commits a pty or pipe chardev whose section lacks its conn fd "
-                                      "(the master, the FIFO read): the chardev ends closed, or a new pty is "
-                                      "opened, and an fd that came is held by nothing")
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("case", MISSING, ids=lambda case: case.__name__.replace("_", "-"))
 def test_a_section_without_the_fd_the_backend_reads_is_refused_before_the_commit(daemons, runtime_dir, case):

@@ -284,6 +284,9 @@ class TargetSession(Session):
         for mine in self.own:
             if mine.local_incoming and not self.sockets.get(mine.id):
                 raise Refused(f"chardev {mine.id}: local-incoming=on, but no fd arrived for it")
+        for label, spec in self.plan.specs.items():
+            if spec.kind == "pty" and label not in self.fresh and not self.sockets.get(label):
+                raise Refused(f"chardev {label}: a pty moves only live, but its fds did not arrive")
         if self.remote and self.instance.hooks.get("claim"):
             # Only now, every connection restored (in repair mode, sending nothing):
             # a segment reaching this host for one not restored yet would be reset.
@@ -368,7 +371,11 @@ class TargetSession(Session):
                 for role, index in section.fds.items():  # into what abort() closes
                     by_role[role] = check_fd(self.chan.take(index), role, spec, section.label)
             conn = by_role.get("conn")
-            if conn is not None and spec.backend != "socket":
+            if by_role and spec.backend != "socket":
+                expected = backends.roles(spec)
+                if set(by_role) != set(expected):
+                    raise Refused(f"chardev {section.label}: {wire.show(sorted(by_role))} arrived for a "
+                                  f"{spec.kind} chardev, which moves with its {' and '.join(expected)} fds")
                 conn = backends.join(spec, by_role)
             form.restore(chardev, state, section.outbuf, conn, by_role.get("listener"))
             if not by_role:
