@@ -128,6 +128,19 @@ def _complete_labels(ctx, param, incomplete):
     return [label for label in labels if label.startswith(incomplete)]
 
 
+def _complete_spec(ctx, param, incomplete):
+    """A SPEC: its first word (a backend, then ','), then the keys that backend
+    takes. Shells split words at '=', so only what leads up to a key is offered."""
+    from fdmig import spec
+    if "," not in incomplete:
+        return [f"{backend}," for backend in (*spec.BACKENDS, "tty") if backend.startswith(incomplete)]
+    done, _, part = incomplete.rpartition(",")
+    if "=" in part:
+        return []
+    keys = spec.keys_of(done.split(",")[0])
+    return [f"{done},{key}=" for key in keys if key.startswith(part) and f",{key}=" not in f",{done}"]
+
+
 def _complete_program(ctx, param, incomplete):
     """After `--`: a program and its arguments, completed as the shell completes paths."""
     from click.shell_completion import CompletionItem
@@ -228,7 +241,7 @@ def main():
 
 @main.command()
 @instance_options
-@click.option("--chardev", "chardev_specs", multiple=True, metavar="SPEC",
+@click.option("--chardev", "chardev_specs", multiple=True, metavar="SPEC", shell_complete=_complete_spec,
               help=CHARDEV_HELP)
 @capability_option
 @fdstore_option
@@ -262,7 +275,7 @@ def serve(name, control, chardev_specs, capabilities, fdstore):
 
 @main.command(context_settings={"allow_interspersed_args": False})
 @instance_options
-@click.option("--chardev", "chardev_specs", multiple=True, metavar="SPEC",
+@click.option("--chardev", "chardev_specs", multiple=True, metavar="SPEC", shell_complete=_complete_spec,
               help="A chardev; its fd goes to the service (frontend=service, the default here).")
 @capability_option
 @click.option("--notify", "notify_ready", is_flag=True,
@@ -470,7 +483,7 @@ def list_instances(as_json):
 
 @main.command()
 @instance_options
-@click.argument("spec", metavar="SPEC")
+@click.argument("spec", metavar="SPEC", shell_complete=_complete_spec)
 def attach(name, control, spec):
     """Add a chardev to a running instance (QMP chardev-add).
 
@@ -733,7 +746,7 @@ tls_creds_option = click.option("--tls-creds", metavar="DIR",
               help="Migration channel (default: NAME.migrate.sock in the runtime dir); "
                    "'defer': wait for QMP migrate-incoming on <name>.incoming.sock.")
 @tls_creds_option
-@click.option("--chardev", "chardev_specs", multiple=True, metavar="SPEC",
+@click.option("--chardev", "chardev_specs", multiple=True, metavar="SPEC", shell_complete=_complete_spec,
               help="A chardev of the target; local-incoming=on: it must arrive live.")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), metavar="S",
               help="Give up (exit 4) if no migration has arrived after S seconds.")
@@ -863,7 +876,7 @@ function %(complete_func)s;
 COMP_CWORD=(commandline -t) %(prog_name)s);
 
     for completion in $response;
-        set -l metadata (string split "," $completion);
+        set -l metadata (string split -m 1 "," $completion);
 
         if test $metadata[1] = "dir";
             __fish_complete_directories $metadata[2];

@@ -265,6 +265,13 @@ def _backend(word: str) -> str:
     return backend
 
 
+def keys_of(word: str) -> tuple:
+    """The keys a SPEC whose first word is `word` takes (a socket's if `word` is a
+    key=value already, the first word left out)."""
+    backend = _BACKEND_ALIASES.get(word, word)
+    return _keys(backend if backend in BACKENDS else "socket")
+
+
 def _keys(backend: str) -> tuple:
     if backend == "socket":
         return _KEYS

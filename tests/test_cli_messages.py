@@ -322,3 +322,16 @@ def test_after_the_double_dash_completion_offers_paths(runtime_dir):
                    COMP_CWORD=str(len(words.split()) - 1))
         done = subprocess.run(FDMIG, env=env, capture_output=True, text=True, timeout=30)
         assert done.stdout.split() == ["file,./se"], (words, done.stdout, done.stderr)
+
+
+def test_a_spec_completes_its_backend_then_that_backend_s_keys(runtime_dir):
+    # Issue 23: every backend is offered where a SPEC goes, then the keys it takes.
+    cases = {"fdmig attach p": ["pty,", "pipe,"],
+             "fdmig serve --chardev se": ["serial,"],
+             "fdmig run --chardev udp,id=dns,localp": ["udp,id=dns,localport="],
+             "fdmig migrate-in --chardev pty,id=con,local-": ["pty,id=con,local-incoming="]}
+    for words, offered in cases.items():
+        env = dict(os.environ, _FDMIG_COMPLETE="bash_complete", COMP_WORDS=words,
+                   COMP_CWORD=str(len(words.split()) - 1))
+        done = subprocess.run(FDMIG, env=env, capture_output=True, text=True, timeout=30)
+        assert done.stdout.split() == [f"plain,{item}" for item in offered], (words, done.stdout, done.stderr)
