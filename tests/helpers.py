@@ -531,3 +531,22 @@ class Stream:
         self._threads[1].join(timeout)
         self.sock.close()
         return self.echoed
+
+
+def answer_then_hangup(sock: socket.socket, codec):
+    """The target's last word (ABORT, or ConnectionClosed), read once it has hung up:
+    it closes the channel after every fd it received."""
+    sock.settimeout(10)
+    data = bytearray()
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:
+            break  # it closed with bytes of ours unread; what it sent came first
+        if not chunk:
+            break
+        data += chunk
+    if data:
+        codec.receive_data(bytes(data))
+    codec.receive_data(b"")
+    return codec.next_event()

@@ -32,7 +32,7 @@ import pytest
 from fdmig import qmp
 from fdmig import spec as specs
 from fdmig.migration import wire
-from tests.helpers import Daemon, connect_unix, connect_when_bound, read_event, run, send_chunks, send_raw
+from tests.helpers import Daemon, answer_then_hangup, connect_unix, connect_when_bound, read_event, run, send_chunks, send_raw
 from tests.test_faults import MATRIX
 
 # The steps at which test_faults kills a target, armed as it arms them
@@ -415,27 +415,13 @@ def a_tcp_socket(wrong: Wrong) -> int:
     return client.detach()
 
 
-def a_udp_socket_to(wrong: Wrong, port: int) -> int:
-    """A udp socket sending to `port`; its own port is free again once every copy is closed."""
+def a_udp_socket(wrong: Wrong, port: int | None = None) -> int:
+    """A udp socket, sending to `port` if given; its own port is free again once
+    every copy is closed."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.bind(("127.0.0.1", 0))
-    sock.connect(("127.0.0.1", port))
-    mine = sock.getsockname()
-
-    def unbound():
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-            try:
-                probe.bind(mine)
-                return True
-            except OSError:
-                return False
-    wrong.witnesses.append(unbound)
-    return sock.detach()
-
-
-def an_unconnected_udp_socket(wrong: Wrong) -> int:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind(("127.0.0.1", 0))
+    if port is not None:
+        sock.connect(("127.0.0.1", port))
     mine = sock.getsockname()
 
     def unbound():
@@ -505,13 +491,13 @@ def udp_given_a_udp_socket_sending_to_another_port(wrong: Wrong):
 
     def wrong_port(w, port):
         other["port"] = port + 1 if port < 65535 else port - 1
-        return a_udp_socket_to(w, other["port"])
+        return a_udp_socket(w, other["port"])
     port = udp_chardev(wrong, wrong_port)
     wrong.names = f"chardev u: the conn fd sends to port {other['port']}, not {port}"
 
 
 def udp_given_an_unconnected_udp_socket(wrong: Wrong):
-    udp_chardev(wrong, lambda w, port: an_unconnected_udp_socket(w))
+    udp_chardev(wrong, lambda w, port: a_udp_socket(w))
     wrong.names = ("chardev u: the conn fd is not connected; accepted: a udp socket connected to the SPEC's "
                    "host and port")
 
@@ -640,25 +626,6 @@ def drain(notify) -> None:
         notify.messages.append(dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line))
 
 
-def last_word(sock: socket.socket, codec: wire.MigrationCodec):
-    """The target's last word (ABORT, or ConnectionClosed), read once it has hung up:
-    it closes the channel after every fd it received."""
-    sock.settimeout(10)
-    data = bytearray()
-    while True:
-        try:
-            chunk = sock.recv(65536)
-        except ConnectionResetError:
-            break  # it closed with bytes of ours unread; what it sent came first
-        if not chunk:
-            break
-        data += chunk
-    if data:
-        codec.receive_data(bytes(data))
-    codec.receive_data(b"")
-    return codec.next_event()
-
-
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("case", CASES, ids=lambda case: case.__name__.replace("_", "-"))
 def test_an_fd_of_the_wrong_kind_for_the_backend_is_refused_closed_and_the_target_waits_on(
@@ -683,7 +650,7 @@ def test_an_fd_of_the_wrong_kind_for_the_backend_is_refused_closed_and_the_targe
         for fd in wrong.ours:
             os.close(fd)
         wrong.ours = []
-        reply = last_word(fake, codec)
+        reply = answer_then_hangup(fake, codec)
         fake.close()
         assert isinstance(reply, wire.Abort) and wrong.names in reply.reason, reply
 

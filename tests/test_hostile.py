@@ -21,8 +21,8 @@ from fdmig import qmp
 from fdmig.errors import FdmigError
 from fdmig.migration import wire
 from fdmig.spec import parse_spec
-from tests.helpers import (as_uid, connect_unix, connect_when_bound, echoes, read_event, run, run_many, send_chunks,
-                           send_raw, status_of)
+from tests.helpers import (answer_then_hangup, as_uid, connect_unix, connect_when_bound, echoes, read_event, run,
+                           run_many, send_chunks, send_raw, status_of)
 
 ECHO = "socket,id={label},path={path},server=on,frontend=echo,support-local-migration=on"
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become another uid")
@@ -422,25 +422,6 @@ class Hostile:
         self.target.wait_ready()
         assert echoes(self.peer, b"moved")
         assert status_of(os.path.join(self.runtime_dir, "web.sock"))["pid"] == self.target.pid
-
-
-def answer_then_hangup(sock: socket.socket, codec: wire.MigrationCodec):
-    """The target's last word (ABORT, or ConnectionClosed), read once it has hung up:
-    it closes the channel after every fd it received."""
-    sock.settimeout(10)
-    data = bytearray()
-    while True:
-        try:
-            chunk = sock.recv(65536)
-        except ConnectionResetError:
-            break  # it closed with bytes of ours unread; what it sent came first
-        if not chunk:
-            break
-        data += chunk
-    if data:
-        codec.receive_data(bytes(data))
-    codec.receive_data(b"")
-    return codec.next_event()
 
 
 @pytest.fixture

@@ -64,16 +64,12 @@ def blockers(instance, remote: bool = False, reconnect: bool = False) -> list[st
     inherited = [c.label for c in instance.chardevs.values()
                  if c.spec.kind in ("fd", "fdname") and not moves[c.label] and c.sockets()]
     if inherited:
-        how = ("give them an address the target can open (fds cannot cross hosts)" if remote else
-               "mark them support-local-migration=on" if live else
-               "enable capability local-char-socket (and mark them support-local-migration=on)")
+        how = _how_live(remote, live, "give them an address the target can open (fds cannot cross hosts)")
         reasons.append(f"chardev(s) {', '.join(inherited)} hold an inherited fd (fd=/fdname=) that the "
                        f"target cannot reopen, and would not move live: {how}")
     ptys = [c.label for c in instance.chardevs.values() if c.spec.kind == "pty" and not moves[c.label]]
     if ptys:
-        how = ("detach them first (a pty cannot cross hosts)" if remote else
-               "mark them support-local-migration=on" if live else
-               "enable capability local-char-socket (and mark them support-local-migration=on)")
+        how = _how_live(remote, live, "detach them first (a pty cannot cross hosts)")
         reasons.append(f"chardev(s) {', '.join(ptys)} are ptys, which move only live (a new pty would hang up "
                        f"the program on the old one): {how}")
     kept = [c.label for c in instance.chardevs.values()
@@ -88,6 +84,15 @@ def blockers(instance, remote: bool = False, reconnect: bool = False) -> list[st
             reasons.append(f"bridge {chardev.label}-{partner}: {stays} is not support-local-migration=on, "
                            "so its side would reopen under a live peer's session; mark both or neither")
     return reasons
+
+
+def _how_live(remote: bool, live: bool, across_hosts: str) -> str:
+    """What makes chardevs that only an fd handed over keeps move live."""
+    if remote:
+        return across_hosts
+    if live:
+        return "mark them support-local-migration=on"
+    return "enable capability local-char-socket (and mark them support-local-migration=on)"
 
 
 def _would_reconnect(labels: list, capabilities: dict, remote: bool) -> str:

@@ -16,7 +16,6 @@ pause.
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -158,14 +157,7 @@ def measure(backend: str, n: int, repeats: int, workdir: str) -> dict:
             result["quiet-pause"].append(done())
     finally:
         probes.stop()
-        for proc in procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        handoff.stop_all(procs)
         for end in ends:
             end.close()
         for sock in keep:

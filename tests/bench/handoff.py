@@ -155,6 +155,18 @@ def _probe_loop(socks, ctl) -> None:
         control.settle()
 
 
+def stop_all(procs) -> None:
+    """SIGTERM to every process still running, then wait for each (SIGKILL after 20 s)."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
 def start_instance(args, workdir, env):
     """An instance, once ready; its log kept apart, and shown if it fails to start."""
     notify = Notify(workdir)
@@ -255,14 +267,7 @@ def measure_handoff(n: int, repeats: int, workdir: str, busy: bool = False, stat
         result["rss"] = json.loads(status.stdout)["rss-bytes"]
     finally:
         probes.stop()
-        for proc in procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_all(procs)
         for peer in peers:
             peer.close()
         listener.close()
