@@ -14,6 +14,7 @@ connection are, and moves in the chardev's section under that role:
   program wrote before it left.
 """
 
+import dataclasses
 import errno
 import fcntl
 import logging
@@ -268,6 +269,28 @@ def check(fd: int, role: str, spec, label: str) -> Fd:
     if problem:
         raise FdmigError(f"{name} {problem}")
     return Fd(fd)
+
+
+def take_up(fd: int, spec, label: str) -> End:
+    """An End from `fd`, the one a chardev of `spec` read, kept for it in its
+    manager's fd store by an earlier life of this instance (--fdstore); the fds
+    beside it (a pty's slave, a pipe's FIFO written) opened again by path.
+    FdmigError if `fd` is not what the spec says (`fd` left open)."""
+    if spec.kind == "pty":
+        try:
+            spec = dataclasses.replace(spec, path=pty_path(fd))
+        except OSError:
+            raise FdmigError(f"chardev {label}: the stored fd is not a pty's master") from None
+    fds = {"conn": check(fd, "conn", spec, label)}
+    extra = {"pty": "slave", "pipe": "out"}.get(spec.kind)
+    if extra in roles(spec):
+        path = spec.path if spec.kind == "pty" else f"{spec.path}.out"
+        try:
+            fds[extra] = Fd(os.open(path, os.O_RDWR | _FLAGS))
+        except OSError as exc:
+            raise FdmigError(f"chardev {label}: cannot open {path} again: {exc.strerror}") from None
+    os.set_blocking(fd, False)
+    return join(spec, fds)
 
 
 def join(spec, by_role: dict) -> End:

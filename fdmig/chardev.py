@@ -199,11 +199,10 @@ class Chardev:
         if self.spec.logfile:
             self._open_logfile(append=self.spec.logappend)
         if not self.stream:
-            for fd in saved:
-                if fd is not None:  # kept by an older fdmig: a pty, tty or FIFO is opened afresh
-                    os.close(fd)
+            if saved[0] is not None:
+                os.close(saved[0])  # no listener here: not ours
             try:
-                self._open_end()
+                self._open_end(self._saved_end(saved[1]))
             except BaseException:
                 self._close_logfile()
                 raise
@@ -232,16 +231,34 @@ class Chardev:
             self._close_logfile()
             raise
 
-    def _open_end(self) -> None:
-        """A pty, serial, pipe, udp or file chardev: its fds opened, held from
-        now until it closes."""
-        end = backends.open_end(self.spec, self.label)
+    def _saved_end(self, fd: int | None):
+        """A pty, tty, FIFO, udp socket or file an earlier life of this instance
+        kept in its manager's fd store, taken up again if it is what the spec says:
+        a pty's program never sees it go."""
+        if fd is None:
+            return None
+        try:
+            end = backends.take_up(fd, self.spec, self.label)
+        except FdmigError as exc:
+            os.close(fd)
+            log.warning("%s; opened afresh instead", exc)
+            return None
+        os.set_inheritable(fd, False)
+        log.info("chardev %s: took up its %s again", self.label, end.peer or self.spec.kind)
+        return end
+
+    def _open_end(self, end=None) -> None:
+        """A pty, serial, pipe, udp or file chardev: its fds opened (or `end`, taken
+        up), held from now until it closes."""
+        if end is None:
+            end = backends.open_end(self.spec, self.label)
         # What the kernel chose goes into the spec, for status and for a migration's
         # table: the pty's slave (whose master the target checks against it), and
         # a udp socket's local port (a target opening it afresh binds it again).
         if self.spec.kind == "pty":
+            if self.spec.path != end.peer:
+                log.info("chardev %s: char device redirected to %s", self.label, end.peer)
             self.spec = dataclasses.replace(self.spec, path=end.peer)
-            log.info("chardev %s: char device redirected to %s", self.label, end.peer)
         elif self.spec.kind == "udp" and not self.spec.localport:
             self.spec = dataclasses.replace(self.spec, localport=end.local_port())
         self.row_frame = self.row_parts = None

@@ -6,13 +6,14 @@ is an outer `fdmig run`; systemd's store speaks the same protocol."""
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
 
 import pytest
 
-from tests.helpers import (connect_unix, connect_when_bound, needs, recv_exactly, run, status_of, wait_states,
-                           wait_status)
+from tests.helpers import (connect_unix, connect_when_bound, needs, read_exactly_fd, recv_exactly, run, status_of,
+                           wait_states, wait_status)
 
 FDMIG = [sys.executable, "-m", "fdmig"]
 
@@ -68,6 +69,44 @@ def test_a_holder_killed_with_sigkill_serves_every_connection_again_and_its_hold
     again.close()
     for sock in (held, echo):
         sock.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_pty_and_a_udp_socket_outlive_a_holder_killed_outright(daemons, short_dir, runtime_dir):
+    """A console's program never sees its holder die: the pty's master waits in the
+    manager's store, and the holder started again takes it up at the same path;
+    a udp port stays bound, what waits in it read by the new holder."""
+    peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # the one peer a connected udp socket hears
+    peer.bind(("127.0.0.1", 0))
+    outer = nested(daemons, short_dir, "pty,id=con,frontend=echo",
+                   f"udp,id=dns,host=127.0.0.1,port={peer.getsockname()[1]},frontend=sink")
+    wait_outer(runtime_dir, lambda s: sorted(e["name"] for e in s["stored"]) == ["con", "dns"], "both fds stored")
+    rows = {r["label"]: r for r in status_of(f"{runtime_dir}/inner.sock")["chardevs"]}
+    slave = rows["con"]["address"].removeprefix("pty:")
+    port = int(rows["dns"]["address"].rsplit(":", 1)[1])
+    far = os.open(slave, os.O_RDWR | os.O_NOCTTY)
+    try:
+        os.write(far, b"one\n")
+        assert read_exactly_fd(far, 4) == b"one\n"
+        first = inner_pid(runtime_dir)
+        os.kill(first, signal.SIGKILL)
+        peer.sendto(b"while it was down", ("127.0.0.1", port))  # no ICMP: the port is held in the store
+        wait_outer(runtime_dir, lambda s: s["service"]["restarts"] == 1 and s["service"]["ready"],
+                   "the inner holder started again and ready")
+        rows = {r["label"]: r for r in status_of(f"{runtime_dir}/inner.sock")["chardevs"]}
+        assert rows["con"]["address"] == f"pty:{slave}" and rows["con"]["state"] == "connected"
+        assert rows["dns"]["address"].endswith(f":{port}")
+        wait_status(f"{runtime_dir}/inner.sock",
+                    lambda s: {r["label"]: r for r in s["chardevs"]}["dns"]["rx-bytes"] == 17,
+                    "the datagram sent while no holder ran, read by the new one")
+        # The line never hung up: the far end reads on, and is answered by the new holder.
+        assert not select.select([far], [], [], 0)[0]
+        os.write(far, b"two\n")
+        assert read_exactly_fd(far, 4) == b"two\n"
+        assert "took up its /dev/pts/" in outer.stderr()
+    finally:
+        os.close(far)
+        peer.close()
 
 
 @pytest.mark.timeout(60)
