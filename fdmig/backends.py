@@ -143,9 +143,11 @@ def open_end(spec, label: str) -> End:
     fds: dict = {}
     try:
         peer = opener(spec, fds)
-    except OSError as exc:
+    except BaseException as exc:
         for fd in fds.values():
             fd.close()
+        if not isinstance(exc, OSError):
+            raise
         where = f" {spec.path}" if spec.path and spec.kind != "pty" else ""
         raise FdmigError(f"chardev {label}: cannot open {spec.kind}{where}: {exc.strerror or exc}") from None
     return End(label, spec.kind, fds, peer)
@@ -159,8 +161,10 @@ def _open_pty(spec, fds: dict) -> str:
     fds["conn"] = Fd(master)
     fcntl.ioctl(master, _TIOCSPTLCK, struct.pack("i", 0))  # unlockpt()
     path = pty_path(master)
+    # Left with the kernel's settings (echo, canonical input, CR-LF output), as a
+    # terminal is for the shell or getty a console runs; a program that wants the
+    # line raw (a virtual machine's serial port, screen) makes it so itself.
     fds["slave"] = Fd(os.open(path, os.O_RDWR | _FLAGS))
-    make_raw(fds["slave"].fd)  # as QEMU makes its ptys: bytes pass as they are
     return path
 
 
@@ -183,7 +187,11 @@ def _open_pipe(spec, fds: dict) -> str:
         if spec.frontend == "echo":
             raise SpecError(f"chardev {spec.id}: frontend: echo on one FIFO both ways reads back its own "
                             f"echoes; accepted: {spec.path}.in and {spec.path}.out (mkfifo both) for an echo")
-        fds["conn"] = Fd(os.open(spec.path, os.O_RDWR | _FLAGS))
+        try:
+            fds["conn"] = Fd(os.open(spec.path, os.O_RDWR | _FLAGS))
+        except FileNotFoundError:
+            raise OSError(errno.ENOENT, f"neither {spec.path}.in and {spec.path}.out nor {spec.path} exist "
+                                        "(make them with mkfifo)") from None
     for fd in fds.values():
         if not stat.S_ISFIFO(os.fstat(fd.fd).st_mode):
             raise OSError(errno.EINVAL, "not a FIFO (make one with mkfifo)")
@@ -196,8 +204,16 @@ def _open_udp(spec, fds: dict) -> str:
     sock = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
     fds["conn"] = Fd(sock.detach())
     sock = socket.socket(fileno=fds["conn"].fd)
+    local = (spec.localaddr or "", spec.localport or 0)
     try:
-        sock.bind((spec.localaddr or "", spec.localport or 0))
+        sock.bind(local)
+    except OSError as exc:
+        where = f"{_bracketed(local[0]) or '*'}:{local[1]}"
+        if exc.errno == errno.EADDRINUSE:  # a SPEC that does not fit, as a TCP address in use is
+            raise SpecError(f"chardev {spec.id}: cannot bind udp {where}: {exc.strerror}; accepted: a "
+                            "localaddr and localport no other socket holds") from None
+        raise OSError(exc.errno, f"cannot bind {where}: {exc.strerror}") from None
+    else:
         sock.connect(address)
     finally:
         sock.detach()
@@ -208,6 +224,10 @@ def _open_file(spec, fds: dict) -> str:
     flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC | (0 if spec.append else os.O_TRUNC)
     fds["conn"] = Fd(os.open(spec.path, flags, 0o666))
     return spec.path
+
+
+def _bracketed(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
 
 
 def _udp_name(address) -> str:
@@ -221,9 +241,10 @@ def pty_path(master: int) -> str:
 
 
 def make_raw(fd: int) -> None:
-    """cfmakeraw(), and CLOCAL: no line discipline between the chardev and its
-    far end, and no hangup read from a modem line's carrier. Applied once, at
-    the first open: a handover never touches a line's settings."""
+    """cfmakeraw(), and CLOCAL: no line discipline between a serial chardev and
+    its line, and no hangup read from a modem line's carrier, as QEMU sets a
+    tty. Applied once, at the first open: a handover never touches a line's
+    settings."""
     iflag, oflag, cflag, lflag, ispeed, ospeed, cc = termios.tcgetattr(fd)
     iflag &= ~(termios.IGNBRK | termios.BRKINT | termios.PARMRK | termios.ISTRIP | termios.INLCR
                | termios.IGNCR | termios.ICRNL | termios.IXON)

@@ -137,7 +137,8 @@ def _complete_spec(ctx, param, incomplete):
     done, _, part = incomplete.rpartition(",")
     if "=" in part:
         return []
-    keys = spec.keys_of(done.split(",")[0])
+    keys = [key for key in spec.keys_of(done.split(",")[0])
+            if key != "local-incoming" or ctx.info_name == "migrate-in"]  # only a target waits for one
     return [f"{done},{key}=" for key in keys if key.startswith(part) and f",{key}=" not in f",{done}"]
 
 
@@ -157,8 +158,9 @@ def instance_options(func):
 
 CAPABILITIES = ["local-char-socket", "x-tcp-repair"]
 CHARDEV_HELP = ("A chardev, in QEMU's -chardev syntax: socket,id=LABEL, then path=P or host=H,port=N (or "
-                "fd=N, fdname=NAME), and server=on, support-local-migration=on, frontend=... as needed "
-                "(man fdmig).")
+                "fd=N, fdname=NAME), and server=on, support-local-migration=on, frontend=... as needed; "
+                "or pty,id=L, serial,id=L,path=DEV, pipe,id=L,path=P, udp,id=L,host=H,port=N, "
+                "file,id=L,path=P (man fdmig).")
 capability_option = click.option("--capability", "capabilities", multiple=True,
                                  type=click.Choice(CAPABILITIES), help="Enable a migration capability.")
 fdstore_option = click.option("--fdstore", "fdstore", is_flag=True,
@@ -489,10 +491,14 @@ def attach(name, control, spec):
 
     With fd=N, this command's own descriptor N is passed to the instance.
 
+    SPEC is QEMU's -chardev syntax: a socket (the first word may be left out),
+    or pty, serial, pipe, udp, file (man fdmig).
+
     \b
     Examples:
       fdmig attach --name web id=admin,path=/tmp/adm.sock,server=on,frontend=echo
       fdmig attach --name web id=up,host=192.0.2.7,port=5000,reconnect-ms=500
+      fdmig attach --name console pty,id=con2,support-local-migration=on
     """
     chardev = parse_spec(spec)
     _no_service([chardev], "fdmig attach")

@@ -11,7 +11,8 @@ from fdmig.errors import SpecError
 
 # The states of a server chardev that hold its listening socket.
 LISTENING = ("listening", "connected", "disconnected", "migrating")
-READ_DEVICES = ("serial", "pipe")  # what a second reader would take bytes from
+# What a second holder would read bytes from (a tty, a FIFO) or truncate (a file).
+READ_DEVICES = ("serial", "pipe", "file")
 
 
 def _resolved(spec, cwd: str | None = None):
@@ -24,7 +25,7 @@ def _resolved(spec, cwd: str | None = None):
     from fdmig.spec import ChardevSpec
     path = os.path.join(cwd if cwd is not None else os.getcwd(), spec.path)
     if spec.kind in READ_DEVICES:
-        path = os.path.realpath(path)  # a device's or a FIFO's symlinks lead to one file
+        path = os.path.realpath(path)  # a device's, a FIFO's or a file's symlinks lead to one file
     else:
         path = os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
     return ChardevSpec(**{**spec.__dict__, "path": path})

@@ -151,57 +151,78 @@ def wait_target(control_path: str, source_pid: int, deadline: float) -> dict:
         time.sleep(0.02)  # the target binds the path right after it resumes
 
 
+def _migrate_out(client, before, address, timeout, spawn, instance_args, announce, tls_creds, hooks, reconnect,
+                 control_path, notes):
+    """migrate_out's migration, once the capabilities asked for are set: the
+    reply to `migrate` and the spawned target (or None)."""
+    source_pid = before["pid"]
+    target = None
+    caps = {c["capability"]: c["state"] for c in client.execute("query-migrate-capabilities")}
+    marked = [c["label"] for c in before["chardevs"] if c["support-local-migration"]]
+    if address.tcp:
+        unix = [c["label"] for c in before["chardevs"] if c["support-local-migration"]
+                and not c["address"].startswith("tcp:")]
+        if not caps.get("x-tcp-repair") and marked:
+            notes.append(f"capability x-tcp-repair is off: {_some(marked)} will reconnect at the target "
+                         "instead of moving live")
+        elif unix:
+            notes.append(f"{_some(unix)} will reconnect at the target: only TCP connections cross hosts")
+    elif not caps.get("local-char-socket") and marked:
+        notes.append(f"capability local-char-socket is off: {_some(marked)} will reconnect "
+                     "instead of moving live")
+    if spawn and address.tcp and caps.get("x-tcp-repair"):
+        raise FdmigError("capability x-tcp-repair moves TCP connections to another host, but --spawn starts "
+                         "the target on this one: start it there with fdmig migrate-in")
+    try:
+        if spawn:
+            # A holder that keeps its fds in its manager's store has a successor that does.
+            extra = (["--fdstore"] if before.get("fdstore") else []) + \
+                (["--tls-creds", os.path.abspath(tls_creds)] if tls_creds else [])
+            target = spawn_target(instance_args + extra, address)
+        arguments = {"uri": address.uri, "x-fdmig-timeout": timeout}
+        if tls_creds is not None:
+            arguments["x-fdmig-tls-creds"] = os.path.abspath(tls_creds)
+        for role, command in (hooks or {}).items():
+            arguments[f"x-fdmig-{role}-cmd"] = command
+        if reconnect:
+            arguments["x-fdmig-reconnect"] = True
+        default = not address.tcp and address.path == paths.channel_beside(control_path)
+        hint = "".join(f" {shlex.quote(arg)}" for arg in instance_args +
+                       ([] if default else ["--channel", address.uri]) +
+                       (["--tls-creds", "DIR"] if address.tcp else []))
+        data = _migrate(client, arguments, control_path,
+                        source_pid, time.monotonic() + timeout + HANDOVER_GRACE, target, announce, notes, hint)
+    except BaseException:
+        if target is not None:
+            target.stop()
+        raise
+    return data, target
+
+
 def migrate_out(control_path, address, capabilities, timeout, spawn, instance_args, announce=None,
                 tls_creds: str | None = None, hooks: dict | None = None, reconnect: bool = False) -> dict:
     """`announce(line)` is told, on a terminal, what the migration waits for.
     `reconnect`: marked chardevs that cannot move live reconnect instead of the
     migration being refused."""
     notes = []
-    target = None
     with qmp.connect(control_path) as client, interruptible():
         before = client.execute("x-fdmig-status")
         source_pid = before["pid"]
+        # Set for this migration; a migration that does not happen leaves them as they were.
+        turned_on = [c for c in capabilities if not before["capabilities"].get(c)]
         if capabilities:
             client.execute("migrate-set-capabilities",
                            {"capabilities": [{"capability": c, "state": True} for c in capabilities]})
-        caps = {c["capability"]: c["state"] for c in client.execute("query-migrate-capabilities")}
-        marked = [c["label"] for c in before["chardevs"] if c["support-local-migration"]]
-        if address.tcp:
-            unix = [c["label"] for c in before["chardevs"] if c["support-local-migration"]
-                    and not c["address"].startswith("tcp:")]
-            if not caps.get("x-tcp-repair") and marked:
-                notes.append(f"capability x-tcp-repair is off: {_some(marked)} will reconnect at the target "
-                             "instead of moving live")
-            elif unix:
-                notes.append(f"{_some(unix)} will reconnect at the target: only TCP connections cross hosts")
-        elif not caps.get("local-char-socket") and marked:
-            notes.append(f"capability local-char-socket is off: {_some(marked)} will reconnect "
-                         "instead of moving live")
-        if spawn and address.tcp and caps.get("x-tcp-repair"):
-            raise FdmigError("capability x-tcp-repair moves TCP connections to another host, but --spawn starts "
-                             "the target on this one: start it there with fdmig migrate-in")
         try:
-            if spawn:
-                # A holder that keeps its fds in its manager's store has a successor that does.
-                extra = (["--fdstore"] if before.get("fdstore") else []) + \
-                    (["--tls-creds", os.path.abspath(tls_creds)] if tls_creds else [])
-                target = spawn_target(instance_args + extra, address)
-            arguments = {"uri": address.uri, "x-fdmig-timeout": timeout}
-            if tls_creds is not None:
-                arguments["x-fdmig-tls-creds"] = os.path.abspath(tls_creds)
-            for role, command in (hooks or {}).items():
-                arguments[f"x-fdmig-{role}-cmd"] = command
-            if reconnect:
-                arguments["x-fdmig-reconnect"] = True
-            default = not address.tcp and address.path == paths.channel_beside(control_path)
-            hint = "".join(f" {shlex.quote(arg)}" for arg in instance_args +
-                           ([] if default else ["--channel", address.uri]) +
-                           (["--tls-creds", "DIR"] if address.tcp else []))
-            data = _migrate(client, arguments, control_path,
-                            source_pid, time.monotonic() + timeout + HANDOVER_GRACE, target, announce, notes, hint)
+            data, target = _migrate_out(client, before, address, timeout, spawn, instance_args, announce,
+                                        tls_creds, hooks, reconnect, control_path, notes)
         except BaseException:
-            if target is not None:
-                target.stop()
+            if turned_on:
+                try:
+                    client.execute("migrate-set-capabilities",
+                                   {"capabilities": [{"capability": c, "state": False} for c in turned_on]})
+                except Exception:
+                    pass  # the source has gone (or committed): nothing of ours to put back
             raise
     if target is not None:
         target.flush()

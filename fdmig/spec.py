@@ -239,7 +239,7 @@ def _parse_items(text: str, items: list[str]) -> ChardevSpec:
             raise _fail("SPEC", f"empty item in '{text}'; expected key=value pairs separated by ','")
         key, eq, value = item.partition("=")
         if not eq:
-            key, value = _flag_item(key)
+            key, value = _flag_item(key, backend)
         if key not in _keys(backend) and (backend != "socket" or key not in _LEGACY_KEYS) \
                 and (backend, key) != ("pty", "path"):  # refused in build_spec's words
             raise _fail(key, _unknown_key(key, backend=backend))
@@ -279,18 +279,19 @@ def _keys(backend: str) -> tuple:
     return tuple(k for k in keys if not (backend in _UNREAD and k in ("logfile", "logappend")))
 
 
-def _flag_item(item: str) -> tuple[str, str]:
+def _flag_item(item: str, backend: str = "socket") -> tuple[str, str]:
     """A key given alone, as QEMU's option parser takes it: a boolean key means
     on (`server` is server=on), the same with `no` in front off (`nowait` is
     wait=off). `nodelay` is a key of its own, so on, as QEMU makes it too."""
-    if item in _FLAG_KEYS:
+    keys = _keys(backend)
+    flags = [key for key in _FLAG_KEYS if key in keys or backend == "socket"]
+    if item in flags:
         return item, "on"
-    if item.startswith("no") and item[2:] in _FLAG_KEYS:
+    if item.startswith("no") and item[2:] in flags:
         return item[2:], "off"
-    if item in _KEYS or item in _LEGACY_KEYS:
+    if item in keys or backend == "socket" and item in _LEGACY_KEYS:
         raise _fail(item, "needs a value (key=value)")
-    flags = [*_BOOL_KEYS, *(f"no{key}" for key in _BOOL_KEYS)]
-    raise _fail(item, _unknown_key(item, flags))
+    raise _fail(item, _unknown_key(item, [*flags, *(f"no{key}" for key in flags)], backend))
 
 
 def _split_items(text: str) -> list[str]:
@@ -317,6 +318,8 @@ def _unknown_key(key: str, spellings=(), backend: str = "socket") -> str:
     keys = _keys(backend)
     near = difflib.get_close_matches(key, [*keys, *spellings], n=1)
     hint = f"did you mean {near[0]}? " if near else ""
+    if key in BACKENDS or key in _BACKEND_ALIASES:
+        return f"'{key}' is a backend; it goes first: {key},id=LABEL,..."
     if backend != "socket":
         if key in _KEYS or key in _BACKEND_KEYS["udp"] or key == "append":
             return f"not a key of a {backend} chardev; accepted: {', '.join(keys)}"
@@ -746,12 +749,21 @@ class Addresses:
         self._servers: dict[str, str] = {}  # unix path -> label
         self._clients: dict[str, dict[str, None]] = {}  # unix path -> labels, in order
         self._tcp: dict[int, dict[str, str]] = {}  # port -> host -> label
-        self._devices: dict[str, str] = {}  # a serial, pipe or file chardev's path -> label
+        self._devices: dict[str, str] = {}  # a file a serial, pipe or file chardev opens -> label
+        self._opened: dict[str, list[str]] = {}  # label -> the files it was added with
 
     def _path(self, path: str) -> str:
         path = os.path.normpath(os.path.join(self._cwd, path))
         # POSIX lets '//' mean something else; on Linux it is '/'.
         return "/" + path.lstrip("/") if path.startswith("//") else path
+
+    def _files(self, spec: ChardevSpec) -> list[str]:
+        """The files a serial, pipe or file chardev opens: a pipe's P.in and P.out
+        where both exist (QEMU's rule), else its path."""
+        path = self._path(spec.path)
+        if spec.kind == "pipe" and os.path.exists(f"{path}.in") and os.path.exists(f"{path}.out"):
+            return [f"{path}.in", f"{path}.out"]
+        return [path]
 
     @staticmethod
     def _spec(item) -> ChardevSpec:
@@ -761,7 +773,7 @@ class Addresses:
         """(label, address) of a chardev held that `spec` may not share an address
         with, or None."""
         if spec.kind in _DEVICE_KINDS:
-            label = self._devices.get(self._path(spec.path))
+            label = next(filter(None, map(self._devices.get, self._files(spec))), None)
             return None if label is None else (label, spec.address)
         if spec.kind == "unix":
             path = self._path(spec.path)
@@ -799,7 +811,9 @@ class Addresses:
     def add(self, item) -> None:
         spec = self._spec(item)
         if spec.kind in _DEVICE_KINDS:
-            self._devices.setdefault(self._path(spec.path), spec.id)
+            self._opened[spec.id] = files = self._files(spec)
+            for path in files:
+                self._devices.setdefault(path, spec.id)
         elif spec.kind == "unix":
             path = self._path(spec.path)
             if spec.server:
@@ -812,9 +826,9 @@ class Addresses:
     def remove(self, item) -> None:
         spec = self._spec(item)
         if spec.kind in _DEVICE_KINDS:
-            path = self._path(spec.path)
-            if self._devices.get(path) == spec.id:
-                del self._devices[path]
+            for path in self._opened.pop(spec.id, ()):
+                if self._devices.get(path) == spec.id:
+                    del self._devices[path]
         elif spec.kind == "unix":
             path = self._path(spec.path)
             if spec.server:

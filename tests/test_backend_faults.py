@@ -56,6 +56,7 @@ def say(what):
 signal.signal(signal.SIGHUP, lambda *_: say("SIGHUP"))
 signal.signal(signal.SIGTERM, lambda *_: (say("TERM"), os._exit(0)))
 tty = os.open(sys.argv[1], os.O_RDWR)
+__import__("tty").setraw(tty)  # raw, as a serial console's program makes its line
 say("ready" if os.tcgetpgrp(tty) == os.getpgrp() else "not its controlling terminal")
 pending = b""
 while True:

@@ -22,6 +22,7 @@ import sys
 import termios
 import threading
 import time
+import tty
 
 import psutil
 import pytest
@@ -51,6 +52,7 @@ def note(what):
 
 signal.signal(signal.SIGHUP, lambda *_: note("SIGHUP"))
 tty = os.open(slave, os.O_RDWR)
+__import__("tty").setraw(tty)  # raw, as a serial console's program makes its line
 print(json.dumps({"pid": os.getpid(), "controlling": os.tcgetpgrp(tty) == os.getpgrp()}), flush=True)
 pending = b""
 while True:
@@ -196,8 +198,12 @@ def udp_peer() -> tuple[socket.socket, int]:
 
 
 def open_end(path: str, flags: int = os.O_RDWR) -> int:
-    """A tty or FIFO as its far end opens it: never as a controlling terminal."""
-    return os.open(path, flags | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC)
+    """A tty or FIFO as its far end opens it: never as a controlling terminal, and
+    a terminal raw, as a serial console's program makes its line."""
+    fd = os.open(path, flags | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC)
+    if os.isatty(fd):
+        tty.setraw(fd, termios.TCSANOW)
+    return fd
 
 
 def hung_up(fd: int) -> bool:
@@ -798,16 +804,15 @@ def test_a_spec_that_does_not_fit_its_backend_exits_2_with_one_line_naming_the_f
     assert not os.path.exists(os.path.join(short_dir, "out"))  # a refused file chardev creates nothing
 
 
-@pytest.mark.parametrize("spec, capability, words", [
-    ("pty,id=con,frontend=echo", True, "mark them support-local-migration=on"),
-    (f"pty,id=con,{MARK},frontend=echo", False, "enable capability local-char-socket"),
-], ids=["unmarked", "capability-off"])
+@pytest.mark.parametrize("spec", ["pty,id=con,frontend=echo", f"pty,id=con,{MARK},frontend=echo"],
+                         ids=["unmarked", "marked"])
 def test_a_pty_that_would_not_move_live_fails_the_migration_and_the_source_serves_it_on(
-        spec, capability, words, serve, fds, runtime_dir):
-    """A pty moves only live: a migration that would reopen it (unmarked, or the
-    capability off) exits 1 naming it and the way to move it live; the program
-    on its slave is still answered by the same instance, never hung up."""
-    source = serve(spec, capability=capability)
+        spec, serve, fds, runtime_dir):
+    """A pty moves only live: a migration that would reopen it (the capability
+    off) exits 1 naming it and the way to move it live; the program on its
+    slave is still answered by the same instance, never hung up."""
+    words = "enable capability local-char-socket"
+    source = serve(spec, capability=False)
     slave = fds(open_end(row(runtime_dir, "con")["address"].removeprefix("pty:")))
     says(slave, slave, b"before\n")
     result = run("migrate-out", "--name", "web", "--spawn", "--timeout", "20")
@@ -819,18 +824,78 @@ def test_a_pty_that_would_not_move_live_fails_the_migration_and_the_source_serve
     assert status["pid"] == source.pid and status["chardevs"][0]["migrations"] == 0
 
 
-@pytest.mark.parametrize("backend", ["pipe", "serial"])
-def test_one_fifo_or_tty_is_never_opened_twice(backend, serve, fds, short_dir, runtime_dir):
-    """Two readers of one FIFO or tty would split its bytes: a second chardev
-    on the path, in the same instance or another, exits 2 naming the holder."""
+def test_a_udp_port_in_use_exits_2_naming_it(runtime_dir):
+    holder = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    holder.bind((LOOPBACK, 0))
+    port = holder.getsockname()[1]
+    try:
+        result = run("serve", "--name", "web", "--chardev", f"udp,id=u,host={LOOPBACK},port=9,localaddr={LOOPBACK},"
+                                                             f"localport={port}", timeout=20)
+    finally:
+        holder.close()
+    assert result.returncode == 2, result.stderr
+    assert f"chardev u: cannot bind udp {LOOPBACK}:{port}: Address already in use" in result.stderr, result.stderr
+
+
+def test_a_shell_on_a_console_answers_as_on_a_terminal(serve, processes, short_dir, runtime_dir):
+    """A console runs a shell or a getty, which expect a terminal's settings (echo,
+    CR-LF output), not a raw line: a user's command is echoed and answered."""
+    console = os.path.join(short_dir, "console.sock")
+    serve(f"pty,id=con,{MARK}", f"socket,id=console,path={console},server=on,{MARK},bridge=con")
+    slave = row(runtime_dir, "con")["address"].removeprefix("pty:")
+    processes(["setsid", "sh", "-c", f"exec sh -i <{slave} >{slave} 2>&1"])  # the slave its terminal
+    user = connect_unix(console)
+    user.settimeout(10)
+    user.sendall(b"echo $((6*7))\n")
+    seen = b""
+    while b"42\r\n" not in seen:
+        chunk = user.recv(4096)
+        assert chunk, seen
+        seen += chunk
+    assert b"echo $((6*7))\r\n" in seen, seen  # the terminal echoed what the user typed
+    migrate()
+    user.sendall(b"echo moved\n")
+    while b"moved\r\nmoved\r\n" not in seen.replace(b"$ ", b"").replace(b"# ", b""):
+        chunk = user.recv(4096)
+        assert chunk, seen
+        seen += chunk
+
+
+def test_an_unmarked_pty_moves_live_with_the_capability_on(serve, fds, runtime_dir):
+    """No target can open a pty again, and a running chardev cannot be marked:
+    with the capability on, a pty moves live, marked or not."""
+    serve("pty,id=con,frontend=echo")
+    address = row(runtime_dir, "con")["address"]
+    slave = fds(open_end(address.removeprefix("pty:")))
+    says(slave, slave, b"before\n")
+    migrate()
+    says(slave, slave, b"after\n")
+    assert not hung_up(slave) and row(runtime_dir, "con")["address"] == address
+
+
+@pytest.mark.parametrize("backend, given", [("pipe", "fifo"), ("pipe", "fifo.in"), ("serial", None),
+                                            ("file", "log")], ids=["pipe", "pipe-in-of-a-pair", "serial", "file"])
+def test_one_fifo_or_tty_is_never_opened_twice(backend, given, serve, fds, short_dir, runtime_dir):
+    """Two readers of one FIFO or tty would split its bytes, and a second file
+    chardev would truncate the first one's file: a second chardev on the path
+    (or on a FIFO of the pair that a pipe's path stands for), in the same
+    instance or another, exits 2 naming the holder."""
     if backend == "pipe":
         path = os.path.join(short_dir, "fifo")
-        os.mkfifo(path)
+        if given == "fifo.in":
+            os.mkfifo(path + ".in")
+            os.mkfifo(path + ".out")
+        else:
+            os.mkfifo(path)
+    elif backend == "file":
+        path = os.path.join(short_dir, "log")
     else:
         master, slave = os.openpty()
         fds(master, slave)
         path = os.ttyname(slave)
     serve(f"{backend},id=first,path={path}")
+    if given == "fifo.in":
+        path += ".in"  # the first holds fifo.in and fifo.out
     other = run("serve", "--name", "other", "--chardev", f"{backend},id=second,path={path}", timeout=20)
     assert other.returncode == 2, other.stderr
     assert "'web'" in other.stderr and "first" in other.stderr, other.stderr

@@ -9,6 +9,8 @@ import signal
 import socket
 import subprocess
 import sys
+import termios
+import tty
 
 import pytest
 
@@ -85,6 +87,7 @@ def test_a_pty_and_a_udp_socket_outlive_a_holder_killed_outright(daemons, short_
     slave = rows["con"]["address"].removeprefix("pty:")
     port = int(rows["dns"]["address"].rsplit(":", 1)[1])
     far = os.open(slave, os.O_RDWR | os.O_NOCTTY)
+    tty.setraw(far, termios.TCSANOW)  # as a serial console's program makes its line
     try:
         os.write(far, b"one\n")
         assert read_exactly_fd(far, 4) == b"one\n"

@@ -73,6 +73,18 @@ def test_a_bridge_with_one_side_marked_is_refused_rather_than_spliced(daemons, s
     assert "bridge front-back: back is not support-local-migration=on" in result.stderr
 
 
+def test_a_refused_migration_leaves_the_capabilities_it_was_given_as_they_were(daemons, short_dir, runtime_dir,
+                                                                              last_instance):
+    # A migration either completes or changes nothing: `--capability` is for it only.
+    daemons("serve", "--name", "web",
+            "--chardev", f"socket,id=front,path={short_dir}/f.sock,server=on,support-local-migration=on,bridge=back",
+            "--chardev", f"socket,id=back,path={short_dir}/b.sock,server=on")
+    result = run("migrate-out", "--name", "web", "--spawn", "--capability", "local-char-socket", "--timeout", "10")
+    assert result.returncode == 1 and "bridge front-back" in result.stderr, result.stderr
+    status = json.loads(run("status", "--name", "web", "--json").stdout)
+    assert status["capabilities"]["local-char-socket"] is False
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_a_signal_to_migrate_out_cancels_the_migration_and_the_source_serves_on(web, runtime_dir, sig):
     source, path = web

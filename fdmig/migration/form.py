@@ -79,9 +79,11 @@ def restore(chardev, state: wire.SectionState, outbuf: bytes, conn, listener) ->
 
 
 def moves_live(chardev, live: bool) -> bool:
-    """Whether a migration moves the chardev's sockets live: marked, or a `run`
-    instance's service chardev, whose service holds them and goes on using them."""
-    return live and (chardev.spec.support_local_migration or chardev.spec.frontend == "service")
+    """Whether a migration moves the chardev's sockets live: marked, a `run`
+    instance's service chardev, whose service holds them and goes on using them,
+    or a pty, which no target can open again (its program would be hung up)."""
+    spec = chardev.spec
+    return live and (spec.support_local_migration or spec.frontend == "service" or spec.kind == "pty")
 
 
 def stdio_section() -> list[wire.Section]:

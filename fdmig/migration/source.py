@@ -64,19 +64,23 @@ def blockers(instance, remote: bool = False, reconnect: bool = False) -> list[st
     inherited = [c.label for c in instance.chardevs.values()
                  if c.spec.kind in ("fd", "fdname") and not moves[c.label] and c.sockets()]
     if inherited:
-        how = _how_live(remote, live, "give them an address the target can open (fds cannot cross hosts)")
+        how = ("give them an address the target can open (fds cannot cross hosts)" if remote else
+               "mark them support-local-migration=on" if live else
+               "enable capability local-char-socket (and mark them support-local-migration=on)")
         reasons.append(f"chardev(s) {', '.join(inherited)} hold an inherited fd (fd=/fdname=) that the "
                        f"target cannot reopen, and would not move live: {how}")
     ptys = [c.label for c in instance.chardevs.values() if c.spec.kind == "pty" and not moves[c.label]]
     if ptys:
-        how = _how_live(remote, live, "detach them first (a pty cannot cross hosts)")
+        how = ("detach them first (a pty cannot cross hosts)" if remote else
+               "enable capability local-char-socket (a pty moves live, marked or not)")
         reasons.append(f"chardev(s) {', '.join(ptys)} are ptys, which move only live (a new pty would hang up "
                        f"the program on the old one): {how}")
     kept = [c.label for c in instance.chardevs.values()
             if c.spec.support_local_migration and not moves[c.label] and c.conn is not None
             and c.spec.kind not in ("fd", "fdname", "pty")]
     if kept and not reconnect:
-        reasons.append(_would_reconnect(kept, instance.capabilities, remote))
+        reopened = any(instance.chardevs[label].spec.backend != "socket" for label in kept)
+        reasons.append(_would_reconnect(kept, instance.capabilities, remote, reopened))
     for chardev in instance.chardevs.values():
         partner = chardev.spec.bridge
         if partner and partner in moves and moves[chardev.label] != moves[partner]:
@@ -86,16 +90,7 @@ def blockers(instance, remote: bool = False, reconnect: bool = False) -> list[st
     return reasons
 
 
-def _how_live(remote: bool, live: bool, across_hosts: str) -> str:
-    """What makes chardevs that only an fd handed over keeps move live."""
-    if remote:
-        return across_hosts
-    if live:
-        return "mark them support-local-migration=on"
-    return "enable capability local-char-socket (and mark them support-local-migration=on)"
-
-
-def _would_reconnect(labels: list, capabilities: dict, remote: bool) -> str:
+def _would_reconnect(labels: list, capabilities: dict, remote: bool, reopened: bool = False) -> str:
     named = ", ".join(labels[:5]) + (f" and {len(labels) - 5} more" if len(labels) > 5 else "")
     if not remote:
         why, live = "capability local-char-socket is off", "--capability local-char-socket"
@@ -103,8 +98,11 @@ def _would_reconnect(labels: list, capabilities: dict, remote: bool) -> str:
         why, live = "only TCP connections cross hosts", "a unix channel with --capability local-char-socket"
     else:
         why, live = "capability x-tcp-repair is off", "--capability x-tcp-repair (TCP chardevs)"
-    return (f"chardev(s) {named} are marked support-local-migration=on and their connected peers would "
-            f"reconnect ({why}): add {live} to move them live, or --reconnect to let their peers reconnect")
+    # A tty, FIFO, udp socket or file is opened afresh, what waits in it lost.
+    what = "their connected peers would reconnect" + (", their ttys, FIFOs, udp sockets and files be opened "
+                                                      "afresh" if reopened else "")
+    return (f"chardev(s) {named} are marked support-local-migration=on and {what} ({why}): add {live} to "
+            f"move them live, or --reconnect to let their peers reconnect")
 
 
 def table_entry(chardev, live: bool) -> dict:

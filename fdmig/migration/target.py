@@ -91,7 +91,7 @@ async def make_plan(own: list, table: wire.Table, remote: bool = False) -> Plan:
             if not (live or remote):
                 raise Refused(f"chardev {mine.id}: local-incoming=on, but the source's capability "
                               "local-char-socket is off, so no fd can arrive")
-            if not theirs.support_local_migration:
+            if not theirs.support_local_migration and theirs.kind != "pty":
                 raise Refused(f"chardev {mine.id}: local-incoming=on, but the source does not mark it "
                               "support-local-migration=on")
             if mine.kind == "pty" and theirs.kind == "pty" and not mine.path:
