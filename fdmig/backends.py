@@ -30,6 +30,7 @@ log = logging.getLogger("fdmig")
 
 # A write is one datagram on a udp socket: at most what one IPv4 datagram carries.
 WRITE_MAX = 65507
+_SEND_TRIES = 4  # a udp write the peer's host refused each time is given up
 _TIOCGPTN, _TIOCSPTLCK = 0x80045430, 0x40045431  # asm-generic/ioctls.h
 _PTMX_MAJOR, _PTMX_MINOR = 5, 2
 
@@ -107,17 +108,23 @@ class End:
         return data
 
     def send(self, data) -> int:
-        try:
-            return os.write(self._write, data[:WRITE_MAX])
-        except ConnectionRefusedError:
-            # The error is an earlier datagram's, reported now; this one was not sent.
-            self._refused()
-            return os.write(self._write, data[:WRITE_MAX])
+        chunk = data[:WRITE_MAX]
+        for _ in range(_SEND_TRIES):
+            try:
+                return os.write(self._write, chunk)
+            except ConnectionRefusedError:
+                # An earlier datagram's refusal, reported now: this one was not sent.
+                self._refused()
+        # Refused every time (a peer's host answering each with ICMP): udp loses a
+        # datagram rather than the chardev; said and counted.
+        log.warning("chardev %s: a datagram of %d bytes to %s not sent", self.label, len(chunk), self.peer)
+        return len(chunk)
 
     def _refused(self) -> None:
         self.refused += 1
-        log.warning("chardev %s: %s refused a datagram (nothing listens there); %d refused so far",
-                    self.label, self.peer, self.refused)
+        if self.refused & (self.refused - 1) == 0:  # the 1st, 2nd, 4th...: a log that a flood cannot fill
+            log.warning("chardev %s: %s refused a datagram (nothing listens there); %d refused so far",
+                        self.label, self.peer, self.refused)
 
     def sendall(self, data: bytes) -> None:
         self.fds.get("out", self.fds["conn"]).sendall(data)

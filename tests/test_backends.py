@@ -28,7 +28,8 @@ import psutil
 import pytest
 from qemu.qmp import QMPClient
 
-from tests.helpers import FDMIG, Stream, connect_unix, needs, read_exactly_fd, recv_exactly, run, status_of
+from tests.helpers import (FDMIG, Stream, connect_unix, needs, read_exactly_fd, recv_exactly, run, status_of,
+                           wait_status)
 
 MARK = "support-local-migration=on"
 LOOPBACK = "127.0.0.1"
@@ -835,6 +836,32 @@ def test_a_udp_port_in_use_exits_2_naming_it(runtime_dir):
         holder.close()
     assert result.returncode == 2, result.stderr
     assert f"chardev u: cannot bind udp {LOOPBACK}:{port}: Address already in use" in result.stderr, result.stderr
+
+
+def test_datagrams_nobody_listens_for_are_counted_and_the_udp_chardev_serves_on(serve, short_dir, runtime_dir):
+    """Every datagram to a port nothing listens on draws an ICMP refusal, which the
+    next write reports: the chardev says so and counts, and serves on, as QEMU's
+    does, so that the peer that comes later gets what is sent then."""
+    _, port = udp_peer()
+    front = os.path.join(short_dir, "front.sock")
+    instance = serve(f"udp,id=u,host={LOOPBACK},port={port}",
+                     f"socket,id=front,path={front},server=on,bridge=u")
+    user = connect_unix(front)
+    for i in range(200):
+        user.sendall(b"lost %03d\n" % i)
+        time.sleep(0.001)  # one datagram each, so that refusals come between them
+    wait_status(control(runtime_dir), lambda s: {r["label"]: r for r in s["chardevs"]}["front"]["rx-bytes"] == 1800,
+                "the 200 lines read and sent on", timeout=10)
+    peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    peer.bind((LOOPBACK, port))
+    peer.settimeout(5)
+    try:
+        user.sendall(b"found\n")
+        assert peer.recv(100).endswith(b"found\n")
+    finally:
+        peer.close()
+    assert "refused so far" in instance.stderr()
+    assert row(runtime_dir, "u")["state"] == "connected"
 
 
 def test_a_shell_on_a_console_answers_as_on_a_terminal(serve, processes, short_dir, runtime_dir):
