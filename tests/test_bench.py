@@ -27,9 +27,10 @@ def test_quick_benchmark_writes_its_table_json_and_figures(tmp_path):
         assert row["downtime-ms"] > 0 and row["peer-pause-ms"] > 0 and row["floor-ms"] > 0
     assert data["bridge"]["fdmig-mib-s"] > 0 and data["reconnect-ms"] > 0
     # Each other backend moved live, its far ends timing their pause, beside its kernel floor.
-    assert [row["backend"] for row in data["backends"]] == ["pty", "serial", "pipe", "udp"]
+    assert [row["backend"] for row in data["backends"]] == ["pty", "serial", "pipe", "udp", "file"]
     for row in data["backends"]:
-        assert row["downtime-ms"] > 0 and row["peer-pause-ms"] > 0 and row["floor-ms"] > 0
+        assert row["downtime-ms"] > 0 and row["floor-ms"] > 0
+        assert (row["peer-pause-ms"] is None) == (row["backend"] == "file"), row
     assert "| backend | chardevs | downtime |" in result.stdout
     for row in (data["handoff"][-1], data["busy"][-1]):  # the status calls, idle and streaming peers
         assert row["status-pause-ms"] > 0 and row["status-quiet-pause-ms"] > 0 and row["status-parse-ms"] > 0

@@ -1,7 +1,8 @@
 """Handoff of QEMU's other chardev backends: N chardevs of one backend (pty,
-serial, pipe, udp), each with a live far end, moved live; the instance's
-downtime and the far ends' longest pause, against the kernel's floor for the
-same fds (the same kinds, as many, passed with SCM_RIGHTS and nothing else).
+serial, pipe, udp, each with a live far end; file, which has none), moved
+live; the instance's downtime and the far ends' longest pause, against the
+kernel's floor for the same fds (the same kinds, as many, passed with
+SCM_RIGHTS and nothing else).
 
     python -m tests.bench.backends [N ...]     # every backend at each N (1, 100, 1000)
 
@@ -24,7 +25,7 @@ import threading
 from tests.bench import floor, handoff, median_ms
 from tests.helpers import FDMIG
 
-BACKENDS = ("pty", "serial", "pipe", "udp")
+BACKENDS = ("pty", "serial", "pipe", "udp", "file")
 UDP_PORTS = 21000 + os.getpid() % 4000  # the chardevs' ports: UDP_PORTS + i
 
 
@@ -73,6 +74,9 @@ def _setup(backend: str, n: int, workdir: str):
             specs.append(f"serial,id=c{i},path={os.ttyname(slave)},{marks}")
             os.close(slave)  # fdmig holds it from its first open on
             ends.append(FarEnd(master))
+        elif backend == "file":
+            # Written, never read: no far end to answer, so no pause; the downtime only.
+            specs.append(f"file,id=c{i},path={os.path.join(workdir, f'f{i}')},support-local-migration=on")
         elif backend == "pipe":
             base = os.path.join(workdir, f"p{i}")
             os.mkfifo(base + ".in")
@@ -118,6 +122,8 @@ def floor_fds(backend: str, n: int) -> tuple[list[int], list[int]]:
         elif backend == "pipe":
             r, w = os.pipe()
             fds += [r, w]
+        elif backend == "file":
+            fds.append(os.open(os.devnull, os.O_WRONLY | os.O_APPEND))
         else:
             sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             sock.bind(("127.0.0.1", 0))
@@ -172,8 +178,10 @@ def measure(backend: str, n: int, repeats: int, workdir: str) -> dict:
 
 
 def row(result: dict) -> dict:
+    far_ends = result["backend"] != "file"  # a file has none to time a pause
     return {"backend": result["backend"], "n": result["n"], "downtime-ms": median_ms(result["downtime"]),
-            "peer-pause-ms": median_ms(result["pause"]), "quiet-pause-ms": median_ms(result["quiet-pause"]),
+            "peer-pause-ms": median_ms(result["pause"]) if far_ends else None,
+            "quiet-pause-ms": median_ms(result["quiet-pause"]) if far_ends else None,
             "floor-ms": median_ms(result["floor"]), "repeats": len(result["downtime"])}
 
 
@@ -199,10 +207,12 @@ def markdown(rows: list[dict]) -> list[str]:
              "| backend | chardevs | downtime | longest far-end pause | the same with no handoff "
              "| pause / (no-handoff pause + downtime) | kernel floor | downtime / floor |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    def ms(value):
+        return "-" if value is None else f"{value} ms"
     for r in rows:
         base = (r["quiet-pause-ms"] or 0) + r["downtime-ms"]
-        lines.append(f"| {r['backend']} | {r['n']} | {r['downtime-ms']} ms | {r['peer-pause-ms']} ms | "
-                     f"{r['quiet-pause-ms']} ms | {ratio(r['peer-pause-ms'], base)} | {r['floor-ms']} ms | "
+        lines.append(f"| {r['backend']} | {r['n']} | {ms(r['downtime-ms'])} | {ms(r['peer-pause-ms'])} | "
+                     f"{ms(r['quiet-pause-ms'])} | {ratio(r['peer-pause-ms'], base)} | {ms(r['floor-ms'])} | "
                      f"{ratio(r['downtime-ms'], r['floor-ms'])} |")
     return lines
 
