@@ -520,6 +520,10 @@ class Stream:
         assert self.error is None, self.error
         assert self.echoed >= count, f"{self.echoed} of {count} records echoed within {timeout} s"
 
+    def more(self, count: int = 20) -> None:
+        """Until every record sent so far, and `count` more, are echoed."""
+        self.wait_echoed(self.sent + count)
+
     def finish(self, timeout: float = 20.0) -> int:
         """Stops sending, waits for every record sent to come back; the count."""
         self._stop.set()
@@ -528,7 +532,8 @@ class Stream:
         with self._progress:
             self._closing = True
         self.sock.shutdown(socket.SHUT_RDWR)
-        self._threads[1].join(timeout)
+        if getattr(self.sock, "type", None) != socket.SOCK_DGRAM:  # a datagram socket's wakes no reader
+            self._threads[1].join(timeout)
         self.sock.close()
         return self.echoed
 

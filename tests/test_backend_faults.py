@@ -23,7 +23,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 import psutil
@@ -32,7 +31,8 @@ import pytest
 from fdmig import qmp
 from fdmig import spec as specs
 from fdmig.migration import wire
-from tests.helpers import Daemon, answer_then_hangup, connect_unix, connect_when_bound, read_event, run, send_chunks, send_raw
+from tests.helpers import (Daemon, Stream, answer_then_hangup, connect_unix, connect_when_bound, read_event, run,
+                           send_chunks, send_raw)
 from tests.test_faults import MATRIX
 
 # The steps at which test_faults kills a target, armed as it arms them
@@ -112,106 +112,6 @@ def console_echoes(console: socket.socket, text: str) -> None:
 # ----- a peer of a udp chardev --------------------------------------------------------------------
 
 
-class UdpPeer:
-    """Sends numbered datagrams to a udp echo chardev, at most WINDOW of them
-    unanswered and paced (a loopback queue must never overflow, and the other
-    processes want the CPU): each must come back once and in order, none lost."""
-
-    RECORD = b"%09d\n"
-    SIZE = 10
-    WINDOW = 32
-    PACE = 0.002
-
-    def __init__(self):
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.sent = 0
-        self.answered = 0
-        self.error: str | None = None
-        self._room = threading.Semaphore(self.WINDOW)
-        self._stop = threading.Event()
-        self._done = threading.Event()
-        self._progress = threading.Condition()
-        self._threads = []
-
-    def start(self, chardev_port: int) -> None:
-        self.sock.connect(("127.0.0.1", chardev_port))
-        self.sock.settimeout(0.2)
-        self._threads = [threading.Thread(target=self._send, daemon=True),
-                         threading.Thread(target=self._receive, daemon=True)]
-        for thread in self._threads:
-            thread.start()
-
-    def _send(self):
-        while not self._stop.is_set():
-            if not self._room.acquire(timeout=0.05):
-                continue
-            record = self.RECORD % self.sent
-            with self._progress:
-                self.sent += 1
-            try:
-                self.sock.send(record)
-            except OSError as exc:
-                self._fail(f"send of record {self.sent - 1} failed: {exc}")
-                return
-            time.sleep(self.PACE)  # pacing only: the window is the flow control
-
-    def _receive(self):
-        while not self._done.is_set():
-            try:
-                data = self.sock.recv(65536)
-            except socket.timeout:
-                continue
-            except OSError as exc:
-                self._fail(f"receive failed: {exc}")
-                return
-            # The echo may write what it read of several datagrams as one.
-            if len(data) % self.SIZE:
-                self._fail(f"a datagram of {len(data)} bytes, not whole records: {data!r}")
-                return
-            for i in range(0, len(data), self.SIZE):
-                record = data[i:i + self.SIZE]
-                if record != self.RECORD % self.answered:
-                    self._fail(f"expected record {self.answered}, got {record!r} (lost, doubled or reordered)")
-                    return
-                with self._progress:
-                    self.answered += 1
-                    self._progress.notify_all()
-                self._room.release()
-
-    def _fail(self, error: str):
-        with self._progress:
-            self.error = self.error or error
-            self._progress.notify_all()
-
-    def wait_answered(self, count: int, timeout: float = 20.0) -> None:
-        with self._progress:
-            self._progress.wait_for(lambda: self.answered >= count or self.error, timeout)
-        assert self.error is None, self.error
-        assert self.answered >= count, f"{self.answered} of {count} datagrams answered within {timeout} s"
-
-    def more(self, count: int = 20) -> None:
-        """Until every datagram sent so far, and `count` more, are answered."""
-        with self._progress:
-            target = self.sent + count
-        self.wait_answered(target)
-
-    def finish(self) -> int:
-        """Stop sending; every datagram sent must be answered. The count."""
-        self._stop.set()
-        self._threads[0].join(10)
-        self.wait_answered(self.sent)
-        return self.answered
-
-    def close(self):
-        self._stop.set()
-        self._done.set()
-        for thread in self._threads:
-            thread.join(10)
-        self.sock.close()
-
-
 def free_udp_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -237,24 +137,28 @@ def by_label(status: dict) -> dict:
 @pytest.mark.parametrize("point", TARGET_POINTS)
 def test_a_target_killed_at_each_step_leaves_the_pty_and_the_udp_chardev_served_as_before(
         daemons, short_dir, point):
-    peer = UdpPeer()
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # the udp chardev's peer
+    udp.bind(("127.0.0.1", 0))
+    port = udp.getsockname()[1]
     local = free_udp_port()
     app = os.path.join(short_dir, "app.sock")
     source = daemons(
         "serve", "--name", "web", "--capability", "local-char-socket",
         "--chardev", "pty,id=con,support-local-migration=on",
         "--chardev", f"socket,id=app,path={app},server=on,support-local-migration=on,bridge=con",
-        "--chardev", f"udp,id=u,host=127.0.0.1,port={peer.port},localaddr=127.0.0.1,localport={local},"
+        "--chardev", f"udp,id=u,host=127.0.0.1,port={port},localaddr=127.0.0.1,localport={local},"
                      "frontend=echo,support-local-migration=on")
     program = console = None
     try:
         rows = by_label(status_json())
         assert rows["con"]["address"].startswith("pty:/dev/pts/"), rows["con"]
-        assert rows["u"]["address"] == f"udp:127.0.0.1:{peer.port}@127.0.0.1:{local}", rows["u"]
+        assert rows["u"]["address"] == f"udp:127.0.0.1:{port}@127.0.0.1:{local}", rows["u"]
         program = PtyProgram(rows["con"]["address"][len("pty:"):])
         console = connect_unix(app)
         console_echoes(console, "before")
-        peer.start(local)
+        udp.connect(("127.0.0.1", local))
+        # Numbered datagrams, at most 32 unanswered: each must come back once and in order.
+        peer = Stream(udp, window=32)
         peer.more()
         before = by_label(status_json())  # the console connected now
 
@@ -285,7 +189,7 @@ def test_a_target_killed_at_each_step_leaves_the_pty_and_the_udp_chardev_served_
         assert peer.finish() == peer.sent
         assert program.finish() == ["TERM"], "the program on the pty saw its terminal hang up"
     finally:
-        peer.close()
+        udp.close()
         if console is not None:
             console.close()
         if program is not None:
