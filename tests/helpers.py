@@ -555,3 +555,12 @@ def answer_then_hangup(sock: socket.socket, codec):
         codec.receive_data(bytes(data))
     codec.receive_data(b"")
     return codec.next_event()
+
+
+def sees_eof(sock: socket.socket) -> bool:
+    """True once every other copy of the peer end is closed (b"" or a reset)."""
+    sock.settimeout(10)
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True

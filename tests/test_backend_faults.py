@@ -32,7 +32,7 @@ from fdmig import qmp
 from fdmig import spec as specs
 from fdmig.migration import wire
 from tests.helpers import (Daemon, Stream, answer_then_hangup, connect_unix, connect_when_bound, read_event, run,
-                           send_chunks, send_raw)
+                           sees_eof, send_chunks, send_raw)
 from tests.test_faults import MATRIX
 
 # The steps at which test_faults kills a target, armed as it arms them
@@ -284,15 +284,6 @@ def a_regular_file(wrong: Wrong) -> int:
             os.close(again)
     wrong.witnesses.append(unlocked)
     return fd
-
-
-def sees_eof(sock: socket.socket) -> bool:
-    """True once every copy of the other end is closed (b"" or a reset)."""
-    sock.settimeout(10)
-    try:
-        return sock.recv(1) == b""
-    except ConnectionResetError:
-        return True
 
 
 def a_unix_socket(wrong: Wrong) -> int:

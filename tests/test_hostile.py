@@ -22,7 +22,7 @@ from fdmig.errors import FdmigError
 from fdmig.migration import wire
 from fdmig.spec import parse_spec
 from tests.helpers import (answer_then_hangup, as_uid, connect_unix, connect_when_bound, echoes, read_event, run,
-                           run_many, send_chunks, send_raw, status_of)
+                           run_many, sees_eof, send_chunks, send_raw, status_of)
 
 ECHO = "socket,id={label},path={path},server=on,frontend=echo,support-local-migration=on"
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become another uid")
@@ -32,15 +32,6 @@ def limit_fds(n: int):
     """preexec_fn: start the process with RLIMIT_NOFILE n (soft and hard, so that
     the instance cannot raise it)."""
     return lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (n, n))
-
-
-def sees_eof(sock: socket.socket) -> bool:
-    """True once every other copy of the peer end is closed (b"" or a reset)."""
-    sock.settimeout(10)
-    try:
-        return sock.recv(1) == b""
-    except ConnectionResetError:
-        return True
 
 
 def channel_of(runtime_dir: str) -> str:
