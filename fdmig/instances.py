@@ -1,8 +1,8 @@
 """The rule that two instances never share a listening address (nor a tty or a
-FIFO, which both would read), checked before `serve`, `run`, `attach` or
-`migrate-in` opens one: against what the live instances of the runtime dir
-(fdmig.listing) say they hold, and against the kernel's table of listening
-unix sockets."""
+FIFO, which both would read, nor a file, which the second would truncate),
+checked before `serve`, `run`, `attach` or `migrate-in` opens one: against what
+the live instances of the runtime dir (fdmig.listing) say they hold, and
+against the kernel's table of listening unix sockets."""
 
 import os
 
