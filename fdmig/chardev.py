@@ -90,10 +90,10 @@ def fd_limit_error(label: str) -> FdmigError:
 
 
 def peer_identity(conn: socket.socket) -> tuple[str, int | None, str | None]:
-    """(peer address, pid, process name) of a connected socket (or what the fd
-    of another backend leads to)."""
+    """(peer address, pid, process name) of a connected socket; of another
+    backend's fd, a udp socket's peer (a pty, tty, FIFO or file is its address)."""
     if conn.family is None:
-        return conn.peer, None, None
+        return (conn.peer if conn.kind == "udp" else None), None, None
     if conn.family == socket.AF_UNIX:
         try:
             name = conn.getpeername()
