@@ -115,17 +115,11 @@ class Generation:
             if self.phase is Phase.SERVING:
                 self._to(Phase.DRAINING)
             self._to(Phase.KILLED)
-        process.kill_all(self._pidfd, self.pgid)
+        process.send(self._pidfd, self.pgid, signal.SIGKILL)
 
     def signal(self, signum: int) -> None:
         """Its stop signal (SIGKILL, if that is the stop signal, to its whole group)."""
-        if signum == signal.SIGKILL:
-            process.kill_all(self._pidfd, self.pgid)
-        elif self._pidfd is not None:
-            try:
-                signal.pidfd_send_signal(self._pidfd, signum)
-            except OSError:
-                pass  # gone meanwhile: its exit is on its way
+        process.send(self._pidfd, self.pgid, signum)
 
     def _exited(self) -> None:
         if self.phase is Phase.EXITED:

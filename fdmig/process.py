@@ -110,16 +110,17 @@ def group_of(pid: int) -> int | None:
     return pgid if pgid != os.getpgrp() else None
 
 
-def kill_all(pidfd: int | None, pgid: int | None) -> None:
-    """SIGKILL to a service's process and the rest of its process group: its
-    children would otherwise live on as orphans holding its sockets, as
-    systemd's KillMode=control-group kills every process of a unit."""
+def send(pidfd: int | None, pgid: int | None, signum: int) -> None:
+    """`signum` to a service's process, by its pidfd; SIGKILL to the rest of its
+    process group too: its children would otherwise live on as orphans holding
+    its sockets, as systemd's KillMode=control-group kills every process of a
+    unit. One gone meanwhile is no error: its exit is on its way."""
     if pidfd is not None:
         try:
-            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            signal.pidfd_send_signal(pidfd, signum)
         except OSError:
-            pass  # gone meanwhile: its exit is on its way
-    if pgid is not None:
+            pass
+    if signum == signal.SIGKILL and pgid is not None:
         try:
             os.killpg(pgid, signal.SIGKILL)
         except OSError:

@@ -545,13 +545,7 @@ class Service:
         return True
 
     def _signal(self, signum: int) -> None:
-        if signum == signal.SIGKILL:
-            process.kill_all(self._pidfd, self._pgid)
-            return
-        try:
-            signal.pidfd_send_signal(self._pidfd, signum)
-        except (OSError, TypeError):
-            pass  # gone meanwhile: its exit is on its way
+        process.send(self._pidfd, self._pgid, signum)
 
     async def restart(self, timeout: float | None) -> dict:
         """`fdmig restart`: stop, start again with the chardevs and the whole store,
