@@ -25,6 +25,7 @@ import struct
 import termios
 
 from fdmig.errors import FdmigError, SpecError
+from fdmig.spec import bracketed
 
 log = logging.getLogger("fdmig")
 
@@ -215,7 +216,7 @@ def _open_udp(spec, fds: dict) -> str:
     try:
         sock.bind(local)
     except OSError as exc:
-        where = f"{_bracketed(local[0]) or '*'}:{local[1]}"
+        where = f"{bracketed(local[0]) or '*'}:{local[1]}"
         if exc.errno == errno.EADDRINUSE:  # a SPEC that does not fit, as a TCP address in use is
             raise SpecError(f"chardev {spec.id}: cannot bind udp {where}: {exc.strerror}; accepted: a "
                             "localaddr and localport no other socket holds") from None
@@ -233,13 +234,8 @@ def _open_file(spec, fds: dict) -> str:
     return spec.path
 
 
-def _bracketed(host: str) -> str:
-    return f"[{host}]" if ":" in host else host
-
-
 def _udp_name(address) -> str:
-    host, port = address[:2]
-    return f"udp:[{host}]:{port}" if ":" in host else f"udp:{host}:{port}"
+    return f"udp:{bracketed(address[0])}:{address[1]}"
 
 
 def pty_path(master: int) -> str:

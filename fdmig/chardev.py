@@ -21,7 +21,7 @@ import typing
 
 from fdmig import backends, fdcheck, frontends, nbio, paths
 from fdmig.errors import FdmigError, SpecError
-from fdmig.spec import STATES
+from fdmig.spec import STATES, bracketed
 
 log = logging.getLogger("fdmig")
 
@@ -113,7 +113,7 @@ def peer_identity(conn: socket.socket) -> tuple[str, int | None, str | None]:
         host, port = conn.getpeername()[:2]
     except OSError:
         return "tcp:", None, None
-    return (f"tcp:[{host}]:{port}" if ":" in host else f"tcp:{host}:{port}"), None, None
+    return f"tcp:{bracketed(host)}:{port}", None, None
 
 
 # Every chardev's reads, counted: a migration's target serves the moved chardevs

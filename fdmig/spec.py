@@ -92,12 +92,12 @@ class ChardevSpec:
         if kind in ("serial", "pipe", "file"):
             return f"{kind}:{self.path}"
         if kind == "udp":
-            local = f"@{_bracketed(self.localaddr or '')}:{self.localport or 0}"
-            return f"udp:{_bracketed(self.host)}:{self.port}{local}"
+            local = f"@{bracketed(self.localaddr or '')}:{self.localport or 0}"
+            return f"udp:{bracketed(self.host)}:{self.port}{local}"
         if self.kind == "unix":
             return f"unix:{self.path}"
         if self.kind == "inet":
-            return f"tcp:{_bracketed(self.host)}:{self.port}"
+            return f"tcp:{bracketed(self.host)}:{self.port}"
         if self.kind == "fd":
             return f"fd:{self.fd}"
         return f"fdname:{self.fdname}"
@@ -401,7 +401,8 @@ def _udp_address(fields: dict) -> dict:
     return out
 
 
-def _bracketed(host: str) -> str:
+def bracketed(host: str) -> str:
+    """A host as an address names it: an IPv6 one in brackets."""
     return f"[{host}]" if ":" in host else host
 
 
