@@ -564,3 +564,21 @@ def sees_eof(sock: socket.socket) -> bool:
         return sock.recv(1) == b""
     except ConnectionResetError:
         return True
+
+
+def locked_file(path: str, flags: int = os.O_RDWR | os.O_CREAT):
+    """An fd of a file held under flock, which every copy of the open file holds,
+    and a witness: true once every copy is closed (the lock is free again)."""
+    fd = os.open(path, flags, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+
+    def unlocked() -> bool:
+        again = os.open(path, os.O_RDWR)
+        try:
+            fcntl.flock(again, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            return False
+        finally:
+            os.close(again)
+    return fd, unlocked

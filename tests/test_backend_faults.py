@@ -13,7 +13,6 @@ tests/test_hostile.py).
    waits on: a later valid source still migrates to it. One target serves every
    refused source, as a waiting target does in real life."""
 
-import fcntl
 import json
 import os
 import select
@@ -31,8 +30,8 @@ import pytest
 from fdmig import qmp
 from fdmig import spec as specs
 from fdmig.migration import wire
-from tests.helpers import (Daemon, Stream, answer_then_hangup, connect_unix, connect_when_bound, read_event, run,
-                           sees_eof, send_chunks, send_raw)
+from tests.helpers import (Daemon, Stream, answer_then_hangup, connect_unix, connect_when_bound, locked_file,
+                           read_event, run, sees_eof, send_chunks, send_raw)
 from tests.test_faults import MATRIX
 
 # The steps at which test_faults kills a target, armed as it arms them
@@ -269,19 +268,7 @@ def a_fifo(wrong: Wrong) -> int:
 
 def a_regular_file(wrong: Wrong) -> int:
     """A file held under flock, which every copy of the open file holds."""
-    path = os.path.join(wrong.dir, "file")
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
-    fcntl.flock(fd, fcntl.LOCK_EX)
-
-    def unlocked():
-        again = os.open(path, os.O_RDWR)
-        try:
-            fcntl.flock(again, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return True
-        except BlockingIOError:
-            return False
-        finally:
-            os.close(again)
+    fd, unlocked = locked_file(os.path.join(wrong.dir, "file"), os.O_RDWR | os.O_CREAT | os.O_APPEND)
     wrong.witnesses.append(unlocked)
     return fd
 

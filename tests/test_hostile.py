@@ -3,7 +3,6 @@ source of another uid, a source that sends the wrong descriptors or breaks the
 framing, an unsafe runtime dir, names that try to leave it, an instance at its fd
 limit, a crashed instance, and a control client that never reads."""
 
-import fcntl
 import json
 import os
 import resource
@@ -21,8 +20,8 @@ from fdmig import qmp
 from fdmig.errors import FdmigError
 from fdmig.migration import wire
 from fdmig.spec import parse_spec
-from tests.helpers import (answer_then_hangup, as_uid, connect_unix, connect_when_bound, echoes, read_event, run,
-                           run_many, sees_eof, send_chunks, send_raw, status_of)
+from tests.helpers import (answer_then_hangup, as_uid, connect_unix, connect_when_bound, echoes, locked_file,
+                           read_event, run, run_many, sees_eof, send_chunks, send_raw, status_of)
 
 ECHO = "socket,id={label},path={path},server=on,frontend=echo,support-local-migration=on"
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become another uid")
@@ -206,20 +205,8 @@ def pipe_as_conn(short_dir):
 
 def regular_file_as_conn(short_dir):
     attempt = Attempt("the conn fd is not a socket")
-    path = os.path.join(short_dir, "file")
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    fcntl.flock(fd, fcntl.LOCK_EX)  # held by the open file, so by every copy of this fd
+    fd, unlocked = locked_file(os.path.join(short_dir, "file"))  # every copy of this fd holds the lock
     attempt.to_close.append(fd)
-
-    def unlocked():
-        again = os.open(path, os.O_RDWR)
-        try:
-            fcntl.flock(again, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return True
-        except BlockingIOError:
-            return False
-        finally:
-            os.close(again)
     attempt.witnesses.append(unlocked)
     return attempt, {**CLIENT, "path": f"{short_dir}/p.sock"}, {"conn": fd}
 
