@@ -45,7 +45,7 @@ async def _rows_in_slices(chardevs: list) -> AsyncIterator[str]:
         rows = ", ".join(map(presentation.row_json, chardevs[start: start + STATUS_SLICE]))
         yield ", " + rows if start else rows
         if start + STATUS_SLICE < len(chardevs):
-            await pacing.yield_after(began)
+            await pacing.yield_after(began, "status rows")
     yield "]"
 
 
@@ -184,7 +184,8 @@ class Instance:
             for chardev in chardevs:
                 if chardev.row_frame is None:  # a status between two slices may have framed it
                     presentation.frame_row(chardev)
-        await pacing.in_slices([c for c in self.chardevs.values() if c.row_frame is None], STATUS_SLICE, frame)
+        await pacing.in_slices([c for c in self.chardevs.values() if c.row_frame is None], STATUS_SLICE, frame,
+                               "status framing")
 
     def bridged_by(self, label: str) -> str | None:
         for other in self.chardevs.values():

@@ -9,8 +9,12 @@ import collections
 import itertools
 import operator
 import select
+import time
+
+from fdmig import marks
 
 MAX_EVENTS = 512  # per loop iteration, so the control socket is never starved
+MARKED_TURN = 0.0005  # a dispatch this long goes on the timeline (fdmig.marks)
 
 IN = select.EPOLLIN
 OUT = select.EPOLLOUT
@@ -113,6 +117,15 @@ class Poller:
             self._dispatch()
 
     def _dispatch(self) -> None:
+        if marks.on():
+            began = time.monotonic()
+            self._serve()
+            if time.monotonic() - began > MARKED_TURN:
+                marks.span("serve", began)
+        else:
+            self._serve()
+
+    def _serve(self) -> None:
         ready = self._epoll.poll(0, MAX_EVENTS)
         if self._turn is not None:
             self._turn[1] -= len(ready)

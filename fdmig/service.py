@@ -20,7 +20,7 @@ import signal
 import socket
 import time
 
-from fdmig import fdpass, notify, paths, process
+from fdmig import fdpass, marks, notify, paths, process
 from fdmig.errors import FdmigError
 from fdmig.generation import Generation
 from fdmig.presentation import utc_iso
@@ -156,6 +156,7 @@ class Service:
         """Start CMD with the chardevs' fds and the whole store. FdmigError if it
         cannot be executed. `beside`: an older generation serves on with the same
         open files, whose flags are then left as they are."""
+        began = time.monotonic()
         if shutil.which(self.argv[0]) is None:
             raise FdmigError(f"cannot execute {self.argv[0]}: command not found")
         named = list(self.chardev_fds()) + self.store.named_fds()
@@ -200,6 +201,7 @@ class Service:
         self._became_ready.clear()
         self._supervise(pid)
         log.info("service: started %s (pid %d) with %d fd(s)", shlex.join(self.argv), pid, len(named))
+        marks.span("service start", began)
         if self.state is not State.STARTING:
             self._to(State.STARTING)
         if not self.options.notify_ready:
@@ -331,7 +333,8 @@ class Service:
 
     def _drain_generation(self, generation: Generation) -> None:
         """Send a generation the stop signal; SIGKILL after the stop timeout."""
-        generation.drain(self.options.stop_signal, self.options.stop_timeout)
+        with marks.spanning("generation drain signalled"):
+            generation.drain(self.options.stop_signal, self.options.stop_timeout)
         self.draining.append(generation)
         log.info("service: generation pid %d drains: %s sent (SIGKILL in %g s)", generation.pid,
                  _signal_name(self.options.stop_signal), self.options.stop_timeout)

@@ -14,7 +14,7 @@ import ssl
 import time
 from itertools import compress
 
-from fdmig import __version__, faults, pacing, paths, process, systemd, tcprepair, tlscreds
+from fdmig import __version__, faults, marks, pacing, paths, process, systemd, tcprepair, tlscreds
 from fdmig.chardev import read_mark
 from fdmig.lifecycle import MigrationStatus
 from fdmig.migration import channel, form, repair, wire
@@ -281,7 +281,7 @@ class SourceSession(Session):
                     batch, fds_in_batch = [], 0
                     # Paced (fdmig.pacing), a frame a piece; the target paces its
                     # checking of them apart (it costs it more than us their making).
-                    await pacing.yield_after(began)
+                    await pacing.yield_after(began, "precopy")
                     began = time.monotonic()
             await self.chan.send(wire.Precopy(batch), self.deadline)
         finally:
@@ -391,6 +391,7 @@ class SourceSession(Session):
         try:
             await self.chan.send(wire.Released(self.release), None)
             released_at = time.monotonic()
+            marks.span("source quiesced", self.quiesce_at, released_at)
             faults.point("source-after-released")
             taken = await self._wait_taken()
         except (OSError, wire.ProtocolError):
@@ -419,6 +420,7 @@ class SourceSession(Session):
         for chardev in self.instance.chardevs.values():
             chardev.released()
         self.in_repair.clear()
+        marks.span("source after released", released_at)
         remote = repair.status_fields(self.instance.chardevs, self.tcp_moved) if self.address.tcp else {}
         self.instance.lifecycle.migration_to(
             MigrationStatus.COMPLETED, chardevs=self.moved,

@@ -19,7 +19,7 @@ import socket
 import ssl
 import time
 
-from fdmig import backends, faults, fdcheck, nbio, pacing, paths, process, spec as specs, tcprepair, tlscreds
+from fdmig import backends, faults, fdcheck, marks, nbio, pacing, paths, process, spec as specs, tcprepair, tlscreds
 from fdmig.chardev import FD_RESERVE
 from fdmig.errors import FdmigError, SpecError, TimeoutExpired
 from fdmig.lifecycle import MigrationStatus
@@ -74,7 +74,7 @@ async def make_plan(own: list, table: wire.Table, remote: bool = False) -> Plan:
             except SpecError as exc:
                 raise Refused(f"the source's table has a bad chardev: {exc}") from None
             source[spec.id] = spec
-    await pacing.in_slices(table.chardevs, SLICE, parse)
+    await pacing.in_slices(table.chardevs, SLICE, parse, "target parse")
     result = dict(source)
     for mine in own:
         theirs = source.get(mine.id)
@@ -150,7 +150,7 @@ async def stage(instance, plan: Plan) -> dict:
     def register(some) -> None:
         for spec in some:
             staged[spec.id] = instance.register(spec, frame=False)
-    await pacing.in_slices(ordered, SLICE, register)
+    await pacing.in_slices(ordered, SLICE, register, "target stage")
     return staged
 
 
@@ -279,6 +279,7 @@ class TargetSession(Session):
         self.expected = (wire.Transfer, self.on_transfer, "the state")
 
     async def on_transfer(self, transfer: wire.Transfer) -> Received:
+        began = time.monotonic()
         self._take(transfer.sections)
         self.taking = False
         for mine in self.own:
@@ -310,6 +311,7 @@ class TargetSession(Session):
         received = Received(self.hello, self.plan, self.sections, self.sockets, info, self.chan, service,
                             stored, self.restorer, self.deferred)
         received.stdio, self.stdio = self.stdio, {}
+        marks.span("target transfer to released", began)
         if not self.info.get("exec"):
             resume(self.instance, received)  # at once: this ends the downtime
         return received
@@ -328,7 +330,7 @@ class TargetSession(Session):
         costs the source, and the source's peers want that CPU meanwhile (at 1000
         streaming peers, a frame's 252 unpaced were their longest pause)."""
         if self.expected[0] is wire.Precopy:  # the source serving on, not the downtime
-            await pacing.in_slices(sections, SLICE, self._take)
+            await pacing.in_slices(sections, SLICE, self._take, "target precopy")
         else:
             self._take(sections)
 
@@ -621,6 +623,7 @@ async def take_over(instance, received: Received) -> None:
         await asyncio.wait_for(received.first_turn, FIRST_TURN_WAIT)
     except asyncio.TimeoutError:
         pass
+    marks.span("target first turn", received.resumed_at)
     received.chan.close()
     received.released = wire.ReleaseInfo.decode(received.info)
     apply_counters(instance, received.counts_at_resume, received.released)
@@ -642,6 +645,7 @@ async def take_over(instance, received: Received) -> None:
         if label not in received.sockets:
             received.restorer.unused(label)
             await _open_afresh(instance, chardev)
+    marks.span("target after first turn", received.resumed_at)
 
 
 async def _open_afresh(instance, chardev) -> None:
@@ -716,6 +720,7 @@ def exec_handover(received: Received, argv: list[str]) -> None:
     systemd.notify(f"MAINPID={os.getpid()}", f"STATUS=exec {argv[0]} with {len(names)} fd(s)")
     log.info("handing %d fd(s) to %s", len(names), " ".join(argv))
     logging.shutdown()
+    marks.flush()
     try:
         os.execvpe(argv[0], argv, env)
     except OSError as exc:
