@@ -1,17 +1,25 @@
 """Restarting a server people run, under load: gunicorn (2 workers, --preload,
 READY=1) restarted by `fdmig run --overlap`, by fdmig's stop-then-start, and by
-Server::Starter (Debian's `start_server`, restarted by HUP, gunicorn bound with
-`--bind fd://3`), on the same application and the same load.
+Server::Starter (Debian's `start_server`, gunicorn bound with `--bind fd://3`),
+on the same application and the same load.
+
+Each is restarted the two ways its users do: by its command (`fdmig restart`,
+`start_server --restart`), a process started for the restart, and by a process
+already running (a QMP client's x-fdmig-restart; the HUP start_server's own
+command sends). A row's ratio is against Server::Starter restarted the same way.
+The cases take turns, one restart each, so drift on a shared machine falls on all.
 
 The load comes from a process of its own (tests/services/load.py): a request
 over a fresh connection every 10 ms, and one request of SLOW seconds in flight;
 the restart comes RESTART_AT seconds into that one. gunicorn says READY=1
 before its workers exist; `--ready-delay 1` has the new generation live a second
-past it before the old one drains, as Server::Starter's default --interval does. Reported for each: the
-longest of the fresh requests, the requests that failed, how long the restart
-took (`fdmig restart` to its exit; Server::Starter's HUP returns at once, so from
-the HUP to the first request the new generation serves), and the same with a
-build that fails to start (the import raises): the requests that failed then.
+past it before the old one drains, as Server::Starter's default --interval does.
+Reported for each: the longest of the fresh requests that began once the restart
+was asked, and of those before it (the same server, no restart); the requests
+that failed; how long the restart took (a command to its exit, a QMP request to
+its answer; Server::Starter's HUP returns at once, so from the HUP to the first
+request the new generation serves); and the same with a build that fails to
+start (the import raises): the requests that failed then.
 
     python -m tests.bench.overlap [REPEATS]
 """
@@ -27,6 +35,8 @@ import tempfile
 import threading
 import time
 
+from fdmig import qmp
+from tests.bench import compile_fdmig
 from tests.helpers import FDMIG, free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -34,8 +44,13 @@ SLOW = 3.0  # the request in flight across the restart, seconds
 RESTART_AT = 0.5  # seconds into it
 AFTER = 1.5  # load goes on this long after the slow request ended
 INTERVAL = 0.01
-CASES = ("fdmig run --overlap", "fdmig run --overlap --ready-delay 1", "fdmig run (stop, then start)",
-         "Server::Starter")
+# (row, server, `fdmig run` options, how the restart is asked)
+CASES = (("fdmig run --overlap", "fdmig", ["--overlap"], "command"),
+         ("fdmig run --overlap --ready-delay 1", "fdmig", ["--overlap", "--ready-delay", "1"], "command"),
+         ("fdmig run --overlap --ready-delay 1, over QMP", "fdmig", ["--overlap", "--ready-delay", "1"], "running"),
+         ("fdmig run (stop, then start)", "fdmig", [], "command"),
+         ("Server::Starter, start_server --restart", "starter", None, "command"),
+         ("Server::Starter, HUP", "starter", None, "running"))
 
 
 def available() -> str | None:
@@ -91,8 +106,9 @@ def _wait(predicate, timeout: float, what: str) -> None:
 
 
 class _Fdmig:
-    def __init__(self, workdir: str, port: int, options: list[str], env: dict):
+    def __init__(self, workdir: str, port: int, options: list[str], env: dict, asked: str):
         self.env = dict(env, FDMIG_RUNTIME_DIR=os.path.join(workdir, "rt"))
+        self.asked = asked
         self.proc = subprocess.Popen(FDMIG + ["run", "--name", "bench", "--notify", *options, "--chardev",
                                               f"id=http,host=127.0.0.1,port={port},server=on", "--", *_gunicorn()],
                                      env=self.env, cwd=ROOT, stdin=subprocess.DEVNULL,
@@ -100,9 +116,13 @@ class _Fdmig:
 
     def restart(self) -> tuple[float, bool]:
         began = time.monotonic()
-        done = subprocess.run(FDMIG + ["restart", "--name", "bench", "--timeout", "30"], env=self.env,
-                              capture_output=True, text=True)
-        return time.monotonic() - began, done.returncode == 0
+        if self.asked == "running":
+            with qmp.connect(os.path.join(self.env["FDMIG_RUNTIME_DIR"], "bench.sock"), timeout=40) as client:
+                ok = client.execute("x-fdmig-restart", {"timeout": 30})["status"] == "ready"
+        else:
+            ok = subprocess.run(FDMIG + ["restart", "--name", "bench", "--timeout", "30"], env=self.env,
+                                capture_output=True, text=True).returncode == 0
+        return time.monotonic() - began, ok
 
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
@@ -110,17 +130,24 @@ class _Fdmig:
 
 
 class _ServerStarter:
-    def __init__(self, workdir: str, port: int, env: dict):
+    def __init__(self, workdir: str, port: int, env: dict, asked: str):
         # start_server names the listener's fd in SERVER_STARTER_PORT (host:port=FD).
         command = _gunicorn("--bind", "fd://FD")
         shell = ('fd=${SERVER_STARTER_PORT##*=}; for a; do shift; set -- "$@" "${a/FD/$fd}"; done; exec "$@"')
-        self.proc = subprocess.Popen(["start_server", f"--port=127.0.0.1:{port}", "--", "bash", "-c", shell,
-                                      "gunicorn", *command], env=env, cwd=ROOT, stdin=subprocess.DEVNULL,
+        self.asked, self.env = asked, env
+        self.files = [f"--pid-file={os.path.join(workdir, 'pid')}", f"--status-file={os.path.join(workdir, 'status')}"]
+        self.proc = subprocess.Popen(["start_server", f"--port=127.0.0.1:{port}", *self.files, "--", "bash", "-c",
+                                      shell, "gunicorn", *command], env=env, cwd=ROOT, stdin=subprocess.DEVNULL,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 
-    def restart(self) -> tuple[None, bool]:
-        self.proc.send_signal(signal.SIGHUP)
-        return None, True
+    def restart(self) -> tuple[float | None, bool]:
+        if self.asked == "running":
+            self.proc.send_signal(signal.SIGHUP)
+            return None, True
+        # start_server --restart sends the HUP and returns once the status file names a new generation.
+        began = time.monotonic()
+        done = subprocess.run(["start_server", "--restart", *self.files], env=self.env, capture_output=True)
+        return time.monotonic() - began, done.returncode == 0
 
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
@@ -131,15 +158,16 @@ class _ServerStarter:
             self.proc.wait()
 
 
-def measure_once(case: str, workdir: str, broken: bool = False) -> dict:
-    """One restart of `case` under load; with `broken`, of a build that fails."""
+def measure_once(case: tuple, workdir: str, broken: bool = False) -> dict:
+    """One restart of `case` (a row of CASES) under load; with `broken`, of a build that fails."""
     port = free_port()
     begun = os.path.join(workdir, "begun")
     os.makedirs(begun, exist_ok=True)
     flag = os.path.join(workdir, "broken")
     env = dict(os.environ, DRAIN_APP_BEGUN=begun, DRAIN_APP_BROKEN=flag)
-    server = _ServerStarter(workdir, port, env) if case == "Server::Starter" else \
-        _Fdmig(workdir, port, case.split(" (")[0].split()[2:], env)
+    _, kind, options, asked = case
+    server = _ServerStarter(workdir, port, env, asked) if kind == "starter" else \
+        _Fdmig(workdir, port, options, env, asked)
     try:
         probe = _Load(port, interval=0.05)
         _wait(lambda: any(r["ok"] for r in probe.results), 30, "the server to answer")
@@ -166,51 +194,81 @@ def measure_once(case: str, workdir: str, broken: bool = False) -> dict:
         if os.path.exists(flag):
             os.unlink(flag)
     fresh = [r for r in results if r["ok"]]
-    return {"longest-ms": max((r["ms"] for r in fresh), default=None), "failed": len(results) - len(fresh),
+    # Across the restart: the requests that began once it was asked. Those before
+    # are the same server with no restart, and they include the start of the
+    # benchmark's own slow-request process (tens of ms in some runs, either server).
+    across = [r["ms"] for r in fresh if r["start"] >= hup_at]
+    before = [r["ms"] for r in fresh if r["start"] < hup_at]
+    return {"longest-ms": max(across, default=None), "before-ms": max(before, default=None),
+            "failed": len(results) - len(fresh),
             "requests": len(results), "restart-ms": None if took is None else round(took * 1000, 1),
             "restart-ok": ok, "slow-ok": bool(slow.results and slow.results[0]["ok"])}
 
 
+def _cases() -> list[tuple]:
+    return [case for case in CASES if case[1] != "starter" or shutil.which("start_server")]
+
+
+def _baseline(row: dict, rows: list[dict]) -> dict | None:
+    """Server::Starter's row restarted the way `row` was."""
+    return next((r for r in rows if r["server"] == "starter" and r["asked"] == row["asked"]), None)
+
+
 def measure(repeats: int, workdir: str) -> list[dict]:
+    cases = _cases()
+    runs = {case[0]: [] for case in cases}
+    broken = {case[0]: [] for case in cases}
+    # Round by round, so what the shared machine does meanwhile falls on every case alike.
+    for _ in range(repeats):
+        for case in cases:
+            runs[case[0]].append(measure_once(case, tempfile.mkdtemp(dir=workdir)))
+    # A broken build is about failed requests, which are counted, not a median.
+    for _ in range(min(repeats, 3)):
+        for case in cases:
+            broken[case[0]].append(measure_once(case, tempfile.mkdtemp(dir=workdir), broken=True))
     rows = []
-    for case in CASES:
-        if case == "Server::Starter" and shutil.which("start_server") is None:
-            continue
-        runs = [measure_once(case, tempfile.mkdtemp(dir=workdir)) for _ in range(repeats)]
-        # A broken build is about failed requests, which are counted, not a median.
-        broken = [measure_once(case, tempfile.mkdtemp(dir=workdir), broken=True) for _ in range(min(repeats, 3))]
-        restarts = [r["restart-ms"] for r in runs if r["restart-ms"] is not None]
-        rows.append({"case": case, "repeats": repeats,
-                     "longest-ms": statistics.median(r["longest-ms"] for r in runs),
-                     "failed": sum(r["failed"] for r in runs), "requests": sum(r["requests"] for r in runs),
+    for name, server, _, asked in cases:
+        done, bad = runs[name], broken[name]
+        restarts = [r["restart-ms"] for r in done if r["restart-ms"] is not None]
+        rows.append({"case": name, "server": server, "asked": asked, "repeats": repeats,
+                     "longest-ms": statistics.median(r["longest-ms"] for r in done),
+                     "before-ms": statistics.median(r["before-ms"] for r in done),
+                     "failed": sum(r["failed"] for r in done), "requests": sum(r["requests"] for r in done),
                      "restart-ms": statistics.median(restarts) if restarts else None,
-                     "slow-ok": all(r["slow-ok"] for r in runs),
-                     "broken-failed": sum(r["failed"] for r in broken),
-                     "broken-requests": sum(r["requests"] for r in broken),
-                     "broken-longest-ms": statistics.median(r["longest-ms"] for r in broken)})
+                     "slow-ok": all(r["slow-ok"] for r in done),
+                     "broken-failed": sum(r["failed"] for r in bad),
+                     "broken-requests": sum(r["requests"] for r in bad),
+                     "broken-longest-ms": statistics.median(r["longest-ms"] for r in bad)})
     return rows
 
 
 def markdown(rows: list[dict]) -> list[str]:
     if not rows:
         return []
-    starter = next((r for r in rows if r["case"] == "Server::Starter"), None)
     lines = ["### Restarting gunicorn under load", "",
              f"gunicorn (2 workers, `--preload`) serving tests/services/drain_app.py; a request over a fresh "
              f"connection every {INTERVAL * 1000:g} ms from a process of its own, and one of {SLOW:g} s in flight; "
              f"the restart {RESTART_AT:g} s into it (tests/bench/overlap.py). Medians of "
-             f"{rows[0]['repeats']} restarts; failures summed over them. A broken build (the application's import "
-             f"raises in the new generation): {min(rows[0]['repeats'], 3)} restarts.", "",
-             "| restarted by | longest fresh request | vs Server::Starter | failed | restart took "
-             "| slow request served | broken build: failed | broken build: longest |",
-             "|---|---:|---:|---:|---:|---|---:|---:|"]
+             f"{rows[0]['repeats']} restarts, the cases taking turns; failures summed over them. A broken build "
+             f"(the application's import raises in the new generation): {min(rows[0]['repeats'], 3)} restarts.",
+             "",
+             "| restarted by | longest fresh request | vs Server::Starter asked alike | before the restart | failed "
+             "| restart took | slow request served | broken build: failed | broken build: longest |",
+             "|---|---:|---:|---:|---:|---:|---|---:|---:|"]
     for row in rows:
-        versus = f"{row['longest-ms'] / starter['longest-ms']:.1f}x" if starter and starter["longest-ms"] else "-"
+        base = _baseline(row, rows)
+        versus = f"{row['longest-ms'] / base['longest-ms']:.1f}x" if base and base["longest-ms"] else "-"
         took = f"{row['restart-ms']:.0f} ms" if row["restart-ms"] is not None else "-"
-        lines.append(f"| {row['case']} | {row['longest-ms']:.1f} ms | {versus} | {row['failed']} of "
+        lines.append(f"| {row['case']} | {row['longest-ms']:.1f} ms | {versus} | {row['before-ms']:.1f} ms | "
+                     f"{row['failed']} of "
                      f"{row['requests']} | {took} | {'yes' if row['slow-ok'] else 'no'} | "
                      f"{row['broken-failed']} of {row['broken-requests']} | {row['broken-longest-ms']:.1f} ms |")
-    lines += ["", "Server::Starter's restart is from its HUP to the first request the new generation served."]
+    lines += ["", "The longest fresh request is of those that began once the restart was asked (its command "
+              "started, its QMP request or HUP sent); before the restart, of those before it (about half a "
+              "second): the same server with no restart.",
+              "", "A restart by a command is timed from the command's start to its exit; one over QMP from the "
+              "request to its answer; Server::Starter's HUP from the signal to the first request the new "
+              "generation served."]
     return lines
 
 
@@ -220,6 +278,7 @@ def main(argv=None) -> int:
     if why:
         print(f"skipped: {why}", file=sys.stderr)
         return 0
+    compile_fdmig()
     with tempfile.TemporaryDirectory(prefix="fdm-ov-", dir="/tmp") as workdir:
         rows = measure(int(argv[0]) if argv else 3, workdir)
     print("\n".join(markdown(rows)))
