@@ -13,7 +13,8 @@ import signal
 import time
 from collections.abc import AsyncIterator
 
-from fdmig import __version__, frontends, keeper, pacing, paths, presentation, qmp, spec as specs, systemd, tcprepair
+from fdmig import (__version__, frontends, keeper, marks, pacing, paths, presentation, qmp, spec as specs, systemd,
+                   tcprepair)
 from fdmig.keeper import Keeper
 from fdmig.chardev import Chardev, quiesce_all, resume_all
 from fdmig.errors import FdmigError
@@ -280,7 +281,8 @@ class Instance:
             if hooks:
                 raise FdmigError("--release-cmd and --reclaim-cmd move the service address to another host: "
                                  "they are for a TCP channel")
-        blocked = source.blockers(self, remote=address.tcp, reconnect=reconnect)
+        with marks.spanning("migrate blockers"):
+            blocked = source.blockers(self, remote=address.tcp, reconnect=reconnect)
         if blocked:
             raise FdmigError("migration refused, it would lose chardevs: " + "; ".join(blocked))
         self.lifecycle.migration_to(MigrationStatus.SETUP, chardevs=0, error=None, downtime_ms=None,

@@ -299,6 +299,22 @@ def test_ten_thousand_chardev_table_splits_into_frames_and_arrives_as_one_event(
     assert pair.deliver(pair.source, chunks) == [table]
 
 
+def test_a_table_sent_in_pieces_arrives_as_one_event_with_the_first_pieces_capabilities():
+    # The source sends its table a piece at a time, paced, between turns of serving.
+    pair = pair_at(State.HELLO)
+    chardevs = [{"id": f"c{i}", "backend": "socket", "path": f"/run/c{i}.sock"} for i in range(7)]
+    got = []
+    for start in range(0, 7, 3):
+        chunks = pair.source.send(Table({"local-char-socket": True}, chardevs[start: start + 3], more=True))
+        assert chunks and pair.source.state is State.TABLE
+        got += pair.deliver(pair.source, chunks)
+    assert got == []  # nothing surfaces before the end
+    end = pair.source.send(Table({"local-char-socket": True}, []))
+    [table] = pair.deliver(pair.source, end)
+    assert table.capabilities == {"local-char-socket": True} and list(table.chardevs) == chardevs
+    assert pair.source.state is pair.target.state is State.TABLE_DONE
+
+
 def test_byte_at_a_time_feeding_gives_the_same_events():
     whole = CodecPair()
     trickle = CodecPair()

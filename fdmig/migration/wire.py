@@ -183,10 +183,14 @@ class Hello:
 @dataclass(frozen=True)
 class Table:
     """SOURCE: what the target must set up before taking the state over. Each
-    chardev is a JSON-able mapping with a str "id"."""
+    chardev is a JSON-able mapping with a str "id". Sent in as many events as the
+    sender likes, as sections are: with `more` only their frames go (the first
+    event's capabilities are the table's), the last event ends the table.
+    Received, it is one event at the end."""
 
     capabilities: Mapping[str, bool]
     chardevs: tuple[Mapping[str, Any], ...]
+    more: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "chardevs", tuple(self.chardevs))
@@ -798,8 +802,10 @@ class MigrationCodec:
         self._sections: list = []
         self._sections_taken = 0  # handed out early by take_sections()
         self._transfer_fds = 0
-        # (sections, fds) sent so far by events with `more`, for the end frame's counts.
+        # (sections, fds) sent so far by events with `more`, for the end frame's counts;
+        # chardevs of the table so far, for TABLE_END's.
         self._sent = self._sending = (0, 0)
+        self._table_sent = self._table_sending = 0
 
     @property
     def state(self) -> State:
@@ -829,6 +835,8 @@ class MigrationCodec:
         self._state = state
         if isinstance(event, _Sections):
             self._sent = self._sending
+        if isinstance(event, Table):
+            self._table_sent = self._table_sending
         if isinstance(event, Abort):
             self._abort_sent = True
         return [Chunk(_header(ftype, payload, len(fds)) + payload, fds) for ftype, payload, fds in frames]
@@ -885,14 +893,18 @@ class MigrationCodec:
         # as fit. One json call per frame, not per chardev: a table of thousands is
         # encoded inside the loop that serves them.
         frames: list = []
+        at_start = self._state is State.HELLO
         first = b'{"capabilities":' + _dumps(capabilities) + b',"chardevs":'
 
         def table_frame(part: list):
-            return self._table_frame(part, b'{"chardevs":' if frames else first)
+            return self._table_frame(part, b'{"chardevs":' if frames or not at_start else first)
 
-        for start in range(0, max(len(chardevs), 1), _TABLE_SLICE):
+        # A table of no chardevs is still one frame, for its capabilities.
+        for start in range(0, max(len(chardevs), 1 if at_start else 0), _TABLE_SLICE):
             self._fit(chardevs[start : start + _TABLE_SLICE], frames, table_frame)
-        frames.append((FrameType.TABLE_END, _dumps({"chardevs": len(chardevs)}), ()))
+        self._table_sending = self._table_sent + len(chardevs)
+        if not table.more:
+            frames.append((FrameType.TABLE_END, _dumps({"chardevs": self._table_sending}), ()))
         return frames
 
     @classmethod
