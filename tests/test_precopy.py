@@ -16,7 +16,7 @@ from fdmig.migration import source, target, wire
 
 @pytest.mark.timeout(60)
 def test_the_precopy_yields_to_serving_between_frames_for_a_time_in_proportion_to_its_own(tmp_path, monkeypatch):
-    count = 2 * wire.MAX_FDS_PER_FRAME + 10  # three frames of one fd per chardev
+    count = 2 * source.PRECOPY_SLICE + 10  # three frames (of one fd per chardev)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < 4 * count:  # each chardev's socket and its peer's, and the rest of the suite's
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, 4 * count)), hard))
