@@ -35,6 +35,13 @@ def test_quick_benchmark_writes_its_table_json_and_figures(tmp_path):
     for row in (data["handoff"][-1], data["busy"][-1]):  # the status calls, idle and streaming peers
         assert row["status-pause-ms"] > 0 and row["status-quiet-pause-ms"] > 0 and row["status-parse-ms"] > 0
     assert "| chardevs | peers streaming | longest peer pause, 3 status calls |" in result.stdout
+    # A mix of streaming and idle peers, each handoff's longest pause laid against what the
+    # instances did meanwhile (fdmig.marks, from the source's and the target's processes).
+    [mix] = data["mixed"]
+    assert (mix["n"], mix["streaming"]) == (10, 2) and len(mix["where"]) == 2
+    spans = {name for where in mix["where"] for name in where["spans"]}
+    assert spans & {"source quiesced", "target transfer to released", "target first turn"}, mix["where"]
+    assert "| chardevs | streaming | downtime | longest pause |" in result.stdout
     if socat:
         assert data["bridge"]["socat-mib-s"] > 0
     if haproxy:

@@ -17,7 +17,8 @@ import sys
 import tempfile
 import time
 
-from tests.bench import backends, crosshost, floor, handoff, median_ms, overlap, s6, service, throughput
+from tests.bench import (backends, compile_fdmig, crosshost, floor, handoff, median_ms, mixed, overlap, s6,
+                         service, throughput)
 
 
 def ratio(a, b) -> str:
@@ -38,7 +39,7 @@ def _status_fields(h) -> dict:
 
 
 def run(sizes, busy_sizes, repeats, bridge_bytes, startup_repeats, workdir, service_sizes=(), cross_sizes=(),
-        overlap_repeats=0, backend_sizes=()) -> dict:
+        overlap_repeats=0, backend_sizes=(), mixes=()) -> dict:
     results = {"machine": machine(), "handoff": [], "busy": [], "service": [], "crosshost": [], "backends": [],
                "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     for n in sizes:
@@ -67,6 +68,9 @@ def run(sizes, busy_sizes, repeats, bridge_bytes, startup_repeats, workdir, serv
         results["busy"].append({"n": n, "downtime-ms": median_ms(h["downtime"]), "peer-pause-ms": median_ms(h["pause"]),
                                 "quiet-pause-ms": median_ms(h["quiet-pause"]), "floor-ms": floor_ms, "repeats": reps,
                                 **_status_fields(h)})
+    for streaming, n in mixes:
+        print(f"handoff n={n}, {streaming} peers streaming ...", file=sys.stderr, flush=True)
+        results.setdefault("mixed", []).append(mixed.measure(streaming, n, repeats, tempfile.mkdtemp(dir=workdir)))
     if backend_sizes:
         results["backends"] = backends.measure_all(backend_sizes, repeats, workdir)
     for n in service_sizes:
@@ -155,6 +159,8 @@ def markdown(results: dict) -> str:
                          f"{row['quiet-pause-ms']} ms | {_pause_ratio(row)} | {row['floor-ms']} ms | "
                          f"{ratio(row['downtime-ms'], row['floor-ms'])} |")
     lines += status_markdown(results)
+    if results.get("mixed"):
+        lines += ["", *mixed.markdown(results["mixed"])]
     if results.get("backends"):
         lines += ["", *backends.markdown(results["backends"])]
     first = results["handoff"][0]
@@ -257,16 +263,20 @@ def main(argv=None) -> int:
                         help="TCP connections moved between network namespaces (root only)")
     parser.add_argument("--backend-sizes", default="1,100,1000",
                         help="chardevs of each other backend (pty, serial, pipe, udp) moved live")
+    parser.add_argument("--mixed", default=",".join(f"{s}:{n}" for s, n in mixed.MIXES),
+                        help="STREAMING:CHARDEVS mixes of streaming and idle peers")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--overlap-repeats", type=int, default=3,
                         help="restarts of gunicorn under load per way of restarting (0: none)")
     parser.add_argument("--out", default="bench-results")
     args = parser.parse_args(argv)
     floor.raise_nofile()
+    compile_fdmig()
     if args.quick:
         sizes, busy_sizes, repeats, bridge_bytes, startup_repeats = [1, 10], [10], 2, 8 << 20, 3
-        service_sizes, cross_sizes, overlap_repeats, backend_sizes = [1, 10], [1], 0, [1]
+        service_sizes, cross_sizes, overlap_repeats, backend_sizes, mixes = [1, 10], [1], 0, [1], [(2, 10)]
     else:
+        mixes = [tuple(map(int, mix.split(":"))) for mix in args.mixed.split(",") if mix]
         overlap_repeats = args.overlap_repeats
         sizes = [int(n) for n in args.sizes.split(",")]
         busy_sizes = [int(n) for n in args.busy_sizes.split(",") if n]
@@ -277,7 +287,7 @@ def main(argv=None) -> int:
     workdir = tempfile.mkdtemp(prefix="fdmig-bench-", dir="/tmp")
     try:
         results = run(sizes, busy_sizes, repeats, bridge_bytes, startup_repeats, workdir, service_sizes, cross_sizes,
-                      overlap_repeats, backend_sizes)
+                      overlap_repeats, backend_sizes, mixes)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     os.makedirs(args.out, exist_ok=True)

@@ -50,9 +50,15 @@ class Probes:
         return reply
 
     def window(self):
-        """Start timing; the returned callable ends it and gives the longest gap (s)."""
+        """Start timing; the returned callable ends it and gives the longest gap (s),
+        and leaves in `gap` when it began and ended (time.monotonic(), any process's)."""
         self._ask(b"w")
-        return lambda: float(self._ask(b"d"))
+
+        def done() -> float:
+            longest, began, ended = map(float, self._ask(b"d").split())
+            self.gap = (began, ended)
+            return longest
+        return done
 
     def wait_answers(self, count: int) -> None:
         """Until every probe has had `count` more answers (the target serves them)."""
@@ -77,6 +83,7 @@ class ProbeControl:
         self.answers = dict.fromkeys(keys, 0)
         self.last = dict.fromkeys(keys, time.monotonic())
         self.longest, self.measuring, self.waiting, self.error = 0.0, False, None, None
+        self.gap = (0.0, 0.0)
 
     def command(self) -> bool:
         """Take one command; False to quit."""
@@ -86,11 +93,11 @@ class ProbeControl:
         if self.error:
             self.ctl.sendall(f"error: {self.error}".encode())
         elif command == b"w":
-            self.longest, self.measuring = 0.0, True
+            self.longest, self.measuring, self.gap = 0.0, True, (0.0, 0.0)
             self.ctl.sendall(b"ok")
         elif command == b"d":
             self.measuring = False
-            self.ctl.sendall(repr(self.longest).encode())
+            self.ctl.sendall(f"{self.longest!r} {self.gap[0]!r} {self.gap[1]!r}".encode())
         elif command.startswith(b"a"):
             self.waiting = (int(command[1:]), dict(self.answers))
         return True
@@ -99,8 +106,8 @@ class ProbeControl:
         """A probe's answer came: counted and timed; its number."""
         now = time.monotonic()
         self.answers[key] += 1
-        if self.measuring:
-            self.longest = max(self.longest, now - self.last[key])
+        if self.measuring and now - self.last[key] > self.longest:
+            self.longest, self.gap = now - self.last[key], (self.last[key], now)
         self.last[key] = now
         return self.answers[key]
 
@@ -184,14 +191,19 @@ def start_instance(args, workdir, env):
     return proc
 
 
-def measure_handoff(n: int, repeats: int, workdir: str, busy: bool = False, status: bool = False) -> dict:
+def measure_handoff(n: int, repeats: int, workdir: str, busy: bool = False, status: bool = False,
+                    streams: int = PROBES) -> dict:
     """Median-ready samples: instance downtime, peer pause, migrate-out wall (seconds),
     the peers' longest pause over as long a window with no handoff, and the RSS of
-    the instance holding the N chardevs. `busy`: every peer streams (ping-pong), so
-    every chardev has changed since the precopy: the worst case. `status`: also the
-    peers' longest pause over windows with three `x-fdmig-status` calls each."""
+    the instance holding the N chardevs. `streams` of the peers stream ping-pong and
+    time their pauses, the others idle; `busy`: every one does, so every chardev has
+    changed since the precopy: the worst case. `status`: also the peers' longest
+    pause over windows with three `x-fdmig-status` calls each. `where`: for each
+    handoff timed over QMP, what the instances were doing during its longest pause
+    (fdmig.marks)."""
     _raise_fd_limit()
-    env = dict(os.environ, FDMIG_RUNTIME_DIR=os.path.join(workdir, "rt"))
+    marks_path = os.path.join(workdir, "marks")
+    env = dict(os.environ, FDMIG_RUNTIME_DIR=os.path.join(workdir, "rt"), FDMIG_MARKS=marks_path)
     env.pop("FDMIG_FAULT", None)
     path = os.path.join(workdir, f"peers-{n}.sock")
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -207,9 +219,10 @@ def measure_handoff(n: int, repeats: int, workdir: str, busy: bool = False, stat
     procs = [start_instance(args, workdir, env)]
     accepting.join(60)
     assert len(peers) == n, f"only {len(peers)} of {n} chardevs connected"
-    probes = Probes(peers if busy else peers[:: max(1, n // PROBES)][:PROBES])
-    result = {"n": n, "downtime": [], "pause": [], "wall": [], "rss": None, "quiet-pause": [], "status-pause": [],
-              "status-quiet-pause": [], "status-parse": []}
+    probes = Probes(peers if busy else peers[:: max(1, n // streams)][:streams])
+    result = {"n": n, "streams": len(probes.socks), "downtime": [], "pause": [], "wall": [], "rss": None,
+              "quiet-pause": [], "status-pause": [], "status-quiet-pause": [], "status-parse": [], "where": []}
+    gaps = []
     channel = os.path.join(env["FDMIG_RUNTIME_DIR"], "bench.migrate.sock")
     try:
         control = os.path.join(env["FDMIG_RUNTIME_DIR"], "bench.sock")
@@ -255,6 +268,7 @@ def measure_handoff(n: int, repeats: int, workdir: str, busy: bool = False, stat
                 # which the probes time their pause holds the handoff and nothing else.
                 _wait_path(channel)
                 downtime, pause, took = _migrate_over_qmp(control, channel, target.pid, probes)
+                gaps.append(probes.gap)
                 result["pause"].append(pause)
                 result["downtime"].append(downtime)
                 # What the peers see with no handoff, over a window as long: the
@@ -271,7 +285,27 @@ def measure_handoff(n: int, repeats: int, workdir: str, busy: bool = False, stat
         for peer in peers:
             peer.close()
         listener.close()
+    result["where"] = [what_ran(marks_path, gap) for gap in gaps]
     return result
+
+
+def what_ran(marks_path: str, gap: tuple[float, float]) -> dict:
+    """The longest pause of a handoff laid against the instances' spans
+    (fdmig.marks): how long it was, and for each span's name, how much of it
+    the span covered (ms), largest first."""
+    began, ended = gap
+    covered: dict[str, float] = {}
+    try:
+        with open(marks_path) as marks:
+            for line in marks:
+                start, end, _, name = line.rstrip("\n").split(" ", 3)
+                overlap = min(float(end), ended) - max(float(start), began)
+                if overlap > 0:
+                    covered[name] = covered.get(name, 0.0) + overlap * 1000
+    except FileNotFoundError:
+        pass
+    return {"gap-ms": round((ended - began) * 1000, 3),
+            "spans": {name: round(ms, 3) for name, ms in sorted(covered.items(), key=lambda item: -item[1])}}
 
 
 def _read_lines(sock: socket.socket, count: int) -> memoryview:
