@@ -241,12 +241,20 @@ class SourceSession(Session):
         # keep filling the out-buffer of one whose state has already been sent.
         self.quiesce_at = time.monotonic()
         self.instance.freeze(quiesce=True)
+        marks.span("source quiesce", self.quiesce_at)
         faults.point("source-after-quiesce")
         if self.address.tcp:
             await self._dump()
-        await self.chan.send(wire.Transfer(self._changed_sections()), self.deadline)
+        began = time.monotonic()
+        transfer = wire.Transfer(self._changed_sections())
+        marks.span("source transfer made", began)
+        began = time.monotonic()
+        await self.chan.send(transfer, self.deadline)
+        marks.span("source transfer sent", began)
         # What RELEASED says is made now, while the target checks the TRANSFER.
+        began = time.monotonic()
         self.release = self._release_info()
+        marks.span("source release info", began)
         faults.point("source-after-transfer")
         self.expected = (wire.Ack, self.on_ack, "acknowledging")
 

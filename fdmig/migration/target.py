@@ -281,6 +281,7 @@ class TargetSession(Session):
     async def on_transfer(self, transfer: wire.Transfer) -> Received:
         began = time.monotonic()
         self._take(transfer.sections)
+        marks.span("target transfer taken", began)
         self.taking = False
         for mine in self.own:
             if mine.local_incoming and not self.sockets.get(mine.id):
@@ -304,7 +305,9 @@ class TargetSession(Session):
                           f"{' after --claim-cmd' if self.claimed else ''} ({len(strangers)} such connection(s)): "
                           "its peer would be answered by the old host, which resets it; move that address too")
         faults.point("target-before-ack")
+        acked = time.monotonic()
         info = await self._acknowledge()
+        marks.span("target ack to released", acked)
         faults.point("target-after-released")
         service, stored = self.service, [self.stored[i] for i in sorted(self.stored)]
         self.service, self.stored = None, {}  # the takeover's now, not abort()'s to close
@@ -599,7 +602,9 @@ def resume(instance, received: Received) -> None:
     deferred = received.deferred
     first = [fd for fd in map(deferred.get, wire.ReleaseInfo.order(received.info, len(received.plan.order)))
              if fd is not None]
+    thawing = time.monotonic()
     received.resumed_at = instance.thaw(first)  # every moved chardev starts reading at the same instant
+    marks.span("target thaw", thawing, received.resumed_at)
     received.chan.send_now(wire.Taken())
     faults.point("target-after-taken")
     # Their counts as staged, for RELEASED's to be put in after the first turn
