@@ -21,7 +21,7 @@ import time
 
 from tests import netns
 from tests.bench import median_ms
-from tests.bench.handoff import ProbeControl, Probes, _raise_fd_limit
+from tests.bench.handoff import STREAM_INTERVAL, ProbeControl, Probes, Streaming, _raise_fd_limit
 from tests.helpers import FDMIG, Notify, missing
 from tests.netns import HOST_A, HOST_B, SERVICE
 
@@ -97,16 +97,19 @@ def _stop(procs) -> None:
 
 
 def measure(n: int, repeats: int, workdir: str, creds: str) -> dict:
-    """Samples (seconds): the instance's downtime, the probes' longest pause and
-    the migrate-out wall time, moving back and forth between the hosts."""
+    """Samples (seconds): the instance's downtime, the longest pause of the peers
+    doing ping-pong and of those streaming (half the watched peers each, when
+    there are two or more), and the migrate-out wall time, moving back and forth
+    between the hosts."""
     _raise_fd_limit()
-    result = {"n": n, "downtime": [], "pause": [], "wall": []}
+    result = {"n": n, "downtime": [], "pause": [], "stream-pause": [], "wall": []}
     with netns.Hosts() as hosts:
         envs = _envs(workdir)
         procs = [_start(hosts, "a", _serve_args(n, live=True), workdir, envs["a"])]
         peers = netns.in_netns(hosts.ns("client"), _connect_all, range(BASE_PORT, BASE_PORT + n))
         watched = peers[:: max(1, n // PROBES)][:PROBES]
-        probes = Probes(watched)
+        probes = Probes(watched[0::2])
+        streams = Streaming(watched[1::2]) if len(watched) > 1 else None
         try:
             for i in range(repeats):
                 src, dst = ("a", "b") if i % 2 == 0 else ("b", "a")
@@ -117,6 +120,7 @@ def measure(n: int, repeats: int, workdir: str, creds: str) -> dict:
                                     workdir, envs[dst], ready=False))
                 time.sleep(0.1)  # the stream runs between handoffs, as in life
                 done = probes.window()
+                stream_done = streams.window() if streams else None
                 started = time.monotonic()
                 out = subprocess.run(FDMIG + ["migrate-out", "--name", "x", "--channel", channel, "--tls-creds", creds,
                                               "--release-cmd", netns.RELEASE,
@@ -130,9 +134,14 @@ def measure(n: int, repeats: int, workdir: str, creds: str) -> dict:
                     raise RuntimeError(f"only {outcome['tcp-state']['connections']} of {n} connections moved live")
                 probes.wait_answers(2)
                 result["pause"].append(done())
+                if streams:
+                    streams.wait_answers(2)
+                    result["stream-pause"].append(stream_done())
                 result["downtime"].append(outcome["downtime-ms"] / 1000)
         finally:
             probes.stop()
+            if streams:
+                streams.stop()
             _stop(procs)
             for peer in peers:
                 peer.close()
@@ -264,6 +273,7 @@ def measure_all(sizes, repeats, workdir, creds) -> list[dict]:
         fresh = measure_reconnect(n, max(2, reps // 2), tempfile.mkdtemp(dir=workdir))
         downtime = median_ms(live["downtime"])
         rows.append({"n": n, "downtime-ms": downtime, "peer-pause-ms": median_ms(live["pause"]),
+                     "stream-pause-ms": median_ms(live["stream-pause"]),
                      "migrate-out-ms": median_ms(live["wall"]), "reconnect-pause-ms": median_ms(fresh),
                      "release-cmd-ms": hooks["release"], "claim-cmd-ms": hooks["claim"],
                      "fdmig-part-ms": round(downtime - hooks["release"] - hooks["claim"], 3), "repeats": reps})
@@ -274,19 +284,23 @@ def markdown(rows) -> list[str]:
     lines = ["### Across hosts", "",
              "x-tcp-repair between network namespaces on one bridge (tests/bench/crosshost.py): N TCP echo "
              "connections, each with a peer, moved from host A to host B and back over a mutual-TLS channel "
-             "with their TCP state, the service address moving with them; up to 50 peers stream ping-pong and "
-             "time their longest pause. The downtime holds the user's two address commands (`ip addr del`; "
+             "with their TCP state, the service address moving with them; up to 50 peers time their longest "
+             f"pause, half doing ping-pong, half streaming (a record every {STREAM_INTERVAL * 1000:g} ms each, "
+             "whatever comes back, the gap timed between two reads of its echo). The downtime holds the "
+             "user's two address commands (`ip addr del`; "
              "`ip addr replace` and a gratuitous ARP), timed apart as the instance runs them; fdmig's part is "
              "the rest. Both hosts share this machine's cores. Against it: the same move without a live "
              "handoff (the old instance stops, its peers see EOF, the address moves, a new instance starts on "
              "host B and the peers connect again).", "",
-             "| connections | downtime (instance) | longest peer pause | release + claim commands | "
-             "fdmig's part | migrate-out wall | peers reconnecting instead: longest pause | reconnect / pause |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| connections | downtime (instance) | longest peer pause | streaming peers' longest pause "
+             "| release + claim commands | fdmig's part | migrate-out wall | peers reconnecting instead: longest "
+             "pause | reconnect / pause |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
         hooks = round(row["release-cmd-ms"] + row["claim-cmd-ms"], 1)
         ratio = f"{row['reconnect-pause-ms'] / row['peer-pause-ms']:.0f}x" if row["peer-pause-ms"] else "-"
-        lines.append(f"| {row['n']} | {row['downtime-ms']} ms | {row['peer-pause-ms']} ms | {hooks} ms | "
+        streaming = f"{row['stream-pause-ms']} ms" if row.get("stream-pause-ms") is not None else "-"
+        lines.append(f"| {row['n']} | {row['downtime-ms']} ms | {row['peer-pause-ms']} ms | {streaming} | {hooks} ms | "
                      f"{row['fdmig-part-ms']} ms | {row['migrate-out-ms']} ms | {row['reconnect-pause-ms']} ms | "
                      f"{ratio} |")
     return lines

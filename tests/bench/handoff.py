@@ -36,10 +36,14 @@ class Probes:
         if self.pid == 0:
             self._ctl.close()
             try:
-                _probe_loop(socks, child_end)
+                self.loop(socks, child_end)
             finally:
                 os._exit(0)
         child_end.close()
+
+    @staticmethod
+    def loop(socks, ctl) -> None:
+        _probe_loop(socks, ctl)
 
     def _ask(self, command: bytes, timeout: float = 60.0) -> str:
         self._ctl.settimeout(timeout)
@@ -159,6 +163,56 @@ def _probe_loop(socks, ctl) -> None:
                     by_fd[fd].send(b"%015d\n" % seq)
                 except OSError as exc:
                     control.error = f"a peer's connection failed: {exc}"
+        control.settle()
+
+
+class Streaming(Probes):
+    """Peers that stream: each writes a record every STREAM_INTERVAL whatever comes
+    back, as a client sending a feed does, and times the longest gap between two
+    reads that brought its echo. Unlike ping-pong, such a peer has bytes on the
+    wire whenever the connection stops, and what it does about their loss shows."""
+
+    @staticmethod
+    def loop(socks, ctl) -> None:
+        _stream_loop(socks, ctl)
+
+
+STREAM_INTERVAL = 0.01
+
+
+def _stream_loop(socks, ctl) -> None:
+    poller = select.epoll()
+    by_fd = {s.fileno(): s for s in socks}
+    control = ProbeControl(ctl, by_fd)
+    for fd, sock in by_fd.items():
+        sock.setblocking(False)
+        poller.register(fd, select.EPOLLIN)
+    poller.register(ctl.fileno(), select.EPOLLIN)
+    next_write = time.monotonic()
+    while True:
+        if time.monotonic() >= next_write:
+            for sock in by_fd.values():
+                try:
+                    sock.send(b"%015d\n" % control.answers[sock.fileno()])
+                except BlockingIOError:
+                    pass  # its window is full: the next interval tries again
+                except OSError as exc:
+                    control.error = control.error or f"a peer's connection failed: {exc}"
+            next_write += STREAM_INTERVAL
+        for fd, _ in poller.poll(max(0.0, next_write - time.monotonic())):
+            if fd == ctl.fileno():
+                if not control.command():
+                    return
+                continue
+            try:
+                data = by_fd[fd].recv(65536)
+            except OSError as exc:
+                data, control.error = b"", control.error or f"a peer's connection failed: {exc}"
+            if not data:
+                control.error = control.error or "a peer saw EOF"
+                poller.unregister(fd)
+                continue
+            control.answered(fd)
         control.settle()
 
 
