@@ -198,7 +198,7 @@ def _stream_loop(socks, ctl) -> None:
                     pass  # its window is full: the next interval tries again
                 except OSError as exc:
                     control.error = control.error or f"a peer's connection failed: {exc}"
-            next_write += STREAM_INTERVAL
+            next_write = max(next_write + STREAM_INTERVAL, time.monotonic())  # no burst to catch up
         for fd, _ in poller.poll(max(0.0, next_write - time.monotonic())):
             if fd == ctl.fileno():
                 if not control.command():
@@ -246,19 +246,22 @@ def start_instance(args, workdir, env):
 
 
 def measure_handoff(n: int, repeats: int, workdir: str, busy: bool = False, status: bool = False,
-                    streams: int = PROBES) -> dict:
+                    streams: int = PROBES, where: bool = False) -> dict:
     """Median-ready samples: instance downtime, peer pause, migrate-out wall (seconds),
     the peers' longest pause over as long a window with no handoff, and the RSS of
     the instance holding the N chardevs. `streams` of the peers stream ping-pong and
     time their pauses, the others idle; `busy`: every one does, so every chardev has
     changed since the precopy: the worst case. `status`: also the peers' longest
-    pause over windows with three `x-fdmig-status` calls each. `where`: for each
-    handoff timed over QMP, what the instances were doing during its longest pause
-    (fdmig.marks)."""
+    pause over windows with three `x-fdmig-status` calls each. `where`: also, for
+    each handoff timed over QMP, what the instances were doing during its longest
+    pause (fdmig.marks; off otherwise, so that marking is not in the figures)."""
     _raise_fd_limit()
     marks_path = os.path.join(workdir, "marks")
-    env = dict(os.environ, FDMIG_RUNTIME_DIR=os.path.join(workdir, "rt"), FDMIG_MARKS=marks_path)
+    env = dict(os.environ, FDMIG_RUNTIME_DIR=os.path.join(workdir, "rt"))
     env.pop("FDMIG_FAULT", None)
+    env.pop("FDMIG_MARKS", None)
+    if where:
+        env["FDMIG_MARKS"] = marks_path
     path = os.path.join(workdir, f"peers-{n}.sock")
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
@@ -339,7 +342,7 @@ def measure_handoff(n: int, repeats: int, workdir: str, busy: bool = False, stat
         for peer in peers:
             peer.close()
         listener.close()
-    result["where"] = [what_ran(marks_path, gap) for gap in gaps]
+    result["where"] = [what_ran(marks_path, gap) for gap in gaps] if where else []
     return result
 
 

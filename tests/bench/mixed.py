@@ -17,7 +17,7 @@ MIXES = ((8, 1000), (50, 1000), (8, 3000), (50, 3000), (8, 5000), (50, 5000))
 
 
 def measure(streaming: int, n: int, repeats: int, workdir: str) -> dict:
-    h = handoff.measure_handoff(n, repeats, workdir, streams=streaming)
+    h = handoff.measure_handoff(n, repeats, workdir, streams=streaming, where=True)
     pauses = [round(p * 1000, 3) for p in h["pause"]]
     quiet = [round(p * 1000, 3) for p in h["quiet-pause"]]
     downtimes = [round(d * 1000, 3) for d in h["downtime"]]
