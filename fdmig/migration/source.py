@@ -105,7 +105,7 @@ def _would_reconnect(labels: list, capabilities: dict, remote: bool, reopened: b
             f"move them live, or --reconnect to let their peers reconnect")
 
 
-TABLE_SLICE = 256  # chardevs per piece of the table (a piece of 0.2 ms or so)
+TABLE_SLICE = 64  # chardevs per piece of the table: 256 were pieces of 1.1 to 1.6 ms
 # Sections per precopy frame, and so per piece of it: a frame of 252 fds was a
 # piece of 2.5 to 3.5 ms, the longest pause of a few peers streaming among 1000.
 PRECOPY_SLICE = 64
