@@ -343,7 +343,19 @@ def measure_handoff(n: int, repeats: int, workdir: str, busy: bool = False, stat
             peer.close()
         listener.close()
     result["where"] = [what_ran(marks_path, gap) for gap in gaps] if where else []
+    result["marked"] = sorted({name for _, _, _, name in _spans(marks_path)}) if where else []
     return result
+
+
+def _spans(marks_path: str):
+    """(begin, end, pid, name) of each span in a marks file (fdmig.marks)."""
+    try:
+        with open(marks_path) as marks:
+            for line in marks:
+                begin, end, pid, name = line.rstrip("\n").split(" ", 3)
+                yield float(begin), float(end), int(pid), name
+    except FileNotFoundError:
+        return
 
 
 def what_ran(marks_path: str, gap: tuple[float, float]) -> dict:
@@ -352,15 +364,10 @@ def what_ran(marks_path: str, gap: tuple[float, float]) -> dict:
     the span covered (ms), largest first."""
     began, ended = gap
     covered: dict[str, float] = {}
-    try:
-        with open(marks_path) as marks:
-            for line in marks:
-                start, end, _, name = line.rstrip("\n").split(" ", 3)
-                overlap = min(float(end), ended) - max(float(start), began)
-                if overlap > 0:
-                    covered[name] = covered.get(name, 0.0) + overlap * 1000
-    except FileNotFoundError:
-        pass
+    for start, end, _, name in _spans(marks_path):
+        overlap = min(end, ended) - max(start, began)
+        if overlap > 0:
+            covered[name] = covered.get(name, 0.0) + overlap * 1000
     return {"gap-ms": round((ended - began) * 1000, 3),
             "spans": {name: round(ms, 3) for name, ms in sorted(covered.items(), key=lambda item: -item[1])}}
 

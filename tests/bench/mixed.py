@@ -27,7 +27,8 @@ def measure(streaming: int, n: int, repeats: int, workdir: str) -> dict:
     ratios = [round(p / (q + d), 2) for p, q, d in zip(pauses, quiet, qmp_downtimes)]
     return {"n": n, "streaming": h["streams"], "repeats": repeats,
             "downtime-ms": median_ms(h["downtime"]), "peer-pause-ms": median_ms(h["pause"]),
-            "quiet-pause-ms": median_ms(h["quiet-pause"]), "ratios": ratios, "where": h["where"]}
+            "quiet-pause-ms": median_ms(h["quiet-pause"]), "ratios": ratios, "where": h["where"],
+            "marked": h["marked"]}
 
 
 def cause(where: dict) -> str:
