@@ -25,7 +25,7 @@ import struct
 import termios
 
 from fdmig.errors import FdmigError, SpecError
-from fdmig.spec import bracketed
+from fdmig.spec import bracketed, two_fifos
 
 log = logging.getLogger("fdmig")
 
@@ -188,7 +188,7 @@ def _open_pipe(spec, fds: dict) -> str:
     """`P.in` read and `P.out` written when both exist, else `P` both ways, as
     QEMU does. Opened read-write: the open never waits for a far end, and no
     far end's close is ever an EOF here."""
-    if _split(spec.path):
+    if two_fifos(spec.path):
         for role, path in zip(("conn", "out"), (f"{spec.path}.in", f"{spec.path}.out")):
             fds[role] = Fd(os.open(path, os.O_RDWR | _FLAGS))
     else:
@@ -266,14 +266,9 @@ ROLES = {"pty": ("conn", "slave"), "serial": ("conn",), "pipe": ("conn", "out"),
 
 def roles(spec) -> tuple[str, ...]:
     """The roles of the fds a chardev of `spec` holds, as it would open them here."""
-    if spec.kind == "pipe" and not _split(spec.path):
+    if spec.kind == "pipe" and not two_fifos(spec.path):
         return ("conn",)
     return ROLES[spec.kind]
-
-
-def _split(path: str) -> bool:
-    """Whether a pipe at `path` is two FIFOs, P.in and P.out, as QEMU looks for them."""
-    return os.path.exists(f"{path}.in") and os.path.exists(f"{path}.out")
 
 
 def check(fd: int, role: str, spec, label: str) -> Fd:
@@ -360,7 +355,7 @@ def _check_serial(fd: int, found, role: str, spec) -> str:
 def _check_pipe(fd: int, found, role: str, spec) -> str:
     if not stat.S_ISFIFO(found.st_mode):
         return "is not a FIFO"
-    split = _split(spec.path)
+    split = two_fifos(spec.path)
     if role == "out" and not split:
         return f"arrived for {spec.path}.out, which does not exist here"
     path = {"conn": f"{spec.path}.in", "out": f"{spec.path}.out"}[role] if split else spec.path

@@ -401,6 +401,12 @@ def _udp_address(fields: dict) -> dict:
     return out
 
 
+def two_fifos(path: str) -> bool:
+    """Whether a pipe chardev at `path` is two FIFOs, P.in read and P.out
+    written (both exist, as QEMU looks for them), not P both ways."""
+    return os.path.exists(f"{path}.in") and os.path.exists(f"{path}.out")
+
+
 def bracketed(host: str) -> str:
     """A host as an address names it: an IPv6 one in brackets."""
     return f"[{host}]" if ":" in host else host
@@ -762,7 +768,7 @@ class Addresses:
         """The files a serial, pipe or file chardev opens: a pipe's P.in and P.out
         where both exist (QEMU's rule), else its path."""
         path = self._path(spec.path)
-        if spec.kind == "pipe" and os.path.exists(f"{path}.in") and os.path.exists(f"{path}.out"):
+        if spec.kind == "pipe" and two_fifos(path):
             return [f"{path}.in", f"{path}.out"]
         return [path]
 
