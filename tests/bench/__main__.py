@@ -276,7 +276,7 @@ def main(argv=None) -> int:
         sizes, busy_sizes, repeats, bridge_bytes, startup_repeats = [1, 10], [10], 2, 8 << 20, 3
         service_sizes, cross_sizes, overlap_repeats, backend_sizes, mixes = [1, 10], [1], 0, [1], [(2, 10)]
     else:
-        mixes = [tuple(map(int, mix.split(":"))) for mix in args.mixed.split(",") if mix]
+        mixes = mixed.parse_mixes(args.mixed.split(","))
         overlap_repeats = args.overlap_repeats
         sizes = [int(n) for n in args.sizes.split(",")]
         busy_sizes = [int(n) for n in args.busy_sizes.split(",") if n]

@@ -277,7 +277,9 @@ def measure_handoff(n: int, repeats: int, workdir: str, busy: bool = False, stat
     accepting.join(60)
     assert len(peers) == n, f"only {len(peers)} of {n} chardevs connected"
     probes = Probes(peers if busy else peers[:: max(1, n // streams)][:streams])
-    result = {"n": n, "streams": len(probes.socks), "downtime": [], "pause": [], "wall": [], "rss": None,
+    # "qmp-downtime": the downtimes of the handoffs over QMP alone, one beside each "pause".
+    result = {"n": n, "streams": len(probes.socks), "downtime": [], "qmp-downtime": [], "pause": [], "wall": [],
+              "rss": None,
               "quiet-pause": [], "status-pause": [], "status-quiet-pause": [], "status-parse": [], "where": []}
     gaps = []
     channel = os.path.join(env["FDMIG_RUNTIME_DIR"], "bench.migrate.sock")
@@ -328,6 +330,7 @@ def measure_handoff(n: int, repeats: int, workdir: str, busy: bool = False, stat
                 gaps.append(probes.gap)
                 result["pause"].append(pause)
                 result["downtime"].append(downtime)
+                result["qmp-downtime"].append(downtime)
                 # What the peers see with no handoff, over a window as long: the
                 # longest gap of a longer window is longer, handoff or not.
                 done = probes.window()

@@ -18,17 +18,17 @@ MIXES = ((8, 1000), (50, 1000), (8, 3000), (50, 3000), (8, 5000), (50, 5000))
 
 def measure(streaming: int, n: int, repeats: int, workdir: str) -> dict:
     h = handoff.measure_handoff(n, repeats, workdir, streams=streaming, where=True)
-    pauses = [round(p * 1000, 3) for p in h["pause"]]
-    quiet = [round(p * 1000, 3) for p in h["quiet-pause"]]
-    downtimes = [round(d * 1000, 3) for d in h["downtime"]]
     # Each handoff's own ratio too: the goal is for every run, not only the median.
-    # h["downtime"] holds the CLI's handoffs too (every other one); the QMP ones come first.
-    qmp_downtimes = downtimes[0::2]
-    ratios = [round(p / (q + d), 2) for p, q, d in zip(pauses, quiet, qmp_downtimes)]
+    ratios = [round(p / (q + d), 2) for p, q, d in zip(h["pause"], h["quiet-pause"], h["qmp-downtime"])]
     return {"n": n, "streaming": h["streams"], "repeats": repeats,
             "downtime-ms": median_ms(h["downtime"]), "peer-pause-ms": median_ms(h["pause"]),
             "quiet-pause-ms": median_ms(h["quiet-pause"]), "ratios": ratios, "where": h["where"],
             "marked": h["marked"]}
+
+
+def parse_mixes(texts) -> list[tuple[int, int]]:
+    """(streaming, chardevs) of each STREAMING:CHARDEVS."""
+    return [tuple(map(int, text.split(":"))) for text in texts if text]
 
 
 def cause(where: dict) -> str:
@@ -63,7 +63,7 @@ def main(argv=None) -> int:
     parser.add_argument("mixes", nargs="*", help="STREAMING:CHARDEVS (default: 8 and 50 among 1000, 3000, 5000)")
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args(argv)
-    mixes = [tuple(map(int, m.split(":"))) for m in args.mixes] or MIXES
+    mixes = parse_mixes(args.mixes) or MIXES
     floor.raise_nofile()
     compile_fdmig()
     rows = []
