@@ -130,7 +130,7 @@ def _complete_labels(ctx, param, incomplete):
 
 def _complete_spec(ctx, param, incomplete):
     """A SPEC: its first word (a backend, then ','), then the keys that backend
-    takes. Shells split words at '=', so only what leads up to a key is offered."""
+    takes, each with its '='. A value is the user's: nothing is offered for it."""
     from fdmig import spec
     if "," not in incomplete:
         return [f"{backend}," for backend in (*spec.BACKENDS, "tty") if backend.startswith(incomplete)]
@@ -931,8 +931,78 @@ def _mend_fish_completion() -> None:
     add_completion_class(MendedFishComplete, "fish")
 
 
-if os.environ.get("_FDMIG_COMPLETE", "").startswith("fish"):
+_BASH_SOURCE = """\
+%(complete_func)s() {
+    local IFS=$'\\n'
+    local response completion type value
+
+    response=$(env COMP_WORDS="${COMP_WORDS[*]}" COMP_CWORD=$COMP_CWORD COMP_LINE="${COMP_LINE:0:COMP_POINT}" \
+COMP_CUR="${COMP_WORDS[COMP_CWORD]}" %(complete_var)s=bash_complete $1)
+
+    for completion in $response; do
+        type=${completion%%%%,*}
+        value=${completion#*,}
+        if [[ $type == 'dir' ]]; then
+            COMPREPLY=()
+            compopt -o dirnames
+        elif [[ $type == 'file' ]]; then
+            COMPREPLY=()
+            compopt -o default
+        elif [[ $type == 'plain' ]]; then
+            COMPREPLY+=("$value")
+            [[ $value == *[=,] ]] && compopt -o nospace 2>/dev/null
+        fi
+    done
+
+    return 0
+}
+
+%(complete_func)s_setup() {
+    complete -o nosort -F %(complete_func)s %(prog_name)s
+}
+
+%(complete_func)s_setup;
+"""
+
+
+def _bash_completion() -> None:
+    """click's bash script: bash splits the word under the cursor at '='
+    (COMP_WORDBREAKS), so click, given COMP_WORDS, saw `socket,id=app,pa` as three
+    words and completed nothing past a SPEC's first key; and it read `socket,`
+    back as `socket`. fdmig's script also passes the line up to the cursor and
+    bash's own current word: the whole shell word is completed from the line and
+    answered as bash replaces it, from its last break on; a key's `=` or a
+    backend's `,` is left for the next word to follow, with no space."""
+    from click.shell_completion import BashComplete, add_completion_class, split_arg_string
+
+    class LineBashComplete(BashComplete):
+        source_template = _BASH_SOURCE
+
+        def get_completion_args(self):
+            line = os.environ.get("COMP_LINE")
+            if line is None:
+                return super().get_completion_args()
+            words = split_arg_string(line)
+            if not line or line[-1].isspace():
+                words.append("")
+            current = os.environ.get("COMP_CUR", words[-1])
+            self._before = words[-1][:len(words[-1]) - len(current)] if words[-1].endswith(current) else ""
+            return words[1:-1], words[-1]
+
+        def format_completion(self, item) -> str:
+            value = item.value
+            if getattr(self, "_before", "") and item.type == "plain" and value.startswith(self._before):
+                value = value[len(self._before):]
+            return f"{item.type},{value}"
+
+    add_completion_class(LineBashComplete, "bash")
+
+
+_COMPLETING = os.environ.get("_FDMIG_COMPLETE", "")
+if _COMPLETING.startswith("fish"):
     _mend_fish_completion()  # a completion request from fish; no other start pays for it
+elif _COMPLETING.startswith("bash"):
+    _bash_completion()
 
 
 @main.command()
@@ -952,6 +1022,8 @@ def completion(shell):
     from click.shell_completion import get_completion_class
     if shell == "fish":
         _mend_fish_completion()
+    elif shell == "bash":
+        _bash_completion()
     script = get_completion_class(shell)(main, {}, "fdmig", "_FDMIG_COMPLETE").source()
     click.echo(script, nl=not script.endswith("\n"))
 

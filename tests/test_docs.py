@@ -300,16 +300,17 @@ def _shell_env(fdmig_bin: Path) -> dict:
     return dict(os.environ, PATH=f"{fdmig_bin}{os.pathsep}{os.environ.get('PATH', '')}")
 
 
-def bash_complete(words: list[str], fdmig_bin: Path, load: str = "loader") -> list[str]:
+def bash_complete(words: list[str], fdmig_bin: Path, load: str = "loader", line: str | None = None) -> list[str]:
     """Load fdmig's completion in a real bash, complete `words` (the last one is the
-    word under the cursor) and return what bash would offer."""
+    word under the cursor, split as bash splits them) of `line` (the words joined
+    by spaces unless given) and return what bash would offer."""
     script = "\n".join([
         f"source {shlex.quote(str(COMPLETIONS / 'fdmig.bash'))}" if load == "loader"
         else 'eval "$(fdmig completion bash)"',
         "complete -p fdmig >&2",
         f"COMP_WORDS=({' '.join(shlex.quote(w) for w in words)})",
         f"COMP_CWORD={len(words) - 1}",
-        f"COMP_LINE={shlex.quote(' '.join(words))}",
+        f"COMP_LINE={shlex.quote(' '.join(words) if line is None else line)}",
         "COMP_POINT=${#COMP_LINE}",
         "COMPREPLY=()",
         "_fdmig_completion fdmig",
@@ -387,6 +388,21 @@ def test_bash_completion_offers_labels_and_instance_name_of_running_instance(
     _serve_app_and_db(daemons, short_dir)
     assert bash_complete(["fdmig", "detach", ""], fdmig_bin, load) == ["app", "db"]
     assert bash_complete(["fdmig", "detach", "--name", ""], fdmig_bin, load) == ["default"]
+
+
+@needs("bash")
+def test_bash_completion_goes_on_past_a_spec_s_first_key(fdmig_bin, runtime_dir):
+    # bash splits the word under the cursor at '=': it replaces what follows the
+    # last one, so that is what is offered, and a key's '=' or a backend's ','
+    # stays in what it offers.
+    line = "fdmig serve --chardev socket,id=app,pa"
+    assert bash_complete(["fdmig", "serve", "--chardev", "socket,id", "=", "app,pa"], fdmig_bin,
+                         line=line) == ["app,path="]
+    line = "fdmig run --chardev udp,id=dns,port=53,localp"
+    assert bash_complete(["fdmig", "run", "--chardev", "udp,id", "=", "dns,port", "=", "53,localp"],
+                         fdmig_bin, line=line) == ["53,localport="]
+    assert bash_complete(["fdmig", "serve", "--chardev", "socket,i"], fdmig_bin) == ["socket,id="]
+    assert bash_complete(["fdmig", "attach", "se"], fdmig_bin) == ["serial,"]
 
 
 @needs("zsh")
