@@ -43,6 +43,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 SLOW = 3.0  # the request in flight across the restart, seconds
 RESTART_AT = 0.5  # seconds into it
 AFTER = 1.5  # load goes on this long after the slow request ended
+# The requests counted across a restart: those that began this long from it,
+# whenever the command returned (start_server --restart waits out the drain).
+WINDOW = SLOW - RESTART_AT + AFTER
 INTERVAL = 0.01
 # (row, server, `fdmig run` options, how the restart is asked)
 CASES = (("fdmig run --overlap", "fdmig", ["--overlap"], "command"),
@@ -124,6 +127,9 @@ class _Fdmig:
                                 capture_output=True, text=True).returncode == 0
         return time.monotonic() - began, ok
 
+    def up(self) -> bool:
+        return True  # it answered
+
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
         self.proc.wait(60)
@@ -135,18 +141,30 @@ class _ServerStarter:
         command = _gunicorn("--bind", "fd://FD")
         shell = ('fd=${SERVER_STARTER_PORT##*=}; for a; do shift; set -- "$@" "${a/FD/$fd}"; done; exec "$@"')
         self.asked, self.env = asked, env
-        self.files = [f"--pid-file={os.path.join(workdir, 'pid')}", f"--status-file={os.path.join(workdir, 'status')}"]
+        self.status = os.path.join(workdir, "status")
+        self.files = [f"--pid-file={os.path.join(workdir, 'pid')}", f"--status-file={self.status}"]
         self.proc = subprocess.Popen(["start_server", f"--port=127.0.0.1:{port}", *self.files, "--", "bash", "-c",
                                       shell, "gunicorn", *command], env=env, cwd=ROOT, stdin=subprocess.DEVNULL,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+    def up(self) -> bool:
+        # start_server writes its status file once a generation has lived --interval
+        # (1 s); before that, `start_server --restart` fails without restarting.
+        return os.path.exists(self.status)
 
     def restart(self) -> tuple[float | None, bool]:
         if self.asked == "running":
             self.proc.send_signal(signal.SIGHUP)
             return None, True
-        # start_server --restart sends the HUP and returns once the status file names a new generation.
+        # start_server --restart sends the HUP and returns once the status file names
+        # the new generation alone: once the old one has drained and exited. A build
+        # that never starts is retried for ever, so that wait is bounded here.
         began = time.monotonic()
-        done = subprocess.run(["start_server", "--restart", *self.files], env=self.env, capture_output=True)
+        try:
+            done = subprocess.run(["start_server", "--restart", *self.files], env=self.env, capture_output=True,
+                                  timeout=SLOW + 5)
+        except subprocess.TimeoutExpired:
+            return time.monotonic() - began, False
         return time.monotonic() - began, done.returncode == 0
 
     def stop(self) -> None:
@@ -173,6 +191,7 @@ def measure_once(case: tuple, workdir: str, broken: bool = False) -> dict:
         _wait(lambda: any(r["ok"] for r in probe.results), 30, "the server to answer")
         first = next(r for r in probe.results if r["ok"])["by"].split()[0]
         probe.stop()
+        _wait(server.up, 30, "the server to be up")
         load = _Load(port)
         before = set(os.listdir(begun))
         slow = _Load(port, f"/slow?{SLOW:g}", interval=3600)
@@ -182,13 +201,17 @@ def measure_once(case: tuple, workdir: str, broken: bool = False) -> dict:
             open(flag, "w").close()
         hup_at = time.time()
         took, ok = server.restart()
+        if not ok and not broken:
+            raise RuntimeError(f"{case[0]}: the restart failed")
         _wait(lambda: slow.results, SLOW + 30, "the slow request to end")
-        time.sleep(AFTER)
+        time.sleep(max(0.0, hup_at + WINDOW - time.time()))
         results = load.stop()
         slow.stop()
+        served = load.first_ok_by_other_than(first)
+        if served is None and not broken:
+            raise RuntimeError(f"{case[0]}: no new generation served a request")
         if took is None and not broken:
-            served = load.first_ok_by_other_than(first)
-            took = served - hup_at if served is not None else None
+            took = served - hup_at
     finally:
         server.stop()
         if os.path.exists(flag):
@@ -197,7 +220,7 @@ def measure_once(case: tuple, workdir: str, broken: bool = False) -> dict:
     # Across the restart: the requests that began once it was asked. Those before
     # are the same server with no restart, and they include the start of the
     # benchmark's own slow-request process (tens of ms in some runs, either server).
-    across = [r["ms"] for r in fresh if r["start"] >= hup_at]
+    across = [r["ms"] for r in fresh if hup_at <= r["start"] < hup_at + WINDOW]
     before = [r["ms"] for r in fresh if r["start"] < hup_at]
     return {"longest-ms": max(across, default=None), "before-ms": max(before, default=None),
             "failed": len(results) - len(fresh),
@@ -263,12 +286,15 @@ def markdown(rows: list[dict]) -> list[str]:
                      f"{row['failed']} of "
                      f"{row['requests']} | {took} | {'yes' if row['slow-ok'] else 'no'} | "
                      f"{row['broken-failed']} of {row['broken-requests']} | {row['broken-longest-ms']:.1f} ms |")
-    lines += ["", "The longest fresh request is of those that began once the restart was asked (its command "
-              "started, its QMP request or HUP sent); before the restart, of those before it (about half a "
-              "second): the same server with no restart.",
-              "", "A restart by a command is timed from the command's start to its exit; one over QMP from the "
-              "request to its answer; Server::Starter's HUP from the signal to the first request the new "
-              "generation served."]
+    lines += ["", f"The longest fresh request is of those that began in the {WINDOW:g} s from the moment the "
+              "restart was asked (its command started, its QMP request or HUP sent), whichever way it was; "
+              "before the restart, of those before it (about half a second): the same server with no restart.",
+              "", "A restart by a command is timed from the command's start to its exit (`fdmig restart` "
+              "returns once the new generation is ready, `start_server --restart` once the old one has "
+              "exited); one over QMP from the request to its answer; Server::Starter's HUP from the signal to "
+              "the first request the new generation served. Every restart is checked to have been served by a "
+              "new generation; Server::Starter is restarted only once its status file exists (before it, "
+              "`start_server --restart` fails and restarts nothing)."]
     return lines
 
 
