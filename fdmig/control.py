@@ -315,6 +315,8 @@ async def cmd_chardev_add(conn: ControlConnection, arguments: dict):
     _no_extra(arguments, "id", "backend")
     _running(conn)
     spec = specs.from_qmp(arguments)
+    await conn.instance.check_free(spec)
+    _running(conn)  # again: a migration may have begun while other instances were asked
     chardev = await conn.instance.add_chardev(spec)
     # QEMU's ChardevReturn: a pty's slave, as the kernel named it.
     return {"pty": chardev.spec.path} if spec.kind == "pty" else {}

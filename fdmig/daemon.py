@@ -13,8 +13,8 @@ import signal
 import time
 from collections.abc import AsyncIterator
 
-from fdmig import (__version__, frontends, keeper, marks, pacing, paths, presentation, qmp, spec as specs, systemd,
-                   tcprepair)
+from fdmig import (__version__, frontends, instances, keeper, marks, pacing, paths, presentation, qmp, spec as specs,
+                   systemd, tcprepair)
 from fdmig.keeper import Keeper
 from fdmig.chardev import Chardev, quiesce_all, resume_all
 from fdmig.errors import FdmigError
@@ -101,6 +101,15 @@ class Instance:
         # add would make a start with thousands of chardevs quadratic.
         held = {label: c.spec for label, c in self.chardevs.items()} if spec.bridge else self.chardevs
         specs.check_fits(spec, held, incoming=self.run_state is RunState.INMIGRATE, addresses=self.chardevs.addresses)
+
+    async def check_free(self, spec) -> None:
+        """The rule across instances (fdmig.instances), here and not only in the
+        CLI's attach: a client speaking QMP itself must not take another
+        instance's address either. In a thread: it asks every instance of the
+        runtime dir, this one too, for its status, and the loop serves on
+        meanwhile (so the caller checks again what may have changed)."""
+        self.check_new(spec)
+        await asyncio.to_thread(instances.check_free, [spec], self.name)
 
     async def add_chardev(self, spec) -> Chardev:
         self.check_new(spec)

@@ -3,8 +3,11 @@ unix path (or a TCP address) a live instance listens on exits 2 naming that
 instance and chardev, and the first serves on; a path no process listens on is
 taken over, as before."""
 
+import asyncio
 import os
 import socket
+
+from qemu.qmp import ExecuteError, QMPClient
 
 from tests.helpers import connect_unix, echoes, run, status_of
 
@@ -111,3 +114,75 @@ def test_a_path_through_a_symlinked_directory_is_the_same_address(daemons, short
                  ECHO.format(label="x", path=os.path.join(short_dir, "link", "app.sock")), timeout=20)
     assert result.returncode == 2 and "instance 'web'" in result.stderr, result.stderr
     assert echoes(connect_unix(path))
+
+
+def test_qmp_chardev_add_of_another_instances_path_is_refused(daemons, short_dir, runtime_dir):
+    # Not only the CLI's attach: a client speaking QMP itself (QEMU's own library)
+    # is refused too, and the first instance serves on at its path.
+    path = os.path.join(short_dir, "app.sock")
+    _first(daemons, runtime_dir, path)
+    daemons("serve", "--name", "other")
+
+    async def add():
+        client = QMPClient("test")
+        await client.connect(os.path.join(runtime_dir, "other.sock"))
+        try:
+            await client.execute("chardev-add", {"id": "x", "backend": {"type": "socket", "data": {
+                "addr": {"type": "unix", "data": {"path": path}}, "server": True}}})
+        except ExecuteError as exc:
+            return str(exc)
+        finally:
+            await client.disconnect()
+        return None
+
+    refused = asyncio.run(asyncio.wait_for(add(), 15))
+    assert refused is not None and "instance 'web'" in refused and "chardev app" in refused, refused
+    assert echoes(connect_unix(path)), "the first instance no longer answers at its path"
+    assert status_of(os.path.join(runtime_dir, "other.sock"))["chardevs"] == []
+
+
+def test_a_qmp_chardev_add_is_refused_if_a_migration_began_while_it_was_checked(daemons, short_dir, runtime_dir):
+    # The check asks every instance of the runtime dir, and one that does not
+    # answer holds it for a while; a migration may begin meanwhile, and a chardev
+    # added then would be missing from the table already sent: lost at the handover.
+    daemons("serve", "--name", "web", "--capability", "local-char-socket")
+    silent = socket.socket(socket.AF_UNIX)  # in the runtime dir the instance made
+    silent.bind(os.path.join(runtime_dir, "hung.sock"))
+    silent.listen()
+    silent.settimeout(20)
+    # The target stops itself once it has the table: the migration stays under way.
+    target = daemons("migrate-in", "--name", "web", ready=False,
+                     env=dict(os.environ, FDMIG_FAULT="target-after-table=stop"))
+    control = os.path.join(runtime_dir, "web.sock")
+    path = os.path.join(short_dir, "late.sock")
+
+    async def main():
+        adder, migrator = QMPClient("adder"), QMPClient("migrator")
+        await adder.connect(control)
+        await migrator.connect(control)
+        try:
+            add = asyncio.ensure_future(adder.execute("chardev-add", {"id": "late", "backend": {
+                "type": "socket", "data": {"addr": {"type": "unix", "data": {"path": path}}, "server": True}}}))
+            held, _ = await asyncio.get_running_loop().run_in_executor(None, silent.accept)  # the check waits on us
+            await migrator.execute("migrate", {"uri": f"unix:{runtime_dir}/web.migrate.sock",
+                                               "x-fdmig-timeout": 60})
+            await asyncio.get_running_loop().run_in_executor(
+                None, os.waitid, os.P_PID, target.pid, os.WSTOPPED | os.WNOWAIT)  # it has the table
+            assert (await migrator.execute("query-migrate"))["status"] == "setup"
+            held.close()  # the check goes on, and finds the migration under way
+            try:
+                await add
+            except ExecuteError as exc:
+                return str(exc)
+            return None
+        finally:
+            await adder.disconnect()
+            await migrator.disconnect()
+
+    try:
+        refused = asyncio.run(asyncio.wait_for(main(), 30))
+    finally:
+        silent.close()
+        target.proc.kill()  # stopped: it would not hear SIGTERM
+    assert refused is not None and "migration process in progress" in refused, refused
+    assert not os.path.exists(path)
