@@ -13,7 +13,9 @@ import time
 
 from fdmig import marks
 
-MAX_EVENTS = 512  # per loop iteration, so the control socket is never starved
+# Per loop iteration, so the control socket is never starved; the first after a
+# migration's resume serves every ranked fd that is ready (see resume()).
+MAX_EVENTS = 512
 MARKED_TURN = 0.0005  # a dispatch this long goes on the timeline (fdmig.marks)
 
 IN = select.EPOLLIN
@@ -44,6 +46,7 @@ class Poller:
         loop.add_writer(self._epoll.fileno(), _never)
         loop.add_reader(self._epoll.fileno(), self._dispatch)
         self._turn: list | None = None  # [future, events still owed] (after_turn)
+        self._rank: dict | None = None  # fd -> its place in the first dispatch after a resume
 
     def watch(self, fd: int, on_read=None, on_write=None, on_hangup=None, defer: bool = True,
               half_close: bool = True) -> None:
@@ -86,7 +89,10 @@ class Poller:
     def resume(self, first=()) -> None:
         """Watch again; fds registered while paused get their events now, those in
         `first` before the rest and in its order (a migration's target: the order
-        in which the source would have served them next)."""
+        in which the source would have served them next). The first dispatch
+        serves the fds of `first` that are ready in its order too, whenever they
+        got their events: a target registers its streaming peers' fds with their
+        events before the downtime, which leaves only this order inside it."""
         if self.paused:
             deferred, self._deferred = self._deferred, {}
             # Thousands inside a downtime: the loops run in C, bar the syscalls.
@@ -94,6 +100,9 @@ class Poller:
             handlers = self._handlers
             collections.deque(map(self._epoll.modify, order, map(_MASK, map(handlers.__getitem__, order))),
                               maxlen=0)
+            # Watched at once and not in `first`: -1, before the ranked ones, in epoll's order.
+            ranked = dict.fromkeys(itertools.chain(first, order)) if first else None
+            self._rank = dict(zip(ranked, itertools.count())) if ranked else None
             self._loop.add_reader(self._epoll.fileno(), self._dispatch)
             self.paused = False
 
@@ -126,7 +135,15 @@ class Poller:
             self._serve()
 
     def _serve(self) -> None:
-        ready = self._epoll.poll(0, MAX_EVENTS)
+        if self._rank is None:
+            ready = self._epoll.poll(0, MAX_EVENTS)
+        else:
+            # The first turn after a resume, whole and in the order resume() ranked:
+            # what is left in epoll's ready list comes in the order fds became
+            # ready, during the precopy, which is no order at all.
+            rank, self._rank = self._rank, None
+            ready = self._epoll.poll(0, len(rank) + MAX_EVENTS)
+            ready.sort(key=lambda event: rank.get(event[0], -1))
         if self._turn is not None:
             self._turn[1] -= len(ready)
             if self._turn[1] <= 0 or len(ready) < MAX_EVENTS:

@@ -38,6 +38,35 @@ def test_fds_registered_while_paused_are_served_at_resume_in_the_order_given():
     assert served == first + rest
 
 
+def test_fds_watched_at_once_while_paused_are_served_first_in_the_order_given():
+    # A target registers its streaming peers' fds with their events during the
+    # precopy (nothing is read while paused) and gives their order at the resume:
+    # it, not the order in which they became ready, is the order they are served in.
+    async def main():
+        poller = Poller(asyncio.get_running_loop())
+        pairs = [socket.socketpair() for _ in range(5)]
+        served = []
+        poller.pause()
+        for mine, theirs in pairs:
+            mine.setblocking(False)
+            poller.watch(mine.fileno(), on_read=lambda sock=mine: served.append(sock.recv(1) and sock.fileno()),
+                         defer=False)
+        for mine, theirs in pairs:
+            theirs.send(b"x")  # ready in table order
+        for _ in range(20):
+            await asyncio.sleep(0)
+        before = list(served)
+        first = [pairs[i][0].fileno() for i in (3, 1, 4, 0, 2)]
+        poller.resume(first)
+        while len(served) < len(pairs):
+            await asyncio.sleep(0)
+        _close(poller, pairs)
+        return before, served, first
+
+    before, served, first = asyncio.run(main())
+    assert before == [] and served == first
+
+
 def test_an_fd_unwatched_while_paused_is_never_added_and_one_watched_before_stays():
     async def main():
         poller = Poller(asyncio.get_running_loop())

@@ -386,9 +386,10 @@ class TargetSession(Session):
             if not by_role:
                 del self.sockets[section.label]  # nothing moves: opened afresh, as unmarked ones
             elif not chardev.watched:
-                # So that resuming thousands is a flag each. A streaming peer's fd gets
-                # its events only at the resume, in the order RELEASED gives.
-                chardev.watch_now(defer=state.streaming)
+                # So that resuming thousands is a flag each, with their events set now
+                # (the poller is paused: nothing is read). A streaming peer's fd is
+                # served first at the resume, in the order RELEASED gives.
+                chardev.watch_now(defer=False)
                 if state.streaming:
                     self.deferred[self.table_index[section.label]] = chardev.fd
         faults.point("target-after-batch")
@@ -597,8 +598,8 @@ def resume(instance, received: Received) -> None:
     the source hears TAKEN before the first read (the loop has not run since),
     so that a source that never hears it knows we read nothing and may serve on."""
     received.restorer.resume()  # over TCP, out of repair mode: each sends its peer a window probe
-    # The streaming ones' fds get their events in the order the source would have
-    # served them next: epoll then serves them in it, the peer that has waited longest first.
+    # The streaming ones' fds are served first, in the order the source would have
+    # served them next: the peer that has waited longest first.
     deferred = received.deferred
     first = [fd for fd in map(deferred.get, wire.ReleaseInfo.order(received.info, len(received.plan.order)))
              if fd is not None]
