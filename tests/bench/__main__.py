@@ -17,8 +17,8 @@ import sys
 import tempfile
 import time
 
-from tests.bench import (backends, compile_fdmig, crosshost, floor, handoff, median_ms, mixed, overlap, s6,
-                         service, throughput)
+from tests.bench import (backends, compile_fdmig, crosshost, floor, handoff, median_ms, mixed, overlap, raise_nofile,
+                         s6, service, throughput)
 
 
 def ratio(a, b) -> str:
@@ -270,7 +270,7 @@ def main(argv=None) -> int:
                         help="restarts of gunicorn under load per way of restarting (0: none)")
     parser.add_argument("--out", default="bench-results")
     args = parser.parse_args(argv)
-    floor.raise_nofile()
+    raise_nofile()
     compile_fdmig()
     if args.quick:
         sizes, busy_sizes, repeats, bridge_bytes, startup_repeats = [1, 10], [10], 2, 8 << 20, 3

@@ -22,7 +22,7 @@ import subprocess
 import sys
 import threading
 
-from tests.bench import floor, handoff, median_ms
+from tests.bench import floor, handoff, median_ms, raise_nofile
 from tests.helpers import FDMIG
 
 BACKENDS = ("pty", "serial", "pipe", "udp", "file")
@@ -135,7 +135,7 @@ def floor_fds(backend: str, n: int) -> tuple[list[int], list[int]]:
 def measure(backend: str, n: int, repeats: int, workdir: str) -> dict:
     """Downtime and the probes' longest pause (seconds) of `repeats` live
     migrations of N `backend` chardevs, and the kernel floor for their fds."""
-    handoff._raise_fd_limit()
+    raise_nofile()
     env = dict(os.environ, FDMIG_RUNTIME_DIR=os.path.join(workdir, "rt"))
     env.pop("FDMIG_FAULT", None)
     specs, ends, keep = _setup(backend, n, workdir)
@@ -220,7 +220,7 @@ def markdown(rows: list[dict]) -> list[str]:
 def main(argv: list[str]) -> int:
     import shutil
     import tempfile
-    floor.raise_nofile()
+    raise_nofile()
     sizes = [int(n) for n in argv] or [1, 100, 1000]
     workdir = tempfile.mkdtemp(prefix="fdmig-bench-", dir="/tmp")
     try:

@@ -20,8 +20,8 @@ import tempfile
 import time
 
 from tests import netns
-from tests.bench import median_ms
-from tests.bench.handoff import STREAM_INTERVAL, ProbeControl, Probes, Streaming, _raise_fd_limit
+from tests.bench import median_ms, raise_nofile
+from tests.bench.handoff import STREAM_INTERVAL, ProbeControl, Probes, Streaming
 from tests.helpers import FDMIG, Notify, missing
 from tests.netns import HOST_A, HOST_B, SERVICE
 
@@ -101,7 +101,7 @@ def measure(n: int, repeats: int, workdir: str, creds: str) -> dict:
     doing ping-pong and of those streaming (half the watched peers each, when
     there are two or more), and the migrate-out wall time, moving back and forth
     between the hosts."""
-    _raise_fd_limit()
+    raise_nofile()
     result = {"n": n, "downtime": [], "pause": [], "stream-pause": [], "wall": []}
     with netns.Hosts() as hosts:
         envs = _envs(workdir)
@@ -153,7 +153,7 @@ def measure_reconnect(n: int, repeats: int, workdir: str) -> list[float]:
     (its peers see EOF), the address moves, an instance starts on the new host,
     and the peers connect again. Samples (seconds): the probes' longest pause,
     EOF to the first answer from the new host."""
-    _raise_fd_limit()
+    raise_nofile()
     samples = []
     with netns.Hosts() as hosts:
         envs = _envs(workdir)

@@ -9,12 +9,13 @@ costs beyond this is the price of its protocol and its processes.
     python -m tests.bench.floor            # medians for n in 1, 10, 100, 1000, 5000
 """
 
-import resource
 import socket
 import statistics
 import subprocess
 import sys
 import time
+
+from tests.bench import raise_nofile
 
 MAX_FDS_PER_MSG = 253  # SCM_MAX_FD in include/net/scm.h
 TIMEOUT = 30.0  # seconds for any one run; never hang
@@ -42,14 +43,6 @@ while True:
         os.close(fd)
     sock.sendall(b"k")
 """
-
-
-def raise_nofile() -> int:
-    """Soft RLIMIT_NOFILE up to the hard limit; return the new soft limit."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    return hard
 
 
 def measure_floor(n: int, repeats: int, warmup: int = 1) -> list[float]:

@@ -11,17 +11,12 @@ import subprocess
 import threading
 import time
 
+from tests.bench import raise_nofile
 from tests.helpers import FDMIG, Notify
 
 RECORD = 16
 PROBES = 8  # peers that stream ping-pong and time their longest pause
 STATUS_WINDOWS = 9  # windows of three status calls, each beside one with none (a median of few moved by ms)
-
-
-def _raise_fd_limit():
-    import resource
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 class Probes:
@@ -255,7 +250,7 @@ def measure_handoff(n: int, repeats: int, workdir: str, busy: bool = False, stat
     pause over windows with three `x-fdmig-status` calls each. `where`: also, for
     each handoff timed over QMP, what the instances were doing during its longest
     pause (fdmig.marks; off otherwise, so that marking is not in the figures)."""
-    _raise_fd_limit()
+    raise_nofile()
     marks_path = os.path.join(workdir, "marks")
     env = dict(os.environ, FDMIG_RUNTIME_DIR=os.path.join(workdir, "rt"))
     env.pop("FDMIG_FAULT", None)

@@ -11,7 +11,7 @@ import argparse
 import sys
 import tempfile
 
-from tests.bench import compile_fdmig, floor, handoff, median_ms
+from tests.bench import compile_fdmig, handoff, median_ms
 
 MIXES = ((8, 1000), (50, 1000), (8, 3000), (50, 3000), (8, 5000), (50, 5000))
 
@@ -64,7 +64,6 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args(argv)
     mixes = parse_mixes(args.mixes) or MIXES
-    floor.raise_nofile()
     compile_fdmig()
     rows = []
     with tempfile.TemporaryDirectory(prefix="fdm-mix-", dir="/tmp") as workdir:

@@ -29,7 +29,6 @@ measure_s6 then returns ok False with that in "error"; it never hangs.
 """
 
 import os
-import resource
 import select
 import shutil
 import signal
@@ -39,6 +38,8 @@ import subprocess
 import sys
 import tempfile
 import time
+
+from tests.bench import raise_nofile
 
 METHODS = {
     "transferdump": lambda a, b, ms: ["s6-fdholder-transferdump", "-t", f"{ms}:{ms}", a, b],
@@ -54,13 +55,6 @@ SUN_PATH_MAX = 107
 # 2.13.1.1 sends a whole setdump of up to 255 fds in one sendmsg, which the kernel
 # (SCM_MAX_FD = 253) refuses with EINVAL from 254 fds on.
 SETDUMP_CHUNK = 253
-
-
-def raise_nofile() -> int:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    return hard
 
 
 # What this baseline runs, all from Debian's package s6 (s6-fdholder-daemon execs

@@ -30,8 +30,8 @@ import sys
 import tempfile
 import time
 
-from tests.bench import median_ms, s6
-from tests.bench.handoff import Probes, _raise_fd_limit
+from tests.bench import median_ms, raise_nofile, s6
+from tests.bench.handoff import Probes
 from tests.helpers import FDMIG, Notify
 
 NAME = "benchsvc"
@@ -224,7 +224,7 @@ def measure_fdmig(n: int, repeats: int, workdir: str) -> dict:
     """`fdmig restart` of a service holding n stored connections: the probes'
     longest pause and restart's wall clock (seconds), per restart; and how many of
     the n peers saw EOF (each would have had to reconnect)."""
-    _raise_fd_limit()
+    raise_nofile()
     env = dict(_service_env(os.environ), FDMIG_RUNTIME_DIR=os.path.join(workdir, "rt"))
     env.pop("FDMIG_FAULT", None)
     path = os.path.join(workdir, "web.sock")
@@ -293,7 +293,7 @@ def measure_startup(n: int, repeats: int, workdir: str) -> list[float]:
     """The service program's own start-up with n stored connections (seconds from
     spawn to its READY=1): the listener and n connected sockets at fds 3.., named
     in LISTEN_FDNAMES as fdmig passes them, READY=1 to a socket of ours."""
-    _raise_fd_limit()
+    raise_nofile()
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(os.path.join(workdir, "startup.sock"))
     listener.listen(16)
@@ -404,7 +404,7 @@ def measure_plain(n: int, repeats: int, workdir: str) -> dict:
     """The same service with no store, restarted as a plain service is (SIGTERM,
     wait, start again; it binds its socket itself): each restart's longest and
     median EOF-to-first-echo time over the n peers (seconds), and the reconnects."""
-    _raise_fd_limit()
+    raise_nofile()
     path = os.path.join(workdir, "plain.sock")
     notify = Notify(workdir)
     env = dict(_service_env(os.environ), NOTIFY_SOCKET=notify.path)
@@ -474,7 +474,7 @@ def measure_s6(n: int, repeats: int, workdir: str) -> dict:
     if not s6.available():
         result["error"] = "s6-fdholder tools not found on PATH (Debian package s6)"
         return result
-    limit = s6.raise_nofile()
+    limit = raise_nofile()
     if 2 * n + 64 > limit:
         result["error"] = f"n={n} needs {2 * n} fds in this process, RLIMIT_NOFILE is {limit}"
         return result
