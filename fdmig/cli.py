@@ -977,6 +977,7 @@ def _bash_completion() -> None:
 
     class LineBashComplete(BashComplete):
         source_template = _BASH_SOURCE
+        _before = ""  # what of the shell word precedes bash's current word (its last break)
 
         def get_completion_args(self):
             line = os.environ.get("COMP_LINE")
@@ -991,7 +992,7 @@ def _bash_completion() -> None:
 
         def format_completion(self, item) -> str:
             value = item.value
-            if getattr(self, "_before", "") and item.type == "plain" and value.startswith(self._before):
+            if self._before and item.type == "plain" and value.startswith(self._before):
                 value = value[len(self._before):]
             return f"{item.type},{value}"
 
