@@ -18,6 +18,7 @@ from tests.helpers import missing
 CLIENT, HOST_A, HOST_B = "198.18.0.1", "198.18.0.2", "198.18.0.3"
 SERVICE = "198.18.0.10"
 PREFIX = 24
+SUBNET = f"198.18.0.0/{PREFIX}"
 # The commands a user gives fdmig to move the service address, as shell lines: an
 # instance runs them on its own host (here, in its namespace). The claim ends with
 # a gratuitous ARP, so that the neighbours send to this host before the connections

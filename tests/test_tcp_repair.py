@@ -8,18 +8,22 @@ reset, through each migration and each failure."""
 
 import json
 import os
+import select
 import selectors
+import signal
 import socket
+import struct
 import threading
 import time
 import types
 
 import pytest
 
-from fdmig import qmp
+from fdmig import qmp, tcpforward, tcprepair
 from tests import netns
-from tests.helpers import Daemon, needs, run, status_of, wait_states
+from tests.helpers import Daemon, Pump, needs, recv_exactly, run, status_of, wait_states
 from tests.netns import HOST_A, HOST_B, SERVICE
+from tests.test_migration import stopped
 from tests.test_tls_channel import creds  # noqa: F401  (the certificates, made once per module)
 
 _why = netns.unavailable(check_programs=False)
@@ -268,6 +272,82 @@ def test_bytes_in_flight_both_ways_at_the_dump_arrive_once(hosts, world):
     assert got == sent
 
 
+TCPI_TOTAL_RETRANS = 100  # struct tcp_info: u32 tcpi_total_retrans
+
+
+def retransmissions(sock: socket.socket) -> int:
+    """How many segments the connection has sent again, by any timer or signal."""
+    return struct.unpack_from("=I", sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104), TCPI_TOTAL_RETRANS)[0]
+
+
+@pytest.mark.parametrize("claim", ["moves", "fails"])
+def test_what_a_peer_sends_while_the_address_is_on_neither_host_needs_no_retransmission(hosts, world, claim):
+    # The peer's timers (retransmission, and tail-loss probe once one segment is
+    # out) are made 5 s, which no move here comes near: its record is answered
+    # with nothing sent again, or only once a timer has fired.
+    hosts.run_on("client", f"ip route replace {netns.SUBNET} dev eth0 rto_min 5s")
+    serving = world.serve("a", ECHO.format(label="e", port=PORT), extra_env={"FDMIG_FAULT": "source-after-release=stop"})
+    sock = hosts.connect("client", SERVICE, PORT)
+    assert echo_once(sock) == b"ping\n"
+    if claim == "moves":
+        target = world.target("b", HOST_B)
+    else:
+        target = world.start("b", "migrate-in", "--name", "web", "--channel", f"tcp:{HOST_B}:{CHANNEL_PORT}",
+                             "--tls-creds", world.creds.both, "--claim-cmd", "exit 3", ready=False)
+    migration = Pump(world.migrate, "a", HOST_B)
+    stopped(serving)  # the address released, nothing dumped yet
+    assert not hosts.has_service_address("a") and not hosts.has_service_address("b")
+    late = b"sent while no host had the address\n"
+    sock.sendall(late)
+    os.kill(serving.pid, signal.SIGCONT)
+    result = migration.join(60)
+    sock.settimeout(20)
+    assert recv_exactly(sock, len(late)) == late
+    assert retransmissions(sock) == 0
+    assert echo_once(sock) == b"ping\n"
+    if claim == "moves":
+        assert outcome(result)["tcp-state"]["forwarded-segments"] >= 1
+        assert target.proc.poll() is None and hosts.has_service_address("b")
+    else:
+        assert result.returncode == 1 and "--claim-cmd failed" in result.stderr
+        assert hosts.has_service_address("a")  # reclaimed: what the peer sent came back here
+
+
+def test_an_ipv6_segment_sent_while_the_address_moved_is_forwarded_to_the_restored_connection(hosts):
+    # fdmig.tcpforward and fdmig.tcprepair by hand, in IPv6 (RFC 5180's benchmarking
+    # prefix, inside these namespaces only): what the migration does, step by step.
+    service6 = "2001:2::10"
+    for host, address in (("client", "2001:2::1"), ("a", "2001:2::2"), ("b", "2001:2::3")):
+        hosts.run_on(host, f"ip addr add {address}/64 dev eth0 nodad")
+    hosts.run_on("a", f"ip addr add {service6}/64 dev eth0 nodad")
+    hosts.run_on("client", "ip -6 route replace 2001:2::/64 dev eth0 metric 256 rto_min 5s")  # as in the test above
+
+    listener = netns.in_netns(hosts.ns("a"), lambda: socket.create_server((service6, PORT), family=socket.AF_INET6))
+    peer = netns.in_netns(hosts.ns("client"), socket.create_connection, (service6, PORT), 10)
+    conn, _ = listener.accept()
+    peer.sendall(b"before\n")
+    assert recv_exactly(conn, 7) == b"before\n"
+    forwarder = netns.in_netns(hosts.ns("a"), tcpforward.Forwarder, [service6])
+    try:
+        tcprepair.enter(conn)
+        state = tcprepair.dump(conn)
+        forwarder.track(state.local, state.peer, state.recv_seq, state.mss)
+        hosts.run_on("a", f"ip addr del {service6}/64 dev eth0")
+        peer.sendall(b"while no host had the address\n")
+        restored = netns.in_netns(hosts.ns("b"), tcprepair.restore, state)
+        hosts.run_on("b", f"ip addr add {service6}/64 dev eth0 nodad")
+        assert select.select(forwarder.filenos(), [], [], 10)[0], "the peer's segment never reached host A"
+        assert forwarder.forward() == 1
+        tcprepair.leave(restored)
+        restored.settimeout(10)
+        assert recv_exactly(restored, 30) == b"while no host had the address\n"
+        assert retransmissions(peer) == 0
+    finally:
+        forwarder.close()
+        conn.close()
+        listener.close()
+
+
 def test_unix_and_unmarked_chardevs_are_opened_afresh_at_the_target(hosts, world, short_dir):
     path = os.path.join(short_dir, "app.sock")
     world.serve("a", ECHO.format(label="live", port=PORT),
@@ -394,6 +474,24 @@ def test_without_cap_net_admin_the_source_refuses_x_tcp_repair(hosts, world):
                      "--tls-creds", world.creds.both, env=world.env("a"))
         assert result.returncode == 1
         assert "capability x-tcp-repair needs CAP_NET_ADMIN" in result.stderr
+    finally:
+        daemon.close()
+
+
+def test_without_cap_net_raw_the_connections_move_and_the_peers_retransmit_on_their_own(hosts, world):
+    wrap = ["setpriv", "--inh-caps=-net_raw", "--bounding-set=-net_raw"]
+    daemon = Daemon(["serve", "--name", "web", "--capability", "x-tcp-repair", "--chardev",
+                     ECHO.format(label="e0", port=PORT)], world.dirs["a"], env=world.env("a"),
+                    wrap=hosts.wrap("a", wrap))
+    try:
+        streams = Streamers(peers(hosts, [PORT]))
+        wait_states(world.control("a"), {"e0": "connected"})
+        streams.start()
+        world.target("b", HOST_B)
+        moved = outcome(world.migrate("a", HOST_B))
+        assert moved["moved-live"] == ["e0"] and "forwarded-segments" not in moved["tcp-state"]
+        assert "cannot watch for what the peers send while their address moves" in daemon.stderr()
+        _serving_as_before(hosts, world, streams, host="b")
     finally:
         daemon.close()
 

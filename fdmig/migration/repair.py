@@ -13,7 +13,7 @@ import asyncio
 import logging
 import socket
 
-from fdmig import fdcheck, nbio, tcprepair, tcpstate
+from fdmig import fdcheck, nbio, tcpforward, tcprepair, tcpstate
 from fdmig.errors import FdmigError
 from fdmig.migration import form, wire
 
@@ -64,6 +64,7 @@ class Moved:
     def __init__(self):
         self.labels: list[str] = []  # the chardevs whose connection moved, in order
         self.send_queue = self.unsent = self.recv_queue = 0
+        self.forwarded: int | None = None  # the source's LateSegments, once closed
 
     @property
     def connections(self) -> int:
@@ -76,8 +77,11 @@ class Moved:
         self.recv_queue += len(state.recv_queue)
 
     def info(self) -> dict:
-        return {"connections": self.connections, "send-queue-bytes": self.send_queue,
+        info = {"connections": self.connections, "send-queue-bytes": self.send_queue,
                 "unsent-bytes": self.unsent, "recv-queue-bytes": self.recv_queue}
+        if self.forwarded is not None:
+            info["forwarded-segments"] = self.forwarded
+        return info
 
 
 def status_fields(labels, moved: Moved) -> dict:
@@ -91,7 +95,60 @@ def status_fields(labels, moved: Moved) -> dict:
 
 # ----- the source ------------------------------------------------------------
 
-def dump(chardevs, on: bool, in_repair: list, moved: Moved):
+class LateSegments:
+    """The source's fdmig.tcpforward for one migration: watching from before the
+    release, forwarding from the target's ACK, counted in the status."""
+
+    def __init__(self, forwarder: tcpforward.Forwarder):
+        self.forwarder = forwarder
+
+    @classmethod
+    def watch(cls, chardevs, on: bool) -> "LateSegments | None":
+        """Watching for the segments of every connection that moves with its TCP
+        state; None if none does, or if this host will not let us watch (then the
+        peers retransmit on their own, after their timers: a log line says so)."""
+        addresses = sorted({chardev.conn.getsockname()[0] for chardev in chardevs
+                            if moves(chardev, on) and chardev.conn is not None})
+        if not addresses:
+            return None
+        try:
+            return cls(tcpforward.Forwarder(addresses))
+        except OSError as exc:
+            log.warning("cannot watch for what the peers send while their address moves (%s); they will "
+                        "retransmit it after their own timers", exc.strerror or exc)
+            return None
+
+    def track(self, state: tcpstate.TcpState) -> None:
+        self.forwarder.track(state.local, state.peer, state.recv_seq, state.mss)
+
+    def forward(self) -> None:
+        """What was caught so far, on to the address. Called where a failure must
+        not stop the migration's end: one is logged, and the rest retransmitted
+        by the peers."""
+        try:
+            self.forwarder.forward()
+        except OSError as exc:
+            self.forwarder.failed += 1
+            log.warning("cannot forward what the peers sent while their address moved: %s", exc.strerror or exc)
+
+    def close(self, moved: Moved) -> None:
+        """Stop watching; the counts go to the log and the migration's status."""
+        forwarder = self.forwarder
+        try:
+            dropped = forwarder.dropped()
+        except OSError:
+            dropped = 0
+        forwarder.close()
+        moved.forwarded = forwarder.forwarded
+        if forwarder.forwarded:
+            log.info("forwarded %d segment(s) the peers sent while their address moved", forwarder.forwarded)
+        if dropped or forwarder.failed:
+            log.warning("%d segment(s) the peers sent while their address moved were not forwarded (%d "
+                        "dropped by the kernel, %d failed to send): they retransmit them after their own timers",
+                        dropped + forwarder.failed, dropped, forwarder.failed)
+
+
+def dump(chardevs, on: bool, in_repair: list, moved: Moved, late: LateSegments | None = None):
     """For every connected chardev that moves with its TCP state, its sections:
     pieces of the encoded state, then the chardev's own (yielded as a list per
     chardev, so the caller sends while it dumps on). Each socket goes into repair
@@ -109,6 +166,8 @@ def dump(chardevs, on: bool, in_repair: list, moved: Moved):
         except (tcprepair.RepairError, tcpstate.TcpStateError, OSError) as exc:
             raise tcprepair.RepairError(f"chardev {chardev.label}: {exc}") from None
         moved.add(chardev.label, state)
+        if late:
+            late.track(state)
         section = form.section(chardev)  # its fds stay here: the TCP state is what moves
         pieces = tcpstate.parts(blob, PIECE)
         # The last piece rides in the chardev's own section, before the bytes it

@@ -143,6 +143,7 @@ class SourceSession(Session):
         self.in_repair: list = []  # sockets put into repair mode, for a rollback to undo
         self.releasing = False  # --release-cmd has run (or begun): a rollback reclaims
         self.tcp_moved = repair.Moved()
+        self.late: repair.LateSegments | None = None  # what peers send while the address moves
         self.timeout = timeout
         self.abandoned = abandoned
         self.live = instance.capabilities["local-char-socket"]
@@ -315,6 +316,7 @@ class SourceSession(Session):
         """Over TCP, inside the downtime: the address released (--release-cmd), then
         the TCP state of every connection that moves with it, sent in frames of
         repair.BATCH connections as it is dumped: the target restores meanwhile."""
+        self.late = repair.LateSegments.watch(self.instance.chardevs.values(), self.tcp_repair)
         if self.hooks.get("release"):
             self.releasing = True
             try:
@@ -325,7 +327,7 @@ class SourceSession(Session):
         batch, count = [], 0
         try:
             for sections in repair.dump(self.instance.chardevs.values(), self.tcp_repair, self.in_repair,
-                                        self.tcp_moved):
+                                        self.tcp_moved, self.late):
                 batch += sections
                 count += 1
                 if count % repair.BATCH == 0:
@@ -387,16 +389,23 @@ class SourceSession(Session):
         if self.chan is not None:
             self.chan.send_now(wire.Abort(reason))
             self.chan.close()
+        here = True  # the service address is here: what was caught may go to it (elsewhere, a reset)
         if self.releasing:
             self.releasing = False
+            here = False
             try:
                 await repair.hook("--reclaim-cmd", self.hooks.get("reclaim"))
+                here = bool(self.hooks.get("reclaim"))
             except repair.HookFailed as exc:
                 log.error("%s: this host may not answer the service address any more", exc)
             if not self.hooks.get("reclaim"):
                 log.warning("no --reclaim-cmd: the service address stays released although the connections "
                             "serve on here")
         repair.undo(self.in_repair)  # after the reclaim: each window probe then reaches its peer
+        if self.late:
+            if here:
+                self.late.forward()
+            self.late.close(self.tcp_moved)
         self.instance.thaw()
         log.warning("migration %s: %s; every chardev serves as before", status.value, reason)
         self.instance.lifecycle.migration_to(status, error=reason, error_class="timeout" if timed_out else None)
@@ -414,6 +423,8 @@ class SourceSession(Session):
             await self.chan.send(wire.Released(self.release), None)
             released_at = time.monotonic()
             marks.span("source quiesced", self.quiesce_at, released_at)
+            if self.late:
+                self.late.forward()  # the target has the address (its --claim-cmd ran before its ACK)
             faults.point("source-after-released")
             taken = await self._wait_taken()
         except (OSError, wire.ProtocolError):
@@ -444,6 +455,9 @@ class SourceSession(Session):
             except OSError:
                 pass
         await self._wait_closed()
+        if self.late:
+            self.late.forward()  # what reached us while the target took over
+            self.late.close(self.tcp_moved)
         # Connections in repair mode close silently: the target's now.
         for chardev in self.instance.chardevs.values():
             chardev.released()
