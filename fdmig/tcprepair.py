@@ -146,15 +146,19 @@ def blank(family: int) -> socket.socket:
     try:
         enter(sock)
         # Transparent, not only free-bound: the route to the peer is looked up from
-        # an address this host may not hold yet.
-        if family == socket.AF_INET:
-            sock.setsockopt(socket.IPPROTO_IP, IP_TRANSPARENT, 1)
-        else:
-            sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
+        # an address this host may not hold yet (restore() ends it).
+        _transparent(sock, 1)
     except BaseException:
         sock.close()
         raise
     return sock
+
+
+def _transparent(sock: socket.socket, on: int) -> None:
+    if sock.family == socket.AF_INET:
+        sock.setsockopt(socket.IPPROTO_IP, IP_TRANSPARENT, on)
+    else:
+        sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, on)
 
 
 def restore(state: TcpState, sock: socket.socket | None = None) -> socket.socket:
@@ -174,6 +178,14 @@ def restore(state: TcpState, sock: socket.socket | None = None) -> socket.socket
         _set(sock, TCP_QUEUE_SEQ, state.send_seq - len(state.send_queue))
         sock.bind(state.local)
         sock.connect(state.peer)  # in repair mode: no SYN, straight to ESTABLISHED
+        # No longer transparent (blank() made it so for the route just found):
+        # from here on it sends only from an address this host holds. Its
+        # timers run on in repair mode, and the day it moves on from here a
+        # transparent socket would still send from the address --release-cmd
+        # took away: a second host on one connection, its timestamps ahead of
+        # the new host's, so that the peer refuses the new host's segments
+        # (PAWS) until their first retransmission timeout, 1 s.
+        _transparent(sock, 0)
         options = [(TCPOPT_MAXSEG, state.mss)]
         if state.wscale is not None:
             options.append((TCPOPT_WINDOW, state.wscale[0] | state.wscale[1] << 16))

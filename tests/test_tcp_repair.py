@@ -348,6 +348,43 @@ def test_an_ipv6_segment_sent_while_the_address_moved_is_forwarded_to_the_restor
         listener.close()
 
 
+TCPI_DATA_SEGS_OUT = 156  # struct tcp_info: u32 tcpi_data_segs_out
+
+
+def _moved_by_hand(hosts):
+    """A connection from the client to host A's service address, moved to host B
+    by hand as a migration does (dump, release, restore, claim, leave, then the
+    bytes left to write afresh): (the peer's socket, host B's)."""
+    listener = netns.in_netns(hosts.ns("a"), socket.create_server, (SERVICE, PORT))
+    peer = hosts.connect("client", SERVICE, PORT)
+    conn, _ = listener.accept()
+    listener.close()
+    tcprepair.enter(conn)
+    state = tcprepair.dump(conn)
+    hosts.run_on("a", netns.RELEASE)
+    restored = netns.in_netns(hosts.ns("b"), tcprepair.restore, state)
+    conn.close()
+    hosts.run_on("b", netns.CLAIM)
+    tcprepair.leave(restored)
+    restored.sendall(state.unsent_bytes)
+    return peer, restored
+
+
+def test_a_restored_connection_sends_only_from_an_address_its_host_holds(hosts):
+    # Regression: restored sockets stayed transparent, so that a host that had
+    # restored a connection went on sending for it (its retransmission timers)
+    # once its --release-cmd had taken the address away on the next move.
+    peer, restored = _moved_by_hand(hosts)
+    restored.sendall(b"from b\n")
+    assert recv_exactly(peer, 7) == b"from b\n"
+    hosts.run_on("b", netns.RELEASE)
+    tried = struct.unpack_from("=I", restored.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 160), TCPI_DATA_SEGS_OUT)
+    restored.sendall(b"after the release\n")
+    assert struct.unpack_from("=I", restored.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 160),
+                              TCPI_DATA_SEGS_OUT) > tried  # its kernel tried to send it
+    assert select.select([peer], [], [], 0.5)[0] == []  # and nothing reached the peer
+
+
 def test_unix_and_unmarked_chardevs_are_opened_afresh_at_the_target(hosts, world, short_dir):
     path = os.path.join(short_dir, "app.sock")
     world.serve("a", ECHO.format(label="live", port=PORT),
