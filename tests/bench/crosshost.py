@@ -272,8 +272,10 @@ def measure_all(sizes, repeats, workdir, creds) -> list[dict]:
         live = measure(n, reps, tempfile.mkdtemp(dir=workdir), creds)
         fresh = measure_reconnect(n, max(2, reps // 2), tempfile.mkdtemp(dir=workdir))
         downtime = median_ms(live["downtime"])
+        beyond = [pause - down for pause, down in zip(live["stream-pause"], live["downtime"])]
         rows.append({"n": n, "downtime-ms": downtime, "peer-pause-ms": median_ms(live["pause"]),
                      "stream-pause-ms": median_ms(live["stream-pause"]),
+                     "stream-beyond-downtime-ms": median_ms(beyond) if beyond else None,
                      "migrate-out-ms": median_ms(live["wall"]), "reconnect-pause-ms": median_ms(fresh),
                      "release-cmd-ms": hooks["release"], "claim-cmd-ms": hooks["claim"],
                      "fdmig-part-ms": round(downtime - hooks["release"] - hooks["claim"], 3), "repeats": reps})
@@ -286,21 +288,27 @@ def markdown(rows) -> list[str]:
              "connections, each with a peer, moved from host A to host B and back over a mutual-TLS channel "
              "with their TCP state, the service address moving with them; up to 50 peers time their longest "
              f"pause, half doing ping-pong, half streaming (a record every {STREAM_INTERVAL * 1000:g} ms each, "
-             "whatever comes back, the gap timed between two reads of its echo). The downtime holds the "
+             "whatever comes back, the gap timed between two reads of its echo, so that its pause is the "
+             f"downtime and up to {STREAM_INTERVAL * 1000:g} ms on either side of it). What "
+             "streaming peers send while the address is on neither host, the source forwards to the target "
+             "once the target has it. The downtime holds the "
              "user's two address commands (`ip addr del`; "
              "`ip addr replace` and a gratuitous ARP), timed apart as the instance runs them; fdmig's part is "
              "the rest. Both hosts share this machine's cores. Against it: the same move without a live "
              "handoff (the old instance stops, its peers see EOF, the address moves, a new instance starts on "
              "host B and the peers connect again).", "",
              "| connections | downtime (instance) | longest peer pause | streaming peers' longest pause "
+             "| streaming: pause - downtime, each move "
              "| release + claim commands | fdmig's part | migrate-out wall | peers reconnecting instead: longest "
              "pause | reconnect / pause |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
         hooks = round(row["release-cmd-ms"] + row["claim-cmd-ms"], 1)
         ratio = f"{row['reconnect-pause-ms'] / row['peer-pause-ms']:.0f}x" if row["peer-pause-ms"] else "-"
         streaming = f"{row['stream-pause-ms']} ms" if row.get("stream-pause-ms") is not None else "-"
-        lines.append(f"| {row['n']} | {row['downtime-ms']} ms | {row['peer-pause-ms']} ms | {streaming} | {hooks} ms | "
+        beyond = f"{row['stream-beyond-downtime-ms']} ms" if row.get("stream-beyond-downtime-ms") is not None else "-"
+        lines.append(f"| {row['n']} | {row['downtime-ms']} ms | {row['peer-pause-ms']} ms | {streaming} | {beyond} | "
+                     f"{hooks} ms | "
                      f"{row['fdmig-part-ms']} ms | {row['migrate-out-ms']} ms | {row['reconnect-pause-ms']} ms | "
                      f"{ratio} |")
     return lines
