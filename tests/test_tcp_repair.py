@@ -455,12 +455,19 @@ def test_source_killed_after_the_commit_the_target_takes_over(hosts, world):
         streams.done.set()
 
 
-def test_a_failing_claim_cmd_rolls_back_before_the_commit(hosts, world, streaming):
-    world.start("b", "migrate-in", "--name", "web", "--channel", f"tcp:{HOST_B}:{CHANNEL_PORT}", "--tls-creds",
-                world.creds.both, "--claim-cmd", "echo no such address >&2; exit 3", ready=False)
+@pytest.mark.parametrize("release", [None, "echo the address is not here >&2; exit 4"])
+def test_a_failing_claim_cmd_rolls_back_before_the_commit(hosts, world, streaming, release):
+    # Regression (a failing --release-cmd too): the target's rollback lost the
+    # reason it was rolling back for, and died with a traceback instead of
+    # telling the source.
+    target = world.start("b", "migrate-in", "--name", "web", "--channel", f"tcp:{HOST_B}:{CHANNEL_PORT}",
+                         "--tls-creds", world.creds.both, "--claim-cmd", "echo no such address >&2; exit 3",
+                         *(["--release-cmd", release] if release else []), ready=False)
     result = world.migrate("a", HOST_B)
     assert result.returncode == 1
     assert "the target refused: --claim-cmd failed (exit status 3): no such address" in result.stderr
+    assert "Traceback" not in target.stderr()
+    assert target.proc.poll() is None  # it goes on waiting for a source
     _serving_as_before(hosts, world, streaming)
 
 

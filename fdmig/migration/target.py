@@ -496,8 +496,8 @@ class TargetSession(Session):
             # The source takes the address back: ours must go, or two hosts answer it.
             try:
                 await repair.hook("--release-cmd", self.instance.hooks.get("release"))
-            except repair.HookFailed as exc:
-                log.error("%s: this host may still answer the service address", exc)
+            except repair.HookFailed as failed:  # not `exc`: that name is the reason to tell the source
+                log.error("%s: this host may still answer the service address", failed)
             if not self.instance.hooks.get("release"):
                 log.warning("the address --claim-cmd claimed stays here (no --release-cmd to give it back)")
         self.instance.thaw()
