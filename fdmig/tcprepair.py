@@ -22,7 +22,7 @@ TCP_QUEUE_SEQ = 21
 TCP_REPAIR_OPTIONS = 22
 TCP_TIMESTAMP = 24
 TCP_REPAIR_WINDOW = 29
-REPAIR_ON, REPAIR_OFF = 1, 0
+REPAIR_ON, REPAIR_OFF, REPAIR_OFF_NO_WP = 1, 0, -1
 NO_QUEUE, RECV_QUEUE, SEND_QUEUE = 0, 1, 2
 TCPOPT_MAXSEG, TCPOPT_WINDOW, TCPOPT_SACK_PERM, TCPOPT_TIMESTAMP = 2, 3, 4, 8
 TCPI_OPT_TIMESTAMPS, TCPI_OPT_SACK, TCPI_OPT_WSCALE = 1, 2, 4
@@ -74,11 +74,14 @@ def enter(sock: socket.socket) -> None:
         raise RepairError("TCP_REPAIR needs CAP_NET_ADMIN") from None
 
 
-def leave(sock: socket.socket) -> None:
+def leave(sock: socket.socket, probe: bool = True) -> None:
     """Out of repair mode, with a window probe: the peer's answer (an ACK) tells
-    the socket at once where the peer stands. (The repair queue it was last set
-    to counts only in repair mode: no call to reset it.)"""
-    _set(sock, TCP_REPAIR, REPAIR_OFF)
+    the socket at once where the peer stands, and so which of the bytes it
+    holds as sent the peer has. A connection that holds none needs no answer:
+    `probe` False spares the kernel a packet (most of this call's cost). (The
+    repair queue it was last set to counts only in repair mode: no call to
+    reset it.)"""
+    _set(sock, TCP_REPAIR, REPAIR_OFF if probe else REPAIR_OFF_NO_WP)
 
 
 def _peek_queue(sock: socket.socket, queue: int, length: int) -> tuple[int, bytes]:

@@ -211,6 +211,7 @@ class Restorer:
     def __init__(self):
         self.pieces: dict[str, list[bytes]] = {}
         self.conns: list[socket.socket] = []  # in repair mode, until resume()
+        self.probed: list[bool] = []  # for each of them: it holds bytes as sent (see tcprepair.leave())
         self.listeners: dict[str, socket.socket] = {}  # label -> made before the downtime, until taken
         self.blanks: dict[str, socket.socket] = {}  # label -> a socket in repair mode, made likewise
         self.moved = Moved()
@@ -252,6 +253,7 @@ class Restorer:
             conn.close()
             raise
         self.conns.append(conn)
+        self.probed.append(bool(state.sent))
         self.moved.add(label, state)
         first = self.first[label] = state.unsent_bytes + section.outbuf[here:]
         return conn, listener, first
@@ -320,8 +322,10 @@ class Restorer:
         return found
 
     def resume(self) -> None:
-        """After the commit: every restored connection out of repair mode (each
-        sends a window probe, so its peer answers at once)."""
-        for conn in self.conns:
-            tcprepair.leave(conn)
+        """After the commit: every restored connection out of repair mode (one
+        holding bytes as sent sends a window probe, so that its peer says at
+        once which it has)."""
+        for conn, probe in zip(self.conns, self.probed):
+            tcprepair.leave(conn, probe)
         self.conns.clear()
+        self.probed.clear()
