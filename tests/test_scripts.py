@@ -44,6 +44,29 @@ def test_readme_smoke_script_passes(tmp_path):
 
 
 @needs("ip", "arping", "openssl")
+def test_man_page_walk_through_removes_its_namespaces_when_a_step_fails(tmp_path):
+    # Regression: its EXIT trap ran under set -e, and stopped at `kill` of a
+    # target not started yet, leaving every namespace behind.
+    from tests import netns
+    why = netns.unavailable()
+    if why is not None:
+        pytest.skip(why)
+    script = tmp_path / "walk.sh"
+    script.write_text(man_example("fdmig-migrate-out.1", "set \\-e\nwork=$(mktemp"))
+    broken = tmp_path / "bin"
+    broken.mkdir()
+    (broken / "fdmig").write_text("#!/bin/sh\necho fdmig is broken here >&2\nexit 3\n")
+    (broken / "fdmig").chmod(0o755)
+    env = dict(os.environ, PATH=f"{broken}:{os.environ['PATH']}")
+    env.pop("FDMIG_RUNTIME_DIR", None)
+    result = subprocess.run(["sh", str(script)], capture_output=True, text=True, timeout=60, env=env,
+                            stdin=subprocess.DEVNULL)
+    assert result.returncode != 0 and "fdmig is broken here" in result.stderr
+    left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
+    assert not re.search(r"^fdmig-(sw|c|a|b)\b", left, re.M), left
+
+
+@needs("ip", "arping", "openssl")
 def test_man_page_walk_through_moves_a_live_tcp_connection_between_two_namespaces(tmp_path):
     """fdmig-migrate-out(1)'s cross-host walk-through, pasted into sh as root: the
     client streams through the migration and counts every record back."""
