@@ -90,12 +90,14 @@ def _after(a: int, b: int) -> bool:
     return 0 < (a - b) % _SEQ_SPACE < _SEQ_SPACE // 2
 
 
-def packets(segment: Segment, mss: int) -> list[bytes]:
-    """`segment` as IP packets again, its payload cut into pieces of at most `mss`
-    bytes (a packet captured after the receiving NIC merged segments may be bigger
-    than the route takes), each with its checksum computed afresh (a captured
-    one may hold only the pseudo-header's sum the sender's NIC was to finish)."""
-    mss = max(1, mss)
+def packets(segment: Segment, mss: int, mtu: int) -> list[bytes]:
+    """`segment` as IP packets again of at most `mtu` bytes each, its payload
+    cut into pieces of at most `mss` bytes (a packet captured after the
+    receiving NIC merged segments may be bigger than the route takes; and the
+    MSS the peer was told counts no TCP option), each with its checksum
+    computed afresh (a captured one may hold only the pseudo-header's sum the
+    sender's NIC was to finish)."""
+    mss = max(1, min(mss, mtu - len(segment.header) - len(segment.tcp_header)))
     pieces = [segment.payload[i:i + mss] for i in range(0, len(segment.payload), mss)] or [b""]
     out, seq = [], segment.seq
     for i, piece in enumerate(pieces):

@@ -17,6 +17,7 @@ The one module that opens packet or raw sockets; needs CAP_NET_RAW, and without
 it the peers retransmit on their own, as before."""
 
 import ctypes
+import errno
 import ipaddress
 import logging
 import socket
@@ -28,7 +29,9 @@ log = logging.getLogger("fdmig")
 ETH_P_IP, ETH_P_IPV6 = 0x0800, 0x86DD
 SO_ATTACH_FILTER, SO_RCVBUFFORCE = 26, 33
 SOL_PACKET, PACKET_STATISTICS = 263, 6
-PACKET_OUTGOING = 4
+PACKET_HOST = 0
+IP_MTU, IPV6_MTU = 14, 24
+MIN_MTU = {4: 576, 6: 1280}  # what every route takes, when the kernel will not say
 ARPHRD_LOOPBACK = 772
 BUFFER = 8 << 20  # what the kernel holds for us between two reads
 MAX_PACKET = 65535
@@ -57,7 +60,8 @@ class Forwarder:
                 _buffer(capture)
                 # IPPROTO_RAW: the packet comes with its IP header, in either family.
                 self.raw[version] = socket.socket(socket.AF_INET if version == 4 else socket.AF_INET6,
-                                                  socket.SOCK_RAW | socket.SOCK_CLOEXEC, socket.IPPROTO_RAW)
+                                                  socket.SOCK_RAW | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC,
+                                                  socket.IPPROTO_RAW)
         except OSError:
             self.close()
             raise
@@ -76,36 +80,47 @@ class Forwarder:
                     packet, address = capture.recvfrom(MAX_PACKET)
                 except BlockingIOError:
                     break
-                # What we send ourselves, and what loops back on lo, is not a peer's.
-                if address[2] != PACKET_OUTGOING and address[3] != ARPHRD_LOOPBACK:
+                # Only what came to this host: not what we send ourselves, nor what
+                # loops back on lo, nor another host's frames a promiscuous NIC shows.
+                if address[2] == PACKET_HOST and address[3] != ARPHRD_LOOPBACK:
                     self.held.append(packet)
 
-    def forward(self) -> int:
+    def forward(self, here: bool = False) -> int:
         """Send on, in the order caught, every caught segment that brings a moved
-        connection something it has not had; how many were sent."""
+        connection something it has not had, if its address is on another host
+        (`here` False: the target's, after the commit) or on this one (`here`
+        True: taken back, after a rollback); a host that answers the address
+        without the connection would reset it, and this one, before the
+        rollback, would answer for the target. How many were sent."""
         self.catch()
         held, self.held = self.held, []
-        sent = 0
-        for packet in held:
+        sent, routes = 0, {}  # address -> its MTU, or None where it may not go
+        for at, packet in enumerate(held):
             segment = segments.parse(packet)
             tracked = segment and self.tracked.get((segment.src, segment.dst))
-            if tracked and segments.news(segment, tracked[0]):
-                sent += self._send(segment, tracked[1])
+            if not (tracked and segments.news(segment, tracked[0])):
+                continue
+            address = segment.dst[0]
+            if address not in routes:
+                routes[address] = _route_mtu(segment.family, address) if _local(segment.family, address) == here \
+                    else None
+            if routes[address] is None:
+                continue
+            try:
+                for piece in segments.packets(segment, tracked[1], routes[address]):
+                    self.raw[segment.family].sendto(piece, (address, 0))
+            except OSError as exc:
+                if not self.failed:  # the first says why; LateSegments.close() how many
+                    log.warning("cannot forward a segment from %s:%d to %s:%d: %s", *segment.src, *segment.dst,
+                                exc.strerror or exc)
+                self.failed += 1
+                if isinstance(exc, BlockingIOError) or exc.errno == errno.ENOBUFS:
+                    self.failed += len(held) - at - 1  # no waiting in the loop: the rest too
+                    break
+                continue
+            sent += 1
         self.forwarded += sent
         return sent
-
-    def _send(self, segment: segments.Segment, mss: int) -> int:
-        raw = self.raw[segment.family]
-        try:
-            for packet in segments.packets(segment, mss):
-                raw.sendto(packet, (segment.dst[0], 0))
-        except OSError as exc:
-            if not self.failed:  # the first says why; LateSegments.close() how many
-                log.warning("cannot forward a segment from %s:%d to %s:%d: %s", *segment.src, *segment.dst,
-                            exc.strerror or exc)
-            self.failed += 1
-            return 0
-        return 1
 
     def dropped(self) -> int:
         """Packets the kernel dropped because we did not read them in time."""
@@ -119,6 +134,28 @@ class Forwarder:
             sock.close()
         self.captures.clear()
         self.raw.clear()
+
+
+def _local(family: int, address: str) -> bool:
+    """Whether `address` is this host's (only an address of this host binds)."""
+    with socket.socket(socket.AF_INET if family == 4 else socket.AF_INET6, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.bind((address, 0))
+        except OSError:
+            return False
+    return True
+
+
+def _route_mtu(family: int, address: str) -> int:
+    """The MTU of the route to `address` (the kernel's, as a connected UDP socket sees it)."""
+    with socket.socket(socket.AF_INET if family == 4 else socket.AF_INET6, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect((address, 9))  # no datagram is sent
+            if family == 4:
+                return probe.getsockopt(socket.IPPROTO_IP, IP_MTU)
+            return probe.getsockopt(socket.IPPROTO_IPV6, IPV6_MTU)
+        except OSError:
+            return MIN_MTU[family]
 
 
 def _plain(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:

@@ -101,6 +101,7 @@ class LateSegments:
 
     def __init__(self, forwarder: tcpforward.Forwarder):
         self.forwarder = forwarder
+        self.closed = False
 
     @classmethod
     def watch(cls, chardevs, on: bool) -> "LateSegments | None":
@@ -121,18 +122,23 @@ class LateSegments:
     def track(self, state: tcpstate.TcpState) -> None:
         self.forwarder.track(state.local, state.peer, state.recv_seq, state.mss)
 
-    def forward(self) -> None:
-        """What was caught so far, on to the address. Called where a failure must
-        not stop the migration's end: one is logged, and the rest retransmitted
-        by the peers."""
+    def forward(self, here: bool = False) -> None:
+        """What was caught so far, on to the address: on the target's host, or
+        with `here` on this one (see Forwarder.forward()). Called where a
+        failure must not stop the migration's end: one is logged, and the rest
+        retransmitted by the peers."""
         try:
-            self.forwarder.forward()
+            self.forwarder.forward(here)
         except OSError as exc:
             self.forwarder.failed += 1
             log.warning("cannot forward what the peers sent while their address moved: %s", exc.strerror or exc)
 
     def close(self, moved: Moved) -> None:
-        """Stop watching; the counts go to the log and the migration's status."""
+        """Stop watching; the counts go to the log and the migration's status.
+        Once: a later call does nothing."""
+        if self.closed:
+            return
+        self.closed = True
         forwarder = self.forwarder
         try:
             dropped = forwarder.dropped()

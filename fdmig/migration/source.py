@@ -170,16 +170,20 @@ class SourceSession(Session):
         self.reads_before = read_mark()
         self.deadline = self.started + self.timeout if self.timeout else None
         try:
-            self.chan = await self._connect()
-            await drive(self)
-        except BaseException as exc:
-            failure = _failure(exc, self)
-            if failure is None:
-                raise
-            await self.abort(*failure)
-            return False
-        faults.point("source-after-ack")
-        return await self.hand_over()
+            try:
+                self.chan = await self._connect()
+                await drive(self)
+            except BaseException as exc:
+                failure = _failure(exc, self)
+                if failure is None:
+                    raise
+                await self.abort(*failure)
+                return False
+            faults.point("source-after-ack")
+            return await self.hand_over()
+        finally:
+            if self.late:
+                self.late.close(self.tcp_moved)  # (closed already but on a cancel)
 
     async def _connect(self) -> channel.Channel:
         def waiting():
@@ -389,13 +393,10 @@ class SourceSession(Session):
         if self.chan is not None:
             self.chan.send_now(wire.Abort(reason))
             self.chan.close()
-        here = True  # the service address is here: what was caught may go to it (elsewhere, a reset)
         if self.releasing:
             self.releasing = False
-            here = False
             try:
                 await repair.hook("--reclaim-cmd", self.hooks.get("reclaim"))
-                here = bool(self.hooks.get("reclaim"))
             except repair.HookFailed as exc:
                 log.error("%s: this host may not answer the service address any more", exc)
             if not self.hooks.get("reclaim"):
@@ -403,8 +404,7 @@ class SourceSession(Session):
                             "serve on here")
         repair.undo(self.in_repair)  # after the reclaim: each window probe then reaches its peer
         if self.late:
-            if here:
-                self.late.forward()
+            self.late.forward(here=True)  # if the address is back
             self.late.close(self.tcp_moved)
         self.instance.thaw()
         log.warning("migration %s: %s; every chardev serves as before", status.value, reason)
