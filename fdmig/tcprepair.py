@@ -76,12 +76,28 @@ def enter(sock: socket.socket) -> None:
 
 def leave(sock: socket.socket, probe: bool = True) -> None:
     """Out of repair mode, with a window probe: the peer's answer (an ACK) tells
-    the socket at once where the peer stands, and so which of the bytes it
-    holds as sent the peer has. A connection that holds none needs no answer:
-    `probe` False spares the kernel a packet (most of this call's cost). (The
-    repair queue it was last set to counts only in repair mode: no call to
-    reset it.)"""
-    _set(sock, TCP_REPAIR, REPAIR_OFF if probe else REPAIR_OFF_NO_WP)
+    the socket at once where the peer stands, and the probe itself acknowledges
+    what the socket holds. A quiet() connection needs neither: `probe` False
+    spares the kernel a packet (most of this call's cost). (The repair queue it
+    was last set to counts only in repair mode: no call to reset it.)"""
+    try:
+        _set(sock, TCP_REPAIR, REPAIR_OFF if probe else REPAIR_OFF_NO_WP)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL or probe:
+            raise
+        _set(sock, TCP_REPAIR, REPAIR_OFF)  # a kernel before TCP_REPAIR_OFF_NO_WP
+
+
+def quiet(state: TcpState) -> bool:
+    """Whether the connection was idle both ways at the dump, so that it may leave
+    repair mode without a window probe: no byte in its send queue (none for the
+    peer to acknowledge), its last ACK sent for all it had received (rcv_wup at
+    rcv_nxt: none owed, such as a delayed ACK the release cut off), and a peer
+    window open (none of its window updates to wait for)."""
+    if state.send_queue or state.window is None:
+        return False
+    _, snd_wnd, _, _, rcv_wup = state.window
+    return rcv_wup == state.recv_seq and snd_wnd > 0
 
 
 def _peek_queue(sock: socket.socket, queue: int, length: int) -> tuple[int, bytes]:

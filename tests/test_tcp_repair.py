@@ -365,7 +365,7 @@ def _moved_by_hand(hosts):
     restored = netns.in_netns(hosts.ns("b"), tcprepair.restore, state)
     conn.close()
     hosts.run_on("b", netns.CLAIM)
-    tcprepair.leave(restored)
+    tcprepair.leave(restored, not tcprepair.quiet(state))
     restored.sendall(state.unsent_bytes)
     return peer, restored
 

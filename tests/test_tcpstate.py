@@ -234,3 +234,22 @@ def test_encode_refuses_what_decode_would(change, message):
     import dataclasses
     with pytest.raises(TcpStateError, match=message):
         encode(dataclasses.replace(BARE, **change))
+
+
+# ---------------------------------------------------------------------------
+# Which connections leave repair mode without a window probe (fdmig.tcprepair.quiet)
+
+
+@pytest.mark.parametrize("change, quiet", [
+    ({}, True),
+    ({"send_queue": b"in flight"}, False),  # the peer's ACK of it is wanted
+    ({"send_queue": b"never sent", "unsent": 10}, False),
+    ({"window": (7, 65535, 65535, 65535, 150)}, False),  # an ACK owed for 50 bytes
+    ({"window": (7, 0, 65535, 65535, 200)}, False),  # the peer's window is shut
+    ({"window": None}, False),  # not known
+])
+def test_only_a_connection_idle_both_ways_leaves_repair_mode_unprobed(change, quiet):
+    from fdmig import tcprepair
+    idle = dict(family=socket.AF_INET, local=("10.0.0.1", 1), peer=("10.0.0.2", 2), send_seq=100, recv_seq=200,
+                mss=1460, window=(7, 65535, 65535, 65535, 200))
+    assert tcprepair.quiet(TcpState(**{**idle, **change})) is quiet

@@ -217,7 +217,7 @@ class Restorer:
     def __init__(self):
         self.pieces: dict[str, list[bytes]] = {}
         self.conns: list[socket.socket] = []  # in repair mode, until resume()
-        self.probed: list[bool] = []  # for each of them: it holds bytes as sent (see tcprepair.leave())
+        self.probed: list[bool] = []  # for each of them: not tcprepair.quiet() (see tcprepair.leave())
         self.listeners: dict[str, socket.socket] = {}  # label -> made before the downtime, until taken
         self.blanks: dict[str, socket.socket] = {}  # label -> a socket in repair mode, made likewise
         self.moved = Moved()
@@ -259,7 +259,7 @@ class Restorer:
             conn.close()
             raise
         self.conns.append(conn)
-        self.probed.append(bool(state.sent))
+        self.probed.append(not tcprepair.quiet(state))
         self.moved.add(label, state)
         first = self.first[label] = state.unsent_bytes + section.outbuf[here:]
         return conn, listener, first
@@ -328,9 +328,8 @@ class Restorer:
         return found
 
     def resume(self) -> None:
-        """After the commit: every restored connection out of repair mode (one
-        holding bytes as sent sends a window probe, so that its peer says at
-        once which it has)."""
+        """After the commit: every restored connection out of repair mode, with
+        a window probe unless it was quiet both ways."""
         for conn, probe in zip(self.conns, self.probed):
             tcprepair.leave(conn, probe)
         self.conns.clear()
