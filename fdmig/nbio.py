@@ -1,6 +1,7 @@
 """Non-blocking socket steps shared by chardevs and control connections: making a
 TCP listener, taking a connection from it, draining a buffer into a socket, and
-a pipe that moves a bridge's bytes from one socket to another with splice(2)."""
+a pipe that moves a bridge's bytes from one socket to another with splice(2);
+and whether an address is this host's."""
 
 import errno
 import fcntl
@@ -11,6 +12,17 @@ import socket
 log = logging.getLogger("fdmig")
 ACCEPT_PAUSE = 0.25  # seconds without accepting after running out of fds
 IP_FREEBIND, IPV6_FREEBIND = 15, 78  # linux/in.h, linux/in6.h
+
+
+def holds(family: int, address: str) -> bool:
+    """Whether this host holds the IP `address` now: only one of its own binds
+    (not free-bound)."""
+    with socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as probe:
+        try:
+            probe.bind((address, 0))
+        except OSError:
+            return False
+    return True
 
 
 def listen_tcp(family: int, host: str, port: int, freebind: bool = False) -> socket.socket:

@@ -23,7 +23,7 @@ import logging
 import socket
 import struct
 
-from fdmig import segments
+from fdmig import nbio, segments
 
 log = logging.getLogger("fdmig")
 ETH_P_IP, ETH_P_IPV6 = 0x0800, 0x86DD
@@ -31,7 +31,7 @@ SO_ATTACH_FILTER, SO_RCVBUFFORCE = 26, 33
 SOL_PACKET, PACKET_STATISTICS = 263, 6
 PACKET_HOST = 0
 IP_MTU, IPV6_MTU = 14, 24
-MIN_MTU = {4: 576, 6: 1280}  # what every route takes, when the kernel will not say
+MIN_MTU = {socket.AF_INET: 576, socket.AF_INET6: 1280}  # what every route takes, when the kernel will not say
 ARPHRD_LOOPBACK = 772
 BUFFER = 8 << 20  # what the kernel holds for us between two reads
 MAX_PACKET = 65535
@@ -102,8 +102,8 @@ class Forwarder:
                 continue
             address = segment.dst[0]
             if address not in routes:
-                routes[address] = _route_mtu(segment.family, address) if _local(segment.family, address) == here \
-                    else None
+                family = socket.AF_INET if segment.family == 4 else socket.AF_INET6
+                routes[address] = _route_mtu(family, address) if nbio.holds(family, address) == here else None
             if routes[address] is None:
                 continue
             try:
@@ -136,22 +136,12 @@ class Forwarder:
         self.raw.clear()
 
 
-def _local(family: int, address: str) -> bool:
-    """Whether `address` is this host's (only an address of this host binds)."""
-    with socket.socket(socket.AF_INET if family == 4 else socket.AF_INET6, socket.SOCK_DGRAM) as probe:
-        try:
-            probe.bind((address, 0))
-        except OSError:
-            return False
-    return True
-
-
 def _route_mtu(family: int, address: str) -> int:
     """The MTU of the route to `address` (the kernel's, as a connected UDP socket sees it)."""
-    with socket.socket(socket.AF_INET if family == 4 else socket.AF_INET6, socket.SOCK_DGRAM) as probe:
+    with socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as probe:
         try:
             probe.connect((address, 9))  # no datagram is sent
-            if family == 4:
+            if family == socket.AF_INET:
                 return probe.getsockopt(socket.IPPROTO_IP, IP_MTU)
             return probe.getsockopt(socket.IPPROTO_IPV6, IPV6_MTU)
         except OSError:

@@ -315,14 +315,7 @@ class Restorer:
         for label, conn in zip(self.moved.labels, self.conns):
             address = conn.getsockname()[0]
             if address not in known:
-                probe = socket.socket(conn.family, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-                try:
-                    probe.bind((address, 0))  # not free-bound: only an address of this host binds
-                    known[address] = True
-                except OSError:
-                    known[address] = False
-                finally:
-                    probe.close()
+                known[address] = nbio.holds(conn.family, address)
             if not known[address]:
                 found.append((label, address))
         return found
