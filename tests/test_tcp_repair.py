@@ -272,12 +272,19 @@ def test_bytes_in_flight_both_ways_at_the_dump_arrive_once(hosts, world):
     assert got == sent
 
 
-TCPI_TOTAL_RETRANS = 100  # struct tcp_info: u32 tcpi_total_retrans
+# struct tcp_info's u32 fields these tests read, by offset
+TCPI_TOTAL_RETRANS = 100
+TCPI_DATA_SEGS_OUT = 156
+
+
+def tcp_info(sock: socket.socket, offset: int) -> int:
+    """The u32 field of the connection's struct tcp_info at `offset`."""
+    return struct.unpack_from("=I", sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, offset + 4), offset)[0]
 
 
 def retransmissions(sock: socket.socket) -> int:
     """How many segments the connection has sent again, by any timer or signal."""
-    return struct.unpack_from("=I", sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104), TCPI_TOTAL_RETRANS)[0]
+    return tcp_info(sock, TCPI_TOTAL_RETRANS)
 
 
 @pytest.mark.parametrize("claim", ["moves", "fails"])
@@ -348,9 +355,6 @@ def test_an_ipv6_segment_sent_while_the_address_moved_is_forwarded_to_the_restor
         listener.close()
 
 
-TCPI_DATA_SEGS_OUT = 156  # struct tcp_info: u32 tcpi_data_segs_out
-
-
 def _moved_by_hand(hosts):
     """A connection from the client to host A's service address, moved to host B
     by hand as a migration does (dump, release, restore, claim, leave, then the
@@ -378,10 +382,9 @@ def test_a_restored_connection_sends_only_from_an_address_its_host_holds(hosts):
     restored.sendall(b"from b\n")
     assert recv_exactly(peer, 7) == b"from b\n"
     hosts.run_on("b", netns.RELEASE)
-    tried = struct.unpack_from("=I", restored.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 160), TCPI_DATA_SEGS_OUT)
+    tried = tcp_info(restored, TCPI_DATA_SEGS_OUT)
     restored.sendall(b"after the release\n")
-    assert struct.unpack_from("=I", restored.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 160),
-                              TCPI_DATA_SEGS_OUT) > tried  # its kernel tried to send it
+    assert tcp_info(restored, TCPI_DATA_SEGS_OUT) > tried  # its kernel tried to send it
     assert select.select([peer], [], [], 0.5)[0] == []  # and nothing reached the peer
 
 
