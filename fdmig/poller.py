@@ -101,8 +101,8 @@ class Poller:
             collections.deque(map(self._epoll.modify, order, map(_MASK, map(handlers.__getitem__, order))),
                               maxlen=0)
             # Watched at once and not in `first`: -1, before the ranked ones, in epoll's order.
-            ranked = dict.fromkeys(itertools.chain(first, order)) if first else None
-            self._rank = dict(zip(ranked, itertools.count())) if ranked else None
+            self._rank = dict(zip(dict.fromkeys(itertools.chain(first, order)), itertools.count())) if first \
+                else None
             self._loop.add_reader(self._epoll.fileno(), self._dispatch)
             self.paused = False
 

@@ -16,7 +16,7 @@ _IP4 = struct.Struct("!BBHHHBBH4s4s")
 _IP6 = struct.Struct("!IHBB16s16s")
 _TCP = struct.Struct("!HHIIBBHHH")
 TCP_PROTO = 6
-FIN, SYN, RST = 0x01, 0x02, 0x04
+FIN, RST, PSH = 0x01, 0x04, 0x08
 _SEQ_SPACE = 1 << 32
 
 
@@ -101,7 +101,7 @@ def packets(segment: Segment, mss: int, mtu: int) -> list[bytes]:
     pieces = [segment.payload[i:i + mss] for i in range(0, len(segment.payload), mss)] or [b""]
     out, seq = [], segment.seq
     for i, piece in enumerate(pieces):
-        flags = segment.flags if i == len(pieces) - 1 else segment.flags & ~(FIN | 0x08)  # FIN, PSH: the last
+        flags = segment.flags if i == len(pieces) - 1 else segment.flags & ~(FIN | PSH)  # the last piece's
         out.append(_packet(segment, seq, flags, piece))
         seq = (seq + len(piece)) % _SEQ_SPACE
     return out

@@ -597,7 +597,7 @@ def resume(instance, received: Received) -> None:
     """After RELEASED: the moved chardevs resume, which ends the downtime, and
     the source hears TAKEN before the first read (the loop has not run since),
     so that a source that never hears it knows we read nothing and may serve on."""
-    received.restorer.resume()  # over TCP, out of repair mode: each sends its peer a window probe
+    received.restorer.resume()  # over TCP, out of repair mode (a window probe from each but the quiet)
     # The streaming ones' fds are served first, in the order the source would have
     # served them next: the peer that has waited longest first.
     deferred = received.deferred
