@@ -18,6 +18,7 @@ it the peers retransmit on their own, as before."""
 
 import ctypes
 import errno
+import functools
 import ipaddress
 import logging
 import socket
@@ -67,7 +68,7 @@ class Forwarder:
             raise
 
     def track(self, local, peer, recv_seq: int, mss: int) -> None:
-        self.tracked[((str(_plain(peer[0])), peer[1]), (str(_plain(local[0])), local[1]))] = (recv_seq, mss)
+        self.tracked[((_written(peer[0]), peer[1]), (_written(local[0]), local[1]))] = (recv_seq, mss)
 
     def filenos(self) -> list[int]:
         return [capture.fileno() for capture in self.captures]
@@ -146,6 +147,13 @@ def _route_mtu(family: int, address: str) -> int:
             return probe.getsockopt(socket.IPPROTO_IPV6, IPV6_MTU)
         except OSError:
             return MIN_MTU[family]
+
+
+@functools.lru_cache(maxsize=4096)
+def _written(address: str) -> str:
+    """_plain(), written as segments.parse() writes a packet's address. Cached:
+    a downtime tracks thousands of connections with a few addresses among them."""
+    return str(_plain(address))
 
 
 def _plain(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
