@@ -121,7 +121,8 @@ def dump(sock: socket.socket) -> TcpState:
     if state != TCP_ESTABLISHED:
         raise RepairError(f"its TCP connection is {_TCP_STATES.get(state, state)}; "
                           "x-tcp-repair moves only ESTABLISHED ones")
-    outq, unsent, inq = (_ioctl_int(sock, request) for request in (SIOCOUTQ, SIOCOUTQNSD, SIOCINQ))
+    outq, inq = _ioctl_int(sock, SIOCOUTQ), _ioctl_int(sock, SIOCINQ)
+    unsent = _ioctl_int(sock, SIOCOUTQNSD) if outq else 0
     send_seq, send_queue = _peek_queue(sock, SEND_QUEUE, outq)
     recv_seq, recv_queue = _peek_queue(sock, RECV_QUEUE, inq)
     timestamps = bool(options & TCPI_OPT_TIMESTAMPS)
