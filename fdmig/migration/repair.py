@@ -218,6 +218,7 @@ class Restorer:
         self.pieces: dict[str, list[bytes]] = {}
         self.conns: list[socket.socket] = []  # in repair mode, until resume()
         self.probed: list[bool] = []  # for each of them: not tcprepair.quiet() (see tcprepair.leave())
+        self.addresses: dict[tuple[int, str], list[str]] = {}  # (family, local address) -> labels
         self.listeners: dict[str, socket.socket] = {}  # label -> made before the downtime, until taken
         self.blanks: dict[str, socket.socket] = {}  # label -> a socket in repair mode, made likewise
         self.moved = Moved()
@@ -260,6 +261,7 @@ class Restorer:
             raise
         self.conns.append(conn)
         self.probed.append(not tcprepair.quiet(state))
+        self.addresses.setdefault((state.family, state.local[0]), []).append(label)
         self.moved.add(label, state)
         first = self.first[label] = state.unsent_bytes + section.outbuf[here:]
         return conn, listener, first
@@ -307,18 +309,13 @@ class Restorer:
         except OSError as exc:
             raise FdmigError(f"chardev {spec.id}: cannot listen on {spec.address} again: {exc.strerror}") from None
 
-    def strangers(self) -> list[tuple[str, str]]:
-        """(label, address) of each restored connection whose local address is not
-        this host's (after --claim-cmd): its peer's next segment would reach the
-        old host, which no longer has the connection and would reset it."""
-        found, known = [], {}
-        for label, conn in zip(self.moved.labels, self.conns):
-            address = conn.getsockname()[0]
-            if address not in known:
-                known[address] = nbio.holds(conn.family, address)
-            if not known[address]:
-                found.append((label, address))
-        return found
+    def strangers(self) -> list[tuple[str, list[str]]]:
+        """(address, labels) for each local address of restored connections that
+        is not this host's (after --claim-cmd): their peers' next segments would
+        reach the old host, which no longer has the connections and would reset
+        them."""
+        return [(address, labels) for (family, address), labels in self.addresses.items()
+                if not nbio.holds(family, address)]
 
     def resume(self) -> None:
         """After the commit: every restored connection out of repair mode, with

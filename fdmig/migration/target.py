@@ -300,9 +300,10 @@ class TargetSession(Session):
                 raise Refused(str(exc)) from None
         strangers = self.restorer.strangers()
         if strangers:
-            label, address = strangers[0]
-            raise Refused(f"chardev {label}: its connection's address {address} is not this host's"
-                          f"{' after --claim-cmd' if self.claimed else ''} ({len(strangers)} such connection(s)): "
+            address, labels = strangers[0]
+            raise Refused(f"chardev {labels[0]}: its connection's address {address} is not this host's"
+                          f"{' after --claim-cmd' if self.claimed else ''} "
+                          f"({sum(len(labels) for _, labels in strangers)} such connection(s)): "
                           "its peer would be answered by the old host, which resets it; move that address too")
         faults.point("target-before-ack")
         acked = time.monotonic()
