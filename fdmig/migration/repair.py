@@ -10,6 +10,8 @@ bigger than a piece, in TCP_SECTION sections ahead: a send queue may be
 megabytes, a frame is bounded."""
 
 import asyncio
+import functools
+import ipaddress
 import logging
 import socket
 
@@ -108,7 +110,7 @@ class LateSegments:
         """Watching for the segments of every connection that moves with its TCP
         state; None if none does, or if this host will not let us watch (then the
         peers retransmit on their own, after their timers: a log line says so)."""
-        addresses = sorted({chardev.conn.getsockname()[0] for chardev in chardevs
+        addresses = sorted({_local_address(chardev) for chardev in chardevs
                             if moves(chardev, on) and chardev.conn is not None})
         if not addresses:
             return None
@@ -152,6 +154,21 @@ class LateSegments:
             log.warning("%d segment(s) the peers sent while their address moved were not forwarded (%d "
                         "dropped by the kernel, %d failed to send): they retransmit them after their own timers",
                         dropped + forwarder.failed, dropped, forwarder.failed)
+
+
+def _local_address(chardev) -> str:
+    """The local address of a chardev's connection: a server's, bound to one
+    address, from its spec (no call to the kernel inside the downtime)."""
+    spec = chardev.spec
+    return spec.host if spec.server and _one_address(spec.host) else chardev.conn.getsockname()[0]
+
+
+@functools.lru_cache(maxsize=256)
+def _one_address(host: str | None) -> bool:
+    try:
+        return not ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        return False
 
 
 def dump(chardevs, on: bool, in_repair: list, moved: Moved, late: LateSegments | None = None):
