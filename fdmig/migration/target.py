@@ -419,7 +419,7 @@ class TargetSession(Session):
             by_role["listener"] = listener
         chardev = self.chardevs[section.label]
         form.restore(chardev, state, outbuf, conn, listener)
-        chardev.watch_now()
+        chardev.watch_now(defer=False)  # its events now, as _take's (nothing is read before the resume)
 
     def _take_service(self, section) -> None:
         """A `run` instance's service (its state and notify socket) and its store,
