@@ -604,6 +604,10 @@ def resume(instance, received: Received) -> None:
     deferred = received.deferred
     first = [fd for fd in map(deferred.get, wire.ReleaseInfo.order(received.info, len(received.plan.order)))
              if fd is not None]
+    # What the downtime made (over TCP, every connection's staging: thousands of
+    # objects) out of the collector's way, as the precopy's is: else its first
+    # collection walks them in the first turn of serving, every peer waiting.
+    gc.freeze()
     thawing = time.monotonic()
     received.resumed_at = instance.thaw(first)  # every moved chardev starts reading at the same instant
     marks.span("target thaw", thawing, received.resumed_at)
