@@ -18,6 +18,7 @@ sets each to its end minus its queue's length, then writes the queue. The last
 `unsent` bytes of the send queue were never sent: they are written afresh after
 the repair, not restored as sent."""
 
+import functools
 import socket
 import struct
 from dataclasses import dataclass
@@ -70,6 +71,7 @@ class TcpState:
         return self.send_queue[len(self.send_queue) - self.unsent:]
 
 
+@functools.lru_cache(maxsize=4096)  # a downtime packs thousands, of a few addresses
 def _pack_address(family: int, host: str) -> bytes:
     if "%" in host:
         raise TcpStateError(f"address {host}: a scoped address names an interface of this host only")
@@ -84,6 +86,7 @@ def _pack_address(family: int, host: str) -> bytes:
     return packed.ljust(16, b"\0")
 
 
+@functools.lru_cache(maxsize=4096)
 def _unpack_address(version: int, raw: bytes, what: str) -> str:
     if version == 4:
         if any(raw[4:]):
