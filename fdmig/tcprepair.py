@@ -120,8 +120,9 @@ def _peek_queue(sock: socket.socket, queue: int, length: int) -> tuple[int, byte
     return seq, bytes(buf[:length])
 
 
-def dump(sock: socket.socket) -> TcpState:
-    """The state of `sock`, an established connection already in repair mode."""
+def dump(sock: socket.socket, names: tuple | None = None) -> TcpState:
+    """The state of `sock`, an established connection already in repair mode;
+    `names`, its (local, peer) addresses if already known (they never change)."""
     info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)
     state, options, wscale = info[0], info[5], info[6]
     if state != TCP_ESTABLISHED:
@@ -132,7 +133,7 @@ def dump(sock: socket.socket) -> TcpState:
     send_seq, send_queue = _peek_queue(sock, SEND_QUEUE, outq)
     recv_seq, recv_queue = _peek_queue(sock, RECV_QUEUE, inq)
     timestamps = bool(options & TCPI_OPT_TIMESTAMPS)
-    local, peer = sock.getsockname()[:2], sock.getpeername()[:2]
+    local, peer = names or (sock.getsockname()[:2], sock.getpeername()[:2])
     return TcpState(
         family=sock.family, local=local, peer=peer, send_seq=send_seq, recv_seq=recv_seq,
         mss=sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG),  # the clamp, in repair mode

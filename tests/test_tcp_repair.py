@@ -239,6 +239,36 @@ def test_streaming_peers_move_to_another_host_and_back_every_record_once_in_orde
     assert echo_once(hosts.connect("client", SERVICE, PORT)) == b"ping\n"
 
 
+def test_connections_that_close_or_change_after_the_precopy_move_as_they_are_at_the_dump(hosts, world):
+    """The target stages each connected chardev from the precopy; inside the
+    downtime an unchanged one comes as its TCP state alone. One whose peer has
+    gone since is opened afresh, one whose peer was replaced moves with the new
+    connection."""
+    world.serve("a", *(ECHO.format(label=f"e{i}", port=PORT + i) for i in range(3)))
+    first = peers(hosts, range(PORT, PORT + 3))
+    for sock in first:
+        assert echo_once(sock) == b"ping\n"
+    target = world.target("b", HOST_B, extra_env={"FDMIG_FAULT": "target-after-precopy=stop"})
+    migration = Pump(world.migrate, "a", HOST_B)
+    stopped(target)  # e0, e1 and e2 staged there; the source serves on
+    first[1].close()
+    first[2].close()
+    wait_states(world.control("a"), {"e0": "connected", "e1": "listening", "e2": "listening"})
+    replaced = hosts.connect("client", SERVICE, PORT + 2)
+    assert echo_once(replaced, b"new\n") == b"new\n"  # served here, before the downtime
+    os.kill(target.pid, signal.SIGCONT)
+    moved = outcome(migration.join(60))
+    assert moved["moved-live"] == ["e0", "e2"] and moved["reconnected"] == ["e1"]
+    assert moved["tcp-state"]["connections"] == 2 and moved["tcp-state"]["precopied"] == 1  # e0's state alone
+    assert echo_once(first[0]) == b"ping\n"
+    assert echo_once(replaced) == b"ping\n"
+    fresh = hosts.connect("client", SERVICE, PORT + 1)
+    assert echo_once(fresh) == b"ping\n"  # e1 listens again, on host B
+    wait_states(world.control("b"), {"e0": "connected", "e1": "connected", "e2": "connected"})
+    assert status_of(world.control("b"))["migration"]["chardevs"] == 2  # e1 staged, then let go
+    assert "connection lost" not in target.stderr()
+
+
 def test_bytes_in_flight_both_ways_at_the_dump_arrive_once(hosts, world):
     """A peer that writes megabytes and reads nothing: the echo's send queue is
     full (unacknowledged and unsent bytes), and so is its receive queue."""

@@ -807,8 +807,10 @@ def test_target_info_decodes_with_defaults_and_round_trips_through_its_dict():
     assert TargetInfo.decode({}) == TargetInfo(pid=None, exec=False, control=True, stdio=False)
     info = TargetInfo.decode({"pid": 77, "exec": True, "control": False, "version": "9.9", "later": [1]})
     assert info == TargetInfo(pid=77, exec=True, control=False)  # unknown keys ignored
-    assert list(info.to_dict()) == ["pid", "exec", "control", "stdio"]
+    assert list(info.to_dict()) == ["pid", "exec", "control", "stdio", "tcp-precopy"]
     assert TargetInfo.decode({"stdio": True}).stdio
+    # An older target does not say it stages TCP chardevs from the precopy: none is sent it.
+    assert not info.tcp_precopy and TargetInfo.decode({"tcp-precopy": True}).tcp_precopy
     assert TargetInfo.decode(info.to_dict()) == info
     assert TargetInfo.decode(TargetInfo().to_dict()) == TargetInfo()
     assert TargetInfo.decode({"pid": None}).pid is None
@@ -829,7 +831,7 @@ def test_a_received_accept_with_a_bad_pid_fails_the_codec(pid):
     assert pair.source.fds_claimed == 0
 
 
-@pytest.mark.parametrize("info", [{"exec": 1}, {"control": "yes"}, {"control": None}])
+@pytest.mark.parametrize("info", [{"exec": 1}, {"control": "yes"}, {"control": None}, {"tcp-precopy": 1}])
 def test_a_received_accept_with_non_bool_flags_fails_the_codec(info):
     pair = pair_at(State.TABLE_DONE)
     fail_with(pair.source, frame(FrameType.ACCEPT, {"info": info}), "must be a bool")

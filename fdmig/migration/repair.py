@@ -22,6 +22,7 @@ from fdmig.migration import form, wire
 log = logging.getLogger("fdmig")
 CAPABILITY = "x-tcp-repair"
 TCP_SECTION = "#tcp-"  # + "N.I"; meta {"chardev": LABEL}; outbuf: a piece of its encoded state
+LATER = "tcp-later"  # in a precopy section's meta: the chardev's connection comes inside the downtime
 BATCH = 64  # connections dumped per frame sent: the target restores while we dump on
 PIECE = wire.MAX_FRAME // 4
 HOOK_TIMEOUT = 10.0  # a --release-cmd, --reclaim-cmd or --claim-cmd that runs longer has failed
@@ -66,6 +67,7 @@ class Moved:
     def __init__(self):
         self.labels: list[str] = []  # the chardevs whose connection moved, in order
         self.send_queue = self.unsent = self.recv_queue = 0
+        self.precopied = 0  # those whose chardev came before the downtime, unchanged since
         self.forwarded: int | None = None  # the source's LateSegments, once closed
 
     @property
@@ -79,7 +81,7 @@ class Moved:
         self.recv_queue += len(state.recv_queue)
 
     def info(self) -> dict:
-        info = {"connections": self.connections, "send-queue-bytes": self.send_queue,
+        info = {"connections": self.connections, "precopied": self.precopied, "send-queue-bytes": self.send_queue,
                 "unsent-bytes": self.unsent, "recv-queue-bytes": self.recv_queue}
         if self.forwarded is not None:
             info["forwarded-segments"] = self.forwarded
@@ -171,33 +173,70 @@ def _one_address(host: str | None) -> bool:
         return False
 
 
-def dump(chardevs, on: bool, in_repair: list, moved: Moved, late: LateSegments | None = None):
+def precopy_section(chardev) -> tuple[wire.Section, tuple]:
+    """Before the downtime, to a target that stages it (TargetInfo.tcp_precopy):
+    the section of a connected chardev that moves with its TCP state, its fds
+    left out (they stay here), so that the downtime carries only the
+    connection's state and, if it changed since (form.fingerprint), the
+    chardev's section again. With it, what dump() may take as read: the
+    chardev's fingerprint and its connection's addresses (None if the kernel
+    no longer has them)."""
+    section = form.section(chardev, carry=False)
+    try:
+        names = (chardev.conn.getsockname()[:2], chardev.conn.getpeername()[:2])
+    except OSError:
+        names = None
+    return wire.Section(section.label, {**section.meta, LATER: True}, b""), (form.fingerprint(chardev), names)
+
+
+def dump(chardevs, on: bool, in_repair: list, moved: Moved, late: LateSegments | None = None,
+         precopied: dict | None = None, changed: set | None = None):
     """For every connected chardev that moves with its TCP state, its sections:
     pieces of the encoded state, then the chardev's own (yielded as a list per
     chardev, so the caller sends while it dumps on). Each socket goes into repair
     mode first, and into `in_repair`, for undo(). Quiesced and its address
     released: nothing changes any more. RepairError (naming the chardev) if one
-    cannot be dumped."""
+    cannot be dumped.
+
+    `precopied`: label -> what precopy_section() returned beside the section it
+    sent. A chardev unchanged since, with no bytes to carry, goes as its TCP
+    state alone, the last piece saying its length; the labels of the others go
+    into `changed`."""
+    precopied = precopied or {}
     for chardev in chardevs:
+        label = chardev.label
         if not (moves(chardev, on) and chardev.conn is not None):
+            if label in precopied:
+                changed.add(label)  # its connection has gone: the target opens it afresh
             continue
+        fingerprint, names = precopied.get(label, (None, None))
+        alone = fingerprint is not None and fingerprint == form.fingerprint(chardev) and not chardev.outbuf
         try:
             tcprepair.enter(chardev.conn)
             in_repair.append(chardev.conn)
-            state = tcprepair.dump(chardev.conn)
+            state = tcprepair.dump(chardev.conn, names if alone else None)
             blob = tcpstate.encode(state)
         except (tcprepair.RepairError, tcpstate.TcpStateError, OSError) as exc:
-            raise tcprepair.RepairError(f"chardev {chardev.label}: {exc}") from None
-        moved.add(chardev.label, state)
+            raise tcprepair.RepairError(f"chardev {label}: {exc}") from None
+        moved.add(label, state)
         if late:
             late.track(state)
-        section = form.section(chardev)  # its fds stay here: the TCP state is what moves
         pieces = tcpstate.parts(blob, PIECE)
+        prefix = f"{TCP_SECTION}{len(moved.labels)}."
+        if alone:
+            sections = [wire.Section(f"{prefix}{i}", {"chardev": label}, piece) for i, piece in enumerate(pieces[:-1])]
+            sections.append(wire.Section(f"{prefix}{len(pieces) - 1}", {"chardev": label, "tcp": len(blob)},
+                                         pieces[-1]))
+            moved.precopied += 1
+            yield sections
+            continue
+        if fingerprint is not None:
+            changed.add(label)
+        section = form.section(chardev)  # its fds stay here: the TCP state is what moves
         # The last piece rides in the chardev's own section, before the bytes it
         # carries, when both fit: one section per connection, as a rule.
         here = pieces.pop() if len(pieces[-1]) + len(section.outbuf) <= PIECE else b""
-        sections = [wire.Section(f"{TCP_SECTION}{len(moved.labels)}.{i}", {"chardev": chardev.label}, piece)
-                    for i, piece in enumerate(pieces)]
+        sections = [wire.Section(f"{prefix}{i}", {"chardev": label}, piece) for i, piece in enumerate(pieces)]
         sections.append(wire.Section(section.label, {**section.meta, "tcp": len(blob), "tcp-here": len(here)},
                                      here + section.outbuf))
         yield sections
@@ -238,6 +277,8 @@ class Restorer:
         self.addresses: dict[tuple[int, str], list[str]] = {}  # (family, local address) -> labels
         self.listeners: dict[str, socket.socket] = {}  # label -> made before the downtime, until taken
         self.blanks: dict[str, socket.socket] = {}  # label -> a socket in repair mode, made likewise
+        self.staged: dict[str, tuple] = {}  # label -> (blank, listener or None), taken by stage()
+        self.restored: set[str] = set()  # labels whose connection is restored
         self.moved = Moved()
         self.first: dict[str, bytes] = {}  # label -> what to write first after resume()
 
@@ -256,7 +297,58 @@ class Restorer:
         if type(here) is not int or not 0 <= here <= len(section.outbuf):
             raise FdmigError(f"chardev {label}: tcp-here is {wire.show(here)}, not a count of its "
                              f"{len(section.outbuf)} bytes")
-        blob = b"".join(self.pieces.pop(label, ())) + section.outbuf[:here]
+        state = self._state(label, section.outbuf[:here], length, spec)
+        staged = self.staged.get(label)
+        if staged is not None:
+            sock, listener = staged
+        else:
+            sock, listener = self.blanks.pop(label, None), None
+            if spec.server:
+                listener = self.listeners.pop(label, None) or self._listener(spec)
+        try:
+            conn = self._connect(label, state, sock)
+        except FdmigError:
+            if listener is not None and staged is None:
+                listener.close()
+            raise
+        first = self.first[label] = state.unsent_bytes + section.outbuf[here:]
+        return conn, listener, first
+
+    def stage(self, label: str, spec) -> tuple[socket.socket, socket.socket | None]:
+        """Before the downtime, for a chardev whose connection's TCP state comes
+        inside it alone (repair.LATER): the socket prepare() made to restore it
+        into and, for a server, its listener; FdmigError if there are none."""
+        if label in self.staged or label not in self.blanks or (spec.server and label not in self.listeners):
+            raise FdmigError(f"chardev {label}: staged twice, or its connection cannot move with its TCP state here")
+        staged = self.staged[label] = (self.blanks.pop(label), self.listeners.pop(label) if spec.server else None)
+        return staged
+
+    def restore_staged(self, label: str, length, spec) -> bytes:
+        """The connection of a chardev stage() took, from its pieces alone (its
+        chardev unchanged since the precopy), into the socket staged for it; the
+        bytes its kernel never sent, to write first."""
+        if label not in self.staged:
+            raise FdmigError(f"chardev {label}: its TCP state came alone, but its chardev was not in the precopy")
+        state = self._state(label, b"", length, spec)
+        self._connect(label, state, self.staged[label][0])
+        self.moved.precopied += 1
+        first = self.first[label] = state.unsent_bytes
+        return first
+
+    def unrestored(self) -> list[str]:
+        """The chardevs staged whose connection did not come (it has gone at the
+        source since the precopy)."""
+        return [label for label in self.staged if label not in self.restored]
+
+    def unstage(self, label: str) -> None:
+        for sock in self.staged.pop(label):
+            if sock is not None:
+                sock.close()
+
+    def _state(self, label: str, tail: bytes, length, spec) -> tcpstate.TcpState:
+        if label in self.restored:
+            raise FdmigError(f"chardev {label}: its TCP state came twice")
+        blob = b"".join(self.pieces.pop(label, ())) + tail
         if type(length) is not int or len(blob) != length:
             raise FdmigError(f"chardev {label}: {len(blob)} bytes of TCP state arrived, the section says "
                              f"{wire.show(length)}")
@@ -265,23 +357,19 @@ class Restorer:
         except tcpstate.TcpStateError as exc:
             raise FdmigError(f"chardev {label}: its TCP state: {exc}") from None
         _check(state, spec, label)
+        return state
+
+    def _connect(self, label: str, state: tcpstate.TcpState, sock: socket.socket | None) -> socket.socket:
         try:
-            conn = tcprepair.restore(state, self.blanks.pop(label, None))
+            conn = tcprepair.restore(state, sock)
         except tcprepair.RepairError as exc:
             raise FdmigError(f"chardev {label}: its TCP state: {exc}") from None
-        try:
-            listener = None
-            if spec.server:
-                listener = self.listeners.pop(label, None) or self._listener(spec)
-        except FdmigError:
-            conn.close()
-            raise
+        self.restored.add(label)
         self.conns.append(conn)
         self.probed.append(not tcprepair.quiet(state))
         self.addresses.setdefault((state.family, state.local[0]), []).append(label)
         self.moved.add(label, state)
-        first = self.first[label] = state.unsent_bytes + section.outbuf[here:]
-        return conn, listener, first
+        return conn
 
     def prepare(self, specs) -> None:
         """Before the downtime, for each marked TCP chardev among `specs`: a blank
@@ -316,6 +404,8 @@ class Restorer:
             for sock in made.values():
                 sock.close()
             made.clear()
+        for label in list(self.staged):
+            self.unstage(label)
 
     @staticmethod
     def _listener(spec) -> socket.socket:

@@ -150,6 +150,7 @@ class SourceSession(Session):
         self.committed = False
         self.target = wire.TargetInfo()
         self.precopied: dict = {}  # label -> its sockets, as the precopy sent them
+        self.tcp_precopied: dict = {}  # label -> what repair.precopy_section() said beside its section
         # The chardevs that move live, in the TABLE's order, and each one's
         # fingerprint as the precopy sent it (None: not sent); those it sent, and
         # those of them whose peers streamed as it began (SectionState.streaming).
@@ -157,7 +158,9 @@ class SourceSession(Session):
         self.fingerprints: list = []
         self.sent: list = []
         self.streaming: list = []  # (TABLE index, chardev)
-        self.changed: set = set()  # labels with a section again inside the downtime
+        # Labels whose counts RELEASED leaves out: with a section again inside the
+        # downtime, or precopied and not moved after all (their connection gone).
+        self.changed: set = set()
         self.reads_before = 0  # chardev.read_mark() as the migration began
         self.started = self.quiesce_at = 0.0
         self.moved = 0
@@ -283,24 +286,22 @@ class SourceSession(Session):
         batch, pinned = [], []
         fds_in_batch = 0
         began = time.monotonic()
+        # Over TCP, a chardev whose connection moves with its TCP state goes now
+        # without its fds, for the target to stage; its TCP state follows inside
+        # the downtime (repair.dump).
+        tcp_precopy = self.tcp_repair and self.target.tcp_precopy
         try:
             for index, chardev in enumerate(list(self.instance.chardevs.values())):  # the TABLE's order
-                if not form.moves_live(chardev, self.live):
+                if form.moves_live(chardev, self.live):
+                    section = self._precopy_section(index, chardev, pinned)
+                elif tcp_precopy and repair.moves(chardev, True) and chardev.conn is not None:
+                    section, self.tcp_precopied[chardev.label] = repair.precopy_section(chardev)
+                    self.sent.append(chardev)
+                    chardev.counts_changed = False  # the section has them
+                else:
                     continue  # the target opens it afresh
-                sockets = chardev.sockets()
-                self.movable.append(chardev)
-                self.fingerprints.append(form.fingerprint(chardev) if sockets else None)
-                if not sockets:
+                if section is None:
                     continue
-                form.pin(chardev)
-                pinned.append(chardev)
-                self.precopied[chardev.label] = sockets
-                self.sent.append(chardev)
-                chardev.counts_changed = False  # the section has them
-                streaming = chardev.conn is not None and chardev.served > self.reads_before
-                if streaming:
-                    self.streaming.append((index, chardev))
-                section = form.section(chardev, carry=False, streaming=streaming)  # bytes to carry: at the quiesce
                 batch.append(section)
                 fds_in_batch += len(section.fds)
                 if fds_in_batch >= wire.MAX_FDS_PER_FRAME - 1 or len(batch) >= PRECOPY_SLICE:
@@ -315,6 +316,24 @@ class SourceSession(Session):
             for chardev in pinned:
                 form.unpin(chardev)
         faults.point("source-after-precopy")
+
+    def _precopy_section(self, index: int, chardev, pinned: list) -> wire.Section | None:
+        """A chardev that moves live: its section with its fds (pinned until the
+        precopy is out), or None if it has no socket to send yet."""
+        sockets = chardev.sockets()
+        self.movable.append(chardev)
+        self.fingerprints.append(form.fingerprint(chardev) if sockets else None)
+        if not sockets:
+            return None
+        form.pin(chardev)
+        pinned.append(chardev)
+        self.precopied[chardev.label] = sockets
+        self.sent.append(chardev)
+        chardev.counts_changed = False  # the section has them
+        streaming = chardev.conn is not None and chardev.served > self.reads_before
+        if streaming:
+            self.streaming.append((index, chardev))
+        return form.section(chardev, carry=False, streaming=streaming)  # bytes to carry: at the quiesce
 
     async def _dump(self) -> None:
         """Over TCP, inside the downtime: the address released (--release-cmd), then
@@ -331,7 +350,7 @@ class SourceSession(Session):
         batch, count = [], 0
         try:
             for sections in repair.dump(self.instance.chardevs.values(), self.tcp_repair, self.in_repair,
-                                        self.tcp_moved, self.late):
+                                        self.tcp_moved, self.late, self.tcp_precopied, self.changed):
                 batch += sections
                 count += 1
                 if count % repair.BATCH == 0:
@@ -353,7 +372,7 @@ class SourceSession(Session):
                                                                map(form.fingerprint, movable)),
                                              map(operator.truth, map(_OUTBUF, movable)))))
         self.moved += len(movable) - len(changed)  # the target has those from the precopy
-        self.changed = {chardev.label for chardev in changed}
+        self.changed.update(chardev.label for chardev in changed)
         sections = []
         for chardev in changed:
             sockets = self.precopied.get(chardev.label)

@@ -256,7 +256,10 @@ class TargetSession(Session):
             except FdmigError as exc:
                 raise Refused(str(exc)) from None
         self.instance.freeze(quiesce=False)
-        await self.chan.send(wire.Accept(self.info), self.deadline)
+        # Over TCP we stage the chardevs whose connections come inside the downtime
+        # from their precopy sections: the downtime then carries their TCP state alone.
+        await self.chan.send(wire.Accept({**self.info, "tcp-precopy": True} if self.remote else self.info),
+                             self.deadline)
         self.taking = True
         self.expected = (wire.Precopy, self.on_precopy, "its precopy")
 
@@ -281,6 +284,7 @@ class TargetSession(Session):
     async def on_transfer(self, transfer: wire.Transfer) -> Received:
         began = time.monotonic()
         self._take(transfer.sections)
+        self._unstage_gone()
         marks.span("target transfer taken", began)
         self.taking = False
         for mine in self.own:
@@ -355,7 +359,7 @@ class TargetSession(Session):
                 raise Refused(f"chardev {section.label}: a section for a chardev not in the table, or twice")
             self.seen.add(section.label)
             if section.label in self.fresh:
-                if "tcp" in section.meta:
+                if "tcp" in section.meta or repair.LATER in section.meta:
                     raise Refused(f"chardev {section.label}: its connection moves live ({repair.CAPABILITY}), but "
                                   "this target opens it afresh: mark it local-incoming=on, or leave it to the table")
                 continue
@@ -363,6 +367,9 @@ class TargetSession(Session):
             state = section.state(now)
             if "tcp" in section.meta:
                 self._restore_tcp(section, spec, state)
+                continue
+            if repair.LATER in section.meta:
+                self._stage_tcp(section, spec, state)
                 continue
             by_role = self.sockets.setdefault(section.label, {})
             for role in state.held:
@@ -396,13 +403,51 @@ class TargetSession(Session):
         faults.point("target-after-batch")
 
     def _take_tcp_piece(self, section) -> None:
-        if not self.remote or section.label in self.seen:
-            raise Refused(f"{wire.show(section.label)}: TCP state over a unix channel, or twice")
+        if not self.remote or section.label in self.seen or self.expected[0] is wire.Precopy:
+            raise Refused(f"{wire.show(section.label)}: TCP state over a unix channel, before the downtime, or twice")
         self.seen.add(section.label)
         try:
             self.restorer.piece(section, self.plan.specs)
+            if "tcp" in section.meta:  # the last piece of a staged chardev's connection, which comes alone
+                label = section.meta["chardev"]
+                first = self.restorer.restore_staged(label, section.meta["tcp"], self.plan.specs[label])
         except FdmigError as exc:
             raise Refused(str(exc)) from None
+        if "tcp" in section.meta and first:
+            chardev = self.chardevs[label]
+            chardev.outbuf[:0] = first
+            chardev.watch_now(defer=False)
+
+    def _stage_tcp(self, section, spec, state) -> None:
+        """Before the downtime (x-tcp-repair): a chardev whose connection's TCP
+        state comes inside it, staged with the socket to restore it into and its
+        events set (nothing is read before the resume), as _take stages one whose
+        fds come in the precopy."""
+        if self.expected[0] is not wire.Precopy or not self.remote or spec.kind != "inet" \
+                or not self.plan.capabilities.get(repair.CAPABILITY) or state.held or section.fds:
+            raise Refused(f"chardev {section.label}: a connection to come with its TCP state, for a chardev "
+                          "that cannot move so")
+        try:
+            conn, listener = self.restorer.stage(section.label, spec)
+        except FdmigError as exc:
+            raise Refused(str(exc)) from None
+        by_role = self.sockets[section.label] = {"conn": conn}
+        if listener is not None:
+            by_role["listener"] = listener
+        chardev = self.chardevs[section.label]
+        form.restore(chardev, state, b"", conn, listener)
+        chardev.watch_now(defer=False)
+
+    def _unstage_gone(self) -> None:
+        """The staged chardevs whose connection did not come (gone at the source
+        since the precopy): opened afresh, as any that came with none."""
+        for label in self.restorer.unrestored():
+            self.restorer.unstage(label)
+            del self.sockets[label]
+            chardev = self.chardevs[label]
+            chardev.unwatch()
+            chardev.outbuf = bytearray()
+            chardev.take_moved(None, None, None, None)
 
     def _restore_tcp(self, section, spec, state) -> None:
         """A connection from its TCP state, in repair mode (x-tcp-repair), and its

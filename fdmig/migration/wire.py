@@ -413,12 +413,17 @@ class TargetInfo:
     then tells systemd nothing); `exec`, it hands the fds on to a program instead
     of serving them; `control`, it serves a control socket afterwards; `stdio`,
     it takes up the source's stdout and stderr at the commit (a target that
-    `migrate-out --spawn` started: the instance's log goes where it went)."""
+    `migrate-out --spawn` started: the instance's log goes where it went);
+    `tcp_precopy`, over TCP it stages a chardev whose connection moves with its
+    TCP state from a precopy section (fdmig.migration.repair.LATER), so that
+    the downtime carries only the connection's state (a target that does not
+    say so gets none: the chardev's whole section comes inside the downtime)."""
 
     pid: int | None = None
     exec: bool = False
     control: bool = True
     stdio: bool = False
+    tcp_precopy: bool = False
 
     @classmethod
     def decode(cls, info: Mapping, error: type[ProtocolError] = RemoteProtocolError) -> "TargetInfo":
@@ -431,7 +436,7 @@ class TargetInfo:
             # The source hands this pid to systemd as MAINPID: never 0, -1 or junk.
             raise error(f"ACCEPT info: pid {_show_number(pid)} is not a process id")
         flags = []
-        for key, default in (("exec", False), ("control", True), ("stdio", False)):
+        for key, default in (("exec", False), ("control", True), ("stdio", False), ("tcp-precopy", False)):
             value = info.get(key, default)
             if not isinstance(value, bool):
                 raise error(f"ACCEPT info: {key!r} must be a bool, not {type(value).__name__}")
@@ -439,7 +444,8 @@ class TargetInfo:
         return cls(pid, *flags)
 
     def to_dict(self) -> dict:
-        return {"pid": self.pid, "exec": self.exec, "control": self.control, "stdio": self.stdio}
+        return {"pid": self.pid, "exec": self.exec, "control": self.control, "stdio": self.stdio,
+                "tcp-precopy": self.tcp_precopy}
 
 
 @dataclass(frozen=True)
