@@ -206,7 +206,9 @@ def restore(state: TcpState, sock: socket.socket | None = None) -> socket.socket
     connection `state` describes, still in repair mode: nothing is sent until
     leave(). Its unsent bytes are the caller's to write after that. The address
     may reach this host only once the connection is ready to resume (the
-    caller's --claim-cmd). Closed on a failure."""
+    caller's --claim-cmd). On a failure, a socket made here is closed; `sock`
+    stays the caller's (a poller may watch its fd: it must let go first)."""
+    made = sock is None
     try:
         sock = sock or blank(state.family)
     except OSError as exc:
@@ -235,7 +237,8 @@ def restore(state: TcpState, sock: socket.socket | None = None) -> socket.socket
         if state.window is not None:
             sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_WINDOW, _WINDOW.pack(*state.window))
     except OSError as exc:
-        sock.close()
+        if made:
+            sock.close()
         raise RepairError(f"cannot restore the connection {state.local[0]}:{state.local[1]} -> "
                           f"{state.peer[0]}:{state.peer[1]}: {exc.strerror or exc}") from None
     return sock

@@ -61,6 +61,17 @@ def section(chardev, precopied: dict | None = None, carry: bool = True, streamin
     return wire.Section(chardev.label, meta, bytes(chardev.outbuf) if carry else b"", fds)
 
 
+def forget(chardev) -> None:
+    """On the target: a chardev staged from the precopy whose connection did not
+    come after all, back as registered, to be opened afresh (its fds closed by
+    the caller, once it is no longer watched)."""
+    chardev.outbuf = bytearray()
+    chardev.rx_bytes = chardev.tx_bytes = chardev.migrations = 0
+    _set_stream_flags(chardev, ())
+    chardev.take_moved(None, None, None, None)
+    chardev.peer = chardev.connected_since = None
+
+
 def restore(chardev, state: wire.SectionState, outbuf: bytes, conn, listener) -> None:
     """On the target: take over a moved chardev, from the precopy and then again
     if its state changed before the quiesce. Carried bytes go out first. With no

@@ -203,6 +203,7 @@ def dump(chardevs, on: bool, in_repair: list, moved: Moved, late: LateSegments |
     state alone, the last piece saying its length; the labels of the others go
     into `changed`."""
     precopied = precopied or {}
+    changed = set() if changed is None else changed
     for chardev in chardevs:
         label = chardev.label
         if not (moves(chardev, on) and chardev.conn is not None):
@@ -284,7 +285,7 @@ class Restorer:
 
     def piece(self, section: wire.Section, labels) -> None:
         label = section.meta.get("chardev") if isinstance(section.meta, dict) else None
-        if label not in labels:
+        if type(label) is not str or label not in labels:
             raise FdmigError(f"{wire.show(section.label)}: TCP state for {wire.show(label)}, not a chardev "
                              "of the table")
         self.pieces.setdefault(label, []).append(section.outbuf)
@@ -308,8 +309,10 @@ class Restorer:
         try:
             conn = self._connect(label, state, sock)
         except FdmigError:
-            if listener is not None and staged is None:
-                listener.close()
+            if staged is None:  # else the staged chardev's, which abort() unwatches, then closes
+                for made in (sock, listener):
+                    if made is not None:
+                        made.close()
             raise
         first = self.first[label] = state.unsent_bytes + section.outbuf[here:]
         return conn, listener, first

@@ -371,6 +371,9 @@ class TargetSession(Session):
             if repair.LATER in section.meta:
                 self._stage_tcp(section, spec, state)
                 continue
+            if section.label in self.restorer.staged:
+                raise Refused(f"chardev {section.label}: staged to come with its TCP state, but its section "
+                              "has none")
             by_role = self.sockets.setdefault(section.label, {})
             for role in state.held:
                 if role not in by_role or role in section.fds:
@@ -424,7 +427,8 @@ class TargetSession(Session):
         events set (nothing is read before the resume), as _take stages one whose
         fds come in the precopy."""
         if self.expected[0] is not wire.Precopy or not self.remote or spec.kind != "inet" \
-                or not self.plan.capabilities.get(repair.CAPABILITY) or state.held or section.fds:
+                or not self.plan.capabilities.get(repair.CAPABILITY) or state.held or section.fds \
+                or section.outbuf:
             raise Refused(f"chardev {section.label}: a connection to come with its TCP state, for a chardev "
                           "that cannot move so")
         try:
@@ -442,19 +446,19 @@ class TargetSession(Session):
         """The staged chardevs whose connection did not come (gone at the source
         since the precopy): opened afresh, as any that came with none."""
         for label in self.restorer.unrestored():
-            self.restorer.unstage(label)
-            del self.sockets[label]
             chardev = self.chardevs[label]
-            chardev.unwatch()
-            chardev.outbuf = bytearray()
-            chardev.take_moved(None, None, None, None)
+            chardev.unwatch()  # while its fds are open: they leave the epoll as they close
+            form.forget(chardev)
+            self.restorer.unstage(label)
+            self.sockets.pop(label, None)
 
     def _restore_tcp(self, section, spec, state) -> None:
         """A connection from its TCP state, in repair mode (x-tcp-repair), and its
         server's listener made again; the bytes it never sent go out first."""
         if not self.remote or not self.plan.capabilities.get(repair.CAPABILITY) or spec.kind != "inet" \
-                or state.held or section.fds:
-            raise Refused(f"chardev {section.label}: TCP state for a chardev that cannot move so")
+                or state.held or section.fds or self.expected[0] is wire.Precopy:
+            raise Refused(f"chardev {section.label}: TCP state before the downtime, or for a chardev that "
+                          "cannot move so")
         try:
             conn, listener, outbuf = self.restorer.restore(section, spec)
         except FdmigError as exc:
