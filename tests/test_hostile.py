@@ -272,6 +272,32 @@ def test_junk_in_a_sections_meta_is_dropped_on_the_way_into_the_target(hostile):
     server.close()
 
 
+def test_byte_counts_announced_after_released_that_never_come_leave_the_precopy_s(hostile):
+    """A source whose RELEASED says its byte counts follow, and which then
+    goes: the target takes over all the same, on the precopy's counts."""
+    fake, codec = hostile.connect()
+    path = os.path.join(hostile.short_dir, "counts.sock")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    server.listen(1)
+    conn = connect_unix(path)
+    hostile.accepted(fake, codec, {**CLIENT, "path": path})
+    counted = wire.SectionState.meta(4, 4, 0, None, None, (), ())
+    send_chunks(fake, codec.send(wire.Precopy([wire.Section("app", counted, b"", {"conn": conn.fileno()})])))
+    assert isinstance(read_event(fake, codec), wire.Held)
+    send_chunks(fake, codec.send(wire.Transfer([])))
+    assert isinstance(read_event(fake, codec), wire.Ack)
+    send_chunks(fake, codec.send(wire.Released({"counters": [], "counters-after": True})))
+    assert isinstance(read_event(fake, codec), wire.Taken)
+    fake.close()
+    hostile.target.wait_ready()
+    [row] = status_of(os.path.join(hostile.runtime_dir, "web.sock"))["chardevs"]
+    assert row["state"] == "connected" and (row["rx-bytes"], row["tx-bytes"]) == (4, 4)
+    assert "byte counts since the precopy did not come after RELEASED" in hostile.target.stderr()
+    conn.close()
+    server.close()
+
+
 def more_fds_than_the_manifest_lists(attempt):
     manifest = [{"label": "app", "meta": {}, "outbuf": 0, "fds": ["conn"]}]
     fds = [connected_pair(attempt), connected_pair(attempt)]

@@ -21,6 +21,7 @@ from fdmig.migration.wire import (
     Ack,
     Chunk,
     ConnectionClosed,
+    Counters,
     FrameType,
     Held,
     Hello,
@@ -36,6 +37,7 @@ from fdmig.migration.wire import (
     SectionState,
     State,
     Table,
+    Taken,
     TargetInfo,
     Transfer,
     entry_fds,
@@ -807,10 +809,12 @@ def test_target_info_decodes_with_defaults_and_round_trips_through_its_dict():
     assert TargetInfo.decode({}) == TargetInfo(pid=None, exec=False, control=True, stdio=False)
     info = TargetInfo.decode({"pid": 77, "exec": True, "control": False, "version": "9.9", "later": [1]})
     assert info == TargetInfo(pid=77, exec=True, control=False)  # unknown keys ignored
-    assert list(info.to_dict()) == ["pid", "exec", "control", "stdio", "tcp-precopy"]
+    assert list(info.to_dict()) == ["pid", "exec", "control", "stdio", "tcp-precopy", "counters-after"]
     assert TargetInfo.decode({"stdio": True}).stdio
     # An older target does not say it stages TCP chardevs from the precopy: none is sent it.
     assert not info.tcp_precopy and TargetInfo.decode({"tcp-precopy": True}).tcp_precopy
+    # Nor that it takes RELEASED's byte counts in COUNTERS: they stay in RELEASED for it.
+    assert not info.counters_after and TargetInfo.decode({"counters-after": True}).counters_after
     assert TargetInfo.decode(info.to_dict()) == info
     assert TargetInfo.decode(TargetInfo().to_dict()) == TargetInfo()
     assert TargetInfo.decode({"pid": None}).pid is None
@@ -831,7 +835,8 @@ def test_a_received_accept_with_a_bad_pid_fails_the_codec(pid):
     assert pair.source.fds_claimed == 0
 
 
-@pytest.mark.parametrize("info", [{"exec": 1}, {"control": "yes"}, {"control": None}, {"tcp-precopy": 1}])
+@pytest.mark.parametrize("info", [{"exec": 1}, {"control": "yes"}, {"control": None}, {"tcp-precopy": 1},
+                                  {"counters-after": "yes"}])
 def test_a_received_accept_with_non_bool_flags_fails_the_codec(info):
     pair = pair_at(State.TABLE_DONE)
     fail_with(pair.source, frame(FrameType.ACCEPT, {"info": info}), "must be a bool")
@@ -887,6 +892,30 @@ def test_junk_in_release_info_is_dropped_and_bad_counters_are_named_in_ignored()
     assert release.ignored == ("list", "list", "list", "list", show("c4" * 40), "dict", "list", "list")
     assert ReleaseInfo.decode({"counters": {"c0": [1, 2]}}) == ReleaseInfo()
     assert ReleaseInfo.decode({"setup-ms": 2.5}).setup_ms == 2.5
+
+
+def test_counters_follow_released_and_cross_taken_but_come_nowhere_else():
+    pair = pair_at(State.RELEASED)
+    pair.send(pair.target, Taken(), deliver=False)  # on its way as COUNTERS goes out
+    counts = [["c0", 5, 7], ["c1", 0, 3]]
+    assert pair.send(pair.source, Counters(counts)) == [Counters(counts)]
+    assert pair.source.state is State.RELEASED and pair.target.state is State.TAKEN
+    assert pair.send(pair.source, Counters([])) == [Counters([])]  # more than once does no harm
+    before = pair_at(State.COMMITTED)
+    with pytest.raises(LocalProtocolError, match="cannot send COUNTERS in state COMMITTED"):
+        before.source.send(Counters(counts))
+    fail_with(before.target, frame(FrameType.COUNTERS, {"counters": counts}), "COUNTERS not allowed in state COMMITTED")
+
+
+def test_counters_junk_is_left_to_release_info_and_a_released_says_when_they_follow():
+    pair = pair_at(State.RELEASED)
+    pair.source.receive_data(frame(FrameType.COUNTERS, {"counters": "lots"}))
+    pair.target.receive_data(frame(FrameType.COUNTERS, {"counters": "lots"}))
+    assert drain(pair.target) == [Counters("lots")]
+    release = ReleaseInfo.decode({**ReleaseInfo.info(1.0, 0.5, 2.0, [], [], True), "counters": "lots"})
+    assert release.counters_after and release.counters == () and release.ignored == ()
+    assert not ReleaseInfo.decode(ReleaseInfo.info(1.0, 0.5, 2.0, [["c0", 1, 2]])).counters_after
+    assert "counters-after" not in ReleaseInfo.info(1.0, 0.5, 2.0, [])
 
 
 def test_a_received_released_with_junk_info_is_passed_on_and_read_leniently():

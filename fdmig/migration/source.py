@@ -24,6 +24,7 @@ log = logging.getLogger("fdmig")
 # After the commit: how long the target may take to say TAKEN, and how much longer
 # it is given once SIGTERM asks the source to stop.
 TAKEN_TIMEOUT = 10.0
+COUNTERS_TIMEOUT = 1.0  # for COUNTERS to go out behind RELEASED (a few KiB: at once, unless the target is gone)
 STOP_GRACE = 1.0
 # After TAKEN, the longest we wait for the target to close the channel (it does
 # once it has served its first turn) before letting go of our copies and exiting.
@@ -390,17 +391,22 @@ class SourceSession(Session):
 
     def _release_info(self) -> dict:
         """RELEASED's info: the timings, the byte counts of the chardevs that
-        changed only in them since the precopy (found in C), and the order in
-        which to serve the streaming chardevs, longest unserved first. The target
-        gives their fds their events in it, and epoll then serves them in it, so
-        that no peer waits a round of the others twice, once before the quiesce
-        and again after the resume."""
-        counters = [[chardev.label, chardev.rx_bytes, chardev.tx_bytes]
-                    for chardev in compress(self.sent, map(_COUNTS_CHANGED, self.sent))
-                    if chardev.label not in self.changed]
+        changed only in them since the precopy (unless the target takes those in
+        COUNTERS, after RELEASED), and the order in which to serve the streaming
+        chardevs, longest unserved first. The target gives their fds their events
+        in it, and epoll then serves them in it, so that no peer waits a round of
+        the others twice, once before the quiesce and again after the resume."""
+        after = self.target.counters_after
         served = sorted((chardev.served, index) for index, chardev in self.streaming if chardev.conn is not None)
         return wire.ReleaseInfo.info(self.quiesce_at, self.started, self.instance.lifecycle.get("setup-ms"),
-                                     counters, [index for _, index in served])
+                                     [] if after else self._counters(), [index for _, index in served], after)
+
+    def _counters(self) -> list:
+        """[label, rx, tx] of each chardev sent in the precopy that changed only in
+        its byte counts since (found in C)."""
+        return [[chardev.label, chardev.rx_bytes, chardev.tx_bytes]
+                for chardev in compress(self.sent, map(_COUNTS_CHANGED, self.sent))
+                if chardev.label not in self.changed]
 
     # ----- the end -----------------------------------------------------------
 
@@ -442,6 +448,8 @@ class SourceSession(Session):
             await self.chan.send(wire.Released(self.release), None)
             released_at = time.monotonic()
             marks.span("source quiesced", self.quiesce_at, released_at)
+            if self.target.counters_after:
+                await self._send_counters()
             if self.late:
                 self.late.forward()  # the target has the address (its --claim-cmd ran before its ACK)
             faults.point("source-after-released")
@@ -490,6 +498,14 @@ class SourceSession(Session):
         log.info("migration completed: %d chardev(s) moved to pid %s", self.moved, self.target.pid)
         self.chan.close()
         return True
+
+    async def _send_counters(self) -> None:
+        """The byte counts RELEASED left out, now that the target serves; a
+        failure only costs the target those counts (it logs so)."""
+        try:
+            await self.chan.send(wire.Counters(self._counters()), time.monotonic() + COUNTERS_TIMEOUT)
+        except (OSError, wire.ProtocolError, channel.ChannelTimeout) as exc:
+            log.warning("could not send the target the byte counts since the precopy: %s", exc)
 
     async def _wait_taken(self) -> bool | None:
         """Whether the target said TAKEN; None if it stayed silent for TAKEN_TIMEOUT, or

@@ -37,6 +37,7 @@ REBIND_WAIT = 2.0  # how long a chardev opened afresh waits for its TCP port to 
 # paced (fdmig.pacing): the source's peers want the CPU meanwhile.
 SLICE = 32
 FIRST_TURN_WAIT = 0.1  # the longest the takeover waits for the first turn of serving (take_over)
+COUNTERS_WAIT = 1.0  # ... and then for the byte counts behind RELEASED, which the source sends at once
 _COUNTS = operator.attrgetter("rx_bytes", "tx_bytes")
 
 
@@ -258,8 +259,9 @@ class TargetSession(Session):
         self.instance.freeze(quiesce=False)
         # Over TCP we stage the chardevs whose connections come inside the downtime
         # from their precopy sections: the downtime then carries their TCP state alone.
-        await self.chan.send(wire.Accept({**self.info, "tcp-precopy": True} if self.remote else self.info),
-                             self.deadline)
+        # RELEASED's byte counts we take in COUNTERS, behind it, out of the downtime.
+        info = {**self.info, "counters-after": True, **({"tcp-precopy": True} if self.remote else {})}
+        await self.chan.send(wire.Accept(info), self.deadline)
         self.taking = True
         self.expected = (wire.Precopy, self.on_precopy, "its precopy")
 
@@ -684,8 +686,8 @@ async def take_over(instance, received: Received) -> None:
     except asyncio.TimeoutError:
         pass
     marks.span("target first turn", received.resumed_at)
+    received.released = await _release_info(received)
     received.chan.close()
-    received.released = wire.ReleaseInfo.decode(received.info)
     apply_counters(instance, received.counts_at_resume, received.released)
     resumed_at = received.resumed_at
     moved = received.sockets
@@ -706,6 +708,24 @@ async def take_over(instance, received: Received) -> None:
             received.restorer.unused(label)
             await _open_afresh(instance, chardev)
     marks.span("target after first turn", received.resumed_at)
+
+
+async def _release_info(received: Received) -> wire.ReleaseInfo:
+    """RELEASED's info, with the byte counts that follow it in COUNTERS if it
+    says so (waited for COUNTERS_WAIT at most: without them, the moved chardevs
+    count on from the precopy's counts, and the log says so)."""
+    info = received.info if isinstance(received.info, dict) else {}
+    if info.get("counters-after") is True:
+        try:
+            event = await received.chan.next_event(time.monotonic() + COUNTERS_WAIT)
+        except (OSError, wire.ProtocolError, channel.ChannelTimeout) as exc:
+            event = exc
+        if isinstance(event, wire.Counters):
+            info = {**info, "counters": event.counters}
+        else:
+            log.warning("the source's byte counts since the precopy did not come after RELEASED (%s): those "
+                        "chardevs count on from the precopy's", type(event).__name__)
+    return wire.ReleaseInfo.decode(info)
 
 
 async def _open_afresh(instance, chardev) -> None:

@@ -88,6 +88,7 @@ class FrameType(enum.IntEnum):
     PRECOPY = 11
     PRECOPY_END = 12
     HELD = 13
+    COUNTERS = 14
 
 
 class Role(enum.Enum):
@@ -140,6 +141,10 @@ TRANSITIONS: dict[tuple[State, Role, FrameType], State] = {
     (State.TRANSFER_DONE, _T, FrameType.ACK): State.COMMITTED,
     (State.COMMITTED, _S, FrameType.RELEASED): State.RELEASED,
     (State.RELEASED, _T, FrameType.TAKEN): State.TAKEN,
+    # RELEASED's byte counts, right behind it (TargetInfo.counters_after): the
+    # target may have said TAKEN meanwhile.
+    (State.RELEASED, _S, FrameType.COUNTERS): State.RELEASED,
+    (State.TAKEN, _S, FrameType.COUNTERS): State.TAKEN,
 }
 # Either side may give up until the target has acked; after that the handoff has
 # happened and there is nothing left to abort.
@@ -283,6 +288,15 @@ class Abort:
 
 
 @dataclass(frozen=True)
+class Counters:
+    """SOURCE, right after RELEASED, to a target that asked for them so
+    (TargetInfo.counters_after): the byte counts RELEASED would have carried,
+    [label, rx, tx] each (ReleaseInfo.counters), out of the downtime's way."""
+
+    counters: list = field(default_factory=list)
+
+
+@dataclass(frozen=True)
 class Taken:
     """TARGET, after RELEASED and before it reads anything: it owns the connections."""
 
@@ -292,7 +306,7 @@ class ConnectionClosed:
     """The peer closed the channel (receive_data(b"")) between frames."""
 
 
-Event = Union[Hello, Table, Accept, Precopy, Held, Transfer, Ack, Released, Taken, Abort, ConnectionClosed]
+Event = Union[Hello, Table, Accept, Precopy, Held, Transfer, Ack, Released, Counters, Taken, Abort, ConnectionClosed]
 
 
 @dataclass(frozen=True)
@@ -417,13 +431,17 @@ class TargetInfo:
     `tcp_precopy`, over TCP it stages a chardev whose connection moves with its
     TCP state from a precopy section (fdmig.migration.repair.LATER), so that
     the downtime carries only the connection's state (a target that does not
-    say so gets none: the chardev's whole section comes inside the downtime)."""
+    say so gets none: the chardev's whole section comes inside the downtime);
+    `counters_after`, it takes RELEASED's byte counts in a COUNTERS frame of
+    their own, right behind it (a target that does not say so gets them in
+    RELEASED, inside the downtime)."""
 
     pid: int | None = None
     exec: bool = False
     control: bool = True
     stdio: bool = False
     tcp_precopy: bool = False
+    counters_after: bool = False
 
     @classmethod
     def decode(cls, info: Mapping, error: type[ProtocolError] = RemoteProtocolError) -> "TargetInfo":
@@ -436,7 +454,8 @@ class TargetInfo:
             # The source hands this pid to systemd as MAINPID: never 0, -1 or junk.
             raise error(f"ACCEPT info: pid {_show_number(pid)} is not a process id")
         flags = []
-        for key, default in (("exec", False), ("control", True), ("stdio", False), ("tcp-precopy", False)):
+        for key, default in (("exec", False), ("control", True), ("stdio", False), ("tcp-precopy", False),
+                             ("counters-after", False)):
             value = info.get(key, default)
             if not isinstance(value, bool):
                 raise error(f"ACCEPT info: {key!r} must be a bool, not {type(value).__name__}")
@@ -445,7 +464,7 @@ class TargetInfo:
 
     def to_dict(self) -> dict:
         return {"pid": self.pid, "exec": self.exec, "control": self.control, "stdio": self.stdio,
-                "tcp-precopy": self.tcp_precopy}
+                "tcp-precopy": self.tcp_precopy, "counters-after": self.counters_after}
 
 
 @dataclass(frozen=True)
@@ -462,6 +481,7 @@ class ReleaseInfo:
     counters: tuple[tuple[str, int, int], ...] = ()
     served: tuple[int, ...] = ()
     ignored: tuple[str, ...] = ()  # show() of each malformed counter, for the log
+    counters_after: bool = False  # the counters come in a COUNTERS frame behind RELEASED
 
     @staticmethod
     def order(info: Mapping, size: int) -> list[int]:
@@ -499,19 +519,24 @@ class ReleaseInfo:
             counters=tuple(counters),
             served=tuple(cls.order(info, sys.maxsize)),
             ignored=tuple(ignored),
+            counters_after=info.get("counters-after") is True,
         )
 
     def to_dict(self) -> dict:
         return self.info(self.quiesce_at, self.started_at, self.setup_ms, [list(c) for c in self.counters],
-                         list(self.served))
+                         list(self.served), self.counters_after)
 
     @staticmethod
-    def info(quiesce_at, started_at, setup_ms, counters: list, served: list = ()) -> dict:
+    def info(quiesce_at, started_at, setup_ms, counters: list, served: list = (), counters_after=False) -> dict:
         """to_dict() of the ReleaseInfo these fields would make, with `counters` as
         [label, rx, tx] lists, taken as they are: the source sends this inside
-        the downtime, with one counter per chardev that moved bytes."""
-        return {"quiesce-at": quiesce_at, "started-at": started_at, "counters": counters, "setup-ms": setup_ms,
+        the downtime, with one counter per chardev that moved bytes, unless
+        `counters_after` (then they follow in COUNTERS, and `counters` is [])."""
+        info = {"quiesce-at": quiesce_at, "started-at": started_at, "counters": counters, "setup-ms": setup_ms,
                 "served": list(served)}
+        if counters_after:
+            info["counters-after"] = True
+        return info
 
 
 def _count(value: Any) -> int:
@@ -868,6 +893,10 @@ class MigrationCodec:
                     TargetInfo.decode(event.info, LocalProtocolError)  # what the source will check
                 ftype = FrameType.ACCEPT if isinstance(event, Accept) else FrameType.RELEASED
                 frames = [(ftype, _dumps({"info": dict(event.info)}), ())]
+            elif isinstance(event, Counters):
+                if not isinstance(event.counters, list):
+                    raise LocalProtocolError("Counters.counters must be a list")
+                frames = [(FrameType.COUNTERS, _dumps({"counters": event.counters}), ())]
             elif isinstance(event, (Held, Ack, Taken)):
                 frames = [(_EMPTY_FRAMES[type(event)], b"{}", ())]
             else:
@@ -1172,6 +1201,9 @@ class MigrationCodec:
         elif ftype in _EMPTY_EVENTS:
             _object(ftype, payload)  # nothing in it yet, but it must be well-formed
             event = _EMPTY_EVENTS[ftype]()
+        elif ftype is FrameType.COUNTERS:
+            # Taken as they come, as RELEASED's: ReleaseInfo.decode() drops junk.
+            event = Counters(_object(ftype, payload).get("counters"))
         else:
             event = self._decode_info(ftype, payload)
         # Only a frame that decoded cleanly takes its fds and moves the state.
