@@ -709,3 +709,17 @@ def test_a_control_client_that_never_reads_is_dropped_and_memory_stays_bounded(d
     grown = peak_rss(instance.pid) - before
     assert grown < 48 << 20, f"peak RSS grew by {grown >> 20} MiB"
     assert echoes(peer, b"again")
+
+
+def test_a_target_asks_for_what_only_it_reads():
+    """ACCEPT says which of the newer exchanges a target takes: the byte counts
+    behind RELEASED unless it hands the fds on to a program, which would leave
+    them unread (and close with bytes unread: a reset, which may lose its
+    TAKEN); the TCP state alone of chardevs staged from the precopy only over
+    TCP."""
+    from fdmig.migration.target import accept_info
+    assert wire.TargetInfo.decode(accept_info({"pid": 7}, remote=False)) == wire.TargetInfo(pid=7, counters_after=True)
+    served = wire.TargetInfo.decode(accept_info({"pid": 7}, remote=True))
+    assert served.counters_after and served.tcp_precopy
+    handed_on = wire.TargetInfo.decode(accept_info({"pid": 7, "exec": True}, remote=True))
+    assert handed_on.exec and not handed_on.counters_after

@@ -375,6 +375,33 @@ def test_bytes_the_target_serves_before_it_puts_in_the_sources_counts_are_counte
     os.kill(target.pid, signal.SIGTERM)
 
 
+def test_byte_counts_too_many_for_one_frame_are_left_out_and_an_empty_counters_goes_instead(caplog):
+    """The target waits for COUNTERS behind RELEASED before it opens what did
+    not move: counts that no frame can hold must not leave it waiting."""
+    import asyncio
+    import types
+    from fdmig.migration import source
+
+    codec = wire.MigrationCodec(wire.Role.SOURCE, max_frame=400)
+    sent = []
+
+    async def send(event, deadline=None):
+        codec._encode(event)  # what the channel's codec.send() checks before anything goes out
+        sent.append(event)
+
+    session = source.SourceSession.__new__(source.SourceSession)
+    session.chan = types.SimpleNamespace(send=send, codec=codec)
+    session.changed = set()
+    session.sent = [types.SimpleNamespace(label=f"chardev-{i:04d}", rx_bytes=i, tx_bytes=i, counts_changed=True)
+                    for i in range(40)]
+    asyncio.run(session._send_counters())
+    assert sent == [wire.Counters([])]
+    assert "the byte counts since the precopy are left out" in caplog.text
+    session.sent = session.sent[:2]
+    asyncio.run(session._send_counters())
+    assert sent[-1] == wire.Counters([["chardev-0000", 0, 0], ["chardev-0001", 1, 1]])
+
+
 def test_the_source_lets_go_only_once_the_target_closes_the_channel_after_its_first_turn(daemons, echo_instance,
                                                                                          short_dir):
     """After TAKEN the source waits for the target to close the channel (after

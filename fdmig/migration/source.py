@@ -448,10 +448,10 @@ class SourceSession(Session):
             await self.chan.send(wire.Released(self.release), None)
             released_at = time.monotonic()
             marks.span("source quiesced", self.quiesce_at, released_at)
-            if self.target.counters_after:
-                await self._send_counters()
             if self.late:
                 self.late.forward()  # the target has the address (its --claim-cmd ran before its ACK)
+            if self.target.counters_after:
+                await self._send_counters()
             faults.point("source-after-released")
             taken = await self._wait_taken()
         except (OSError, wire.ProtocolError):
@@ -501,9 +501,16 @@ class SourceSession(Session):
 
     async def _send_counters(self) -> None:
         """The byte counts RELEASED left out, now that the target serves; a
-        failure only costs the target those counts (it logs so)."""
+        failure only costs the target those counts (logged here). Counts too
+        many for one frame are left out and an empty COUNTERS goes instead, so
+        that the target does not wait for them."""
+        deadline = time.monotonic() + COUNTERS_TIMEOUT
         try:
-            await self.chan.send(wire.Counters(self._counters()), time.monotonic() + COUNTERS_TIMEOUT)
+            try:
+                await self.chan.send(wire.Counters(self._counters()), deadline)
+            except wire.LocalProtocolError as exc:  # refused before anything went out
+                log.warning("the byte counts since the precopy are left out: %s", exc)
+                await self.chan.send(wire.Counters([]), deadline)
         except (OSError, wire.ProtocolError, channel.ChannelTimeout) as exc:
             log.warning("could not send the target the byte counts since the precopy: %s", exc)
 

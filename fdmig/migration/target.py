@@ -142,6 +142,16 @@ def fd_headroom() -> int:
     return soft - len(os.listdir("/proc/self/fd")) - FD_RESERVE
 
 
+def accept_info(info: dict, remote: bool) -> dict:
+    """ACCEPT's info (wire.TargetInfo): `info`, and what this target takes that
+    an older one would not: RELEASED's byte counts in COUNTERS, behind it, out
+    of the downtime (not when it hands the fds on to a program, which would
+    never read them), and over TCP, the chardevs whose connections move with
+    their TCP state staged from the precopy."""
+    return {**info, **({} if info.get("exec") else {"counters-after": True}),
+            **({"tcp-precopy": True} if remote else {})}
+
+
 async def stage(instance, plan: Plan) -> dict:
     """Register every chardev of the plan, unopened; a bridge after its partner.
     SLICE at a time, paced, as make_plan."""
@@ -259,9 +269,7 @@ class TargetSession(Session):
         self.instance.freeze(quiesce=False)
         # Over TCP we stage the chardevs whose connections come inside the downtime
         # from their precopy sections: the downtime then carries their TCP state alone.
-        # RELEASED's byte counts we take in COUNTERS, behind it, out of the downtime.
-        info = {**self.info, "counters-after": True, **({"tcp-precopy": True} if self.remote else {})}
-        await self.chan.send(wire.Accept(info), self.deadline)
+        await self.chan.send(wire.Accept(accept_info(self.info, self.remote)), self.deadline)
         self.taking = True
         self.expected = (wire.Precopy, self.on_precopy, "its precopy")
 
