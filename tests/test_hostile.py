@@ -247,22 +247,31 @@ def test_a_state_naming_a_held_fd_the_precopy_did_not_bring_is_refused_and_every
     hostile.refused(fake, codec, attempt, aborts=True)
 
 
-def test_junk_in_a_sections_meta_is_dropped_on_the_way_into_the_target(hostile):
+def hand_over_one(hostile, meta: dict, released: dict):
+    """As a source would, up to the target's TAKEN: one client chardev, `app`,
+    with `meta` in the precopy and `released` as RELEASED's info. The chardev's
+    listening end and connection, for the caller to close."""
     fake, codec = hostile.connect()
-    path = os.path.join(hostile.short_dir, "junk.sock")
+    path = os.path.join(hostile.short_dir, "one.sock")
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(path)
     server.listen(1)
     conn = connect_unix(path)
     hostile.accepted(fake, codec, {**CLIENT, "path": path})
-    junk = {"rx-bytes": "lots", "tx-bytes": -5, "migrations": 2.5, "peer": [[1]], "connected-since": 1e300}
-    send_chunks(fake, codec.send(wire.Precopy([wire.Section("app", junk, b"", {"conn": conn.fileno()})])))
+    send_chunks(fake, codec.send(wire.Precopy([wire.Section("app", meta, b"", {"conn": conn.fileno()})])))
     assert isinstance(read_event(fake, codec), wire.Held)
     send_chunks(fake, codec.send(wire.Transfer([])))
     assert isinstance(read_event(fake, codec), wire.Ack)
-    send_chunks(fake, codec.send(wire.Released({"counters": [["app", "x", 1], 7]})))
+    send_chunks(fake, codec.send(wire.Released(released)))
     assert isinstance(read_event(fake, codec), wire.Taken)
+    fake.close()
     hostile.target.wait_ready()
+    return server, conn
+
+
+def test_junk_in_a_sections_meta_is_dropped_on_the_way_into_the_target(hostile):
+    junk = {"rx-bytes": "lots", "tx-bytes": -5, "migrations": 2.5, "peer": [[1]], "connected-since": 1e300}
+    server, conn = hand_over_one(hostile, junk, {"counters": [["app", "x", 1], 7]})
     state = status_of(os.path.join(hostile.runtime_dir, "web.sock"))
     [row] = state["chardevs"]
     assert state["pid"] == hostile.target.pid and row["state"] == "connected"
@@ -275,22 +284,8 @@ def test_junk_in_a_sections_meta_is_dropped_on_the_way_into_the_target(hostile):
 def test_byte_counts_announced_after_released_that_never_come_leave_the_precopy_s(hostile):
     """A source whose RELEASED says its byte counts follow, and which then
     goes: the target takes over all the same, on the precopy's counts."""
-    fake, codec = hostile.connect()
-    path = os.path.join(hostile.short_dir, "counts.sock")
-    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    server.bind(path)
-    server.listen(1)
-    conn = connect_unix(path)
-    hostile.accepted(fake, codec, {**CLIENT, "path": path})
     counted = wire.SectionState.meta(4, 4, 0, None, None, (), ())
-    send_chunks(fake, codec.send(wire.Precopy([wire.Section("app", counted, b"", {"conn": conn.fileno()})])))
-    assert isinstance(read_event(fake, codec), wire.Held)
-    send_chunks(fake, codec.send(wire.Transfer([])))
-    assert isinstance(read_event(fake, codec), wire.Ack)
-    send_chunks(fake, codec.send(wire.Released({"counters": [], "counters-after": True})))
-    assert isinstance(read_event(fake, codec), wire.Taken)
-    fake.close()
-    hostile.target.wait_ready()
+    server, conn = hand_over_one(hostile, counted, {"counters": [], "counters-after": True})
     [row] = status_of(os.path.join(hostile.runtime_dir, "web.sock"))["chardevs"]
     assert row["state"] == "connected" and (row["rx-bytes"], row["tx-bytes"]) == (4, 4)
     assert "byte counts since the precopy did not come after RELEASED" in hostile.target.stderr()
