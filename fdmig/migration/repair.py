@@ -304,8 +304,13 @@ class Restorer:
             sock, listener = staged
         else:
             sock, listener = self.blanks.pop(label, None), None
-            if spec.server:
-                listener = self.listeners.pop(label, None) or self._listener(spec)
+            try:
+                if spec.server:
+                    listener = self.listeners.pop(label, None) or self._listener(spec)
+            except FdmigError:
+                if sock is not None:
+                    sock.close()
+                raise
         try:
             conn = self._connect(label, state, sock)
         except FdmigError:

@@ -24,7 +24,7 @@ log = logging.getLogger("fdmig")
 # After the commit: how long the target may take to say TAKEN, and how much longer
 # it is given once SIGTERM asks the source to stop.
 TAKEN_TIMEOUT = 10.0
-COUNTERS_TIMEOUT = 1.0  # for COUNTERS to go out behind RELEASED (a few KiB: at once, unless the target is gone)
+COUNTERS_TIMEOUT = 1.0  # for COUNTERS to go out behind RELEASED (one frame: at once, unless the target is gone)
 STOP_GRACE = 1.0
 # After TAKEN, the longest we wait for the target to close the channel (it does
 # once it has served its first turn) before letting go of our copies and exiting.

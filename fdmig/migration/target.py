@@ -267,8 +267,6 @@ class TargetSession(Session):
             except FdmigError as exc:
                 raise Refused(str(exc)) from None
         self.instance.freeze(quiesce=False)
-        # Over TCP we stage the chardevs whose connections come inside the downtime
-        # from their precopy sections: the downtime then carries their TCP state alone.
         await self.chan.send(wire.Accept(accept_info(self.info, self.remote)), self.deadline)
         self.taking = True
         self.expected = (wire.Precopy, self.on_precopy, "its precopy")
