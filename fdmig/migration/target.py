@@ -419,12 +419,13 @@ class TargetSession(Session):
         self.seen.add(section.label)
         try:
             self.restorer.piece(section, self.plan.specs)
-            if "tcp" in section.meta:  # the last piece of a staged chardev's connection, which comes alone
-                label = section.meta["chardev"]
-                first = self.restorer.restore_staged(label, section.meta["tcp"], self.plan.specs[label])
+            if "tcp" not in section.meta:
+                return  # the last piece of a staged chardev's connection, which comes alone, says "tcp"
+            label = section.meta["chardev"]
+            first = self.restorer.restore_staged(label, section.meta["tcp"], self.plan.specs[label])
         except FdmigError as exc:
             raise Refused(str(exc)) from None
-        if "tcp" in section.meta and first:
+        if first:  # what its kernel never sent goes out first
             chardev = self.chardevs[label]
             chardev.outbuf[:0] = first
             chardev.watch_now(defer=False)
@@ -720,18 +721,18 @@ async def _release_info(received: Received) -> wire.ReleaseInfo:
     """RELEASED's info, with the byte counts that follow it in COUNTERS if it
     says so (waited for COUNTERS_WAIT at most: without them, the moved chardevs
     count on from the precopy's counts, and the log says so)."""
-    info = received.info if isinstance(received.info, dict) else {}
-    if info.get("counters-after") is True:
-        try:
-            event = await received.chan.next_event(time.monotonic() + COUNTERS_WAIT)
-        except (OSError, wire.ProtocolError, channel.ChannelTimeout) as exc:
-            event = exc
-        if isinstance(event, wire.Counters):
-            info = {**info, "counters": event.counters}
-        else:
-            log.warning("the source's byte counts since the precopy did not come after RELEASED (%s): those "
-                        "chardevs count on from the precopy's", type(event).__name__)
-    return wire.ReleaseInfo.decode(info)
+    released = wire.ReleaseInfo.decode(received.info)
+    if not released.counters_after:
+        return released
+    try:
+        event = await received.chan.next_event(time.monotonic() + COUNTERS_WAIT)
+    except (OSError, wire.ProtocolError, channel.ChannelTimeout) as exc:
+        event = exc
+    if isinstance(event, wire.Counters):
+        return wire.ReleaseInfo.decode({**received.info, "counters": event.counters})
+    log.warning("the source's byte counts since the precopy did not come after RELEASED (%s): those "
+                "chardevs count on from the precopy's", type(event).__name__)
+    return released
 
 
 async def _open_afresh(instance, chardev) -> None:
