@@ -11,6 +11,7 @@ peer's next segment with a reset (the caller's --release-cmd)."""
 import errno
 import fcntl
 import functools
+import _socket
 import socket
 import struct
 
@@ -64,6 +65,11 @@ def _set(sock: socket.socket, option: int, value: int) -> None:
 
 def _get_u32(sock: socket.socket, option: int) -> int:
     return sock.getsockopt(socket.IPPROTO_TCP, option) & 0xFFFFFFFF
+
+
+# The family as the int it is: socket.family makes an enum of it each time
+# (a tenth of a connection's dump).
+_family = _socket.socket.family.__get__
 
 
 def _ioctl_int(sock: socket.socket, request: int) -> int:
@@ -123,7 +129,8 @@ def _peek_queue(sock: socket.socket, queue: int, length: int) -> tuple[int, byte
 def dump(sock: socket.socket, names: tuple | None = None) -> TcpState:
     """The state of `sock`, an established connection already in repair mode;
     `names`, its (local, peer) addresses if already known (they never change)."""
-    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)
+    getsockopt = sock.getsockopt
+    info = getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)
     state, options, wscale = info[0], info[5], info[6]
     if state != TCP_ESTABLISHED:
         raise RepairError(f"its TCP connection is {_TCP_STATES.get(state, state)}; "
@@ -135,13 +142,12 @@ def dump(sock: socket.socket, names: tuple | None = None) -> TcpState:
     timestamps = bool(options & TCPI_OPT_TIMESTAMPS)
     local, peer = names or (sock.getsockname()[:2], sock.getpeername()[:2])
     return TcpState(
-        family=sock.family, local=local, peer=peer, send_seq=send_seq, recv_seq=recv_seq,
-        mss=sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG),  # the clamp, in repair mode
-        send_queue=send_queue, unsent=unsent, recv_queue=recv_queue,
-        sack=bool(options & TCPI_OPT_SACK), timestamps=timestamps,
-        wscale=(wscale & 0xF, wscale >> 4) if options & TCPI_OPT_WSCALE else None,
-        timestamp=_get_u32(sock, TCP_TIMESTAMP) if timestamps else 0,
-        window=_WINDOW.unpack(sock.getsockopt(socket.IPPROTO_TCP, TCP_REPAIR_WINDOW, _WINDOW.size)))
+        _family(sock), local, peer, send_seq, recv_seq,
+        getsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG),  # the clamp, in repair mode
+        send_queue, unsent, recv_queue, bool(options & TCPI_OPT_SACK), timestamps,
+        (wscale & 0xF, wscale >> 4) if options & TCPI_OPT_WSCALE else None,
+        getsockopt(socket.IPPROTO_TCP, TCP_TIMESTAMP) & 0xFFFFFFFF if timestamps else 0,
+        _WINDOW.unpack(getsockopt(socket.IPPROTO_TCP, TCP_REPAIR_WINDOW, _WINDOW.size)))
 
 
 def _write_queue(sock: socket.socket, queue: int, data: bytes) -> None:
@@ -182,7 +188,7 @@ def blank(family: int) -> socket.socket:
 
 
 def _transparent(sock: socket.socket, on: int) -> None:
-    if sock.family == socket.AF_INET:
+    if _family(sock) == socket.AF_INET:
         sock.setsockopt(socket.IPPROTO_IP, IP_TRANSPARENT, on)
     else:
         sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, on)

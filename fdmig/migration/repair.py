@@ -204,35 +204,37 @@ def dump(chardevs, on: bool, in_repair: list, moved: Moved, late: LateSegments |
     into `changed`."""
     precopied = precopied or {}
     changed = set() if changed is None else changed
+    enter, dump_one, encode, fingerprint = tcprepair.enter, tcprepair.dump, tcpstate.encode, form.fingerprint
     for chardev in chardevs:
         label = chardev.label
         if not (moves(chardev, on) and chardev.conn is not None):
             if label in precopied:
                 changed.add(label)  # its connection has gone: the target opens it afresh
             continue
-        fingerprint, names = precopied.get(label, (None, None))
-        alone = fingerprint is not None and fingerprint == form.fingerprint(chardev) and not chardev.outbuf
+        fingerprint_then, names = precopied.get(label, (None, None))
+        alone = fingerprint_then is not None and fingerprint_then == fingerprint(chardev) and not chardev.outbuf
         try:
-            tcprepair.enter(chardev.conn)
+            enter(chardev.conn)
             in_repair.append(chardev.conn)
-            state = tcprepair.dump(chardev.conn, names if alone else None)
-            blob = tcpstate.encode(state)
+            state = dump_one(chardev.conn, names if alone else None)
+            blob = encode(state)
         except (tcprepair.RepairError, tcpstate.TcpStateError, OSError) as exc:
             raise tcprepair.RepairError(f"chardev {label}: {exc}") from None
         moved.add(label, state)
         if late:
             late.track(state)
-        pieces = tcpstate.parts(blob, PIECE)
         prefix = f"{TCP_SECTION}{len(moved.labels)}."
         if alone:
-            sections = [wire.Section(f"{prefix}{i}", {"chardev": label}, piece) for i, piece in enumerate(pieces[:-1])]
-            sections.append(wire.Section(f"{prefix}{len(pieces) - 1}", {"chardev": label, "tcp": len(blob)},
-                                         pieces[-1]))
             moved.precopied += 1
+            *head, last = tcpstate.parts(blob, PIECE) if len(blob) > PIECE else (blob,)  # most: one piece
+            sections = [wire.Section(f"{prefix}{i}", {"chardev": label}, piece) for i, piece in enumerate(head)] \
+                if head else []
+            sections.append(wire.Section(f"{prefix}{len(head)}", {"chardev": label, "tcp": len(blob)}, last))
             yield sections
             continue
-        if fingerprint is not None:
+        if fingerprint_then is not None:
             changed.add(label)
+        pieces = tcpstate.parts(blob, PIECE)
         section = form.section(chardev)  # its fds stay here: the TCP state is what moves
         # The last piece rides in the chardev's own section, before the bytes it
         # carries, when both fit: one section per connection, as a rule.

@@ -1030,17 +1030,20 @@ class MigrationCodec:
         )
 
     @staticmethod
-    def _check_section(section: Any) -> tuple[list[str], list[int]]:
+    def _check_section(section: Any) -> tuple[list[str] | tuple, list[int] | tuple]:
         if not isinstance(section, Section):
             raise LocalProtocolError(f"Transfer.sections holds {type(section).__name__}, not Section")
         if not isinstance(section.label, str):
             raise LocalProtocolError(f"section label {section.label!r} must be a string")
-        if not isinstance(section.meta, Mapping):
+        # A dict first: the ABC's check costs four times as much, thousands of times in a downtime.
+        if type(section.meta) is not dict and not isinstance(section.meta, Mapping):
             raise LocalProtocolError(f"section {section.label!r}: meta must be a mapping")
         if not isinstance(section.outbuf, (bytes, bytearray)):
             raise LocalProtocolError(f"section {section.label!r}: outbuf must be bytes")
         if "held" in section.meta:
             _check_held(section.label, section.meta["held"], LocalProtocolError)  # what the target will check
+        if not section.fds:
+            return (), ()  # a TCP connection's state, or a chardev the target holds: most, in a downtime
         roles, fds = [], []
         for role, fd in section.fds.items():
             if not isinstance(role, str) or not role:
