@@ -103,8 +103,11 @@ def _check(local_port, peer_port, mss, wscale, send_len, unsent, recv_len) -> No
         raise TcpStateError(f"ports {local_port} and {peer_port}; accepted: 1 to 65535")
     if not 0 < mss < 65536:
         raise TcpStateError(f"mss {mss}; accepted: 1 to 65535")
-    if wscale is not None and not (0 <= wscale[0] <= MAX_WSCALE and 0 <= wscale[1] <= MAX_WSCALE):
-        raise TcpStateError(f"window scale {wscale[0]}/{wscale[1]}; accepted: 0 to {MAX_WSCALE}")
+    if wscale is not None:
+        if len(wscale) != 2:
+            raise TcpStateError(f"{len(wscale)} window scales; accepted: two (send, receive)")
+        if not (0 <= wscale[0] <= MAX_WSCALE and 0 <= wscale[1] <= MAX_WSCALE):
+            raise TcpStateError(f"window scale {wscale[0]}/{wscale[1]}; accepted: 0 to {MAX_WSCALE}")
     if send_len > MAX_QUEUE or recv_len > MAX_QUEUE:
         raise TcpStateError(f"a queue of {max(send_len, recv_len)} bytes; the bound is {MAX_QUEUE}")
     if not 0 <= unsent <= send_len:

@@ -216,6 +216,8 @@ ENCODE_REFUSED = {
     "port 0": (dict(local=("10.0.0.1", 0)), r"ports 0 and 2000"),
     "mss 0": (dict(mss=0), r"mss 0"),
     "window scale 15": (dict(wscale=(15, 0)), r"window scale 15/0"),
+    "three window scales": (dict(wscale=(1, 2, 3)), r"3 window scales; accepted: two"),
+    "no window scale in the tuple": (dict(wscale=()), r"0 window scales; accepted: two"),
     "unsent beyond the queue": (dict(send_queue=b"ab", unsent=3), r"3 unsent bytes in a send queue of 2"),
     "negative seq": (dict(send_seq=-1), r"a field out of its range"),
     "not an address": (dict(peer=("example.org", 2000)), r"'example.org' is not an IP address of the connection's family"),
