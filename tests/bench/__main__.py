@@ -264,7 +264,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes and repeats, to prove it works")
     parser.add_argument("--sizes", default="1,10,100,1000,5000")
-    parser.add_argument("--busy-sizes", default="1,100,1000,5000", help="sizes where every peer streams")
+    parser.add_argument("--busy-sizes", default="1,100,1000,3000,5000", help="sizes where every peer streams")
     parser.add_argument("--service-sizes", default="1,100,1000", help="stored connections for the service restart")
     parser.add_argument("--cross-sizes", default="1,100,1000",
                         help="TCP connections moved between network namespaces (root only)")
