@@ -146,7 +146,7 @@ def dump(sock: socket.socket, names: tuple | None = None) -> TcpState:
         getsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG),  # the clamp, in repair mode
         send_queue, unsent, recv_queue, bool(options & TCPI_OPT_SACK), timestamps,
         (wscale & 0xF, wscale >> 4) if options & TCPI_OPT_WSCALE else None,
-        getsockopt(socket.IPPROTO_TCP, TCP_TIMESTAMP) & 0xFFFFFFFF if timestamps else 0,
+        _get_u32(sock, TCP_TIMESTAMP) if timestamps else 0,
         _WINDOW.unpack(getsockopt(socket.IPPROTO_TCP, TCP_REPAIR_WINDOW, _WINDOW.size)))
 
 

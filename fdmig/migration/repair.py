@@ -224,24 +224,23 @@ def dump(chardevs, on: bool, in_repair: list, moved: Moved, late: LateSegments |
         if late:
             late.track(state)
         prefix = f"{TCP_SECTION}{len(moved.labels)}."
+        pieces = tcpstate.parts(blob, PIECE) if len(blob) > PIECE else [blob]  # most: one piece
         if alone:
             moved.precopied += 1
-            *head, last = tcpstate.parts(blob, PIECE) if len(blob) > PIECE else (blob,)  # most: one piece
-            sections = [wire.Section(f"{prefix}{i}", {"chardev": label}, piece) for i, piece in enumerate(head)] \
-                if head else []
-            sections.append(wire.Section(f"{prefix}{len(head)}", {"chardev": label, "tcp": len(blob)}, last))
-            yield sections
-            continue
-        if fingerprint_then is not None:
-            changed.add(label)
-        pieces = tcpstate.parts(blob, PIECE)
-        section = form.section(chardev)  # its fds stay here: the TCP state is what moves
-        # The last piece rides in the chardev's own section, before the bytes it
-        # carries, when both fit: one section per connection, as a rule.
-        here = pieces.pop() if len(pieces[-1]) + len(section.outbuf) <= PIECE else b""
-        sections = [wire.Section(f"{prefix}{i}", {"chardev": label}, piece) for i, piece in enumerate(pieces)]
-        sections.append(wire.Section(section.label, {**section.meta, "tcp": len(blob), "tcp-here": len(here)},
-                                     here + section.outbuf))
+            tail = pieces.pop()
+            last = wire.Section(f"{prefix}{len(pieces)}", {"chardev": label, "tcp": len(blob)}, tail)
+        else:
+            if fingerprint_then is not None:
+                changed.add(label)
+            section = form.section(chardev)  # its fds stay here: the TCP state is what moves
+            # The last piece rides in the chardev's own section, before the bytes it
+            # carries, when both fit: one section per connection, as a rule.
+            here = pieces.pop() if len(pieces[-1]) + len(section.outbuf) <= PIECE else b""
+            last = wire.Section(section.label, {**section.meta, "tcp": len(blob), "tcp-here": len(here)},
+                                here + section.outbuf)
+        sections = [wire.Section(f"{prefix}{i}", {"chardev": label}, piece) for i, piece in enumerate(pieces)] \
+            if pieces else []
+        sections.append(last)
         yield sections
 
 

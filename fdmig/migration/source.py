@@ -303,12 +303,12 @@ class SourceSession(Session):
                     section = self._precopy_section(index, chardev, pinned)
                 elif tcp_precopy and repair.moves(chardev, True) and chardev.conn is not None:
                     section, self.tcp_precopied[chardev.label] = repair.precopy_section(chardev)
-                    self.sent.append(chardev)
-                    chardev.counts_changed = False  # the section has them
                 else:
                     continue  # the target opens it afresh
                 if section is None:
                     continue
+                self.sent.append(chardev)
+                chardev.counts_changed = False  # the section has them
                 batch.append(section)
                 fds_in_batch += len(section.fds)
                 if fds_in_batch >= wire.MAX_FDS_PER_FRAME - 1 or len(batch) >= PRECOPY_SLICE:
@@ -336,8 +336,6 @@ class SourceSession(Session):
         form.pin(chardev)
         pinned.append(chardev)
         self.precopied[chardev.label] = sockets
-        self.sent.append(chardev)
-        chardev.counts_changed = False  # the section has them
         streaming = chardev.conn is not None and chardev.served > self.reads_before
         if streaming:
             self.streaming.append((index, chardev))
