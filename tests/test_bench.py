@@ -51,8 +51,10 @@ def test_quick_benchmark_writes_its_table_json_and_figures(tmp_path):
     assert set(data["startup-ms"]) == {"python3 -c pass", "fdmig --version", "fdmig status"}
     assert (tmp_path / "bench.md").read_text().startswith("Machine:")
     if crosshost:
-        assert [row["n"] for row in data["crosshost"]] == [1]
-        assert data["crosshost"][0]["downtime-ms"] > 0 and data["crosshost"][0]["reconnect-pause-ms"] > 0
+        # Two connections: one peer doing ping-pong, one streaming.
+        [row] = data["crosshost"]
+        assert row["n"] == 2 and row["downtime-ms"] > 0 and row["reconnect-pause-ms"] > 0
+        assert row["peer-pause-ms"] > 0 and row["stream-pause-ms"] > 0
 
 
 def test_a_pause_is_laid_against_the_spans_it_overlaps(tmp_path):

@@ -281,7 +281,7 @@ def main(argv=None) -> int:
     compile_fdmig()
     if args.quick:
         sizes, busy_sizes, repeats, bridge_bytes, startup_repeats = [1, 10], [10], 2, 8 << 20, 3
-        service_sizes, cross_sizes, overlap_repeats, backend_sizes, mixes = [1, 10], [1], 0, [1], [(2, 10)]
+        service_sizes, cross_sizes, overlap_repeats, backend_sizes, mixes = [1, 10], [2], 0, [1], [(2, 10)]
     else:
         mixes = mixed.parse_mixes(args.mixed.split(","))
         overlap_repeats = args.overlap_repeats

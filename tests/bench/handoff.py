@@ -2,6 +2,7 @@
 instance reports it and as the peers see it; and the reconnect baseline (a plain
 restart, the alternative users have today)."""
 
+import collections
 import json
 import os
 import select
@@ -101,12 +102,14 @@ class ProbeControl:
             self.waiting = (int(command[1:]), dict(self.answers))
         return True
 
-    def answered(self, key) -> int:
-        """A probe's answer came: counted and timed; its number."""
+    def answered(self, key, since: float | None = None) -> int:
+        """A probe's answer came: counted and timed (from its last answer, or from
+        `since`); its number."""
         now = time.monotonic()
+        began = self.last[key] if since is None else since
         self.answers[key] += 1
-        if self.measuring and now - self.last[key] > self.longest:
-            self.longest, self.gap = now - self.last[key], (self.last[key], now)
+        if self.measuring and now - began > self.longest:
+            self.longest, self.gap = now - began, (began, now)
         self.last[key] = now
         return self.answers[key]
 
@@ -163,9 +166,11 @@ def _probe_loop(socks, ctl) -> None:
 
 class Streaming(Probes):
     """Peers that stream: each writes a record every STREAM_INTERVAL whatever comes
-    back, as a client sending a feed does, and times the longest gap between two
-    reads that brought its echo. Unlike ping-pong, such a peer has bytes on the
-    wire whenever the connection stops, and what it does about their loss shows."""
+    back, as a client sending a feed does, and times the longest any record waited
+    for its echo (from its send to the read that completed it). Unlike ping-pong,
+    such a peer has bytes on the wire whenever the connection stops, and what it
+    does about their loss shows: a record dropped in the move waits for the
+    peer's retransmission."""
 
     @staticmethod
     def loop(socks, ctl) -> None:
@@ -179,22 +184,33 @@ def _stream_loop(socks, ctl) -> None:
     poller = select.epoll()
     by_fd = {s.fileno(): s for s in socks}
     control = ProbeControl(ctl, by_fd)
+    # Per peer: bytes sent and echoed, and (bytes sent by then, when) for each
+    # record whose echo has not come yet.
+    sent, echoed = dict.fromkeys(by_fd, 0), dict.fromkeys(by_fd, 0)
+    unanswered = {fd: collections.deque() for fd in by_fd}
     for fd, sock in by_fd.items():
         sock.setblocking(False)
         poller.register(fd, select.EPOLLIN)
     poller.register(ctl.fileno(), select.EPOLLIN)
-    next_write = time.monotonic()
+    # The peers' writes spread evenly over the interval: some record is always
+    # as fresh as a fraction of it, so the longest wait sees the whole stop.
+    start = time.monotonic()
+    next_write = {fd: start + i * STREAM_INTERVAL / len(by_fd) for i, fd in enumerate(by_fd)}
     while True:
-        if time.monotonic() >= next_write:
-            for sock in by_fd.values():
-                try:
-                    sock.send(b"%015d\n" % control.answers[sock.fileno()])
-                except BlockingIOError:
-                    pass  # its window is full: the next interval tries again
-                except OSError as exc:
-                    control.error = control.error or f"a peer's connection failed: {exc}"
-            next_write = max(next_write + STREAM_INTERVAL, time.monotonic())  # no burst to catch up
-        for fd, _ in poller.poll(max(0.0, next_write - time.monotonic())):
+        now = time.monotonic()
+        for fd, sock in by_fd.items():
+            if now < next_write[fd]:
+                continue
+            next_write[fd] = max(next_write[fd] + STREAM_INTERVAL, now)  # no burst to catch up
+            try:
+                sent[fd] += sock.send(b"%015d\n" % control.answers[fd])
+            except BlockingIOError:
+                continue  # its window is full: the next interval tries again
+            except OSError as exc:
+                control.error = control.error or f"a peer's connection failed: {exc}"
+                continue
+            unanswered[fd].append((sent[fd], now))
+        for fd, _ in poller.poll(max(0.0, min(next_write.values()) - time.monotonic())):
             if fd == ctl.fileno():
                 if not control.command():
                     return
@@ -207,7 +223,13 @@ def _stream_loop(socks, ctl) -> None:
                 control.error = control.error or "a peer saw EOF"
                 poller.unregister(fd)
                 continue
-            control.answered(fd)
+            echoed[fd] += len(data)
+            waiting, oldest = unanswered[fd], None
+            while waiting and waiting[0][0] <= echoed[fd]:
+                _, when = waiting.popleft()
+                oldest = when if oldest is None else oldest
+            if oldest is not None:  # the oldest record it completed waited longest
+                control.answered(fd, oldest)
         control.settle()
 
 
