@@ -661,19 +661,33 @@ def _from_qmp_other(label, kind: str, data) -> ChardevSpec:
 def check_set(specs, cwd: str | None = None) -> None:
     """Rules across chardevs: unique labels, no two on one address (Addresses),
     bridge targets present and free. `cwd`: what relative paths are relative to."""
-    seen: dict[str, ChardevSpec] = {}
-    addresses = Addresses(cwd)
-    for spec in specs:
-        if spec.id in seen:
-            raise duplicate_label(spec.id)
-        addresses.check(spec)
-        addresses.add(spec)
-        seen[spec.id] = spec
-    bridged: set[str] = set()
-    for spec in specs:
-        if spec.bridge is not None:
-            check_bridge(spec, seen, bridged)
-            bridged.add(spec.bridge)
+    check = SetCheck(cwd)
+    check.add(specs)
+    check.done()
+
+
+class SetCheck:
+    """check_set a piece at a time, for one who checks thousands behind its
+    serving (a migration's target, paced): add() each piece, then done()."""
+
+    def __init__(self, cwd: str | None = None):
+        self._seen: dict[str, ChardevSpec] = {}
+        self._addresses = Addresses(cwd)
+
+    def add(self, specs) -> None:
+        for spec in specs:
+            if spec.id in self._seen:
+                raise duplicate_label(spec.id)
+            self._addresses.check(spec)
+            self._addresses.add(spec)
+            self._seen[spec.id] = spec
+
+    def done(self) -> None:
+        bridged: set[str] = set()
+        for spec in self._seen.values():
+            if spec.bridge is not None:
+                check_bridge(spec, self._seen, bridged)
+                bridged.add(spec.bridge)
 
 
 def partners_first(specs) -> list:

@@ -258,6 +258,23 @@ def test_missing_local_incoming_label_fails_naming_it(daemons, echo_instance, sh
     stream_is_intact(peer)
 
 
+def test_a_target_chardev_on_a_moving_ones_address_is_refused(daemons, echo_instance):
+    # The target's own chardev would listen where the source's moves to: two
+    # listeners on one path. Refused by the target's check of the whole set,
+    # which it makes a piece at a time behind the source's serving.
+    source, path = echo_instance
+    peer = Peer(path)
+    peer.start()
+    target = daemons("migrate-in", "--name", "web", "--chardev", f"socket,id=other,path={path},server=on",
+                     ready=False)
+    result = run("migrate-out", "--name", "web", "--timeout", "10")
+    assert result.returncode == 1
+    assert "do not fit together" in result.stderr and "other" in result.stderr, result.stderr
+    assert "still serves every chardev" in result.stderr
+    assert source.proc.poll() is None and target.proc.poll() is None
+    stream_is_intact(peer)
+
+
 def test_local_incoming_with_capability_off_is_refused(daemons, short_dir):
     path = os.path.join(short_dir, "a.sock")
     daemons("serve", "--name", "web", "--chardev", ECHO.format(path=path))

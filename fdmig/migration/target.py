@@ -36,6 +36,7 @@ REBIND_WAIT = 2.0  # how long a chardev opened afresh waits for its TCP port to 
 # Chardevs staged, or precopy sections taken, at a time (a millisecond or two),
 # paced (fdmig.pacing): the source's peers want the CPU meanwhile.
 SLICE = 32
+CHECK_SLICE = 4 * SLICE  # ... checked as a set (spec.SetCheck), a quarter of parsing's cost a chardev
 FIRST_TURN_WAIT = 0.1  # the longest the takeover waits for the first turn of serving (take_over)
 COUNTERS_WAIT = 1.0  # ... and then for the byte counts behind RELEASED, which the source sends at once
 _COUNTS = operator.attrgetter("rx_bytes", "tx_bytes")
@@ -101,8 +102,10 @@ async def make_plan(own: list, table: wire.Table, remote: bool = False) -> Plan:
                 raise Refused(f"chardev {mine.id}: {mine.described} here, but {theirs.described} on the source")
         result[mine.id] = mine
     order = [e["id"] for e in table.chardevs] + [m.id for m in own if m.id not in source]
+    check = specs.SetCheck()
     try:
-        specs.check_set(list(result.values()))
+        await pacing.in_slices(list(result.values()), CHECK_SLICE, check.add, "target check")
+        check.done()
     except SpecError as exc:
         raise Refused(f"the chardevs do not fit together: {exc}") from None
     return Plan(result, order, {k: bool(v) for k, v in table.capabilities.items()})
