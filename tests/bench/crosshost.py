@@ -21,7 +21,7 @@ import time
 
 from tests import netns
 from tests.bench import median_ms, raise_nofile
-from tests.bench.handoff import STREAM_INTERVAL, ProbeControl, Probes, Streaming
+from tests.bench.handoff import STREAM_INTERVAL, ProbeControl, Probes, Streaming, in_child
 from tests.helpers import FDMIG, Notify, missing
 from tests.netns import HOST_A, HOST_B, SERVICE
 
@@ -201,7 +201,7 @@ class Reconnecting(Probes):
             if pid == 0:
                 self._ctl.close()
                 try:
-                    _reconnect_loop(ports, child_end)
+                    in_child(_reconnect_loop, ports, child_end)
                 finally:
                     os._exit(0)
             return pid

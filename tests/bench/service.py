@@ -31,7 +31,7 @@ import tempfile
 import time
 
 from tests.bench import median_ms, raise_nofile, s6
-from tests.bench.handoff import Probes
+from tests.bench.handoff import Probes, in_child
 from tests.helpers import FDMIG, Notify
 
 NAME = "benchsvc"
@@ -423,7 +423,7 @@ def measure_plain(n: int, repeats: int, workdir: str) -> dict:
         if child == 0:
             ctl.close()
             try:
-                _reconnect_loop(peers, path, child_end)
+                in_child(_reconnect_loop, peers, path, child_end)
             finally:
                 os._exit(0)
         child_end.close()
