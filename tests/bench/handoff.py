@@ -75,8 +75,8 @@ class Probes:
 
 def in_child(loop, *args) -> None:
     """A probes' loop, in the forked child. Its collector off: the child holds a
-    copy of the whole harness's heap, and a full collection walking it (3.5 ms,
-    measured) would be a pause of the probes' own."""
+    copy of the whole harness's heap, and a full collection walking it would be
+    a pause of the probes' own, counted as the instance's."""
     gc.disable()
     loop(*args)
 
