@@ -80,3 +80,43 @@ def test_the_target_takes_the_precopy_a_slice_at_a_time_yielding_in_proportion_a
         assert pauses == pytest.approx([0.002 * n * pacing.PACE for n in taken])
     else:
         assert taken == [2 * target.SLICE + 3] and pauses == []
+
+
+@pytest.mark.timeout(30)
+def test_a_target_that_fails_after_the_precopy_leaves_its_staging_to_the_collector():
+    # The collector is off on a target from the table to the resume; what the
+    # session staged is frozen (out of every collection, for good) only at the
+    # commit. A session refused after HELD is garbage the collector takes, not a
+    # copy of its staging kept by a target that goes on waiting for the next source.
+    import gc
+    import weakref
+    held, refs = [], {}
+
+    async def send(event, deadline=None):
+        held.append(event)
+
+    async def main():
+        instance = daemon.Instance("web", "/nonexistent/web.sock", capabilities=("local-char-socket",), incoming=True)
+        instance.poller = poller.Poller(asyncio.get_running_loop())
+        chan = types.SimpleNamespace(send=send, close=lambda: None, codec=types.SimpleNamespace(state=wire.State.FAILED))
+        session = target.TargetSession(instance, chan, [], {})
+        chardev_spec = spec.parse_spec("id=c0,path=/nonexistent/c0.sock,frontend=echo,support-local-migration=on")
+        session.plan = target.Plan({"c0": chardev_spec}, ["c0"], {"local-char-socket": True})
+        session.table_index = {"c0": 0}
+        session.chardevs = {"c0": instance.register(chardev_spec, frame=False)}
+        instance.freeze(quiesce=False)  # as on_table leaves it
+        session.expected = (wire.Precopy, session.on_precopy, "its precopy")
+        await session.on_precopy(wire.Precopy([]))
+        assert [type(event) for event in held] == [wire.Held]
+        refs["session"], refs["plan"] = weakref.ref(session), weakref.ref(session.plan)
+        await session.abort(target.Refused("the source's TRANSFER names a chardev not in its table"))
+
+    frozen = gc.get_freeze_count()
+    try:
+        asyncio.run(main())
+        assert gc.isenabled(), "abort() leaves the collector off"
+        gc.collect()
+        assert gc.get_freeze_count() == frozen
+        assert refs["session"]() is None and refs["plan"]() is None
+    finally:
+        gc.unfreeze()  # whatever a failure froze in this process

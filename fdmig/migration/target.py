@@ -282,13 +282,6 @@ class TargetSession(Session):
         await self._take_some(precopy.sections)
         self.seen = set()
         faults.point("target-after-precopy")
-        # What staging and the precopy built lives as long as the chardevs: out of
-        # the collector's way (gc.freeze), so that no collection after the takeover
-        # walks it, every peer waiting, and none now competes with the source's
-        # serving for a CPU (a full one took 85 ms at 5000 chardevs). Not collected
-        # first: that found nothing to free and took milliseconds of that CPU, in
-        # one piece. Frozen objects are still freed when unreferenced.
-        gc.freeze()
         await self.chan.send(wire.Held(), self.deadline)
         self.expected = (wire.Transfer, self.on_transfer, "the state")
 
@@ -665,9 +658,13 @@ def resume(instance, received: Received) -> None:
     deferred = received.deferred
     first = [fd for fd in map(deferred.get, wire.ReleaseInfo.order(received.info, len(received.plan.order)))
              if fd is not None]
-    # What the downtime made (over TCP, every connection's staging: thousands of
-    # objects) out of the collector's way, as the precopy's is: else its first
-    # collection walks them in the first turn of serving, every peer waiting.
+    # What staging, the precopy and the downtime made (thousands of objects, which
+    # live as long as the chardevs) out of the collector's way: else its first
+    # collections after the thaw walk them, every peer waiting (a full one took
+    # 85 ms at 5000 chardevs). The collector has been off since the table, so
+    # nothing was collected meanwhile. Frozen only now, at the commit: what a
+    # session that fails leaves is garbage the collector takes once abort()'s
+    # thaw turns it on again, where frozen it would stay for good.
     gc.freeze()
     thawing = time.monotonic()
     received.resumed_at = instance.thaw(first)  # every moved chardev starts reading at the same instant
