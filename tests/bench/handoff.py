@@ -193,9 +193,11 @@ def _stream_loop(socks, ctl) -> None:
     poller = select.epoll()
     by_fd = {s.fileno(): s for s in socks}
     control = ProbeControl(ctl, by_fd)
-    # Per peer: bytes sent and echoed, and (bytes sent by then, when) for each
-    # record whose echo has not come yet.
+    # Per peer: bytes sent and echoed, what was sent and has not come back (to
+    # check the echo against), and (bytes sent by then, when) for each record
+    # whose echo has not come yet.
     sent, echoed = dict.fromkeys(by_fd, 0), dict.fromkeys(by_fd, 0)
+    owed = {fd: bytearray() for fd in by_fd}
     unanswered = {fd: collections.deque() for fd in by_fd}
     for fd, sock in by_fd.items():
         sock.setblocking(False)
@@ -210,14 +212,18 @@ def _stream_loop(socks, ctl) -> None:
         for fd, sock in by_fd.items():
             if now < next_write[fd]:
                 continue
-            next_write[fd] = max(next_write[fd] + STREAM_INTERVAL, now)  # no burst to catch up
+            # No burst to catch up, and each peer keeps its place in the interval.
+            next_write[fd] += STREAM_INTERVAL * (1 + (now - next_write[fd]) // STREAM_INTERVAL)
+            record = b"%015d\n" % control.answers[fd]
             try:
-                sent[fd] += sock.send(b"%015d\n" % control.answers[fd])
+                count = sock.send(record)
             except BlockingIOError:
                 continue  # its window is full: the next interval tries again
             except OSError as exc:
                 control.error = control.error or f"a peer's connection failed: {exc}"
                 continue
+            sent[fd] += count
+            owed[fd] += record[:count]
             unanswered[fd].append((sent[fd], now))
         for fd, _ in poller.poll(max(0.0, min(next_write.values()) - time.monotonic())):
             if fd == ctl.fileno():
@@ -232,6 +238,9 @@ def _stream_loop(socks, ctl) -> None:
                 control.error = control.error or "a peer saw EOF"
                 poller.unregister(fd)
                 continue
+            if owed[fd][:len(data)] != data:
+                control.error = control.error or f"a streaming peer's echo came back as {data[:32]!r}"
+            del owed[fd][:len(data)]
             echoed[fd] += len(data)
             waiting, oldest = unanswered[fd], None
             while waiting and waiting[0][0] <= echoed[fd]:
