@@ -228,6 +228,16 @@ def test_a_wrong_kind_of_fd_is_refused_closed_and_the_target_waits_on(hostile, m
     hostile.refused(fake, codec, attempt, aborts=True)
 
 
+def test_a_table_naming_one_chardev_twice_is_refused_and_the_target_waits_on(hostile):
+    fake, codec = hostile.connect()
+    attempt = Attempt("names chardev app twice")
+    one = {**CLIENT, "path": os.path.join(hostile.short_dir, "a.sock")}
+    send_chunks(fake, codec.send(wire.Hello("web", os.getpid(), "0")))
+    send_chunks(fake, codec.send(wire.Table({"local-char-socket": True},
+                                            [one, {**one, "path": os.path.join(hostile.short_dir, "b.sock")}])))
+    hostile.refused(fake, codec, attempt, aborts=True)
+
+
 def test_a_state_naming_a_held_fd_the_precopy_did_not_bring_is_refused_and_every_fd_closed(hostile):
     fake, codec = hostile.connect()
     path = os.path.join(hostile.short_dir, "held.sock")

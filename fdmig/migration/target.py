@@ -75,6 +75,8 @@ async def make_plan(own: list, table: wire.Table, remote: bool = False) -> Plan:
                 spec = specs.from_dict({k: v for k, v in entry.items() if not k.startswith("x-")})
             except SpecError as exc:
                 raise Refused(f"the source's table has a bad chardev: {exc}") from None
+            if spec.id in source:  # else the set's check would see only the last of them
+                raise Refused(f"the source's table names chardev {spec.id} twice")
             source[spec.id] = spec
     await pacing.in_slices(table.chardevs, SLICE, parse, "target parse")
     result = dict(source)
