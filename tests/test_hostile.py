@@ -238,6 +238,22 @@ def test_a_table_naming_one_chardev_twice_is_refused_and_the_target_waits_on(hos
     hostile.refused(fake, codec, attempt, aborts=True)
 
 
+def test_two_listeners_on_one_path_far_apart_in_a_table_are_refused(hostile):
+    # The target checks the set a slice at a time (target.CHECK_SLICE): a
+    # conflict between the first chardev and the last spans every slice.
+    from fdmig.migration import target
+    fake, codec = hostile.connect()
+    attempt = Attempt("do not fit together")
+    listener = {"id": "l0", "server": True, "support-local-migration": True, "x-fds": 1,
+                "path": os.path.join(hostile.short_dir, "l.sock")}
+    clients = [{**CLIENT, "id": f"c{i}", "path": os.path.join(hostile.short_dir, f"c{i}.sock")}
+               for i in range(2 * target.CHECK_SLICE)]
+    send_chunks(fake, codec.send(wire.Hello("web", os.getpid(), "0")))
+    table = [listener, *clients, {**listener, "id": "l1"}]
+    send_chunks(fake, codec.send(wire.Table({"local-char-socket": True}, table)))
+    hostile.refused(fake, codec, attempt, aborts=True)
+
+
 def test_a_state_naming_a_held_fd_the_precopy_did_not_bring_is_refused_and_every_fd_closed(hostile):
     fake, codec = hostile.connect()
     path = os.path.join(hostile.short_dir, "held.sock")
