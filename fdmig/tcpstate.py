@@ -185,5 +185,8 @@ def decode(data: bytes) -> TcpState:
 
 def parts(blob: bytes, size: int) -> list[bytes]:
     """`blob` in pieces of at most `size` bytes (at least one piece), for frames
-    that are bounded: a send queue may hold megabytes."""
-    return [blob[i: i + size] for i in range(0, len(blob), size)] or [b""]
+    that are bounded: a send queue may hold megabytes. Most states are one
+    piece, thousands of them in a downtime: that case makes no slices."""
+    if len(blob) <= size:
+        return [blob]
+    return [blob[i: i + size] for i in range(0, len(blob), size)]

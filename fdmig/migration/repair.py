@@ -224,7 +224,7 @@ def dump(chardevs, on: bool, in_repair: list, moved: Moved, late: LateSegments |
         if late:
             late.track(state)
         prefix = f"{TCP_SECTION}{len(moved.labels)}."
-        pieces = tcpstate.parts(blob, PIECE) if len(blob) > PIECE else [blob]  # most: one piece
+        pieces = tcpstate.parts(blob, PIECE)
         if alone:
             moved.precopied += 1
             tail = pieces.pop()
@@ -238,8 +238,7 @@ def dump(chardevs, on: bool, in_repair: list, moved: Moved, late: LateSegments |
             here = pieces.pop() if len(pieces[-1]) + len(section.outbuf) <= PIECE else b""
             last = wire.Section(section.label, {**section.meta, "tcp": len(blob), "tcp-here": len(here)},
                                 here + section.outbuf)
-        sections = [wire.Section(f"{prefix}{i}", {"chardev": label}, piece) for i, piece in enumerate(pieces)] \
-            if pieces else []
+        sections = [wire.Section(f"{prefix}{i}", {"chardev": label}, piece) for i, piece in enumerate(pieces)]
         sections.append(last)
         yield sections
 

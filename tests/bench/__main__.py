@@ -22,6 +22,7 @@ from tests.bench import (backends, compile_fdmig, crosshost, floor, handoff, med
 
 BRIDGE_ROUNDS = 5  # fdmig's bridge, socat and HAProxy, each once a round
 
+
 def ratio(a, b) -> str:
     return f"{a / b:.1f}x" if a is not None and b else "-"
 
