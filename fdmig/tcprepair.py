@@ -34,6 +34,10 @@ SIOCINQ, SIOCOUTQ, SIOCOUTQNSD = 0x541B, 0x5411, 0x894B
 IP_TRANSPARENT, IPV6_TRANSPARENT = 19, 75
 SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33
 _WINDOW = struct.Struct("=5I")
+# struct tcp_info as far as tcpi_notsent_bytes (Linux 4.6; TCP_REPAIR_WINDOW
+# needs 4.8): state, options, the window scales, packets in flight
+# (tcpi_unacked) and bytes never sent.
+_INFO = struct.Struct("=B4xBB17xI116xI")
 _I32 = struct.Struct("=i")
 _TCP_STATES = {1: "ESTABLISHED", 2: "SYN_SENT", 3: "SYN_RECV", 4: "FIN_WAIT1", 5: "FIN_WAIT2", 6: "TIME_WAIT",
                7: "CLOSE", 8: "CLOSE_WAIT", 9: "LAST_ACK", 10: "LISTEN", 11: "CLOSING"}
@@ -114,8 +118,8 @@ def quiet(state: TcpState) -> bool:
 
 def _peek_queue(sock: socket.socket, queue: int, length: int) -> tuple[int, bytes]:
     """(the queue's end seq, its bytes), in repair mode."""
-    _set(sock, TCP_REPAIR_QUEUE, queue)
-    seq = _get_u32(sock, TCP_QUEUE_SEQ)
+    sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_QUEUE, queue)
+    seq = sock.getsockopt(socket.IPPROTO_TCP, TCP_QUEUE_SEQ) & 0xFFFFFFFF
     if not length:
         return seq, b""
     buf = bytearray(length + 1)  # one more: a queue that grew would show
@@ -130,13 +134,16 @@ def dump(sock: socket.socket, names: tuple | None = None) -> TcpState:
     """The state of `sock`, an established connection already in repair mode;
     `names`, its (local, peer) addresses if already known (they never change)."""
     getsockopt = sock.getsockopt
-    info = getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)
-    state, options, wscale = info[0], info[5], info[6]
+    state, options, wscale, in_flight, unsent = _INFO.unpack(getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO,
+                                                                       _INFO.size))
     if state != TCP_ESTABLISHED:
         raise RepairError(f"its TCP connection is {_TCP_STATES.get(state, state)}; "
                           "x-tcp-repair moves only ESTABLISHED ones")
-    outq, inq = _ioctl_int(sock, SIOCOUTQ), _ioctl_int(sock, SIOCINQ)
-    unsent = _ioctl_int(sock, SIOCOUTQNSD) if outq else 0
+    if in_flight or unsent:
+        outq, unsent = _ioctl_int(sock, SIOCOUTQ), _ioctl_int(sock, SIOCOUTQNSD)
+    else:
+        outq = 0  # nothing sent unacknowledged, nothing unsent: an empty send queue (most, idle)
+    inq = _ioctl_int(sock, SIOCINQ)
     send_seq, send_queue = _peek_queue(sock, SEND_QUEUE, outq)
     recv_seq, recv_queue = _peek_queue(sock, RECV_QUEUE, inq)
     timestamps = bool(options & TCPI_OPT_TIMESTAMPS)
@@ -151,8 +158,6 @@ def dump(sock: socket.socket, names: tuple | None = None) -> TcpState:
 
 
 def _write_queue(sock: socket.socket, queue: int, data: bytes) -> None:
-    if not data:
-        return
     _set(sock, TCP_REPAIR_QUEUE, queue)
     level, option = socket.SOL_SOCKET, (socket.SO_SNDBUF if queue == SEND_QUEUE else socket.SO_RCVBUF)
     if sock.getsockopt(level, option) < 2 * len(data):
@@ -172,8 +177,10 @@ def _write_queue(sock: socket.socket, queue: int, data: bytes) -> None:
 
 
 def blank(family: int) -> socket.socket:
-    """A socket for restore(), in repair mode already: made before a migration's
-    downtime, it leaves restore() only the connection's own state to set."""
+    """A socket for restore(), in repair mode already, its receive queue the
+    one TCP_QUEUE_SEQ sets: made before a migration's downtime, it leaves
+    restore() only the connection's own state to set. It may be bound to the
+    connection's local address meanwhile (restore()'s `bound`)."""
     # Non-blocking from the start: in repair mode connect() completes at once.
     sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
     try:
@@ -181,6 +188,7 @@ def blank(family: int) -> socket.socket:
         # Transparent, not only free-bound: the route to the peer is looked up from
         # an address this host may not hold yet (restore() ends it).
         _transparent(sock, 1)
+        _set(sock, TCP_REPAIR_QUEUE, RECV_QUEUE)
     except BaseException:
         sock.close()
         raise
@@ -207,24 +215,26 @@ def _options(mss: int, wscale: tuple[int, int] | None, sack: bool, timestamps: b
     return b"".join(struct.pack("=II", code, value) for code, value in options)
 
 
-def restore(state: TcpState, sock: socket.socket | None = None) -> socket.socket:
+def restore(state: TcpState, sock: socket.socket | None = None, bound: bool = False) -> socket.socket:
     """`sock` (a blank() of the state's family, or a new one) holding the
     connection `state` describes, still in repair mode: nothing is sent until
     leave(). Its unsent bytes are the caller's to write after that. The address
     may reach this host only once the connection is ready to resume (the
-    caller's --claim-cmd). On a failure, a socket made here is closed; `sock`
+    caller's --claim-cmd). `bound`: `sock` is bound to the state's local
+    address already. On a failure, a socket made here is closed; `sock`
     stays the caller's (a poller may watch its fd: it must let go first)."""
     made = sock is None
     try:
         sock = sock or blank(state.family)
     except OSError as exc:
         raise RepairError(f"cannot make a socket in repair mode: {exc.strerror or exc}") from None
+    setsockopt, recv_queue, send_queue = sock.setsockopt, state.recv_queue, state.send_queue
     try:
-        _set(sock, TCP_REPAIR_QUEUE, RECV_QUEUE)
-        _set(sock, TCP_QUEUE_SEQ, state.recv_seq - len(state.recv_queue))
-        _set(sock, TCP_REPAIR_QUEUE, SEND_QUEUE)
-        _set(sock, TCP_QUEUE_SEQ, state.send_seq - len(state.send_queue))
-        sock.bind(state.local)
+        _set(sock, TCP_QUEUE_SEQ, state.recv_seq - len(recv_queue))  # blank()'s queue
+        setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_QUEUE, SEND_QUEUE)
+        _set(sock, TCP_QUEUE_SEQ, state.send_seq - len(send_queue))
+        if not bound:
+            sock.bind(state.local)
         sock.connect(state.peer)  # in repair mode: no SYN, straight to ESTABLISHED
         # No longer transparent (blank() made it so for the route just found):
         # from here on it sends only from an address this host holds. Its
@@ -234,14 +244,17 @@ def restore(state: TcpState, sock: socket.socket | None = None) -> socket.socket
         # the new host's, so that the peer refuses the new host's segments
         # (PAWS) until their first retransmission timeout, 1 s.
         _transparent(sock, 0)
-        sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_OPTIONS,
-                        _options(state.mss, state.wscale, state.sack, state.timestamps))
+        setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_OPTIONS,
+                   _options(state.mss, state.wscale, state.sack, state.timestamps))
         if state.timestamps:
             _set(sock, TCP_TIMESTAMP, state.timestamp)
-        _write_queue(sock, RECV_QUEUE, state.recv_queue)
-        _write_queue(sock, SEND_QUEUE, state.sent)
+        # Most connections hold nothing in either queue: no calls for them.
+        if recv_queue:
+            _write_queue(sock, RECV_QUEUE, recv_queue)
+        if len(send_queue) > state.unsent:
+            _write_queue(sock, SEND_QUEUE, state.sent)
         if state.window is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_WINDOW, _WINDOW.pack(*state.window))
+            setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_WINDOW, _WINDOW.pack(*state.window))
     except OSError as exc:
         if made:
             sock.close()

@@ -87,6 +87,14 @@ def _pack_address(family: int, host: str) -> bytes:
     return packed.ljust(16, b"\0")
 
 
+def check_address(family: int, host) -> None:
+    """TcpStateError unless `host` is an address of `family` as a state would
+    hold it (as getsockname() writes it)."""
+    if type(host) is not str:
+        raise TcpStateError(f"address {host!r} is not a string")
+    _pack_address(family, host)
+
+
 @functools.lru_cache(maxsize=4096)
 def _unpack_address(version: int, raw: bytes, what: str) -> str:
     if version == 4:

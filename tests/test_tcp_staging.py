@@ -62,7 +62,8 @@ def _tcp_state(port: int) -> bytes:
 
 
 @pytest.mark.parametrize("case", ["plain-after-staged", "piece-for-a-list", "tcp-in-precopy", "later-with-bytes",
-                                  "length-not-a-count", "alone-not-staged"])
+                                  "length-not-a-count", "alone-not-staged", "local-a-name", "local-not-a-pair",
+                                  "local-elsewhere"])
 def test_a_source_s_tcp_sections_out_of_place_are_refused_with_the_reason(case):
     from fdmig.migration import repair, target, wire
 
@@ -73,6 +74,10 @@ def test_a_source_s_tcp_sections_out_of_place_are_refused_with_the_reason(case):
         if case in ("plain-after-staged", "length-not-a-count"):
             session._take([wire.Section("e0", _chardev_meta(**{repair.LATER: True}))])
             _in_downtime(session)
+        if case == "local-elsewhere":  # a connection the precopy said is from another address
+            session._take([wire.Section("e0", _chardev_meta(**{repair.LATER: True,
+                                                               repair.LOCAL: ["127.0.0.2", port]}))])
+            _in_downtime(session)
         sections = {
             "plain-after-staged": [wire.Section("e0", _chardev_meta())],
             "piece-for-a-list": [wire.Section("#tcp-1.0", {"chardev": ["e0"]}, b"")],
@@ -80,6 +85,12 @@ def test_a_source_s_tcp_sections_out_of_place_are_refused_with_the_reason(case):
             "later-with-bytes": [wire.Section("e0", _chardev_meta(**{repair.LATER: True}), b"carried")],
             "length-not-a-count": [wire.Section("#tcp-1.0", {"chardev": "e0", "tcp": True}, blob)],
             "alone-not-staged": [wire.Section("#tcp-1.0", {"chardev": "e0", "tcp": len(blob)}, blob)],
+            # Never a name to look up: an address as the kernel writes it.
+            "local-a-name": [wire.Section("e0", _chardev_meta(**{repair.LATER: True,
+                                                                 repair.LOCAL: ["localhost", port]}))],
+            "local-not-a-pair": [wire.Section("e0", _chardev_meta(**{repair.LATER: True,
+                                                                     repair.LOCAL: f"127.0.0.1:{port}"}))],
+            "local-elsewhere": [wire.Section("#tcp-1.0", {"chardev": "e0", "tcp": len(blob)}, blob)],
         }[case]
         if case in ("piece-for-a-list", "alone-not-staged"):
             _in_downtime(session)
@@ -93,7 +104,36 @@ def test_a_source_s_tcp_sections_out_of_place_are_refused_with_the_reason(case):
             "tcp-in-precopy": "TCP state before the downtime",
             "later-with-bytes": "a connection to come with its TCP state, for a chardev that cannot move so",
             "length-not-a-count": "bytes of TCP state arrived, the section says",
-            "alone-not-staged": "its chardev was not in the precopy"}[case] in reason
+            "alone-not-staged": "its chardev was not in the precopy",
+            "local-a-name": "'localhost' is not an IP address",
+            "local-not-a-pair": "not [address, port]",
+            "local-elsewhere": "from 127.0.0.1 port"}[case] in reason
+    if case == "local-elsewhere":
+        assert "its precopy said 127.0.0.2 port" in reason
+
+
+def test_a_staged_connection_is_bound_before_the_downtime_and_restored_into_that_socket():
+    """The precopy says where the connection is from: the target binds the socket
+    it stages for it then, and the downtime restores the connection into it."""
+    from fdmig.migration import repair, wire
+
+    async def main():
+        port = _free_port()
+        session = _staging_target(port)
+        session._take([wire.Section("e0", _chardev_meta(**{repair.LATER: True, repair.LOCAL: ["127.0.0.1", port]}))])
+        staged = session.restorer.staged["e0"][0]
+        assert staged.getsockname() == ("127.0.0.1", port)
+        _in_downtime(session)
+        blob = _tcp_state(port)
+        session._take([wire.Section("#tcp-1.0", {"chardev": "e0", "tcp": len(blob)}, blob)])
+        assert session.restorer.conns == [staged]
+        assert staged.getpeername() == ("127.0.0.1", 40000)
+        info = staged.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)
+        assert info[0] == tcprepair.TCP_ESTABLISHED
+        session.restorer.discard()
+        staged.close()
+
+    asyncio.run(main())
 
 
 def test_a_staged_connection_that_fails_to_restore_leaves_nothing_watched(monkeypatch):

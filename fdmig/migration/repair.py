@@ -23,6 +23,7 @@ log = logging.getLogger("fdmig")
 CAPABILITY = "x-tcp-repair"
 TCP_SECTION = "#tcp-"  # + "N.I"; meta {"chardev": LABEL}; outbuf: a piece of its encoded state
 LATER = "tcp-later"  # in a precopy section's meta: the chardev's connection comes inside the downtime
+LOCAL = "tcp-local"  # beside it: [host, port], the connection's local address, for the target to bind to
 BATCH = 64  # connections dumped per frame sent: the target restores while we dump on
 PIECE = wire.MAX_FRAME // 4
 HOOK_TIMEOUT = 10.0  # a --release-cmd, --reclaim-cmd or --claim-cmd that runs longer has failed
@@ -182,11 +183,13 @@ def precopy_section(chardev) -> tuple[wire.Section, tuple]:
     chardev's fingerprint and its connection's addresses (None if the kernel
     no longer has them)."""
     section = form.section(chardev, carry=False)
+    meta = {**section.meta, LATER: True}
     try:
         names = (chardev.conn.getsockname()[:2], chardev.conn.getpeername()[:2])
+        meta[LOCAL] = list(names[0])
     except OSError:
         names = None
-    return wire.Section(section.label, {**section.meta, LATER: True}, b""), (form.fingerprint(chardev), names)
+    return wire.Section(section.label, meta, b""), (form.fingerprint(chardev), names)
 
 
 def dump(chardevs, on: bool, in_repair: list, moved: Moved, late: LateSegments | None = None,
@@ -279,16 +282,21 @@ class Restorer:
         self.listeners: dict[str, socket.socket] = {}  # label -> made before the downtime, until taken
         self.blanks: dict[str, socket.socket] = {}  # label -> a socket in repair mode, made likewise
         self.staged: dict[str, tuple] = {}  # label -> (blank, listener or None), taken by stage()
+        self.bound: dict[str, tuple] = {}  # label -> the local address stage() bound its blank to
         self.restored: set[str] = set()  # labels whose connection is restored
         self.moved = Moved()
         self.first: dict[str, bytes] = {}  # label -> what to write first after resume()
 
-    def piece(self, section: wire.Section, labels) -> None:
+    def piece(self, section: wire.Section, labels) -> str:
+        """A TCP_SECTION's piece of a chardev's state, kept for the section that
+        ends it; the chardev's label."""
         label = section.meta.get("chardev") if isinstance(section.meta, dict) else None
         if type(label) is not str or label not in labels:
             raise FdmigError(f"{wire.show(section.label)}: TCP state for {wire.show(label)}, not a chardev "
                              "of the table")
-        self.pieces.setdefault(label, []).append(section.outbuf)
+        if "tcp" not in section.meta:  # else the last, which restore_staged() takes
+            self.pieces.setdefault(label, []).append(section.outbuf)
+        return label
 
     def restore(self, section: wire.Section, spec) -> tuple[socket.socket, socket.socket | None, bytes]:
         """(connection, listener or None, the bytes to write first: those its kernel
@@ -322,23 +330,44 @@ class Restorer:
         first = self.first[label] = state.unsent_bytes + section.outbuf[here:]
         return conn, listener, first
 
-    def stage(self, label: str, spec) -> tuple[socket.socket, socket.socket | None]:
+    def stage(self, label: str, spec, local: tuple | None = None) -> tuple[socket.socket, socket.socket | None]:
         """Before the downtime, for a chardev whose connection's TCP state comes
         inside it alone (repair.LATER): the socket prepare() made to restore it
-        into and, for a server, its listener; FdmigError if there are none."""
+        into and, for a server, its listener; FdmigError if there are none.
+        `local`, the connection's local address as the precopy gave it: the
+        socket is bound to it now, which the downtime then need not do."""
         if label in self.staged or label not in self.blanks or (spec.server and label not in self.listeners):
             raise FdmigError(f"chardev {label}: staged twice, or its connection cannot move with its TCP state here")
         staged = self.staged[label] = (self.blanks.pop(label), self.listeners.pop(label) if spec.server else None)
+        if local is not None:
+            self.bound[label] = self._bind(label, spec, staged[0], local)
         return staged
 
-    def restore_staged(self, label: str, length, spec) -> bytes:
+    @staticmethod
+    def _bind(label: str, spec, sock: socket.socket, local) -> tuple[str, int]:
+        """`sock` bound to `local`, a precopy's LOCAL, checked first: an address
+        of the chardev's family as the kernel writes it (what its TCP state
+        will say), never a name to look up."""
+        try:
+            if type(local) is not list or len(local) != 2 or type(local[1]) is not int or not 0 < local[1] < 65536:
+                raise tcpstate.TcpStateError("not [address, port]")
+            tcpstate.check_address(fdcheck.family_of(spec), local[0])
+            sock.bind((local[0], local[1]))
+        except (tcpstate.TcpStateError, OSError) as exc:
+            raise FdmigError(f"chardev {label}: its connection's local address {wire.show(local)}: "
+                             f"{getattr(exc, 'strerror', None) or exc}") from None
+        return local[0], local[1]
+
+    def restore_staged(self, label: str, last: wire.Section, spec) -> bytes:
         """The connection of a chardev stage() took, from its pieces alone (its
-        chardev unchanged since the precopy), into the socket staged for it; the
-        bytes its kernel never sent, to write first."""
-        if label not in self.staged:
+        chardev unchanged since the precopy), `last` the piece that ends them
+        and says their length, into the socket staged for it; the bytes its
+        kernel never sent, to write first."""
+        staged = self.staged.get(label)
+        if staged is None:
             raise FdmigError(f"chardev {label}: its TCP state came alone, but its chardev was not in the precopy")
-        state = self._state(label, b"", length, spec)
-        self._connect(label, state, self.staged[label][0])
+        state = self._state(label, last.outbuf, last.meta["tcp"], spec)
+        self._connect(label, state, staged[0])
         self.moved.precopied += 1
         first = self.first[label] = state.unsent_bytes
         return first
@@ -349,6 +378,7 @@ class Restorer:
         return [label for label in self.staged if label not in self.restored]
 
     def unstage(self, label: str) -> None:
+        self.bound.pop(label, None)
         for sock in self.staged.pop(label):
             if sock is not None:
                 sock.close()
@@ -356,7 +386,8 @@ class Restorer:
     def _state(self, label: str, tail: bytes, length, spec) -> tcpstate.TcpState:
         if label in self.restored:
             raise FdmigError(f"chardev {label}: its TCP state came twice")
-        blob = b"".join(self.pieces.pop(label, ())) + tail
+        pieces = self.pieces.pop(label, None)
+        blob = b"".join(pieces) + tail if pieces else tail  # most states are one piece
         if type(length) is not int or len(blob) != length:
             raise FdmigError(f"chardev {label}: {len(blob)} bytes of TCP state arrived, the section says "
                              f"{wire.show(length)}")
@@ -368,8 +399,12 @@ class Restorer:
         return state
 
     def _connect(self, label: str, state: tcpstate.TcpState, sock: socket.socket | None) -> socket.socket:
+        bound = self.bound.pop(label, None) if sock is not None else None
+        if bound is not None and bound != state.local:
+            raise FdmigError(f"chardev {label}: its TCP state is of a connection from {state.local[0]} port "
+                             f"{state.local[1]}, its precopy said {bound[0]} port {bound[1]}")
         try:
-            conn = tcprepair.restore(state, sock)
+            conn = tcprepair.restore(state, sock, bound is not None)
         except tcprepair.RepairError as exc:
             raise FdmigError(f"chardev {label}: its TCP state: {exc}") from None
         self.restored.add(label)

@@ -416,11 +416,10 @@ class TargetSession(Session):
             raise Refused(f"{wire.show(section.label)}: TCP state over a unix channel, before the downtime, or twice")
         self.seen.add(section.label)
         try:
-            self.restorer.piece(section, self.plan.specs)
+            label = self.restorer.piece(section, self.plan.specs)
             if "tcp" not in section.meta:
                 return  # the last piece of a staged chardev's connection, which comes alone, says "tcp"
-            label = section.meta["chardev"]
-            first = self.restorer.restore_staged(label, section.meta["tcp"], self.plan.specs[label])
+            first = self.restorer.restore_staged(label, section, self.plan.specs[label])
         except FdmigError as exc:
             raise Refused(str(exc)) from None
         if first:  # what its kernel never sent goes out first
@@ -439,7 +438,7 @@ class TargetSession(Session):
             raise Refused(f"chardev {section.label}: a connection to come with its TCP state, for a chardev "
                           "that cannot move so")
         try:
-            conn, listener = self.restorer.stage(section.label, spec)
+            conn, listener = self.restorer.stage(section.label, spec, section.meta.get(repair.LOCAL))
         except FdmigError as exc:
             raise Refused(str(exc)) from None
         by_role = self.sockets[section.label] = {"conn": conn}
