@@ -24,7 +24,9 @@ CAPABILITY = "x-tcp-repair"
 TCP_SECTION = "#tcp-"  # + "N.I"; meta {"chardev": LABEL}; outbuf: a piece of its encoded state
 LATER = "tcp-later"  # in a precopy section's meta: the chardev's connection comes inside the downtime
 LOCAL = "tcp-local"  # beside it: [host, port], the connection's local address, for the target to bind to
-BATCH = 64  # connections dumped per frame sent: the target restores while we dump on
+# Connections dumped per frame sent: the target restores a frame while we dump
+# the next, and what it does after our last frame is the downtime's tail.
+BATCH = 16
 PIECE = wire.MAX_FRAME // 4
 HOOK_TIMEOUT = 10.0  # a --release-cmd, --reclaim-cmd or --claim-cmd that runs longer has failed
 
