@@ -63,7 +63,8 @@ def _tcp_state(port: int) -> bytes:
 
 @pytest.mark.parametrize("case", ["plain-after-staged", "piece-for-a-list", "tcp-in-precopy", "later-with-bytes",
                                   "length-not-a-count", "alone-not-staged", "local-a-name", "local-not-a-pair",
-                                  "local-elsewhere"])
+                                  "local-elsewhere", "states-in-precopy", "states-lengths-off",
+                                  "states-not-a-chardev", "states-not-staged", "states-twice"])
 def test_a_source_s_tcp_sections_out_of_place_are_refused_with_the_reason(case):
     from fdmig.migration import repair, target, wire
 
@@ -71,7 +72,7 @@ def test_a_source_s_tcp_sections_out_of_place_are_refused_with_the_reason(case):
         port = _free_port()
         session = _staging_target(port)
         blob = _tcp_state(port)
-        if case in ("plain-after-staged", "length-not-a-count"):
+        if case in ("plain-after-staged", "length-not-a-count", "states-twice"):
             session._take([wire.Section("e0", _chardev_meta(**{repair.LATER: True}))])
             _in_downtime(session)
         if case == "local-elsewhere":  # a connection the precopy said is from another address
@@ -91,8 +92,14 @@ def test_a_source_s_tcp_sections_out_of_place_are_refused_with_the_reason(case):
             "local-not-a-pair": [wire.Section("e0", _chardev_meta(**{repair.LATER: True,
                                                                      repair.LOCAL: f"127.0.0.1:{port}"}))],
             "local-elsewhere": [wire.Section("#tcp-1.0", {"chardev": "e0", "tcp": len(blob)}, blob)],
+            "states-in-precopy": [_states(["e0"], blob)],
+            "states-lengths-off": [wire.Section("#tcps-1", {"chardevs": ["e0"], "tcp": [len(blob) + 1]}, blob)],
+            "states-not-a-chardev": [_states(["e1"], blob)],
+            "states-not-staged": [_states(["e0"], blob)],
+            "states-twice": [_states(["e0", "e0"], blob + blob)],
         }[case]
-        if case in ("piece-for-a-list", "alone-not-staged"):
+        if case in ("piece-for-a-list", "alone-not-staged", "states-lengths-off", "states-not-a-chardev",
+                    "states-not-staged"):
             _in_downtime(session)
         with pytest.raises(target.Refused) as refused:
             session._take(sections)
@@ -107,14 +114,29 @@ def test_a_source_s_tcp_sections_out_of_place_are_refused_with_the_reason(case):
             "alone-not-staged": "its chardev was not in the precopy",
             "local-a-name": "'localhost' is not an IP address",
             "local-not-a-pair": "not [address, port]",
-            "local-elsewhere": "from 127.0.0.1 port"}[case] in reason
+            "local-elsewhere": "from 127.0.0.1 port",
+            "states-in-precopy": "TCP state over a unix channel, before the downtime",
+            "states-lengths-off": "not TCP states",
+            "states-not-a-chardev": "'e1', not a chardev of the table",
+            "states-not-staged": "its chardev was not in the precopy",
+            "states-twice": "its TCP state came twice"}[case] in reason
     if case == "local-elsewhere":
         assert "its precopy said 127.0.0.2 port" in reason
 
 
-def test_a_staged_connection_is_bound_before_the_downtime_and_restored_into_that_socket():
+def _states(labels, blob):
+    """A TCP_STATES section: the states of staged chardevs, one after another."""
+    from fdmig.migration import wire
+    each = len(blob) // len(labels)
+    return wire.Section("#tcps-1", {"chardevs": labels, "tcp": [each] * len(labels)}, blob)
+
+
+@pytest.mark.parametrize("form", ["pieces", "states"])
+def test_a_staged_connection_is_bound_before_the_downtime_and_restored_into_that_socket(form):
     """The precopy says where the connection is from: the target binds the socket
-    it stages for it then, and the downtime restores the connection into it."""
+    it stages for it then, and the downtime restores the connection into it,
+    its state in pieces (as a send queue of megabytes comes) or among the
+    states of a frame."""
     from fdmig.migration import repair, wire
 
     async def main():
@@ -125,7 +147,11 @@ def test_a_staged_connection_is_bound_before_the_downtime_and_restored_into_that
         assert staged.getsockname() == ("127.0.0.1", port)
         _in_downtime(session)
         blob = _tcp_state(port)
-        session._take([wire.Section("#tcp-1.0", {"chardev": "e0", "tcp": len(blob)}, blob)])
+        if form == "pieces":
+            session._take([wire.Section("#tcp-1.0", {"chardev": "e0"}, blob[:40]),
+                           wire.Section("#tcp-1.1", {"chardev": "e0", "tcp": len(blob)}, blob[40:])])
+        else:
+            session._take([_states(["e0"], blob)])
         assert session.restorer.conns == [staged]
         assert staged.getpeername() == ("127.0.0.1", 40000)
         info = staged.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)
@@ -163,3 +189,53 @@ def test_a_staged_connection_that_fails_to_restore_leaves_nothing_watched(monkey
         assert staged.fileno() == -1 and fd not in session.instance.poller._handlers
 
     asyncio.run(main())
+
+
+def test_the_dump_sends_a_frame_s_one_piece_states_together_each_section_bounded(monkeypatch):
+    """Unchanged since the precopy, a frame's connections go as TCP_STATES
+    sections, none over a piece's bound; one whose send queue is bigger than a
+    piece goes in pieces, the last saying their length. Every state is there
+    once, and each is its connection's."""
+    from fdmig import tcpstate
+    from fdmig.migration import form, repair
+    from fdmig.spec import parse_spec
+
+    monkeypatch.setattr(repair, "PIECE", 200)  # a state of no bytes is 92: two to a section
+    with socket.create_server(("127.0.0.1", 0), backlog=16) as server:
+        port = server.getsockname()[1]
+        conns = [socket.create_connection(("127.0.0.1", port)) for _ in range(7)]
+        peers = [server.accept()[0] for _ in conns]
+        conns[2].setblocking(False)
+        try:  # c2's peer reads nothing: its send queue fills
+            while True:
+                conns[2].send(b"x" * 65536)
+        except BlockingIOError:
+            pass
+        chardevs = [types.SimpleNamespace(
+            label=f"c{i}", conn=conn, outbuf=bytearray(), settled=True, listener=None, eof_read=False,
+            eof_pending=False, eof_sent=False, closing=False,
+            spec=parse_spec(f"socket,id=c{i},host=127.0.0.1,port={port},support-local-migration=on"))
+            for i, conn in enumerate(conns)]
+        names = {c.label: (c.conn.getsockname(), c.conn.getpeername()) for c in chardevs}
+        precopied = {c.label: (form.fingerprint(c), names[c.label]) for c in chardevs}
+        in_repair, moved = [], repair.Moved()
+        try:
+            frames = list(repair.dump(chardevs, True, in_repair, moved, None, precopied, set(), batch=4))
+        finally:
+            for conn in conns + peers:
+                conn.close()  # in repair mode: silent
+    assert len(frames) == 2 and moved.precopied == 7
+    states, pieces = {}, []
+    for section in (s for frame in frames for s in frame):
+        assert len(section.outbuf) <= 200, section.label
+        if section.label.startswith(repair.TCP_STATES):
+            states.update(repair.Restorer.states(section, {c.label for c in chardevs}))
+        else:
+            pieces.append(section)
+    assert sorted(states) == ["c0", "c1", "c3", "c4", "c5", "c6"]
+    assert all(s.meta["chardev"] == "c2" for s in pieces) and len(pieces) > 2
+    assert pieces[-1].meta["tcp"] == sum(len(s.outbuf) for s in pieces) and "tcp" not in pieces[0].meta
+    big = tcpstate.decode(b"".join(s.outbuf for s in pieces))
+    assert len(big.send_queue) > 200
+    for label, blob in states.items():
+        assert (tcpstate.decode(blob).local, tcpstate.decode(blob).peer) == names[label]

@@ -7,7 +7,10 @@ A marked TCP chardev's connection travels as its chardev's section (state and
 carried bytes, as any) with the encoded TCP state: its last piece at the start of
 that section's bytes ("tcp-here" of them), the pieces before it, if the state is
 bigger than a piece, in TCP_SECTION sections ahead: a send queue may be
-megabytes, a frame is bounded."""
+megabytes, a frame is bounded. A chardev the precopy brought (LATER), unchanged
+since, sends its TCP state alone: in TCP_SECTION pieces, the last saying their
+length, or, in one piece as most are, among the states of a TCP_STATES section,
+one a frame."""
 
 import asyncio
 import functools
@@ -22,6 +25,9 @@ from fdmig.migration import form, wire
 log = logging.getLogger("fdmig")
 CAPABILITY = "x-tcp-repair"
 TCP_SECTION = "#tcp-"  # + "N.I"; meta {"chardev": LABEL}; outbuf: a piece of its encoded state
+# + "N": the TCP states of chardevs unchanged since the precopy, each in one piece,
+# one after another: meta {"chardevs": [LABEL, ...], "tcp": [LENGTH, ...]}
+TCP_STATES = "#tcps-"
 LATER = "tcp-later"  # in a precopy section's meta: the chardev's connection comes inside the downtime
 LOCAL = "tcp-local"  # beside it: [host, port], the connection's local address, for the target to bind to
 # Connections dumped per frame sent: the target restores a frame while we dump
@@ -195,21 +201,24 @@ def precopy_section(chardev) -> tuple[wire.Section, tuple]:
 
 
 def dump(chardevs, on: bool, in_repair: list, moved: Moved, late: LateSegments | None = None,
-         precopied: dict | None = None, changed: set | None = None):
+         precopied: dict | None = None, changed: set | None = None, batch: int = BATCH):
     """For every connected chardev that moves with its TCP state, its sections:
-    pieces of the encoded state, then the chardev's own (yielded as a list per
-    chardev, so the caller sends while it dumps on). Each socket goes into repair
-    mode first, and into `in_repair`, for undo(). Quiesced and its address
-    released: nothing changes any more. RepairError (naming the chardev) if one
-    cannot be dumped.
+    pieces of the encoded state, then the chardev's own; yielded as a list for
+    each `batch` of connections, a frame's worth, so that the caller sends one
+    while it dumps on. Each socket goes into repair mode first, and into
+    `in_repair`, for undo(). Quiesced and its address released: nothing
+    changes any more. RepairError (naming the chardev) if one cannot be dumped.
 
     `precopied`: label -> what precopy_section() returned beside the section it
     sent. A chardev unchanged since, with no bytes to carry, goes as its TCP
-    state alone, the last piece saying its length; the labels of the others go
-    into `changed`."""
+    state alone: in one TCP_STATES section with the others of its frame whose
+    state is one piece, else its pieces, the last saying their length. The
+    labels of the others go into `changed`."""
     precopied = precopied or {}
     changed = set() if changed is None else changed
     enter, dump_one, encode, fingerprint = tcprepair.enter, tcprepair.dump, tcpstate.encode, form.fingerprint
+    frame, labels, blobs, size = [], [], [], 0
+    count = 0
     for chardev in chardevs:
         label = chardev.label
         if not (moves(chardev, on) and chardev.conn is not None):
@@ -228,24 +237,50 @@ def dump(chardevs, on: bool, in_repair: list, moved: Moved, late: LateSegments |
         moved.add(label, state)
         if late:
             late.track(state)
-        prefix = f"{TCP_SECTION}{len(moved.labels)}."
-        pieces = tcpstate.parts(blob, PIECE)
+        count += 1
         if alone:
             moved.precopied += 1
-            tail = pieces.pop()
-            last = wire.Section(f"{prefix}{len(pieces)}", {"chardev": label, "tcp": len(blob)}, tail)
+        if alone and len(blob) <= PIECE:  # most, in a downtime of thousands
+            if size + len(blob) > PIECE:  # a section is bounded as a piece is
+                frame.append(_states(labels, blobs))
+                labels, blobs, size = [], [], 0
+            labels.append(label)
+            blobs.append(blob)
+            size += len(blob)
         else:
-            if fingerprint_then is not None:
+            frame += _sections(chardev, label, blob, alone, f"{TCP_SECTION}{len(moved.labels)}.")
+            if not alone and fingerprint_then is not None:
                 changed.add(label)
-            section = form.section(chardev)  # its fds stay here: the TCP state is what moves
-            # The last piece rides in the chardev's own section, before the bytes it
-            # carries, when both fit: one section per connection, as a rule.
-            here = pieces.pop() if len(pieces[-1]) + len(section.outbuf) <= PIECE else b""
-            last = wire.Section(section.label, {**section.meta, "tcp": len(blob), "tcp-here": len(here)},
-                                here + section.outbuf)
-        sections = [wire.Section(f"{prefix}{i}", {"chardev": label}, piece) for i, piece in enumerate(pieces)]
-        sections.append(last)
-        yield sections
+        if count % batch == 0:
+            yield frame + [_states(labels, blobs)] if labels else frame
+            frame, labels, blobs, size = [], [], [], 0
+    if frame or labels:
+        yield frame + [_states(labels, blobs)] if labels else frame
+
+
+def _sections(chardev, label: str, blob: bytes, alone: bool, prefix: str) -> list[wire.Section]:
+    """A connection's sections, its state in pieces: for a chardev alone, the
+    pieces; else the pieces then the chardev's own section."""
+    pieces = tcpstate.parts(blob, PIECE)
+    if alone:
+        tail = pieces.pop()
+        last = wire.Section(f"{prefix}{len(pieces)}", {"chardev": label, "tcp": len(blob)}, tail)
+    else:
+        section = form.section(chardev)  # its fds stay here: the TCP state is what moves
+        # The last piece rides in the chardev's own section, before the bytes it
+        # carries, when both fit: one section per connection, as a rule.
+        here = pieces.pop() if len(pieces[-1]) + len(section.outbuf) <= PIECE else b""
+        last = wire.Section(section.label, {**section.meta, "tcp": len(blob), "tcp-here": len(here)},
+                            here + section.outbuf)
+    sections = [wire.Section(f"{prefix}{i}", {"chardev": label}, piece) for i, piece in enumerate(pieces)]
+    sections.append(last)
+    return sections
+
+
+def _states(labels: list, blobs: list) -> wire.Section:
+    """The TCP_STATES section of `labels`' states (named after the first)."""
+    return wire.Section(f"{TCP_STATES}{labels[0]}", {"chardevs": labels, "tcp": list(map(len, blobs))},
+                        b"".join(blobs))
 
 
 def undo(in_repair: list) -> None:
@@ -360,15 +395,34 @@ class Restorer:
                              f"{getattr(exc, 'strerror', None) or exc}") from None
         return local[0], local[1]
 
-    def restore_staged(self, label: str, last: wire.Section, spec) -> bytes:
-        """The connection of a chardev stage() took, from its pieces alone (its
-        chardev unchanged since the precopy), `last` the piece that ends them
-        and says their length, into the socket staged for it; the bytes its
-        kernel never sent, to write first."""
+    @staticmethod
+    def states(section: wire.Section, labels) -> list[tuple[str, bytes]]:
+        """(label, encoded state) for each chardev of a TCP_STATES section;
+        FdmigError if it is not one."""
+        meta = section.meta
+        names, lengths = meta.get("chardevs"), meta.get("tcp")
+        if type(names) is not list or type(lengths) is not list or len(names) != len(lengths) \
+                or not all(type(n) is int and n >= 0 for n in lengths) or sum(lengths) != len(section.outbuf):
+            raise FdmigError(f"{wire.show(section.label)}: not TCP states: {len(section.outbuf)} bytes for "
+                             f"chardevs {wire.show(names)} of lengths {wire.show(lengths)}")
+        states, offset, outbuf = [], 0, section.outbuf
+        for label, length in zip(names, lengths):
+            if type(label) is not str or label not in labels:
+                raise FdmigError(f"{wire.show(section.label)}: TCP state for {wire.show(label)}, not a chardev "
+                                 "of the table")
+            states.append((label, outbuf[offset: offset + length]))
+            offset += length
+        return states
+
+    def restore_staged(self, label: str, tail: bytes, length, spec) -> bytes:
+        """The connection of a chardev stage() took, from its state alone (its
+        chardev unchanged since the precopy): its pieces, `tail` the one that
+        ends them, `length` bytes in all; into the socket staged for it. The
+        bytes its kernel never sent, to write first."""
         staged = self.staged.get(label)
         if staged is None:
             raise FdmigError(f"chardev {label}: its TCP state came alone, but its chardev was not in the precopy")
-        state = self._state(label, last.outbuf, last.meta["tcp"], spec)
+        state = self._state(label, tail, length, spec)
         self._connect(label, state, staged[0])
         self.moved.precopied += 1
         first = self.first[label] = state.unsent_bytes

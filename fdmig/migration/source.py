@@ -353,19 +353,12 @@ class SourceSession(Session):
             except repair.HookFailed as exc:
                 raise MigrationFailed(str(exc)) from None
         faults.point("source-after-release")
-        batch, count = [], 0
         try:
             for sections in repair.dump(self.instance.chardevs.values(), self.tcp_repair, self.in_repair,
                                         self.tcp_moved, self.late, self.tcp_precopied, self.changed):
-                batch += sections
-                count += 1
-                if count % repair.BATCH == 0:
-                    await self.chan.send(wire.Transfer(batch, more=True), self.deadline)
-                    batch = []
+                await self.chan.send(wire.Transfer(sections, more=True), self.deadline)
         except tcprepair.RepairError as exc:
             raise MigrationFailed(f"cannot dump a TCP connection: {exc}") from None
-        if batch:
-            await self.chan.send(wire.Transfer(batch, more=True), self.deadline)
         self.moved += self.tcp_moved.connections
 
     def _changed_sections(self) -> list:

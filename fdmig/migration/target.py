@@ -355,7 +355,9 @@ class TargetSession(Session):
         now = time.time()
         for section in batch:
             if section.label.startswith("#"):
-                if section.label.startswith(repair.TCP_SECTION):
+                if section.label.startswith(repair.TCP_STATES):
+                    self._take_tcp_states(section)
+                elif section.label.startswith(repair.TCP_SECTION):
                     self._take_tcp_piece(section)
                 else:
                     self._take_service(section)
@@ -412,16 +414,32 @@ class TargetSession(Session):
         faults.point("target-after-batch")
 
     def _take_tcp_piece(self, section) -> None:
-        if not self.remote or section.label in self.seen or self.expected[0] is wire.Precopy:
-            raise Refused(f"{wire.show(section.label)}: TCP state over a unix channel, before the downtime, or twice")
-        self.seen.add(section.label)
+        self._tcp_section(section)
         try:
             label = self.restorer.piece(section, self.plan.specs)
             if "tcp" not in section.meta:
                 return  # the last piece of a staged chardev's connection, which comes alone, says "tcp"
-            first = self.restorer.restore_staged(label, section, self.plan.specs[label])
+            first = self.restorer.restore_staged(label, section.outbuf, section.meta["tcp"], self.plan.specs[label])
         except FdmigError as exc:
             raise Refused(str(exc)) from None
+        self._write_first(label, first)
+
+    def _take_tcp_states(self, section) -> None:
+        """The connections of staged chardevs, each from its state in one piece."""
+        self._tcp_section(section)
+        specs, restore = self.plan.specs, self.restorer.restore_staged
+        try:
+            for label, blob in self.restorer.states(section, specs):
+                self._write_first(label, restore(label, blob, len(blob), specs[label]))
+        except FdmigError as exc:
+            raise Refused(str(exc)) from None
+
+    def _tcp_section(self, section) -> None:
+        if not self.remote or section.label in self.seen or self.expected[0] is wire.Precopy:
+            raise Refused(f"{wire.show(section.label)}: TCP state over a unix channel, before the downtime, or twice")
+        self.seen.add(section.label)
+
+    def _write_first(self, label: str, first: bytes) -> None:
         if first:  # what its kernel never sent goes out first
             chardev = self.chardevs[label]
             chardev.outbuf[:0] = first
