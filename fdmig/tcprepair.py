@@ -97,7 +97,7 @@ def leave(sock: socket.socket, probe: bool = True) -> None:
     spares the kernel a packet (most of this call's cost). (The repair queue it
     was last set to counts only in repair mode: no call to reset it.)"""
     try:
-        _set(sock, TCP_REPAIR, REPAIR_OFF if probe else REPAIR_OFF_NO_WP)
+        sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, REPAIR_OFF if probe else REPAIR_OFF_NO_WP)
     except OSError as exc:
         if exc.errno != errno.EINVAL or probe:
             raise
@@ -195,6 +195,17 @@ def blank(family: int) -> socket.socket:
     return sock
 
 
+def opaque(sock: socket.socket) -> None:
+    """A restored socket no longer transparent (blank() made it so for the route
+    its connect() looks up): from here on it sends only from an address this
+    host holds. Its timers run on in repair mode, and the day it moves on from
+    here a transparent socket would still send from the address --release-cmd
+    took away: a second host on one connection, its timestamps ahead of the new
+    host's, so that the peer refuses the new host's segments (PAWS) until their
+    first retransmission timeout, 1 s. Until then, the host holds the address."""
+    _transparent(sock, 0)
+
+
 def _transparent(sock: socket.socket, on: int) -> None:
     if _family(sock) == socket.AF_INET:
         sock.setsockopt(socket.IPPROTO_IP, IP_TRANSPARENT, on)
@@ -215,14 +226,17 @@ def _options(mss: int, wscale: tuple[int, int] | None, sack: bool, timestamps: b
     return b"".join(struct.pack("=II", code, value) for code, value in options)
 
 
-def restore(state: TcpState, sock: socket.socket | None = None, bound: bool = False) -> socket.socket:
+def restore(state: TcpState, sock: socket.socket | None = None, bound: bool = False,
+            transparent: bool = False) -> socket.socket:
     """`sock` (a blank() of the state's family, or a new one) holding the
     connection `state` describes, still in repair mode: nothing is sent until
     leave(). Its unsent bytes are the caller's to write after that. The address
     may reach this host only once the connection is ready to resume (the
     caller's --claim-cmd). `bound`: `sock` is bound to the state's local
-    address already. On a failure, a socket made here is closed; `sock`
-    stays the caller's (a poller may watch its fd: it must let go first)."""
+    address already. `transparent`: it stays so, for the caller to end with
+    opaque() once it has resumed, out of the downtime. On a failure, a socket
+    made here is closed; `sock` stays the caller's (a poller may watch its fd:
+    it must let go first)."""
     made = sock is None
     try:
         sock = sock or blank(state.family)
@@ -236,14 +250,8 @@ def restore(state: TcpState, sock: socket.socket | None = None, bound: bool = Fa
         if not bound:
             sock.bind(state.local)
         sock.connect(state.peer)  # in repair mode: no SYN, straight to ESTABLISHED
-        # No longer transparent (blank() made it so for the route just found):
-        # from here on it sends only from an address this host holds. Its
-        # timers run on in repair mode, and the day it moves on from here a
-        # transparent socket would still send from the address --release-cmd
-        # took away: a second host on one connection, its timestamps ahead of
-        # the new host's, so that the peer refuses the new host's segments
-        # (PAWS) until their first retransmission timeout, 1 s.
-        _transparent(sock, 0)
+        if not transparent:
+            opaque(sock)
         setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_OPTIONS,
                    _options(state.mss, state.wscale, state.sack, state.timestamps))
         if state.timestamps:

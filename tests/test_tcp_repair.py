@@ -6,6 +6,7 @@ The service address moves with the connections through --release-cmd,
 numbered records and check that every echo comes back once, in order, with no
 reset, through each migration and each failure."""
 
+import ctypes
 import json
 import os
 import select
@@ -25,6 +26,8 @@ from tests.helpers import Daemon, Pump, needs, recv_exactly, run, status_of, wai
 from tests.netns import HOST_A, HOST_B, SERVICE
 from tests.test_migration import stopped
 from tests.test_tls_channel import creds  # noqa: F401  (the certificates, made once per module)
+
+PIDFD_GETFD = 438  # the same number on every architecture
 
 _why = netns.unavailable(check_programs=False)
 pytestmark = [needs(*netns.PROGRAMS, "openssl"),
@@ -176,6 +179,31 @@ def world(hosts, short_dir, creds):  # noqa: F811
         daemon.close()
 
 
+def transparent_tcp_sockets(pid: int) -> tuple[int, int]:
+    """(how many of process `pid`'s IPv4 TCP sockets are IP_TRANSPARENT, of how
+    many), each read through a copy of its fd (pidfd_getfd)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    pidfd = os.pidfd_open(pid)
+    transparent = total = 0
+    try:
+        for name in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                if not os.readlink(f"/proc/{pid}/fd/{name}").startswith("socket:"):
+                    continue
+            except FileNotFoundError:
+                continue
+            fd = libc.syscall(PIDFD_GETFD, pidfd, int(name), 0)
+            if fd < 0:
+                continue  # closed meanwhile
+            with socket.socket(fileno=fd) as sock:
+                if sock.family == socket.AF_INET and sock.type == socket.SOCK_STREAM:
+                    total += 1
+                    transparent += sock.getsockopt(socket.SOL_IP, tcprepair.IP_TRANSPARENT)
+    finally:
+        os.close(pidfd)
+    return transparent, total
+
+
 def peers(hosts, ports) -> list[socket.socket]:
     return [hosts.connect("client", SERVICE, port) for port in ports]
 
@@ -219,6 +247,9 @@ def test_streaming_peers_move_to_another_host_and_back_every_record_once_in_orde
         migration = client.execute("query-migrate")
     assert migration["status"] == "completed" and migration["x-fdmig"]["moved-live"] == labels
     assert sorted(migration["x-fdmig"]["reconnected"]) == ["plain", "spare"]
+    # Restored transparent (a route from an address not yet held), made opaque
+    # behind the downtime: complete, none is left so.
+    assert transparent_tcp_sockets(after["pid"]) == (0, 8 + 10)
     assert {c["label"]: c["state"] for c in after["chardevs"]} == {
         **{label: "connected" for label in labels}, "spare": "listening", "plain": "listening"}
 

@@ -177,9 +177,9 @@ def test_a_staged_connection_that_fails_to_restore_leaves_nothing_watched(monkey
         assert fd in session.instance.poller._handlers
         _in_downtime(session)
 
-        def no_memory(sock, on):
+        def no_memory(sock, option, value):
             raise OSError(errno.ENOMEM, "Cannot allocate memory")
-        monkeypatch.setattr(tcprepair, "_transparent", no_memory)
+        monkeypatch.setattr(tcprepair, "_set", no_memory)
         blob = _tcp_state(port)
         with pytest.raises(target.Refused, match="Cannot allocate memory"):
             session._take([wire.Section("#tcp-1.0", {"chardev": "e0", "tcp": len(blob)}, blob)])

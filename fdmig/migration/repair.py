@@ -314,6 +314,7 @@ class Restorer:
     def __init__(self):
         self.pieces: dict[str, list[bytes]] = {}
         self.conns: list[socket.socket] = []  # in repair mode, until resume()
+        self.transparent: list[socket.socket] = []  # restored, until opaque()
         self.probed: list[bool] = []  # for each of them: not tcprepair.quiet() (see tcprepair.leave())
         self.addresses: dict[tuple[int, str], list[str]] = {}  # (family, local address) -> labels
         self.listeners: dict[str, socket.socket] = {}  # label -> made before the downtime, until taken
@@ -460,11 +461,12 @@ class Restorer:
             raise FdmigError(f"chardev {label}: its TCP state is of a connection from {state.local[0]} port "
                              f"{state.local[1]}, its precopy said {bound[0]} port {bound[1]}")
         try:
-            conn = tcprepair.restore(state, sock, bound is not None)
+            conn = tcprepair.restore(state, sock, bound is not None, transparent=True)
         except tcprepair.RepairError as exc:
             raise FdmigError(f"chardev {label}: its TCP state: {exc}") from None
         self.restored.add(label)
         self.conns.append(conn)
+        self.transparent.append(conn)
         self.probed.append(not tcprepair.quiet(state))
         self.addresses.setdefault((state.family, state.local[0]), []).append(label)
         self.moved.add(label, state)
@@ -530,3 +532,14 @@ class Restorer:
             tcprepair.leave(conn, probe)
         self.conns.clear()
         self.probed.clear()
+
+    @staticmethod
+    def opaque(conns) -> None:
+        """After resume(), out of the downtime: `conns` (of `transparent`) no
+        longer transparent (tcprepair.opaque). One the chardev has closed
+        meanwhile is gone: nothing to do for it."""
+        for conn in conns:
+            try:
+                tcprepair.opaque(conn)
+            except OSError:
+                pass

@@ -723,6 +723,10 @@ async def take_over(instance, received: Received) -> None:
     released = received.released
     remote = isinstance(received.chan, channel.TlsChannel)
     quiesce_at, started_at = released.quiesce_at, released.started_at
+    # Before the migration is complete, as no other can begin meanwhile.
+    restorer = received.restorer
+    await pacing.in_slices(restorer.transparent, SLICE, restorer.opaque, "target opaque")
+    restorer.transparent.clear()
     instance.lifecycle.migration_to(
         MigrationStatus.COMPLETED, chardevs=len(moved), error=None,
         downtime_ms=round((resumed_at - quiesce_at) * 1000, 3) if quiesce_at is not None else None,
@@ -796,6 +800,7 @@ def exec_handover(received: Received, argv: list[str]) -> None:
     names, socks = [], []
     restorer = received.restorer
     restorer.resume()
+    restorer.opaque(restorer.transparent)
     for label in sorted(received.sockets):
         by_role = received.sockets[label]
         section = received.sections[label]
