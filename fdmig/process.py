@@ -1,6 +1,6 @@
 """Whether another process lives, and waiting for it to exit, through a pidfd:
-no polling, and no mistaking a recycled pid for the process we meant. And our
-own name, as ps shows it."""
+no polling, and no mistaking a recycled pid for the process we meant. A shell
+command run so. And our own name, as ps shows it."""
 
 import ctypes
 import os
@@ -65,6 +65,63 @@ async def wait_exit(pid: int, timeout: float | None = None) -> bool:
     finally:
         loop.remove_reader(fd)
         os.close(fd)
+
+
+OUTPUT_LIMIT = 64 << 10  # what shell() keeps of a command's output: its end
+
+
+async def shell(command: str, timeout: float) -> tuple[int | None, bytes]:
+    """`sh -c command`, its stdin /dev/null, the loop serving meanwhile: (its
+    return code as subprocess gives it, None if it outlasted `timeout` and was
+    killed; the end of its output, stdout and stderr together, read as it
+    comes). Done when the shell exits, whatever it left running. Its exit is
+    a pidfd's event: no child watcher, no thread, which asyncio's subprocesses
+    cost a migration's downtime. OSError if it cannot start."""
+    import asyncio
+    import subprocess
+    loop = asyncio.get_running_loop()
+    read_end, write_end = os.pipe2(os.O_CLOEXEC)
+    try:
+        proc = subprocess.Popen(["/bin/sh", "-c", command], stdin=subprocess.DEVNULL, stdout=write_end,
+                                stderr=subprocess.STDOUT)
+    except BaseException:
+        os.close(read_end)
+        raise
+    finally:
+        os.close(write_end)
+    output = bytearray()
+
+    def take_output() -> None:
+        while True:
+            try:
+                data = os.read(read_end, OUTPUT_LIMIT)
+            except BlockingIOError:
+                return
+            if not data:
+                loop.remove_reader(read_end)
+                return
+            output.extend(data)
+            del output[:-OUTPUT_LIMIT]
+
+    exited = loop.create_future()
+    fd = os.pidfd_open(proc.pid)
+    os.set_blocking(read_end, False)
+    loop.add_reader(read_end, take_output)
+    loop.add_reader(fd, lambda: exited.done() or exited.set_result(None))
+    try:
+        await asyncio.wait_for(exited, timeout)
+        take_output()  # what it wrote before it exited
+        return proc.wait(), bytes(output)
+    except asyncio.TimeoutError:
+        return None, bytes(output)
+    finally:
+        loop.remove_reader(fd)
+        loop.remove_reader(read_end)
+        os.close(fd)
+        os.close(read_end)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def parent_of(pid: int) -> int | None:

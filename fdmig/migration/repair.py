@@ -12,13 +12,12 @@ since, sends its TCP state alone: in TCP_SECTION pieces, the last saying their
 length, or, in one piece as most are, among the states of a TCP_STATES section,
 one a frame."""
 
-import asyncio
 import functools
 import ipaddress
 import logging
 import socket
 
-from fdmig import fdcheck, nbio, tcpforward, tcprepair, tcpstate
+from fdmig import fdcheck, nbio, process, tcpforward, tcprepair, tcpstate
 from fdmig.errors import FdmigError
 from fdmig.migration import form, wire
 
@@ -50,22 +49,20 @@ class HookFailed(Exception):
 
 async def hook(option: str, command: str | None) -> None:
     """Run `command` with sh -c (the output goes to our log); HookFailed naming
-    `option` if it fails or outlasts HOOK_TIMEOUT."""
+    `option` if it fails, cannot start or outlasts HOOK_TIMEOUT."""
     if not command:
         return
-    proc = await asyncio.create_subprocess_shell(command, stdin=asyncio.subprocess.DEVNULL,
-                                                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
     try:
-        output, _ = await asyncio.wait_for(proc.communicate(), HOOK_TIMEOUT)
-    except asyncio.TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise HookFailed(f"{option} did not finish within {HOOK_TIMEOUT:g} s: {command}") from None
+        returncode, output = await process.shell(command, HOOK_TIMEOUT)
+    except OSError as exc:
+        raise HookFailed(f"{option} cannot start: {exc.strerror or exc}") from None
+    if returncode is None:
+        raise HookFailed(f"{option} did not finish within {HOOK_TIMEOUT:g} s: {command}")
     lines = output.decode(errors="replace").strip().splitlines()
     for line in lines:
         log.info("%s: %s", option, line)
-    if proc.returncode:
-        why = f"exit status {proc.returncode}" if proc.returncode > 0 else f"signal {-proc.returncode}"
+    if returncode:
+        why = f"exit status {returncode}" if returncode > 0 else f"signal {-returncode}"
         raise HookFailed(f"{option} failed ({why}){': ' + lines[-1] if lines else ''}")
     log.info("%s done: %s", option, command)
 
