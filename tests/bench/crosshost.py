@@ -268,7 +268,7 @@ def measure_all(sizes, repeats, workdir, creds) -> list[dict]:
     rows = []
     for n in sizes:
         print(f"cross-host n={n} ...", file=sys.stderr, flush=True)
-        reps = repeats if n < 1000 else max(2, repeats // 2)
+        reps = repeats  # each move is a second or so: every size takes them all, for steadier medians
         live = measure(n, reps, tempfile.mkdtemp(dir=workdir), creds)
         fresh = measure_reconnect(n, max(2, reps // 2), tempfile.mkdtemp(dir=workdir))
         downtime = median_ms(live["downtime"])
