@@ -134,8 +134,10 @@ def dump(sock: socket.socket, names: tuple | None = None) -> TcpState:
     """The state of `sock`, an established connection already in repair mode;
     `names`, its (local, peer) addresses if already known (they never change)."""
     getsockopt = sock.getsockopt
-    state, options, wscale, in_flight, unsent = _INFO.unpack(getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO,
-                                                                       _INFO.size))
+    info = getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _INFO.size)
+    if len(info) < _INFO.size:
+        raise RepairError("this kernel's TCP_INFO says nothing of bytes never sent (Linux 4.6 and later do)")
+    state, options, wscale, in_flight, unsent = _INFO.unpack(info)
     if state != TCP_ESTABLISHED:
         raise RepairError(f"its TCP connection is {_TCP_STATES.get(state, state)}; "
                           "x-tcp-repair moves only ESTABLISHED ones")

@@ -22,7 +22,7 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _staging_target(port: int):
+def _staging_target(port: int, host: str = "127.0.0.1"):
     """A target session over TCP as it takes the precopy: one marked TCP echo
     server chardev, e0, with its blank socket and listener made (no channel:
     the sections are handed to it as the codec would)."""
@@ -32,7 +32,7 @@ def _staging_target(port: int):
 
     instance = daemon.Instance("web", "/nonexistent/web.sock", capabilities=("x-tcp-repair",), incoming=True)
     instance.poller = poller.Poller(asyncio.get_running_loop())
-    spec = parse_spec(f"socket,id=e0,host=127.0.0.1,port={port},server=on,support-local-migration=on,frontend=echo")
+    spec = parse_spec(f"socket,id=e0,host={host},port={port},server=on,support-local-migration=on,frontend=echo")
     session = target.TargetSession(instance, types.SimpleNamespace(close=lambda: None), [], {})
     session.remote = True
     session.plan = target.Plan({"e0": spec}, ["e0"], {"x-tcp-repair": True})
@@ -63,14 +63,15 @@ def _tcp_state(port: int) -> bytes:
 
 @pytest.mark.parametrize("case", ["plain-after-staged", "piece-for-a-list", "tcp-in-precopy", "later-with-bytes",
                                   "length-not-a-count", "alone-not-staged", "local-a-name", "local-not-a-pair",
-                                  "local-elsewhere", "states-in-precopy", "states-lengths-off",
+                                  "local-elsewhere", "local-another-port", "local-another-host",
+                                  "local-wildcard", "states-in-precopy", "states-lengths-off",
                                   "states-not-a-chardev", "states-not-staged", "states-twice"])
 def test_a_source_s_tcp_sections_out_of_place_are_refused_with_the_reason(case):
     from fdmig.migration import repair, target, wire
 
     async def main():
         port = _free_port()
-        session = _staging_target(port)
+        session = _staging_target(port, "0.0.0.0" if case == "local-elsewhere" else "127.0.0.1")
         blob = _tcp_state(port)
         if case in ("plain-after-staged", "length-not-a-count", "states-twice"):
             session._take([wire.Section("e0", _chardev_meta(**{repair.LATER: True}))])
@@ -91,6 +92,14 @@ def test_a_source_s_tcp_sections_out_of_place_are_refused_with_the_reason(case):
                                                                  repair.LOCAL: ["localhost", port]}))],
             "local-not-a-pair": [wire.Section("e0", _chardev_meta(**{repair.LATER: True,
                                                                      repair.LOCAL: f"127.0.0.1:{port}"}))],
+            # The server's connections are at its address and port: never a
+            # port of the host's other services, held the session long.
+            "local-another-port": [wire.Section("e0", _chardev_meta(**{repair.LATER: True,
+                                                                       repair.LOCAL: ["127.0.0.1", 22]}))],
+            "local-another-host": [wire.Section("e0", _chardev_meta(**{repair.LATER: True,
+                                                                       repair.LOCAL: ["127.0.0.2", port]}))],
+            "local-wildcard": [wire.Section("e0", _chardev_meta(**{repair.LATER: True,
+                                                                   repair.LOCAL: ["0.0.0.0", port]}))],
             "local-elsewhere": [wire.Section("#tcp-1.0", {"chardev": "e0", "tcp": len(blob)}, blob)],
             "states-in-precopy": [_states(["e0"], blob)],
             "states-lengths-off": [wire.Section("#tcps-1", {"chardevs": ["e0"], "tcp": [len(blob) + 1]}, blob)],
@@ -115,6 +124,9 @@ def test_a_source_s_tcp_sections_out_of_place_are_refused_with_the_reason(case):
             "local-a-name": "'localhost' is not an IP address",
             "local-not-a-pair": "not [address, port]",
             "local-elsewhere": "from 127.0.0.1 port",
+            "local-another-port": "127.0.0.1 port 22: not the server's address",
+            "local-another-host": "not the server's address",
+            "local-wildcard": "no connection is from such an address",
             "states-in-precopy": "TCP state over a unix channel, before the downtime",
             "states-lengths-off": "not TCP states",
             "states-not-a-chardev": "'e1', not a chardev of the table",
@@ -129,6 +141,32 @@ def _states(labels, blob):
     from fdmig.migration import wire
     each = len(blob) // len(labels)
     return wire.Section("#tcps-1", {"chardevs": labels, "tcp": [each] * len(labels)}, blob)
+
+
+def test_a_connection_made_since_the_precopy_from_another_address_is_restored_into_a_socket_of_its_own():
+    """A server listening on every address: the precopy's connection was to one,
+    the one at the dump (made since, so its chardev comes whole) to another.
+    The socket staged and bound for the first gives way to one of its own."""
+    from fdmig.migration import repair, wire
+
+    async def main():
+        port = _free_port()
+        session = _staging_target(port, "0.0.0.0")
+        session._take([wire.Section("e0", _chardev_meta(**{repair.LATER: True, repair.LOCAL: ["127.0.0.2", port]}))])
+        staged = session.restorer.staged["e0"][0]
+        staged_fd = staged.fileno()
+        _in_downtime(session)
+        blob = _tcp_state(port)  # from 127.0.0.1
+        session._take([wire.Section("e0", _chardev_meta(tcp=len(blob), **{"tcp-here": len(blob)}), blob)])
+        conn = session.sockets["e0"]["conn"]
+        assert conn is not staged and staged.fileno() == -1
+        assert conn.getsockname() == ("127.0.0.1", port) and session.restorer.conns == [conn]
+        handlers = session.instance.poller._handlers
+        assert conn.fileno() in handlers and (staged_fd == conn.fileno() or staged_fd not in handlers)
+        session.restorer.discard()
+        conn.close()
+
+    asyncio.run(main())
 
 
 @pytest.mark.parametrize("form", ["pieces", "states"])

@@ -345,6 +345,12 @@ class Restorer:
         staged = self.staged.get(label)
         if staged is not None:
             sock, listener = staged
+            if self.bound.get(label, state.local) != state.local:
+                # A connection made since the precopy, from another address than
+                # the one the staged socket is bound to: a socket of its own (the
+                # caller lets go of the staged one).
+                del self.bound[label]
+                sock = None
         else:
             sock, listener = self.blanks.pop(label, None), None
             try:
@@ -382,16 +388,27 @@ class Restorer:
     def _bind(label: str, spec, sock: socket.socket, local) -> tuple[str, int]:
         """`sock` bound to `local`, a precopy's LOCAL, checked first: an address
         of the chardev's family as the kernel writes it (what its TCP state
-        will say), never a name to look up."""
+        will say), never a name to look up; one a connection can be from (no
+        wildcard, no multicast); a server's at its port, and at its address
+        if it listens on one. (In repair mode the kernel binds it whatever else
+        is bound there, for as long as the session lasts.)"""
+        if type(local) is not list or len(local) != 2 or type(local[0]) is not str or type(local[1]) is not int \
+                or not 0 < local[1] < 65536:
+            raise FdmigError(f"chardev {label}: its connection's local address is {wire.show(local)}, not "
+                             "[address, port]")
+        host, port = local
         try:
-            if type(local) is not list or len(local) != 2 or type(local[1]) is not int or not 0 < local[1] < 65536:
-                raise tcpstate.TcpStateError("not [address, port]")
-            tcpstate.check_address(fdcheck.family_of(spec), local[0])
-            sock.bind((local[0], local[1]))
+            tcpstate.check_address(fdcheck.family_of(spec), host)
+            address = ipaddress.ip_address(host)
+            if address.is_unspecified or address.is_multicast:
+                raise tcpstate.TcpStateError("no connection is from such an address")
+            if spec.server and ((spec.port and port != spec.port) or (_one_address(spec.host) and host != spec.host)):
+                raise tcpstate.TcpStateError(f"not the server's address {spec.address}")
+            sock.bind((host, port))
         except (tcpstate.TcpStateError, OSError) as exc:
-            raise FdmigError(f"chardev {label}: its connection's local address {wire.show(local)}: "
+            raise FdmigError(f"chardev {label}: its connection's local address {host} port {port}: "
                              f"{getattr(exc, 'strerror', None) or exc}") from None
-        return local[0], local[1]
+        return host, port
 
     @staticmethod
     def states(section: wire.Section, labels) -> list[tuple[str, bytes]]:

@@ -491,6 +491,10 @@ class TargetSession(Session):
         if listener is not None:
             by_role["listener"] = listener
         chardev = self.chardevs[section.label]
+        if by_role["conn"] is not conn:  # staged, bound where its connection no longer is
+            chardev.unwatch()  # while its fd is open: it leaves the epoll as it closes
+            by_role["conn"].close()
+            by_role["conn"] = conn
         form.restore(chardev, state, outbuf, conn, listener)
         chardev.watch_now(defer=False)  # its events now, as _take's (nothing is read before the resume)
 
