@@ -504,6 +504,8 @@ class ReleaseInfo:
         quiesce_at, started_at, setup_ms = info.get("quiesce-at"), info.get("started-at"), info.get("setup-ms")
         counters, ignored = [], []
         entries = info.get("counters")
+        if entries is not None and not isinstance(entries, list):
+            ignored.append(show(entries))  # no list of counts at all: named in the log too
         # Inside the downtime, one entry per chardev that moved bytes: exact type
         # checks (no bool passes `type(x) is int`).
         for entry in entries if isinstance(entries, list) else ():
