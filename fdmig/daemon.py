@@ -317,8 +317,10 @@ class Instance:
             self.stopping.set()
 
     def cancel_migration(self) -> None:
-        """QMP migrate_cancel: roll back, unless the commit has happened."""
-        if self.outgoing is not None and not self.outgoing.committed:
+        """QMP migrate_cancel: roll back, unless the commit has happened or the
+        rollback has begun (a cancel inside its --reclaim-cmd would leave every
+        chardev quiesced)."""
+        if self.outgoing is not None and not self.outgoing.committed and not self.outgoing.aborting:
             self._outgoing_task.cancel()
 
     # ----- reporting ---------------------------------------------------------

@@ -14,6 +14,7 @@ import selectors
 import signal
 import socket
 import struct
+import subprocess
 import threading
 import time
 import types
@@ -545,6 +546,40 @@ def test_a_failing_release_cmd_rolls_back_before_anything_is_dumped(hosts, world
     assert result.returncode == 1
     assert "--release-cmd failed (exit status 4): cannot release" in result.stderr
     assert not hosts.has_service_address("b")
+    _serving_as_before(hosts, world, streaming)
+
+
+def test_a_second_migrate_cancel_during_the_rollback_s_reclaim_leaves_it_to_finish(hosts, world, streaming,
+                                                                                    short_dir):
+    # Regression: the second cancel cut the rollback short inside its
+    # --reclaim-cmd, and every chardev stayed quiesced.
+    world.target("b", HOST_B)
+    releasing, reclaiming = os.path.join(short_dir, "releasing"), os.path.join(short_dir, "reclaiming")
+
+    def wait_for(ready, what):
+        deadline = time.monotonic() + 20
+        while not ready():
+            assert time.monotonic() < deadline, f"{what} never came"
+            time.sleep(0.01)  # another process's doing: no event to await
+
+    # Over QMP, migrate does not wait for the target to listen, as migrate-out does.
+    wait_for(lambda: subprocess.run(hosts.wrap("b", ["ss", "-Hltn", f"sport = :{CHANNEL_PORT}"]),
+                                    capture_output=True, text=True).stdout.strip(), "the target's channel")
+
+    with qmp.connect(world.control("a")) as client:
+        client.execute("migrate", {
+            "uri": f"tcp:{HOST_B}:{CHANNEL_PORT}", "x-fdmig-tls-creds": world.creds.both,
+            "x-fdmig-release-cmd": f"touch {releasing}; sleep 20",
+            "x-fdmig-reclaim-cmd": f"touch {reclaiming}; sleep 0.5; {netns.CLAIM}"})
+        wait_for(lambda: os.path.exists(releasing), "--release-cmd")
+        client.execute("migrate_cancel")
+        wait_for(lambda: os.path.exists(reclaiming), "--reclaim-cmd")
+        client.execute("migrate_cancel")
+        deadline = time.monotonic() + 20
+        while client.execute("query-migrate")["status"] not in ("cancelled", "failed", "completed"):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert client.execute("query-migrate")["status"] == "cancelled"
     _serving_as_before(hosts, world, streaming)
 
 

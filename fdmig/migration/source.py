@@ -150,6 +150,7 @@ class SourceSession(Session):
         self.abandoned = abandoned
         self.live = instance.capabilities["local-char-socket"]
         self.committed = False
+        self.aborting = False  # abort() has begun: a cancel meanwhile must not cut it short
         self.target = wire.TargetInfo()
         self.precopied: dict = {}  # label -> its sockets, as the precopy sent them
         self.tcp_precopied: dict = {}  # label -> what repair.precopy_section() said beside its section
@@ -413,6 +414,7 @@ class SourceSession(Session):
         """Roll back: tell the target first (it holds dups of our fds, or connections
         restored from our TCP state, and must drop them), take the address back,
         then every chardev resumes as if nothing had happened."""
+        self.aborting = True
         if self.chan is not None:
             self.chan.send_now(wire.Abort(reason))
             self.chan.close()
