@@ -438,6 +438,10 @@ class Restorer:
         if staged is None:
             raise FdmigError(f"chardev {label}: its TCP state came alone, but its chardev was not in the precopy")
         state = self._state(label, tail, length, spec)
+        bound = self.bound.get(label)
+        if bound is not None and bound != state.local:  # the precopy's connection: the source contradicts itself
+            raise FdmigError(f"chardev {label}: its TCP state is of a connection from {state.local[0]} port "
+                             f"{state.local[1]}, its precopy said {bound[0]} port {bound[1]}")
         self._connect(label, state, staged[0])
         self.moved.precopied += 1
         first = self.first[label] = state.unsent_bytes
@@ -470,12 +474,10 @@ class Restorer:
         return state
 
     def _connect(self, label: str, state: tcpstate.TcpState, sock: socket.socket | None) -> socket.socket:
-        bound = self.bound.pop(label, None) if sock is not None else None
-        if bound is not None and bound != state.local:
-            raise FdmigError(f"chardev {label}: its TCP state is of a connection from {state.local[0]} port "
-                             f"{state.local[1]}, its precopy said {bound[0]} port {bound[1]}")
+        # Bound by stage() to the state's own address: the callers made sure.
+        bound = sock is not None and self.bound.pop(label, None) is not None
         try:
-            conn = tcprepair.restore(state, sock, bound is not None, transparent=True)
+            conn = tcprepair.restore(state, sock, bound, transparent=True)
         except tcprepair.RepairError as exc:
             raise FdmigError(f"chardev {label}: its TCP state: {exc}") from None
         self.restored.add(label)
